@@ -1,0 +1,129 @@
+"""Run configuration: what the controls of the app and the flags of the CLI set."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_EPOCHS = 10
+
+
+def parse_lr(value: Any, what: str = "learning rate") -> float:
+    """A learning rate from text or a number: finite and > 0 (``"3e-4"`` is fine)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a positive number like 0.01 or 3e-4, not {value!r}")
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a positive number like 0.01 or 3e-4, not {value!r}") from None
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"{what} must be a finite number > 0, not {value!r}")
+    return lr
+
+
+def _non_negative(value: Any, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number >= 0, not {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{what} must be a finite number >= 0, not {value!r}")
+    return v
+
+
+def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a whole number > 0, not {value!r}")
+    try:
+        v = int(value)
+        if v != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a whole number > 0, not {value!r}") from None
+    if v <= 0:
+        raise ConfigError(f"{what} must be a whole number > 0, not {value!r}")
+    return v
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one training run. ``validated()`` returns a checked copy or raises ConfigError."""
+
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    epochs: int | None = None
+    steps: int | None = None
+    schedule: str | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    eval_every: int | None = None
+    device: str = "auto"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validated(self) -> RunConfig:
+        """Check every field; raise ConfigError naming the setting and the problem."""
+        c = RunConfig(**asdict(self))
+        c.lr = parse_lr(c.lr)
+        name = str(c.optimizer).lower()
+        if name not in OPTIMIZER_NAMES:
+            raise ConfigError(f"unknown optimizer {c.optimizer!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+        c.optimizer = name
+        c.momentum = _non_negative(c.momentum, "momentum")
+        if c.momentum >= 1:
+            raise ConfigError(f"momentum must be in [0, 1), not {c.momentum!r}")
+        if c.nesterov and (c.optimizer != "sgd" or c.momentum <= 0):
+            raise ConfigError("nesterov needs the sgd optimizer with momentum > 0")
+        c.weight_decay = _non_negative(c.weight_decay, "weight decay")
+        c.epochs = _positive_int(c.epochs, "epochs")
+        c.steps = _positive_int(c.steps, "steps")
+        c.batch_size = _positive_int(c.batch_size, "batch size")
+        c.eval_every = _positive_int(c.eval_every, "eval every")
+        if isinstance(c.seed, bool):
+            raise ConfigError(f"seed must be a whole number, not {c.seed!r}")
+        try:
+            c.seed = int(c.seed)
+        except (TypeError, ValueError):
+            raise ConfigError(f"seed must be a whole number, not {c.seed!r}") from None
+        if c.device not in DEVICE_CHOICES:
+            raise ConfigError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+        if c.schedule in ("", "none", "constant"):
+            c.schedule = None
+        if c.schedule is not None:
+            from .schedules import parse_schedule
+
+            c.schedule = str(parse_schedule(str(c.schedule)))
+        if c.epochs is None and c.steps is None:
+            c.epochs = DEFAULT_EPOCHS
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Build from a stored or scripted dict; unknown keys are a ConfigError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def merged(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with the non-None values of ``overrides`` applied."""
+        d = asdict(self)
+        for k, v in overrides.items():
+            if v is not None:
+                if k not in d:
+                    raise ConfigError(f"unknown setting {k!r}")
+                d[k] = v
+        return RunConfig(**d)
