@@ -42,32 +42,30 @@ class StoreWriter:
                 log.exception("writing the run to the store failed; will retry")
 
     def flush(self) -> None:
-        """Write what is new since the last flush, in one transaction."""
+        """Write what is new since the last flush, in one transaction.
+
+        The counters move only after the transaction committed, so a failed flush is retried whole.
+        """
         with self._lock:
             eng = self.engine
             store = self.store
             buf = eng.buffer
+            n, ne, nv = self._steps, len(eng.events), len(eng.validation)
+            status = "paused" if eng.state == "paused" else "running"
             with store.batch():
-                if buf is not None:
+                if buf is not None and buf.n > self._steps:
                     n = buf.n
-                    if n > self._steps:
-                        view = buf.view(self._steps, n)
-                        first = int(view.pop("step")[0])
-                        store.append_steps(self.run_id, first, view)
-                        self._steps = n
-                ne = len(eng.events)
+                    view = buf.view(self._steps, n)
+                    first = int(view.pop("step")[0])
+                    store.append_steps(self.run_id, first, view)
                 if ne > self._events:
                     store.add_events(self.run_id, eng.events[self._events:ne])
-                    self._events = ne
-                nv = len(eng.validation)
                 if nv > self._vals:
                     store.add_validation(self.run_id, eng.validation[self._vals:nv])
-                    self._vals = nv
-                status = "paused" if eng.state == "paused" else "running"
                 if status != self._status:
                     store.set_status(self.run_id, status)
-                    self._status = status
                 store.heartbeat(self.run_id)
+            self._steps, self._events, self._vals, self._status = n, ne, nv, status
 
     def close(self, state: str, summary: dict[str, Any], error: str | None) -> None:
         """Stop the thread, write the rest and the final status."""
