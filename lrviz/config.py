@@ -11,6 +11,7 @@ from .errors import ConfigError
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_EPOCHS = 10
+DIVERGENCE_POLICIES = ("stop", "pause", "rollback", "off")
 
 
 def parse_lr(value: Any, what: str = "learning rate") -> float:
@@ -69,6 +70,13 @@ class RunConfig:
     eval_every: int | None = None
     device: str = "auto"
     params: dict[str, Any] = field(default_factory=dict)
+    #: Save a checkpoint every N steps (and at every pause) when the run has a store; None: only at pauses.
+    checkpoint_every: int | None = None
+    #: What the divergence guard does: 'stop' (headless default), 'pause' (the app), 'rollback' (to the
+    #: last good checkpoint with LR/10, automatically), or 'off' (only NaN/inf loss stops the run).
+    divergence: str = "stop"
+    #: Stop when the validation loss has not improved for this many validation passes.
+    early_stopping: int | None = None
 
     def validated(self) -> RunConfig:
         """Check every field; raise ConfigError naming the setting and the problem."""
@@ -88,6 +96,11 @@ class RunConfig:
         c.steps = _positive_int(c.steps, "steps")
         c.batch_size = _positive_int(c.batch_size, "batch size")
         c.eval_every = _positive_int(c.eval_every, "eval every")
+        c.checkpoint_every = _positive_int(c.checkpoint_every, "checkpoint every")
+        c.early_stopping = _positive_int(c.early_stopping, "early stopping patience")
+        if c.divergence not in DIVERGENCE_POLICIES:
+            raise ConfigError(f"unknown divergence policy {c.divergence!r}; choose one of "
+                              f"{', '.join(DIVERGENCE_POLICIES)}")
         if isinstance(c.seed, bool):
             raise ConfigError(f"seed must be a whole number, not {c.seed!r}")
         try:
@@ -107,6 +120,7 @@ class RunConfig:
         return c
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values, as stored with the run."""
         return asdict(self)
 
     @classmethod

@@ -17,12 +17,16 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import interventions as iv
+from .checkpoint import capture_rng, restore_rng
 from .config import RunConfig
 from .devices import resolve_device, to_device
 from .errors import ConfigError, DivergedError, LrvizError, ScriptError
@@ -41,6 +45,21 @@ FLUSH_SECONDS = 0.1
 
 class _Stop(Exception):
     """Raised inside the loop when a stop was requested."""
+
+
+class _EarlyStop(Exception):
+    """Raised when early stopping ends the run (it then counts as finished)."""
+
+
+@dataclass
+class Origin:
+    """Where a run continues from: ``fork`` (a new child run) or ``resume`` (the same run) of
+    run ``run_id`` at the checkpoint file ``checkpoint`` taken before step ``step``."""
+
+    kind: str
+    run_id: int
+    checkpoint: Path
+    step: int
 
 
 def seed_everything(seed: int) -> None:
@@ -128,12 +147,19 @@ class TrainingEngine:
         name: str | None = None,
         start_paused: bool = False,
         stop_on_divergence: bool = True,
+        stage_on_device: bool | None = None,
+        origin: Origin | None = None,
+        checkpoint_dir: str | Path | None = None,
+        keep_checkpoints: int = 5,
+        layer_stats_every: int | None = None,
     ):
         self.experiment = experiment
         self.config = config.validated()
         self.store = store
         self.name = name
         self.stop_on_divergence = stop_on_divergence
+        #: Keep losses on the device and copy them per flush (default: on any accelerator).
+        self.stage_on_device = stage_on_device
         self.state = "idle"
         self.error: LrvizError | None = None
         self.error_detail = ""
@@ -165,6 +191,28 @@ class TrainingEngine:
         self._val_data: Any = None
         self._staged = 0
         self._stage_loss: torch.Tensor | None = None
+        self.origin = origin
+        self.checkpoint_every = self.config.checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self._checkpoint_dir: Path | None = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoints: list[Any] = []  # CheckpointInfo, oldest first
+        self._last_ckpt_step = -1
+        self._batch_in_epoch = 0
+        self._epoch_rng: dict[str, Any] | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._resume_skip: int | None = None
+        self._time_offset = 0.0
+        self.guard: Any = None
+        self.detection: Any = None  # the guard's last Detection, until a roll-back or resume
+        self._auto_rollbacks = 0
+        self.layer_stats_every = layer_stats_every
+        self.layer_probe: Any = None
+        self._early: Any = None
+        self._probe: Any = None
+        self.probe_steps: list[int] = []
+        self.probe_values: dict[str, list[float]] = {}
+        self.range_test_progress: list[tuple[float, float]] = []
+        self._writer_start = (0, 0, 0)
 
     # ---- control, from any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -223,6 +271,30 @@ class TrainingEngine:
                 raise ConfigError(f"{type(opt).__name__} has no momentum to change")
         self._command("set_hyperparams", data)
 
+    def rollback(self, lr_factor: float = 0.1, checkpoint: str | Path | None = None) -> None:
+        """Restore the last good checkpoint's weights and optimizer state and continue with LR x ``lr_factor``.
+
+        Steps keep counting forward (the plot shows the jump back); recorded as a 'rollback' event.
+        """
+        data: dict[str, Any] = {"lr_factor": lr_factor}
+        if checkpoint is not None:
+            data["path"] = str(checkpoint)
+        self._command("rollback", data)
+
+    def range_test(self, **kwargs: Any) -> Future:
+        """Run the LR range test on the current weights between two steps (best while paused).
+
+        Keyword arguments go to :func:`lrviz.rangetest.range_test` (start, end, steps, beta,
+        stop_factor). Model, optimizer and RNG are restored exactly afterwards. Returns a Future
+        holding the RangeTestResult; ``range_test_progress`` fills with (lr, loss) while it runs.
+        """
+        fut: Future = Future()
+        with self._cond:
+            self._commands.append(("range_test", {"kwargs": kwargs, "future": fut}))
+            self._attention = True
+            self._cond.notify_all()
+        return fut
+
     def _command(self, kind: str, data: dict[str, Any]) -> None:
         data = iv.check(kind, data)  # errors reach the caller, in its own thread
         if kind == "set_schedule" and data["spec"] is not None:
@@ -246,6 +318,8 @@ class TrainingEngine:
             self.state = "preparing"
             self._prepare()
             self._open_run()
+            # the time column counts from the start of training (continuing a checkpoint's time)
+            self._t0 = time.perf_counter() - self._time_offset
             if self._stop_requested:
                 raise _Stop
             self._train()
@@ -253,6 +327,8 @@ class TrainingEngine:
         except _Stop:
             self.state = "stopped"
             self._event("stop", {})
+        except _EarlyStop:
+            self.state = "finished"
         except DivergedError as exc:
             self.state = "diverged"
             self.error = exc
@@ -260,6 +336,10 @@ class TrainingEngine:
             self._fail(exc)
         except Exception as exc:  # a bug in the user's code we could not place, or ours
             err = error_from_exception(exc, self.experiment.path, "training")
+            if err.line is None:
+                err = LrvizError(f"internal error in lrviz: {type(exc).__name__}: {exc} "
+                                 "(please report it; --debug shows the traceback)")
+                err.__cause__ = exc
             self._fail(err, exc)
         finally:
             self._finish()
@@ -299,6 +379,70 @@ class TrainingEngine:
                 raise ConfigError("schedule ReduceLROnPlateau steps on validation loss, and this script's "
                                   "build_data() returns no validation data; return (train, val) to use it")
             self._start_schedule(cfg.schedule, 0)
+        probe = getattr(exp.module, "probe", None)
+        self._probe = probe if callable(probe) else None
+        if cfg.divergence != "off":
+            from .guard import DivergenceGuard
+
+            self.guard = DivergenceGuard()
+        if self.layer_stats_every:
+            from .diagnostics import LayerProbe
+
+            self.layer_probe = LayerProbe(model, every=self.layer_stats_every)
+        if cfg.early_stopping:
+            from .diagnostics import EarlyStopping
+
+            self._early = EarlyStopping(cfg.early_stopping)
+        if self.origin is not None:
+            self._load_origin()
+
+    def _load_origin(self) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, RNG, step and data position."""
+        from . import checkpoint as ckpt
+
+        o = self.origin
+        data = ckpt.load(o.checkpoint, map_location=self.device)
+        self._restore_training_state(data)
+        self.step = int(data["step"])
+        self.epoch = int(data["epoch"])
+        self._resume_skip = int(data["batch_in_epoch"])
+        self._epoch_rng = data["epoch_rng"]
+        self._resume_rng = data["rng"]
+        self._time_offset = float(data.get("time", 0.0))
+        self._last_ckpt_step = self.step
+        if self.guard is not None and data.get("guard"):
+            self.guard.load_state_dict(data["guard"])
+        if self._early is not None and data.get("early_stopping"):
+            self._early.load_state_dict(data["early_stopping"])
+        groups = len(self.lrs)
+        if o.kind == "resume" and self.store is not None:
+            self.store.truncate_run(o.run_id, self.step)
+            self.buffer = StepBuffer.from_columns(self.store.load_steps(o.run_id))
+            self.events = self.store.load_events(o.run_id)
+            self.validation = self.store.load_validation(o.run_id)
+            self._writer_start = (len(self.buffer), len(self.events), len(self.validation))
+            if self.buffer.groups != groups:
+                raise ConfigError("the stored run has another number of param groups than the script now builds")
+        else:
+            self.buffer = StepBuffer(groups=groups, capacity=4096, first_step=self.step)
+
+    def _restore_training_state(self, data: dict[str, Any]) -> None:
+        """Model, optimizer, LRs and schedule from a checkpoint (not RNG, step or data position)."""
+        from .schedules import Schedule
+
+        try:
+            self.model.load_state_dict(data["model"])
+            self.optimizer.load_state_dict(data["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"the checkpoint does not fit this script's model or optimizer: {exc}") from None
+        self.lrs = [float(x) for x in data["lrs"]]
+        self._set_group_lrs(self.lrs)
+        sched = data.get("schedule")
+        if sched is None:
+            self.schedule = None
+        else:
+            self.schedule = Schedule.from_state_dict(sched["state"])
+            self.schedule_start = int(sched["start"])
 
     def _open_run(self) -> None:
         if self.store is None:
@@ -306,16 +450,152 @@ class TrainingEngine:
         from .writer import StoreWriter
 
         exp = self.experiment
-        self.run_id = self.store.create_run(
-            script_path=str(exp.path), script_hash=exp.source_hash, config=self.config.to_dict(),
-            device=str(self.device), name=self.name, **self._run_origin(),
-        )
+        o = self.origin
+        if o is not None and o.kind == "resume":
+            self.run_id = o.run_id
+        else:
+            origin = {"parent_id": o.run_id, "fork_step": o.step} if o is not None else {}
+            self.run_id = self.store.create_run(
+                script_path=str(exp.path), script_hash=exp.source_hash, config=self.config.to_dict(),
+                device=str(self.device), name=self.name, **origin,
+            )
         self.store.set_status(self.run_id, "running")
-        self._writer = StoreWriter(self.store, self.run_id, self)
+        if self._checkpoint_dir is None:
+            self._checkpoint_dir = self.store.checkpoint_dir(self.run_id)
+        self._writer = StoreWriter(self.store, self.run_id, self, start=self._writer_start)
         self._writer.start()
 
-    def _run_origin(self) -> dict[str, Any]:
-        return {}
+    # ---- checkpoints, roll-back, the guard ---------------------------------------------------------
+    def _checkpoint(self, reason: str) -> Any:
+        """Save everything needed to continue exactly from the current step; record an event."""
+        from . import checkpoint as ckpt
+
+        self._flush_device()
+        if self._epoch_rng is None:
+            self._epoch_rng = capture_rng()
+        sched = self.schedule
+        buf = self.buffer
+        loss = float(buf.view(len(buf) - 1)["loss"][-1]) if buf is not None and len(buf) else None
+        payload = {
+            "format": ckpt.FORMAT, "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self._batch_in_epoch, "time": time.perf_counter() - self._t0,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lrs": list(self.lrs),
+            "schedule": None if sched is None else {"start": self.schedule_start, "state": sched.state_dict()},
+            "rng": capture_rng(), "epoch_rng": self._epoch_rng,
+            "guard": self.guard.state_dict() if self.guard is not None else None,
+            "early_stopping": self._early.state_dict() if self._early is not None else None,
+        }
+        path = self._checkpoint_dir / f"step-{self.step:09d}-{reason}.pt"
+        ckpt.save(path, payload)
+        info = ckpt.CheckpointInfo(path, self.step, reason, loss)
+        self.checkpoints.append(info)
+        self._last_ckpt_step = self.step
+        self._event("checkpoint", {"path": str(path), "reason": reason,
+                                   "loss": loss if loss is not None and math.isfinite(loss) else None})
+        periodic = [c for c in self.checkpoints if c.reason == "periodic"]
+        for old in periodic[:-self.keep_checkpoints] if self.keep_checkpoints else []:
+            try:
+                old.path.unlink()
+            except OSError:
+                pass
+            self.checkpoints.remove(old)
+        return info
+
+    def _good_checkpoint(self) -> Any:
+        """The latest checkpoint from before the trouble the guard saw (or before now)."""
+        if self.detection is not None:
+            margin = getattr(getattr(self.guard, "config", None), "oscillation_window", 20)
+            limit = self.detection.step - margin
+        else:
+            limit = self.step
+        usable = [c for c in self.checkpoints if c.path.exists()
+                  and (c.loss is None or math.isfinite(c.loss))]
+        before = [c for c in usable if c.step <= limit]
+        if before:
+            return before[-1]
+        if usable:
+            return usable[0]
+        raise ConfigError("there is no checkpoint to roll back to (checkpoints are kept only for runs "
+                          "saved in a store)")
+
+    def _rollback(self, data: dict[str, Any]) -> dict[str, Any]:
+        from . import checkpoint as ckpt
+
+        if data.get("path"):
+            path = Path(data["path"])
+            saved = ckpt.load(path, map_location=self.device)
+        else:
+            info = self._good_checkpoint()
+            path = info.path
+            saved = ckpt.load(path, map_location=self.device)
+        self._flush_device()
+        self._restore_training_state(saved)
+        factor = float(data["lr_factor"])
+        new_lr = self.lrs[0] * factor
+        self._apply_lr(new_lr)
+        if self.guard is not None:
+            self.guard.reset()
+        self.detection = None
+        return {"lr_factor": factor, "path": str(path), "to_step": int(saved["step"]), "lr": new_lr}
+
+    def _on_detection(self, det: Any) -> None:
+        """The guard saw divergence or oscillation: stop, pause or roll back, as configured."""
+        self.detection = det
+        policy = self.config.divergence
+        data = det.to_dict()
+        if policy == "stop":
+            if det.kind in ("nonfinite", "loss_explosion"):
+                self._event("diverged", data, det.step)
+                raise DivergedError(f"{det.message}: the learning rate ({self.lrs[0]:.3g}) is probably too high; "
+                                    "try it about 10x lower, or --on-divergence rollback")
+            self._event("warning", data, det.step)
+            self.guard.reset()
+            self.detection = None
+        elif policy == "pause":
+            self._event("diverged", data, det.step)
+            with self._cond:
+                self._pause_requested = True
+                self._attention = True
+        elif policy == "rollback":
+            self._event("diverged", data, det.step)
+            self._auto_rollbacks += 1
+            if self._auto_rollbacks > 3:
+                raise DivergedError(f"{det.message}; still diverging after 3 automatic roll-backs")
+            self._apply("rollback", {"lr_factor": 0.1})
+        else:
+            raise DivergedError(det.message)
+
+    def _record_probe(self, step: int) -> None:
+        try:
+            values = self._probe(self.model)
+        except Exception as exc:
+            raise error_from_exception(exc, self.experiment.path, "probe()") from exc
+        self.probe_steps.append(step)
+        for k, v in values.items():
+            self.probe_values.setdefault(k, []).append(float(v))
+
+    def _run_range_test(self, data: dict[str, Any]) -> None:
+        from .rangetest import range_test
+
+        fut: Future = data["future"]
+        if not fut.set_running_or_notify_cancel():
+            return
+        self.range_test_progress = []
+        progress = self.range_test_progress
+        try:
+            self._flush_device()
+            result = range_test(
+                self.model, self.optimizer, self._train_data, self._loss_of, device=self.device,
+                should_stop=lambda: self._stop_requested or fut.cancelled(),
+                on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
+        except Exception as exc:  # reported through the future; training goes on
+            fut.set_exception(exc)
+            return
+        s = result.suggestions
+        self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,
+                                   "steps": len(result.lrs)})
+        fut.set_result(result)
 
     def _finish(self) -> None:
         if self._writer is not None:
@@ -354,32 +634,42 @@ class TrainingEngine:
         return e
 
     def _attend(self) -> None:
-        """Apply queued commands; wait while paused; raise _Stop on stop."""
-        with self._cond:
-            self._attention = False
-            self._apply_commands()
-            if self._stop_requested:
-                raise _Stop
-            if self._pause_requested:
+        """Apply queued commands; wait while paused; raise _Stop on stop.
+
+        Commands run outside the lock (a checkpoint or a range test may take a while), so other
+        threads never block on the engine.
+        """
+        paused = False
+        while True:
+            with self._cond:
+                self._attention = False
+                commands = list(self._commands)
+                self._commands.clear()
+            self._apply_commands(commands)
+            with self._cond:
+                if self._stop_requested:
+                    raise _Stop
+                if not self._pause_requested:
+                    break
+                if paused and not self._commands:
+                    self._cond.wait()
+                    continue
+            if not paused:
+                paused = True
                 self._flush_device()
                 self.state = "paused"
                 self._event("pause", {})
                 self._on_pause()
-                while self._pause_requested and not self._stop_requested:
-                    self._cond.wait()
-                    self._apply_commands()
-                self._attention = False
-                if self._stop_requested:
-                    raise _Stop
-                self.state = "running"
-                self._event("resume", {})
+        if paused:
+            self.state = "running"
+            self._event("resume", {})
 
     def _on_pause(self) -> None:
-        """Hook for checkpoints at pause (used by the lab)."""
+        if self._checkpoint_dir is not None and self.model is not None and self._last_ckpt_step != self.step:
+            self._checkpoint("pause")
 
-    def _apply_commands(self) -> None:
-        while self._commands:
-            kind, data = self._commands.popleft()
+    def _apply_commands(self, commands: list[tuple[str, dict[str, Any]]]) -> None:
+        for kind, data in commands:
             try:
                 self._apply(kind, data)
             except LrvizError as exc:  # e.g. a plateau schedule without validation data
@@ -388,17 +678,7 @@ class TrainingEngine:
     def _apply(self, kind: str, data: dict[str, Any]) -> None:
         step = self.step
         if kind == "set_lr":
-            lr = data["lr"]
-            sched = self.schedule
-            if sched is not None and not sched.rescale(step - self.schedule_start, lr):
-                self.schedule = None
-                sched = None
-            if sched is not None:
-                self.lrs = [float(x) for x in sched.lrs(step - self.schedule_start)]
-            else:
-                base = self.lrs[0]
-                self.lrs = [lr * (x / base) if base > 0 else lr for x in self.lrs]
-            self._set_group_lrs(self.lrs)
+            self._apply_lr(data["lr"])
         elif kind == "set_schedule":
             if data["spec"] is None:
                 self.schedule = None
@@ -408,7 +688,26 @@ class TrainingEngine:
                 self._start_schedule(data["spec"], step)
         elif kind == "set_hyperparams":
             apply_hyperparams(self.optimizer, data.get("momentum"), data.get("weight_decay"))
+        elif kind == "rollback":
+            data = self._rollback(data)
+        elif kind == "range_test":
+            self._run_range_test(data)
+            return
         self._event(kind, dict(data), step)
+
+    def _apply_lr(self, lr: float) -> None:
+        """Use ``lr`` from the current step on; a running schedule is rescaled to continue from it."""
+        step = self.step
+        sched = self.schedule
+        if sched is not None and not sched.rescale(step - self.schedule_start, lr):
+            self.schedule = None
+            sched = None
+        if sched is not None:
+            self.lrs = [float(x) for x in sched.lrs(step - self.schedule_start)]
+        else:
+            base = self.lrs[0]
+            self.lrs = [lr * (x / base) if base > 0 else lr for x in self.lrs]
+        self._set_group_lrs(self.lrs)
 
     def _start_schedule(self, spec_text: str, step: int) -> None:
         from .schedules import parse_schedule
@@ -436,7 +735,7 @@ class TrainingEngine:
         assert model is not None and opt is not None and self.buffer is not None
         device = self.device
         move = device is not None and device.type != "cpu"
-        on_host = not move
+        on_host = not move if self.stage_on_device is None else not self.stage_on_device
         train = self._train_data
         loss_of = self._loss_of
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
@@ -446,31 +745,50 @@ class TrainingEngine:
         max_epochs = cfg.epochs
         eval_every = cfg.eval_every
         has_val = self._val_data is not None
+        ckpt_every = self.checkpoint_every if self._checkpoint_dir is not None else None
+        guard = self.guard
+        probe = self._probe
+        layers = self.layer_probe
         first = True
         self._stage_init(device, on_host)
         perf = time.perf_counter
         t0 = self._t0
         model.train()
         self.state = "running"
-        if self._pending and self._pending[0].step <= self.step:
-            self._apply_due()
-        next_due = self._pending[0].step if self._pending else -1
+        skip = self._resume_skip
+        if self._checkpoint_dir is not None and self._last_ckpt_step != self.step:
+            self._checkpoint("start")
         while max_epochs is None or self.epoch < max_epochs:
             batches = 0
-            it = iter(train)
+            if skip is not None:  # continuing from a checkpoint: rebuild the data order of its epoch
+                restore_rng(self._epoch_rng)
+                it = iter(train)
+                for _ in range(skip):
+                    next(it)
+                batches = skip
+                restore_rng(self._resume_rng)
+                skip = self._resume_skip = None
+            else:
+                if self._checkpoint_dir is not None:
+                    self._epoch_rng = capture_rng()
+                it = iter(train)
             while True:
+                if self._attention:
+                    self._batch_in_epoch = batches
+                    self._attend()
+                step = self.step
+                if self._pending and self._pending[0].step <= step:
+                    self._apply_due()
+                if ckpt_every and step % ckpt_every == 0 and step != self._last_ckpt_step:
+                    self._batch_in_epoch = batches
+                    self._checkpoint("periodic")
                 try:
                     batch = next(it)
                 except StopIteration:
                     break
                 except Exception as exc:
-                    raise error_from_exception(exc, exp.path, f"iterating the training data (epoch {self.epoch + 1})") from exc
-                if self._attention:
-                    self._attend()
-                step = self.step
-                if step == next_due:
-                    self._apply_due()
-                    next_due = self._pending[0].step if self._pending else -1
+                    raise error_from_exception(
+                        exc, exp.path, f"iterating the training data (epoch {self.epoch + 1})") from exc
                 sched = self.schedule
                 if sched is not None:
                     lrs = sched.lrs(step - self.schedule_start)
@@ -486,23 +804,34 @@ class TrainingEngine:
                         self._check_loss(loss)
                     loss.backward()
                     gn2 = gnorm.squared()
+                    if layers is not None:
+                        layers.before_step(step)
                     opt.step()
+                    if layers is not None:
+                        layers.after_step(step)
                 except LrvizError:
                     raise
                 except Exception as exc:
-                    raise exp.describe_batch_error(exc, batch, f"training step {step} (epoch {self.epoch + 1})") from exc
+                    raise exp.describe_batch_error(
+                        exc, batch, f"training step {step} (epoch {self.epoch + 1})") from exc
                 first = False
                 batches += 1
                 now = perf() - t0
+                self.step = step + 1
                 if on_host:
                     lf = loss.item()
-                    buf.append(self.epoch, now, lf, math.sqrt(gn2.item()), self.lrs)
-                    if not math.isfinite(lf):
-                        self.step = step + 1
+                    gn = math.sqrt(gn2.item())
+                    buf.append(self.epoch, now, lf, gn, self.lrs)
+                    if guard is not None:
+                        det = guard.update(step, lf, gn)
+                        if det is not None:
+                            self._on_detection(det)
+                    elif not math.isfinite(lf):
                         self._diverged(step, lf)
                 else:
                     self._stage(step, loss, gn2, now)
-                self.step = step + 1
+                if probe is not None:
+                    self._record_probe(step)
                 if self._step_budget is not None:
                     self._count_budget()
                 if eval_every is not None and has_val and self.step % eval_every == 0:
@@ -513,7 +842,8 @@ class TrainingEngine:
             if batches == 0:
                 what = "in epoch 1" if self.epoch == 0 else (
                     f"in epoch {self.epoch + 1} (was it a one-shot iterator?)")
-                raise ScriptError(f"build_data()'s training data yielded no batches {what}", str(exp.path))
+                raise ScriptError(f"build_data()'s training data yielded no batches {what}", str(exp.path),
+                                  exp.line_of("build_data"))
             self.epoch += 1
             if eval_every is None and has_val:
                 self._validate()
@@ -537,16 +867,16 @@ class TrainingEngine:
 
     def _check_loss(self, loss: Any) -> None:
         exp = self.experiment
-        fn = "compute_loss()" if callable(getattr(exp.module, "compute_loss", None)) else "loss_fn()"
+        fn = exp.loss_name + "()"
+        where = (str(exp.path), exp.line_of(exp.loss_name))
         if not isinstance(loss, torch.Tensor):
-            raise ScriptError(f"{fn} returned {type(loss).__name__}; it must return a scalar torch.Tensor",
-                              str(exp.path))
+            raise ScriptError(f"{fn} returned {type(loss).__name__}; it must return a scalar torch.Tensor", *where)
         if loss.numel() != 1:
             raise ScriptError(f"{fn} returned a tensor of shape {list(loss.shape)}; it must return a scalar "
-                              "(reduce it with .mean())", str(exp.path))
+                              "(reduce it with .mean())", *where)
         if not loss.requires_grad:
             raise ScriptError(f"{fn} returned a tensor that does not require grad; compute it from the model's "
-                              "output without .detach() or torch.no_grad()", str(exp.path))
+                              "output without .detach() or torch.no_grad()", *where)
 
     def _diverged(self, step: int, value: float, what: str = "loss") -> None:
         msg = (f"the {what} became {value} at step {step}: the learning rate "
@@ -563,8 +893,9 @@ class TrainingEngine:
         if on_host:
             self._stage_loss = self._stage_gn = None
             return
-        self._stage_loss = torch.zeros(DEVICE_STAGE_STEPS, dtype=torch.float64, device=device)
-        self._stage_gn = torch.zeros(DEVICE_STAGE_STEPS, dtype=torch.float64, device=device)
+        dtype = torch.float32 if device is not None and device.type == "mps" else torch.float64  # no f64 on MPS
+        self._stage_loss = torch.zeros(DEVICE_STAGE_STEPS, dtype=dtype, device=device)
+        self._stage_gn = torch.zeros(DEVICE_STAGE_STEPS, dtype=dtype, device=device)
 
     def _stage(self, step: int, loss: torch.Tensor, gn2: torch.Tensor, now: float) -> None:
         j = self._staged
@@ -593,6 +924,15 @@ class TrainingEngine:
         self._staged = 0
         self._last_flush = time.perf_counter() - self._t0
         buf.n = n + j
+        guard = self.guard
+        if guard is not None:
+            gns = np.sqrt(host[1])
+            for i in range(j):
+                det = guard.update(buf.first_step + n + i, float(host[0][i]), float(gns[i]))
+                if det is not None:
+                    self._on_detection(det)
+                    break
+            return
         bad = np.flatnonzero(~np.isfinite(host[0]))
         if bad.size:
             self._diverged(n + int(bad[0]) + buf.first_step, float(host[0][bad[0]]))
@@ -639,7 +979,8 @@ class TrainingEngine:
         finally:
             model.train()
         if count == 0:
-            raise ScriptError("build_data()'s validation data yielded no batches", str(exp.path))
+            raise ScriptError("build_data()'s validation data yielded no batches", str(exp.path),
+                              exp.line_of("build_data"))
         vloss = float(total) / count
         acc = float(correct) / count if classify else None
         point = ValPoint(self.step - 1, self.epoch, vloss, acc, time.perf_counter() - self._t0)
@@ -650,3 +991,6 @@ class TrainingEngine:
                 self.lrs = [float(x) for x in sched.lrs(self.step - self.schedule_start)]
                 self._set_group_lrs(self.lrs)
                 self._event("lr_reduced", {"lr": self.lrs[0], "val_loss": vloss})
+        if self._early is not None and math.isfinite(vloss) and self._early.update(vloss):
+            self._event("early_stop", {"patience": self.config.early_stopping, "best_val_loss": self._early.best})
+            raise _EarlyStop

@@ -72,14 +72,38 @@ def error_from_exception(exc: BaseException, path: str | Path, what: str) -> Scr
         err = ScriptError(f"syntax error: {exc.msg}", path, exc.lineno)
         err.__cause__ = exc
         return err
-    line = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == path:
-            line = frame.lineno
+    line = _script_line(exc, path)
     msg = str(exc) or type(exc).__name__
     err = ScriptError(f"{what} raised {type(exc).__name__}: {msg}", path, line)
     err.__cause__ = exc
     return err
+
+
+def _script_line(exc: BaseException, path: str) -> int | None:
+    """The innermost line of the script at ``path`` in the exception's traceback."""
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == path:
+            line = frame.lineno
+    return line
+
+
+def _assignment_line(path: str, name: str) -> int | None:
+    """The line where the script defines or assigns ``name`` at module level (for non-functions)."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return node.lineno
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return node.lineno
+    return None
 
 
 def _accepted_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -139,12 +163,20 @@ class Experiment:
     def accepts_batch_size(self) -> bool:
         return "batch_size" in _accepted_kwargs(self.module.build_data, {"batch_size": 1})
 
-    def _line_of(self, name: str) -> int | None:
+    def line_of(self, name: str) -> int | None:
+        """The line of the script where ``name`` is defined (a function, or an assignment)."""
         obj = getattr(self.module, name, None)
         try:
             return inspect.getsourcelines(obj)[1]
         except (TypeError, OSError):
-            return None
+            return _assignment_line(str(self.path), name)
+
+    _line_of = line_of
+
+    @property
+    def loss_name(self) -> str:
+        """``compute_loss`` or ``loss_fn``: which one the script uses."""
+        return "compute_loss" if callable(getattr(self.module, "compute_loss", None)) else "loss_fn"
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         fn = getattr(self.module, name)
@@ -178,6 +210,10 @@ class Experiment:
         out = self._call("build_data", **kw)
         line = self._line_of("build_data")
         path = str(self.path)
+        if isinstance(out, (dict, str, bytes)):
+            raise ScriptError(
+                f"build_data() returned a {type(out).__name__}; return train or (train, val): iterables of "
+                "batches such as DataLoaders or lists", path, line)
         if isinstance(out, tuple):
             if len(out) != 2:
                 raise ScriptError(
@@ -214,7 +250,12 @@ class Experiment:
 
         def loss_of_pair(model: torch.nn.Module, batch: Any) -> torch.Tensor:
             inputs, targets = batch
-            return loss_fn(model(inputs), targets)
+            try:
+                output = model(inputs)
+            except Exception as exc:
+                exc._lrviz_stage = "model"  # type: ignore[attr-defined]
+                raise
+            return loss_fn(output, targets)
 
         return loss_of_pair
 
@@ -229,7 +270,17 @@ class Experiment:
                 "(inputs, targets) pairs; define compute_loss(model, batch) for other batch shapes",
                 str(self.path), self._line_of("build_data"),
             )
-        return error_from_exception(exc, self.path, during)
+        err = error_from_exception(exc, self.path, during)
+        if err.line is None:  # raised inside torch: point at the part of the script that was running
+            if getattr(exc, "_lrviz_stage", None) == "model":
+                err = ScriptError(f"{during}: the model (build_model) failed on a batch from build_data: "
+                                  f"{type(exc).__name__}: {exc}", str(self.path), self.line_of("build_model"))
+            else:
+                name = self.loss_name
+                err = ScriptError(f"{during}: {name} raised {type(exc).__name__}: {exc}", str(self.path),
+                                  self.line_of(name))
+            err.__cause__ = exc
+        return err
 
     def _knobs(self, params: dict[str, Any] | None) -> dict[str, Any]:
         merged = dict(self.params)
@@ -272,10 +323,11 @@ def load_experiment(path: str | Path) -> Experiment:
     except Exception as exc:
         sys.modules.pop(mod_name, None)
         raise error_from_exception(exc, spath, "importing the script") from None
-    except SystemExit:
+    except SystemExit as exc:
         sys.modules.pop(mod_name, None)
+        line = _script_line(exc, spath)
         raise ScriptError("the script called exit() while being imported; guard it with "
-                          "if __name__ == '__main__'", spath) from None
+                          "if __name__ == '__main__':", spath, line) from None
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
@@ -294,6 +346,13 @@ def load_experiment(path: str | Path) -> Experiment:
     if unknown:
         raise ScriptError(f"DEFAULTS has unknown key(s) {', '.join(map(repr, unknown))}; "
                           f"known: {', '.join(DEFAULT_KEYS)}", spath)
+    from .config import RunConfig
+    from .errors import ConfigError
+
+    try:
+        RunConfig(**defaults).validated()
+    except ConfigError as exc:
+        raise ScriptError(f"DEFAULTS: {exc}", spath, _assignment_line(spath, "DEFAULTS")) from None
     params = getattr(module, "PARAMS", {}) or {}
     if not isinstance(params, dict):
         raise ScriptError(f"PARAMS must be a dict of knob names to default values, not {type(params).__name__}",

@@ -14,7 +14,7 @@ from typing import Any
 from .config import parse_lr
 from .errors import ConfigError
 
-KINDS = ("set_lr", "set_schedule", "set_hyperparams")
+KINDS = ("set_lr", "set_schedule", "set_hyperparams", "rollback")
 AT_KEYS = {"lr": "set_lr", "schedule": "set_schedule", "momentum": "set_hyperparams",
            "weight_decay": "set_hyperparams"}
 
@@ -55,6 +55,17 @@ def check(kind: str, data: dict[str, Any]) -> dict[str, Any]:
         if not out:
             raise ConfigError("set_hyperparams needs momentum and/or weight_decay")
         return out
+    if kind == "rollback":
+        try:
+            factor = float(data.get("lr_factor", 0.1))
+        except (TypeError, ValueError):
+            raise ConfigError(f"roll-back LR factor must be a number, not {data.get('lr_factor')!r}") from None
+        if not math.isfinite(factor) or not 0 < factor <= 1:
+            raise ConfigError(f"roll-back LR factor must be in (0, 1], not {factor!r}")
+        out = {"lr_factor": factor}
+        if data.get("path"):
+            out["path"] = str(data["path"])
+        return out
     raise ConfigError(f"unknown intervention {kind!r}; known: {', '.join(KINDS)}")
 
 
@@ -76,9 +87,20 @@ def parse_at(text: str) -> Intervention:
         raise ConfigError(f"--at {text!r}: unknown setting {key!r}; known: {', '.join(AT_KEYS)}")
     kind = AT_KEYS[key]
     raw = {"spec": value} if kind == "set_schedule" else {key: value}
-    return Intervention(step, kind, check(kind, raw))
+    try:
+        return Intervention(step, kind, check(kind, raw))
+    except ConfigError as exc:
+        raise ConfigError(f"--at {text!r}: {exc}") from None
 
 
 def from_events(events: list[Any]) -> list[Intervention]:
     """The interventions recorded in a run's events, in the order they were applied."""
-    return [Intervention(e.step, e.kind, dict(e.data)) for e in events if e.kind in KINDS]
+    out = []
+    for e in events:
+        if e.kind not in KINDS:
+            continue
+        data = dict(e.data)
+        if e.kind == "rollback":  # replay restores the very checkpoint the original rolled back to
+            data = {"lr_factor": data.get("lr_factor", 0.1), "path": data.get("path")}
+        out.append(Intervention(e.step, e.kind, data))
+    return out

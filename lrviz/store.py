@@ -809,6 +809,35 @@ class RunStore:
                     (n, loss_min, loss_min, loss_last, run_id),
                 )
 
+    def truncate_run(self, run_id: int, from_step: int) -> None:
+        """Forget everything a run recorded from ``from_step`` on (steps, events, validation points
+        measured after later updates), so it can resume from a checkpoint taken at that step."""
+        run_id = _run_id(run_id)
+        k = int(from_step)
+        keep = self.load_steps(run_id, 0, k)
+        with self.batch(), self._write("truncating the run") as conn:
+            self._check_run(conn, run_id)
+            straddle = conn.execute(
+                "SELECT start_step FROM chunks WHERE run_id=? AND start_step<? AND start_step+n>? ",
+                (run_id, k, k)).fetchone()
+            conn.execute("DELETE FROM chunks WHERE run_id=? AND start_step>=?", (run_id, k))
+            conn.execute("DELETE FROM events WHERE run_id=? AND step>=?", (run_id, k))
+            conn.execute("DELETE FROM validation WHERE run_id=? AND step>=?", (run_id, k))
+            if straddle is not None:
+                s0 = int(straddle[0])
+                conn.execute("DELETE FROM chunks WHERE run_id=? AND start_step=?", (run_id, s0))
+            conn.execute(
+                "UPDATE runs SET steps=(SELECT COALESCE(SUM(n), 0) FROM chunks WHERE run_id=:r), "
+                "best_loss=(SELECT MIN(loss_min) FROM chunks WHERE run_id=:r), "
+                "final_loss=(SELECT loss_last FROM chunks WHERE run_id=:r AND loss_last IS NOT NULL "
+                "ORDER BY start_step DESC LIMIT 1) WHERE id=:r",
+                {"r": run_id},
+            )
+            if straddle is not None:
+                lo = np.searchsorted(keep["step"], s0)
+                part = {name: a[lo:] for name, a in keep.items() if name != "step"}
+                self.append_steps(run_id, s0, part)
+
     def load_steps(
         self, run_id: int, start: int = 0, stop: int | None = None, *, columns: Iterable[str] | None = None
     ) -> dict[str, np.ndarray]:

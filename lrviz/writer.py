@@ -18,14 +18,14 @@ class StoreWriter:
     Each flush is one transaction, so the database is intact whenever the process dies.
     """
 
-    def __init__(self, store: Any, run_id: int, engine: Any, interval: float = FLUSH_INTERVAL):
+    def __init__(self, store: Any, run_id: int, engine: Any, interval: float = FLUSH_INTERVAL,
+                 start: tuple[int, int, int] = (0, 0, 0)):
         self.store = store
         self.run_id = run_id
         self.engine = engine
         self.interval = interval
-        self._steps = 0
-        self._events = 0
-        self._vals = 0
+        # rows, events and validation points already stored (a resumed run)
+        self._steps, self._events, self._vals = start
         self._status = "running"
         self._closed = threading.Event()
         self._lock = threading.Lock()

@@ -658,3 +658,25 @@ def test_concurrent_writer_and_readers_for_a_second(tmp_path: Path):
     assert store.integrity_ok()
     other.close()
     store.close()
+
+
+def test_truncate_run_keeps_only_what_came_before(tmp_path):
+    """Resuming from a checkpoint at step k first forgets steps >= k (a chunk straddling k is cut)."""
+    from lrviz.records import Event, ValPoint
+
+    with RunStore(tmp_path) as s:
+        rid = s.create_run(script_path="x.py", script_hash="h", config={}, device="cpu")
+        for start in (0, 100, 200):
+            s.append_steps(rid, start, {"loss": np.arange(start, start + 100, dtype=np.float64) + 1.0,
+                                        "lr": np.full((100, 1), 0.1)})
+        s.add_events(rid, [Event(10, "set_lr", {"lr": 0.1}, 0.0), Event(150, "pause", {}, 1.0)])
+        s.add_validation(rid, [ValPoint(99, 0, 1.0, None, 0.0), ValPoint(199, 1, 0.5, None, 1.0)])
+        s.truncate_run(rid, 150)
+        steps = s.load_steps(rid)
+        assert list(steps["step"]) == list(range(150))
+        assert steps["loss"][-1] == 150.0
+        assert s.get_run(rid).steps == 150 and s.get_run(rid).final_loss == 150.0
+        assert [e.step for e in s.load_events(rid)] == [10]
+        assert [p.step for p in s.load_validation(rid)] == [99]
+        s.append_steps(rid, 150, {"loss": np.zeros(5), "lr": np.full((5, 1), 0.1)})
+        assert s.get_run(rid).steps == 155

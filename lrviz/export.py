@@ -1,0 +1,560 @@
+"""Full-fidelity export of a run: ``metrics.csv``, ``run.json`` and plots, written atomically.
+
+Files
+-----
+``metrics.csv``
+    One row per step: ``step,epoch,time,lr,loss,grad_norm``, then ``lr_1, lr_2, ...`` for the
+    extra parameter groups (``lr`` is group 0), then any other stored per-step column, then
+    ``val_loss,val_accuracy``, filled on the row of the step a validation point was taken after
+    and empty elsewhere (a validation point whose step has no row, or a second point at one step,
+    gets a row of its own holding only ``step`` and the validation columns). Floats are written
+    in their shortest form that reads back to the very same value (``0.05`` stays ``0.05``;
+    float32 columns such as ``grad_norm`` in their float32 shortest form); NaN is ``nan``,
+    infinities ``inf`` and ``-inf`` (Python's ``float()``, NumPy and pandas read all of these).
+``run.json``
+    Pretty-printed JSON: ``format``, ``run`` (name, script, status, times...), ``config``,
+    ``summary``, ``events`` (``{step, kind, data, time}``) and ``validation``
+    (``{step, epoch, loss, accuracy, time}``). JSON has no NaN or infinity: non-finite floats
+    are written as ``null``.
+``loss.<fmt>``, ``lr.<fmt>``
+    Plots of the training loss (raw and smoothed, with validation points) and of the learning
+    rate, drawn by :mod:`lrviz.ui.render` (PNG, SVG or PDF). That module needs Qt; it is imported
+    only when a plot is asked for, so this module (the core) never imports Qt.
+
+Every file goes through :func:`atomic_write`: it is written under a temporary name in the same
+folder and moved into place, so a failed or interrupted export never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from lrviz.errors import ConfigError
+from lrviz.records import Event, ValPoint
+
+__all__ = [
+    "FORMATS",
+    "IMAGE_FORMATS",
+    "atomic_write",
+    "describe_run",
+    "export_data",
+    "export_engine",
+    "export_run",
+    "parse_formats",
+    "run_record",
+    "write_metrics_csv",
+    "write_run_json",
+]
+
+log = logging.getLogger(__name__)
+
+#: Every format :func:`export_run` writes, in the order files are written.
+FORMATS = ("csv", "json", "png", "svg", "pdf")
+#: The formats that are plots (drawn with Qt).
+IMAGE_FORMATS = ("png", "svg", "pdf")
+DEFAULT_FORMATS = ("png", "csv", "json")
+#: The format version of ``run.json``.
+RUN_JSON_FORMAT = "lrviz-run/1"
+
+_BASE_COLUMNS = ("step", "epoch", "time", "lr", "loss", "grad_norm")
+_CHUNK_ROWS = 100_000
+
+Writer = Callable[[IO[bytes]], None]
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _write_error(path: Path, exc: OSError) -> ConfigError:
+    """A message a person can act on, for a file that cannot be written."""
+    code = exc.errno
+    if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        why = "permission denied — choose another folder"
+    elif code == errno.EROFS:
+        why = "the file system is read-only — choose another folder"
+    elif code == errno.ENOSPC:
+        why = "no space left on the device — free some space or choose another folder"
+    elif isinstance(exc, FileNotFoundError) or code == errno.ENOENT:
+        why = f"the folder {path.parent} does not exist — create it or choose another folder"
+    elif isinstance(exc, NotADirectoryError) or code == errno.ENOTDIR:
+        why = f"{path.parent} is not a folder — choose another folder"
+    elif isinstance(exc, IsADirectoryError) or code == errno.EISDIR:
+        why = "it is a folder — give a file name"
+    else:
+        why = f"{exc.strerror or exc} — choose another folder"
+    return ConfigError(f"cannot write {path}: {why}")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer) -> Path:
+    """Write ``data`` to ``path`` so that the file is either complete or untouched.
+
+    ``data`` is bytes, text (written as UTF-8), or a function that writes into the binary file
+    object it is given. The content goes to a temporary file in the same folder, is flushed to
+    disk, and replaces ``path`` in one ``os.replace``; on any failure the temporary file is
+    removed and an existing ``path`` is left as it was. A path that cannot be written (no
+    permission, missing folder, read-only or full disk) raises :class:`ConfigError` naming it;
+    other exceptions raised by a writer function propagate unchanged. Returns ``path``.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"cannot write {target}: it is a folder — give a file name")
+    payload: bytes | None
+    if isinstance(data, str):
+        payload = data.encode("utf-8")
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        payload = bytes(data)
+    elif callable(data):
+        payload = None
+    else:
+        raise TypeError(f"atomic_write needs bytes, str or a writer function, not {type(data).__name__}")
+
+    tmp: Path | None = None
+    try:
+        for _ in range(100):
+            candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                # 0o666 and the process umask: the same mode as a file written with open().
+                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            except FileExistsError:
+                continue
+            tmp = candidate
+            break
+        else:  # pragma: no cover - 100 random name collisions
+            raise ConfigError(f"cannot write {target}: no free temporary file name in {target.parent}")
+        with os.fdopen(fd, "wb") as fh:
+            if payload is not None:
+                fh.write(payload)
+            else:
+                data(fh)  # type: ignore[operator]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        raise _write_error(target, exc) from exc
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink()
+            except OSError as exc:  # pragma: no cover - nothing more to do
+                log.warning("could not remove the temporary file %s: %s", tmp, exc)
+    log.debug("wrote %s", target)
+    return target
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _format_column(values: np.ndarray) -> list[str]:
+    """Each value as the shortest text that reads back to the same value (``nan``/``inf``)."""
+    a = np.asarray(values)
+    kind = a.dtype.kind
+    if kind in "iub":
+        return list(map(str, a.astype(np.int64).tolist())) if kind == "b" else list(map(str, a.tolist()))
+    if kind != "f":
+        return [str(v) for v in a.tolist()]
+    if a.dtype.itemsize < 8:
+        # NumPy's str() of float16/float32 is their own shortest round-trip form.
+        return a.astype(str).tolist()
+    # Repeated values (learning rates, epochs padded as floats) are formatted once each.
+    sample = a[:4096]
+    if a.size > 8192 and np.unique(sample).size * 4 <= sample.size:
+        uniques, inverse = np.unique(a, return_inverse=True)
+        texts = np.array(list(map(repr, uniques.tolist())), dtype=object)
+        return texts[inverse.ravel()].tolist()
+    return list(map(repr, a.astype(np.float64, copy=False).tolist()))
+
+
+def _val_text(value: float | None) -> str:
+    if value is None:
+        return ""
+    return repr(float(value))
+
+
+def _as_2d(arr: np.ndarray, n: int) -> np.ndarray:
+    """``arr`` as (n, k): a column becomes (n, 1), further axes are flattened."""
+    if arr.ndim == 1:
+        return arr.reshape(-1, 1)
+    if arr.ndim == 2:
+        return arr
+    return arr.reshape(n, int(np.prod(arr.shape[1:])))
+
+
+def _step_columns(steps: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """(header names, 1-D columns, step array) from a ``StepBuffer.view()``-like dict."""
+    lengths = {k: len(v) for k, v in steps.items() if np.ndim(v) >= 1}
+    n = max(lengths.values(), default=0)
+    for name, length in lengths.items():
+        if length != n:
+            raise ConfigError(f"step column {name!r} has {length} rows, others {n}; cannot export it")
+    step = np.asarray(steps["step"]) if "step" in steps else np.arange(n, dtype=np.int64)
+    lr = np.asarray(steps["lr"]) if "lr" in steps else np.full((n, 1), np.nan)
+    lr = _as_2d(lr, n)
+    nan = np.full(n, np.nan)
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(steps[name]) if name in steps else nan
+
+    names = list(_BASE_COLUMNS)
+    cols = [step, col("epoch"), col("time"), lr[:, 0] if lr.shape[1] else nan, col("loss"), col("grad_norm")]
+    for g in range(1, lr.shape[1]):
+        names.append(f"lr_{g}")
+        cols.append(lr[:, g])
+    for name in sorted(set(steps) - set(_BASE_COLUMNS)):  # columns a newer writer may store
+        arr = np.asarray(steps[name])
+        if arr.ndim == 1:
+            names.append(name)
+            cols.append(arr)
+        else:
+            flat = _as_2d(arr, n)
+            for j in range(flat.shape[1]):
+                names.append(f"{name}_{j}")
+                cols.append(flat[:, j])
+    return names, cols, step
+
+
+def write_metrics_csv(
+    path: str | os.PathLike[str], steps: Mapping[str, np.ndarray], validation: Sequence[ValPoint] = ()
+) -> Path:
+    """Write the per-step series and validation points as ``metrics.csv`` (see the module docstring).
+
+    ``steps`` is a dict like ``StepBuffer.view()`` or ``RunStore.load_steps()``: ``step`` (int64),
+    ``epoch``, ``time``, ``loss``, ``grad_norm`` and ``lr`` of shape (n, groups), with steps in
+    increasing order. Written atomically; returns ``path``.
+    """
+    names, cols, step = _step_columns(steps)
+    n = len(step)
+    val_names = ["val_loss", "val_accuracy"]
+    header = ",".join(names + val_names) + "\n"
+    empty_train = "," * (len(names) - 1)  # a validation-only row: step, then empty training fields
+
+    # Validation points go on the row of their step; the others get rows of their own.
+    val_loss = {}
+    val_acc = {}
+    extra: list[tuple[int, str]] = []  # (step, line) in step order
+    rows = np.searchsorted(step, [int(p.step) for p in validation]) if len(validation) else []
+    for p, row in zip(validation, rows):
+        row = int(row)
+        if row < n and int(step[row]) == int(p.step) and row not in val_loss:
+            val_loss[row] = _val_text(p.loss)
+            val_acc[row] = _val_text(p.accuracy)
+        else:
+            line = f"{int(p.step)}{empty_train},{_val_text(p.loss)},{_val_text(p.accuracy)}\n"
+            extra.append((int(p.step), line))
+    extra.sort(key=lambda item: item[0])
+
+    def write(fh: IO[bytes]) -> None:
+        fh.write(header.encode("ascii"))
+        pending = 0  # next index in `extra`
+        for lo in range(0, n, _CHUNK_ROWS):
+            hi = min(n, lo + _CHUNK_ROWS)
+            texts = [_format_column(c[lo:hi]) for c in cols]
+            vl = [""] * (hi - lo)
+            va = [""] * (hi - lo)
+            for row in (r for r in val_loss if lo <= r < hi):
+                vl[row - lo] = val_loss[row]
+                va[row - lo] = val_acc[row]
+            lines = list(map(",".join, zip(*texts, vl, va)))
+            last_step = int(step[hi - 1])
+            inserts = []
+            while pending < len(extra) and (extra[pending][0] <= last_step or hi == n):
+                inserts.append(extra[pending])
+                pending += 1
+            if inserts:
+                chunk_steps = step[lo:hi]
+                for s, line in reversed(inserts):  # from the end, so positions stay valid
+                    lines.insert(int(np.searchsorted(chunk_steps, s, side="right")), line.rstrip("\n"))
+            fh.write(("\n".join(lines) + "\n").encode("ascii"))
+        for _, line in extra[pending:]:  # only when there are no step rows at all
+            fh.write(line.encode("ascii"))
+
+    return atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON types: non-finite floats become None, NumPy values Python ones."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    tolist = getattr(obj, "tolist", None)  # numpy arrays, torch tensors
+    if callable(tolist):
+        try:
+            return _json_safe(tolist())
+        except Exception:  # noqa: BLE001 - fall back to the text form
+            pass
+    return str(obj)
+
+
+def write_run_json(
+    path: str | os.PathLike[str],
+    *,
+    run: Mapping[str, Any],
+    config: Mapping[str, Any],
+    events: Iterable[Event],
+    validation: Iterable[ValPoint],
+    summary: Mapping[str, Any],
+) -> Path:
+    """Write ``run.json``: the run, its config, summary, events and validation points.
+
+    Pretty-printed (indent 2, keys in the order given). Non-finite floats are written as
+    ``null``; NumPy values, tuples and paths as their plain JSON form. Written atomically.
+    """
+    doc = {
+        "format": RUN_JSON_FORMAT,
+        "run": dict(run),
+        "config": dict(config),
+        "summary": dict(summary),
+        "events": [{"step": e.step, "kind": e.kind, "data": e.data or {}, "time": e.time} for e in events],
+        "validation": [
+            {"step": p.step, "epoch": p.epoch, "loss": p.loss, "accuracy": p.accuracy, "time": p.time}
+            for p in validation
+        ],
+    }
+    text = json.dumps(_json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write(path, text)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def parse_formats(formats: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Formats from ``"png,svg"`` or a list: lower-cased, without dots or repeats.
+
+    An unknown one raises :class:`ConfigError` listing the known ones.
+    """
+    if formats is None:
+        return DEFAULT_FORMATS
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    out: list[str] = []
+    for item in items:
+        fmt = str(item).strip().lower().lstrip(".")
+        if not fmt:
+            continue
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown export format {str(item).strip()!r}; choose from png, svg, pdf, csv, json")
+        if fmt not in out:
+            out.append(fmt)
+    if not out:
+        raise ConfigError("no export format given; choose from png, svg, pdf, csv, json")
+    return tuple(out)
+
+
+def _local_iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def run_record(info: Any) -> dict[str, Any]:
+    """The ``run`` part of ``run.json`` from a ``RunInfo`` (times as epoch seconds and local ISO text)."""
+    started, ended = info.started_at, info.ended_at
+    return {
+        "id": info.id,
+        "name": info.name,
+        "script": Path(info.script_path).name,
+        "script_path": info.script_path,
+        "script_hash": info.script_hash,
+        "device": info.device,
+        "status": info.status,
+        "created_at": info.created_at,
+        "started_at": started,
+        "ended_at": ended,
+        "started": _local_iso(started),
+        "ended": _local_iso(ended),
+        "duration_s": (ended - started) if started is not None and ended is not None else None,
+        "steps": info.steps,
+        "best_loss": info.best_loss,
+        "final_loss": info.final_loss,
+        "error": info.error,
+        "parent_id": info.parent_id,
+        "fork_step": info.fork_step,
+    }
+
+
+def describe_run(run: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """A one-line plot title: run name, script and the main settings.
+
+    For example ``"mnist_mlp #3 — mnist_mlp.py · sgd lr=0.1 momentum=0.9 · CosineAnnealingLR:T_max=1000"``.
+    """
+    parts: list[str] = []
+    name = str(run.get("name") or "").strip()
+    script = Path(str(run.get("script_path") or run.get("script") or "")).name
+    head = " — ".join(p for p in (name, script) if p)
+    if head:
+        parts.append(head)
+    settings: list[str] = []
+    if config.get("optimizer"):
+        settings.append(str(config["optimizer"]))
+    if config.get("lr") is not None:
+        settings.append(f"lr={_short(config['lr'])}")
+    for key, label in (("momentum", "momentum"), ("weight_decay", "wd")):
+        value = config.get(key)
+        if value not in (None, 0, 0.0):
+            settings.append(f"{label}={_short(value)}")
+    if config.get("batch_size"):
+        settings.append(f"batch={config['batch_size']}")
+    if settings:
+        parts.append(" ".join(settings))
+    if config.get("schedule"):
+        parts.append(str(config["schedule"]))
+    return " · ".join(parts)
+
+
+def _short(value: Any) -> str:
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _load_render() -> Any:
+    try:
+        render = importlib.import_module("lrviz.ui.render")
+    except ImportError as exc:
+        raise ConfigError(
+            f"plot export needs PySide6 and pyqtgraph ({exc}); install them "
+            "(pip install PySide6-Essentials pyqtgraph) or export only csv and json (--format csv,json)"
+        ) from exc
+    return render
+
+
+def export_data(
+    out_dir: str | os.PathLike[str],
+    *,
+    run: Mapping[str, Any],
+    config: Mapping[str, Any],
+    steps: Mapping[str, np.ndarray],
+    events: Sequence[Event],
+    validation: Sequence[ValPoint],
+    summary: Mapping[str, Any],
+    formats: str | Iterable[str] | None = DEFAULT_FORMATS,
+    title: str | None = None,
+) -> list[Path]:
+    """Write the export files of one run held in memory into ``out_dir`` (created when missing).
+
+    ``csv`` writes ``metrics.csv``, ``json`` ``run.json``, and each image format ``loss.<fmt>``
+    and ``lr.<fmt>``. ``title`` defaults to :func:`describe_run`. Formats are checked, and Qt is
+    imported, before anything is written. Returns the paths written, in that order.
+    """
+    fmts = parse_formats(formats)
+    images = [f for f in fmts if f in IMAGE_FORMATS]
+    render = _load_render() if images else None
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
+    written: list[Path] = []
+    if "csv" in fmts:
+        written.append(write_metrics_csv(out / "metrics.csv", steps, validation))
+    if "json" in fmts:
+        written.append(
+            write_run_json(
+                out / "run.json", run=run, config=config, events=events, validation=validation, summary=summary
+            )
+        )
+    if render is not None:
+        label = str(run.get("name") or Path(str(run.get("script_path") or "run")).stem)
+        data = render.RunData(label=label, steps=steps, events=list(events), validation=list(validation))
+        text = describe_run(run, config) if title is None else title
+        for fmt in images:
+            for kind in ("loss", "lr"):
+                written.append(render.render_run(data, out / f"{kind}.{fmt}", fmt, title=text, kind=kind))
+    log.info("exported %s to %s", ", ".join(p.name for p in written), out)
+    return written
+
+
+def export_run(
+    store: Any,
+    run_ref: int | str,
+    out_dir: str | os.PathLike[str],
+    formats: str | Iterable[str] | None = DEFAULT_FORMATS,
+    title: str | None = None,
+) -> list[Path]:
+    """Export a stored run (by id or name) into ``out_dir``; the paths written.
+
+    Formats: any of png, svg, pdf, csv, json (a list or ``"png,csv"``). Raises
+    :class:`ConfigError` for an unknown format, a folder that cannot be written, or a plot
+    format when Qt cannot be imported; :class:`~lrviz.errors.StoreError` for an unknown run.
+    """
+    fmts = parse_formats(formats)
+    if any(f in IMAGE_FORMATS for f in fmts):
+        _load_render()  # fail before reading the run
+    info = store.get_run(run_ref)
+    return export_data(
+        out_dir,
+        run=run_record(info),
+        config=info.config,
+        steps=store.load_steps(info.id),
+        events=store.load_events(info.id),
+        validation=store.load_validation(info.id),
+        summary=info.summary,
+        formats=fmts,
+        title=title,
+    )
+
+
+def export_engine(
+    engine: Any,
+    out_dir: str | os.PathLike[str],
+    formats: str | Iterable[str] | None = DEFAULT_FORMATS,
+    title: str | None = None,
+) -> list[Path]:
+    """Export a ``TrainingEngine``'s run from memory (for ``lrviz run --out DIR`` without a store).
+
+    With a store, ``export_run(store, engine.run_id, ...)`` writes the same files.
+    """
+    exp = engine.experiment
+    config = engine.config.to_dict() if hasattr(engine.config, "to_dict") else dict(engine.config)
+    steps = engine.buffer.view() if engine.buffer is not None else {}
+    summary = engine.summary()
+    run = {
+        "id": engine.run_id,
+        "name": getattr(engine, "name", None) or Path(str(exp.path)).stem,
+        "script": Path(str(exp.path)).name,
+        "script_path": str(exp.path),
+        "script_hash": getattr(exp, "source_hash", None),
+        "device": str(engine.device),
+        "status": engine.state,
+        "steps": summary.get("steps"),
+        "best_loss": summary.get("best_loss"),
+        "final_loss": summary.get("final_loss"),
+        "error": str(engine.error) if engine.error is not None else None,
+    }
+    return export_data(
+        out_dir,
+        run=run,
+        config=config,
+        steps=steps,
+        events=list(engine.events),
+        validation=list(engine.validation),
+        summary=summary,
+        formats=formats,
+        title=title,
+    )

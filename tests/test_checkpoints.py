@@ -1,0 +1,155 @@
+"""Checkpoints, fork, resume and roll-back: continuing from a step is exact on CPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lrviz.cli import main
+from lrviz.config import RunConfig
+from lrviz.engine import Origin, TrainingEngine
+from lrviz.experiment import load_experiment
+from lrviz.interventions import Intervention
+from lrviz.store import RunStore
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture
+def tiny():
+    return load_experiment(SCRIPTS / "tiny.py")
+
+
+def wait_for(pred, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def test_checkpoint_files_load_weights_only(tiny, tmp_path):
+    with RunStore(tmp_path) as store:
+        eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100, checkpoint_every=40), store)
+        eng.run()
+        steps = [c.step for c in eng.checkpoints]
+        assert steps == [0, 40, 80]
+        for c in eng.checkpoints:
+            data = torch.load(c.path, weights_only=True)
+            assert data["step"] == c.step and set(data["model"]) == set(eng.model.state_dict())
+        assert [e.step for e in store.load_events(eng.run_id) if e.kind == "checkpoint"] == [0, 40, 80]
+
+
+def test_fork_with_same_settings_continues_bit_exactly(tiny, tmp_path):
+    """A fork mid-epoch (step 100 = epoch 3, batch 4) reproduces its parent's steps exactly."""
+    with RunStore(tmp_path) as store:
+        parent = TrainingEngine(tiny, RunConfig(lr=0.05, momentum=0.9, steps=200, seed=4, checkpoint_every=50),
+                                store)
+        parent.run()
+        ck = next(c for c in parent.checkpoints if c.step == 100)
+        child = TrainingEngine(tiny, parent.config, store, origin=Origin("fork", parent.run_id, ck.path, 100))
+        assert child.run() == "finished"
+        a, b = store.load_steps(parent.run_id), store.load_steps(child.run_id)
+        assert list(b["step"]) == list(range(100, 200))
+        assert b["loss"].tobytes() == a["loss"][100:].tobytes()
+        assert b["lr"].tobytes() == a["lr"][100:].tobytes()
+        info = store.get_run(child.run_id)
+        assert info.parent_id == parent.run_id and info.fork_step == 100
+
+
+def test_fork_with_another_lr_equals_parent_up_to_the_fork(tiny, tmp_path):
+    store_dir = str(tmp_path)
+    assert main(["run", str(SCRIPTS / "tiny.py"), "--steps", "160", "--lr", "0.05", "--seed", "3",
+                 "--checkpoint-every", "60", "--store", store_dir, "--quiet"]) == 0
+    assert main(["run", str(SCRIPTS / "tiny.py"), "--fork", "1@120", "--lr", "0.005", "--store", store_dir,
+                 "--quiet"]) == 0
+    with RunStore(store_dir) as s:
+        a, b = s.load_steps(1), s.load_steps(2)
+        assert s.get_run(2).config["seed"] == 3 and s.get_run(2).config["steps"] == 160
+    assert b["step"][0] == 120 and len(b["step"]) == 40
+    assert b["loss"][0] == a["loss"][120]  # the loss of step 120 is measured before its update
+    assert np.all(b["lr"][:, 0] == 0.005) and np.all(a["lr"][:, 0] == 0.05)
+    assert b["loss"][1:].tobytes() != a["loss"][121:].tobytes()
+    assert main(["run", str(SCRIPTS / "tiny.py"), "--fork", "1@7", "--store", store_dir]) == 1
+
+
+def test_resume_after_stop_equals_an_uninterrupted_run(tiny, tmp_path):
+    ref = TrainingEngine(tiny, RunConfig(lr=0.05, momentum=0.9, steps=300, seed=8))
+    ref.run()
+    with RunStore(tmp_path) as store:
+        eng = TrainingEngine(tiny, RunConfig(lr=0.05, momentum=0.9, steps=300, seed=8, checkpoint_every=64),
+                             store)
+        eng.start()
+        wait_for(lambda: eng.step >= 150)
+        eng.pause()  # a checkpoint is saved at every pause
+        wait_for(lambda: eng.state == "paused")
+        paused_at = eng.step
+        eng.stop()
+        eng.join(10)
+        assert store.get_run(eng.run_id).status == "stopped"
+        ck = next(c for c in eng.checkpoints if c.reason == "pause")
+        assert ck.step == paused_at
+        res = TrainingEngine(tiny, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
+        assert res.run() == "finished"
+        assert res.run_id == eng.run_id
+        steps = store.load_steps(eng.run_id)
+        assert list(steps["step"]) == list(range(300))
+        assert steps["loss"].tobytes() == ref.buffer.view()["loss"].tobytes()
+        assert store.get_run(eng.run_id).status == "finished"
+
+
+def test_cli_resume_of_an_interrupted_run(tiny, tmp_path, capsys):
+    store_dir = str(tmp_path)
+    with RunStore(store_dir) as store:
+        eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=200, seed=1, checkpoint_every=50), store)
+        eng.run()
+        store.set_status(eng.run_id, "interrupted")
+    assert main(["resume", "1", "--steps", "260", "--store", store_dir, "--quiet"]) == 0
+    assert "from its checkpoint at step 150" in capsys.readouterr().err
+    with RunStore(store_dir) as store:
+        assert store.get_run(1).steps == 260 and store.get_run(1).status == "finished"
+
+
+def test_divergence_pauses_and_rollback_restores_the_checkpoint_exactly(tiny, tmp_path):
+    ats = [Intervention(150, "set_lr", {"lr": 8.0})]  # far too high for this model
+    with RunStore(tmp_path) as store:
+        eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=5000, checkpoint_every=50, divergence="pause"),
+                             store, interventions=ats)
+        eng.start()
+        wait_for(lambda: eng.state == "paused" or eng.done.is_set())
+        assert eng.state == "paused" and eng.detection is not None
+        assert 150 <= eng.detection.step <= 160, "caught within a few steps of the too-high LR"
+        assert "learning rate" in eng.detection.explanation.lower()
+        det_events = [e for e in eng.events if e.kind == "diverged"]
+        assert det_events and det_events[-1].data["kind"] == eng.detection.kind
+        n_events = len(eng.events)
+        eng.rollback(lr_factor=0.1)
+        wait_for(lambda: any(e.kind == "rollback" for e in eng.events[n_events:]))
+        rb = [e for e in eng.events if e.kind == "rollback"][-1]
+        assert rb.data["to_step"] <= 150
+        saved = torch.load(rb.data["path"], weights_only=True)
+        for name, t in eng.model.state_dict().items():
+            assert torch.equal(t, saved["model"][name]), name
+        assert rb.data["lr"] == pytest.approx(0.005)
+        eng.resume()
+        wait_for(lambda: eng.step > rb.step + 30)
+        eng.stop()
+        eng.join(10)
+        v = eng.buffer.view()
+        assert v["lr"][rb.step, 0] == pytest.approx(0.005)
+        assert np.all(np.isfinite(v["loss"][rb.step:]))
+
+
+def test_automatic_rollback_mode_recovers_and_logs(tiny, tmp_path):
+    ats = [Intervention(120, "set_lr", {"lr": 8.0})]
+    with RunStore(tmp_path) as store:
+        eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=400, checkpoint_every=50, divergence="rollback"),
+                             store, interventions=ats)
+        assert eng.run() == "finished"
+        kinds = [e.kind for e in store.load_events(eng.run_id)]
+        assert "diverged" in kinds and "rollback" in kinds
+        v = eng.buffer.view()
+        assert np.isfinite(v["loss"][-1]) and v["loss"][-1] < 1.0

@@ -1,0 +1,304 @@
+"""The training engine: live control from another thread, recording, interventions, staging."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lrviz.config import RunConfig
+from lrviz.engine import TrainingEngine
+from lrviz.errors import ConfigError
+from lrviz.experiment import load_experiment
+from lrviz.interventions import Intervention, parse_at
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture
+def tiny():
+    return load_experiment(SCRIPTS / "tiny.py")
+
+
+def run_to_end(engine: TrainingEngine, timeout: float = 60) -> str:
+    engine.start()
+    assert engine.join(timeout), "engine did not finish"
+    return engine.state
+
+
+def wait_for(pred, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.001)
+
+
+def losses(engine: TrainingEngine) -> np.ndarray:
+    return np.array(engine.buffer.view()["loss"])
+
+
+def test_records_every_step_with_lr_epoch_and_grad_norm(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100, seed=1))
+    assert run_to_end(eng) == "finished"
+    v = eng.buffer.view()
+    assert list(v["step"]) == list(range(100))
+    assert np.all(v["lr"][:, 0] == 0.05)
+    assert np.all(np.isfinite(v["loss"])) and np.all(v["grad_norm"] > 0)
+    assert v["epoch"][0] == 0 and v["epoch"][-1] == 3  # 512 samples / 16 = 32 steps an epoch
+    assert np.all(np.diff(v["time"]) >= 0)
+    # validation once per epoch (3 full epochs) plus one at the end of training
+    assert [p.step for p in eng.validation] == [31, 63, 95, 99]
+    assert eng.validation[-1].loss < eng.validation[0].loss
+
+
+def test_grad_norm_matches_torch(tiny):
+    """The flat-buffer norm equals torch's clip_grad_norm_ on the same gradients."""
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=3, seed=2))
+    run_to_end(eng)
+    ref = TrainingEngine(tiny, RunConfig(lr=0.05, steps=3, seed=2))
+    ref._prepare()
+    model, opt = ref.model, ref.optimizer
+    norms = []
+    for x, y in ref._train_data:
+        opt.zero_grad()
+        tiny.module.loss_fn(model(x), y).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
+        opt.step()
+        if len(norms) == 3:
+            break
+    np.testing.assert_allclose(eng.buffer.view()["grad_norm"], norms, rtol=1e-5)
+
+
+def test_same_seed_same_trace_and_other_seed_differs(tiny):
+    a = TrainingEngine(tiny, RunConfig(lr=0.05, steps=50, seed=3))
+    b = TrainingEngine(tiny, RunConfig(lr=0.05, steps=50, seed=3))
+    c = TrainingEngine(tiny, RunConfig(lr=0.05, steps=50, seed=4))
+    for e in (a, b, c):
+        run_to_end(e)
+    assert losses(a).tobytes() == losses(b).tobytes()
+    assert losses(a).tobytes() != losses(c).tobytes()
+
+
+def test_pause_resume_stop_lose_and_repeat_no_step(tiny):
+    """Many pauses and resumes from another thread leave the trace equal to an undisturbed run's."""
+    ref = TrainingEngine(tiny, RunConfig(lr=0.05, steps=3000, seed=5))
+    run_to_end(ref)
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=3000, seed=5))
+    eng.start()
+    for _ in range(20):
+        time.sleep(0.003)
+        eng.pause()
+        wait_for(lambda: eng.state == "paused")
+        n = eng.step
+        time.sleep(0.002)
+        assert eng.step == n, "a step ran while paused"
+        eng.resume()
+    eng.stop()
+    assert eng.join(10)
+    assert eng.state == "stopped"
+    v = eng.buffer.view()
+    n = len(v["loss"])
+    assert 0 < n < 3000
+    assert list(v["step"]) == list(range(n))
+    assert losses(eng).tobytes() == losses(ref)[:n].tobytes()
+    kinds = [e.kind for e in eng.events]
+    # the last resume may be overtaken by the stop that follows it at once
+    assert kinds.count("pause") == 20 and kinds.count("resume") in (19, 20) and kinds[-1] == "stop"
+
+
+def test_lr_set_while_paused_is_the_lr_of_the_next_step(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100_000, seed=0))
+    eng.start()
+    wait_for(lambda: eng.step > 20)
+    eng.pause()
+    wait_for(lambda: eng.state == "paused")
+    s = eng.step - 1  # the last step done
+    eng.set_lr("3e-3")
+    eng.resume()
+    wait_for(lambda: eng.step > s + 10)
+    eng.stop()
+    eng.join(10)
+    lr = eng.buffer.view()["lr"][:, 0]
+    assert lr[s] == 0.05 and lr[s + 1] == 0.003 and np.all(lr[s + 1:] == 0.003)
+    ev = [e for e in eng.events if e.kind == "set_lr"]
+    assert ev[0].step == s + 1 and ev[0].data == {"lr": 0.003}
+
+
+def test_step_once_runs_exactly_one_step(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=1000), start_paused=True)
+    eng.start()
+    wait_for(lambda: eng.state == "paused")
+    assert eng.step == 0
+    for k in range(1, 4):
+        eng.step_once()
+        wait_for(lambda k=k: eng.step == k and eng.state == "paused")
+        time.sleep(0.01)
+        assert eng.step == k
+    eng.stop()
+    assert eng.join(10) and eng.state == "stopped"
+    assert len(eng.buffer) == 3
+
+
+def test_pause_blocks_without_spinning(tiny):
+    """A paused engine uses (almost) no CPU: it waits on a condition."""
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=1000), start_paused=True)
+    eng.start()
+    wait_for(lambda: eng.state == "paused")
+    t_cpu = time.thread_time()
+    wall, cpu0 = time.perf_counter(), time.process_time()
+    time.sleep(0.5)
+    used = time.process_time() - cpu0 - (time.thread_time() - t_cpu)
+    eng.stop()
+    eng.join(10)
+    assert used < 0.1 * (time.perf_counter() - wall)
+
+
+def test_stop_is_prompt_inside_a_long_validation():
+    exp = load_experiment(SCRIPTS / "slow_val.py")
+    eng = TrainingEngine(exp, RunConfig(**exp.defaults))
+    eng.start()
+    wait_for(lambda: eng.step >= 5)
+    time.sleep(0.1)  # now inside the slow validation pass
+    t = time.perf_counter()
+    eng.stop()
+    assert eng.join(5)
+    assert time.perf_counter() - t < 0.5
+    assert eng.state == "stopped"
+
+
+def test_interventions_at_steps_exact(tiny):
+    ats = [parse_at("100:lr=0.01"), parse_at("200:schedule=CosineAnnealingLR:T_max=100")]
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=300), interventions=ats)
+    run_to_end(eng)
+    lr = eng.buffer.view()["lr"][:, 0]
+    assert np.all(lr[:100] == 0.05) and np.all(lr[100:200] == 0.01)
+    t = np.arange(100)
+    np.testing.assert_allclose(lr[200:], 0.01 * (1 + np.cos(np.pi * t / 100)) / 2, rtol=1e-12, atol=0)
+    assert lr[200] == 0.01
+    assert [(e.step, e.kind) for e in eng.events if e.kind.startswith("set_")] == [
+        (100, "set_lr"), (200, "set_schedule")]
+
+
+def test_set_lr_during_schedule_rescales_the_rest(tiny):
+    ats = [Intervention(0, "set_schedule", {"spec": "ExponentialLR:gamma=0.99"}),
+           Intervention(50, "set_lr", {"lr": 0.02})]
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100), interventions=ats)
+    run_to_end(eng)
+    lr = eng.buffer.view()["lr"][:, 0]
+    np.testing.assert_allclose(lr[:50], 0.05 * 0.99 ** np.arange(50), rtol=1e-12)
+    assert lr[50] == pytest.approx(0.02, rel=1e-15)
+    np.testing.assert_allclose(lr[50:], 0.02 * 0.99 ** np.arange(50), rtol=1e-12)
+
+
+def test_set_schedule_mid_run_starts_from_current_lr(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100_000))
+    eng.start()
+    wait_for(lambda: eng.step > 10)
+    eng.pause()
+    wait_for(lambda: eng.state == "paused")
+    k = eng.step
+    eng.set_lr(0.04)
+    eng.set_schedule("StepLR:step_size=5,gamma=0.5")
+    eng.resume()
+    wait_for(lambda: eng.step > k + 20)
+    eng.stop()
+    eng.join(10)
+    lr = eng.buffer.view()["lr"][:, 0]
+    expect = 0.04 * 0.5 ** (np.arange(20) // 5)
+    np.testing.assert_allclose(lr[k:k + 20], expect, rtol=1e-12)
+
+
+def test_hyperparams_change_mid_run(tiny):
+    ats = [Intervention(10, "set_hyperparams", {"momentum": 0.9, "weight_decay": 1e-4})]
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=20), interventions=ats)
+    run_to_end(eng)
+    g = eng.optimizer.param_groups[0]
+    assert g["momentum"] == 0.9 and g["weight_decay"] == 1e-4
+    assert [e.kind for e in eng.events if e.step == 10] == ["set_hyperparams"]
+
+
+def test_bad_commands_are_refused_in_the_callers_thread(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=10))
+    for bad in (-1, float("nan"), "abc", 0):
+        with pytest.raises(ConfigError):
+            eng.set_lr(bad)
+    with pytest.raises(ConfigError, match="unknown schedule|CosineAnnealingLR"):
+        eng.set_schedule("CosineAnealingLR:T_max=10")
+    with pytest.raises(ConfigError, match="momentum"):
+        eng.set_hyperparams(momentum=1.5)
+    run_to_end(eng)
+    assert eng.state == "finished" and not [e for e in eng.events if e.kind.startswith("set_")]
+
+
+def test_plateau_schedule_steps_on_validation_loss(tiny):
+    cfg = RunConfig(lr=0.05, steps=400, eval_every=10,
+                    schedule="ReduceLROnPlateau:factor=0.5,patience=0,threshold=10")
+    eng = TrainingEngine(tiny, cfg)
+    run_to_end(eng)
+    lr = eng.buffer.view()["lr"][:, 0]
+    reduced = [e for e in eng.events if e.kind == "lr_reduced"]
+    assert reduced, "a threshold of 10 (relative) means no validation pass counts as an improvement"
+    first = reduced[0]
+    assert lr[first.step - 1] == 0.05 and lr[first.step] == 0.025  # the event marks the first step at the new rate
+
+
+def test_plateau_without_validation_data_is_a_clear_error(tiny):
+    cfg = RunConfig(lr=0.05, steps=10, schedule="ReduceLROnPlateau", params={"val": False})
+    eng = TrainingEngine(tiny, cfg)
+    assert run_to_end(eng) == "failed"
+    assert "validation" in str(eng.error)
+
+
+def test_device_staging_records_the_same_values_as_host_path(tiny):
+    """The accelerator path (losses staged on the device, one copy per flush) records the same trace."""
+    host = TrainingEngine(tiny, RunConfig(lr=0.05, steps=700, seed=9), stage_on_device=False)
+    staged = TrainingEngine(tiny, RunConfig(lr=0.05, steps=700, seed=9), stage_on_device=True)
+    run_to_end(host)
+    run_to_end(staged)
+    a, b = host.buffer.view(), staged.buffer.view()
+    assert a["loss"].tobytes() == b["loss"].tobytes()
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-6)
+    assert a["lr"].tobytes() == b["lr"].tobytes() and a["epoch"].tobytes() == b["epoch"].tobytes()
+
+
+def test_nan_loss_stops_as_diverged_with_the_step(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=50.0, optimizer="sgd", steps=2000))
+    assert run_to_end(eng) == "diverged"
+    v = eng.buffer.view()
+    bad = int(np.flatnonzero(~np.isfinite(v["loss"]))[0])
+    assert len(v["loss"]) == bad + 1
+    assert f"step {bad}" in str(eng.error) and "too high" in str(eng.error).replace("probably too high", "too high")
+    assert eng.events[-1].kind == "diverged"
+
+
+def test_buffer_readers_see_consistent_views_while_training(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=20_000))
+    eng.start()
+    errors = []
+
+    def reader():
+        while not eng.done.is_set():
+            buf = eng.buffer
+            if buf is None:
+                continue
+            v = buf.view()
+            n = len(v["step"])
+            if not (len(v["loss"]) == len(v["lr"]) == n):
+                errors.append("ragged view")
+            if n and v["step"][-1] != n - 1:
+                errors.append("step column wrong")
+            if n and not math.isfinite(float(v["loss"][-1])):
+                errors.append("unwritten row visible")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    eng.join(120)
+    t.join()
+    assert not errors
+    assert len(eng.buffer) == 20_000

@@ -1,0 +1,73 @@
+"""The core (lrviz/) never imports Qt: it imports and trains with PySide6 and pyqtgraph blocked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCK_QT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class BlockQt(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6') \\
+                    or name.startswith('lrviz.ui'):
+                raise ImportError(f'{name} is blocked: the core must not import Qt')
+            return None
+
+    sys.meta_path.insert(0, BlockQt())
+    """
+)
+
+
+def run_blocked(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_QT + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_every_core_module_imports_with_qt_blocked():
+    r = run_blocked(
+        """
+        import pkgutil, importlib, lrviz
+        names = [m.name for m in pkgutil.iter_modules(lrviz.__path__, 'lrviz.')
+                 if m.name not in ('lrviz.ui', 'lrviz.resources', 'lrviz.__main__')]
+        for name in names:
+            importlib.import_module(name)
+        assert 'PySide6' not in sys.modules and 'pyqtgraph' not in sys.modules
+        print(len(names), 'modules')
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[0]) >= 10
+
+
+def test_core_trains_and_stores_with_qt_blocked(tmp_path):
+    r = run_blocked(
+        f"""
+        from lrviz.cli import main
+        rc = main(['run', 'regression', '--steps', '30', '--store', {str(tmp_path)!r},
+                   '--out', {str(tmp_path / 'out')!r}, '--quiet'])
+        assert rc == 0, rc
+        assert 'PySide6' not in sys.modules
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert "plots skipped" in r.stderr
+    assert (tmp_path / "out" / "metrics.csv").exists() and (tmp_path / "out" / "run.json").exists()
+
+
+def test_no_core_file_mentions_a_qt_import():
+    bad = []
+    for path in (ROOT / "lrviz").rglob("*.py"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            s = line.strip()
+            if s.startswith(("import ", "from ")) and any(
+                    q in s.split("#")[0] for q in ("PySide6", "pyqtgraph", "shiboken6")):
+                bad.append(f"{path.relative_to(ROOT)}:{i}: {s}")
+    allowed = ("lrviz/cli.py",)  # the composition root imports the Qt layer lazily
+    assert [b for b in bad if not b.startswith(allowed)] == []
