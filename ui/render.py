@@ -1,0 +1,731 @@
+"""Publication-grade static plots of one or several runs, drawn offscreen: PNG, SVG and PDF.
+
+Entry points
+------------
+``render_run(data, path, fmt=None, *, title=None, kind="both", size=(1200, 800), loss_log=None) -> Path``
+    Draw ``data`` (one :class:`RunData` or a sequence of them, overlaid) and write it to ``path``
+    through :func:`lrviz.export.atomic_write`. ``fmt`` is ``"png"``, ``"svg"`` or ``"pdf"``
+    (default: the suffix of ``path``). ``kind`` is ``"loss"`` (training loss, raw and smoothed,
+    with validation points), ``"lr"`` (learning rate per parameter group on a log axis) or
+    ``"both"`` (the two stacked, sharing the step axis). ``size`` is the figure in pixels
+    (the PNG's size; SVG and PDF have the same layout at 96 dpi, i.e. 12.5 x 8.3 in by default);
+    fonts scale with it. ``loss_log`` puts the loss on a log axis: ``None`` chooses it when the
+    finite losses are all positive and span a factor of 50 or more. Returns ``path``.
+``render_bytes(data, fmt, *, title=None, kind="both", size=(1200, 800), loss_log=None) -> bytes``
+    The same file content, in memory.
+
+What is drawn: vertical markers with short labels at interventions and incidents (``set_lr``,
+``set_schedule``, ``set_hyperparams``, ``lr_reduced``, ``pause``, ``stop``, ``diverged``,
+``error``); a legend; the title (wrapped to fit) over the plots; the smoothed loss is a debiased
+exponential moving average over about 1 % of the steps (at least 5, at most 1000). Several runs
+get distinct colour-blind-safe colours (Okabe-Ito). Long histories are reduced before drawing to
+the minimum and maximum of each pixel column (peak decimation), so files stay small and a
+one-step spike stays visible.
+
+Needs a ``QApplication``; one is created when none exists (on Linux without a display, with the
+``offscreen`` platform). Call from the GUI thread.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QBuffer, QIODevice, QMarginsF, QRect, QRectF, QSize, QSizeF, Qt
+from PySide6.QtGui import QColor, QFont, QFontMetrics, QImage, QPageSize, QPainter, QPdfWriter
+from PySide6.QtSvg import QSvgGenerator
+from PySide6.QtWidgets import QApplication, QSizePolicy
+
+from lrviz.errors import ConfigError
+from lrviz.export import atomic_write
+from lrviz.records import Event, ValPoint
+
+__all__ = [
+    "KINDS",
+    "PALETTE",
+    "RENDER_FORMATS",
+    "RunData",
+    "ema",
+    "ensure_app",
+    "peak_decimate",
+    "render_bytes",
+    "render_run",
+]
+
+log = logging.getLogger(__name__)
+
+RENDER_FORMATS = ("png", "svg", "pdf")
+KINDS = ("loss", "lr", "both")
+#: Okabe-Ito: distinguishable with the common colour-vision deficiencies (yellow left out: too pale).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+_SINGLE_TRAIN = "#0072B2"
+_SINGLE_VAL = "#D55E00"
+_SINGLE_LR = ("#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#000000")
+_TEXT = "#222222"
+_AXIS = "#444444"
+_MARKER = "#555555"
+_ALARM = "#C00000"
+#: Event kinds drawn as markers, with their short labels.
+_MARKED = ("set_lr", "set_schedule", "set_hyperparams", "lr_reduced", "pause", "stop", "diverged", "error")
+_ALARM_KINDS = ("diverged", "error")
+_MAX_PAUSES = 20  # more pause markers than this (single-stepping) are left out
+_MAX_LABELS = 16  # more markers than this are drawn without labels (but diverged/error keep theirs)
+_DPI = 96.0
+
+_app: QApplication | None = None
+
+
+@dataclass
+class RunData:
+    """One run to draw: a legend label and its records.
+
+    ``steps`` is a dict like ``StepBuffer.view()`` / ``RunStore.load_steps()`` (``step``,
+    ``loss``, ``lr`` of shape (n, groups)...); ``events`` and ``validation`` as the engine and
+    the store give them.
+    """
+
+    label: str
+    steps: Mapping[str, np.ndarray]
+    events: list[Event] = field(default_factory=list)
+    validation: list[ValPoint] = field(default_factory=list)
+
+    @classmethod
+    def from_store(cls, store: Any, run_ref: int | str, label: str | None = None) -> RunData:
+        """Load a stored run (by id or name); the label defaults to the run's name."""
+        info = store.get_run(run_ref)
+        return cls(
+            label=label or info.name,
+            steps=store.load_steps(info.id),
+            events=store.load_events(info.id),
+            validation=store.load_validation(info.id),
+        )
+
+
+def ensure_app() -> QApplication:
+    """The running QApplication, or a new one (``offscreen`` on Linux when there is no display)."""
+    global _app
+    app = QApplication.instance()
+    if app is None:
+        headless = sys.platform.startswith("linux") and not (
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        )
+        if headless:
+            os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+        app = QApplication([sys.argv[0] if sys.argv and sys.argv[0] else "lrviz"])
+        _app = app
+    elif not isinstance(app, QApplication):
+        raise ConfigError("plot export needs a QApplication, but this program runs a QGuiApplication")
+    return app
+
+
+# --------------------------------------------------------------------------- data reduction
+
+
+def peak_decimate(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``2 * bins`` points keeping each bin's minimum and maximum, in step order.
+
+    Non-finite values are never chosen over finite ones; a bin with none finite gives NaN
+    (a gap). Short series are returned unchanged (as float64).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    bins = max(1, int(bins))
+    if n <= 2 * bins:
+        return x, y
+    per = math.ceil(n / bins)
+    nb = math.ceil(n / per)
+    finite = np.isfinite(y)
+    lo_src = np.full(nb * per, np.inf)
+    hi_src = np.full(nb * per, -np.inf)
+    lo_src[:n] = np.where(finite, y, np.inf)
+    hi_src[:n] = np.where(finite, y, -np.inf)
+    offsets = np.arange(nb) * per
+    imin = np.argmin(lo_src.reshape(nb, per), axis=1) + offsets
+    imax = np.argmax(hi_src.reshape(nb, per), axis=1) + offsets
+    first = np.minimum(imin, imax)
+    second = np.maximum(imin, imax)
+    idx = np.minimum(np.column_stack([first, second]).ravel(), n - 1)
+    xs = x[idx]
+    ys = y[idx].copy()
+    ys[~np.isfinite(ys)] = np.nan
+    return xs, ys
+
+
+def ema(values: np.ndarray, span: float) -> np.ndarray:
+    """Debiased exponential moving average (``alpha = 2 / (span + 1)``) over the finite values.
+
+    Non-finite entries are skipped (they stay NaN in the result). Vectorised in blocks, so a
+    million values take milliseconds.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(v.shape, np.nan)
+    finite = np.isfinite(v)
+    x = v[finite]
+    n = len(x)
+    if n == 0:
+        return out
+    alpha = 2.0 / (max(1.0, float(span)) + 1.0)
+    decay = 1.0 - alpha
+    if decay <= 0.0:
+        out[finite] = x
+        return out
+    # Within a block of b values: s_j = decay**(j+1) * s_prev + alpha * sum_i decay**(j-i) x_i.
+    # b is chosen so that decay**-b stays below 1e6 (no loss of precision).
+    b = int(max(1, min(4096, math.floor(math.log(1e6) / -math.log(decay)))))
+    nb = math.ceil(n / b)
+    padded = np.zeros(nb * b)
+    padded[:n] = x
+    blocks = padded.reshape(nb, b)
+    j = np.arange(b)
+    inv = decay ** (-j.astype(np.float64))
+    pw = decay ** (j + 1.0)
+    local = alpha * np.cumsum(blocks * inv, axis=1) / inv  # each block started from 0
+    carry = np.empty(nb)
+    prev = 0.0
+    last_pw = pw[-1]
+    for k in range(nb):  # one scalar recurrence per block
+        carry[k] = prev
+        prev = local[k, -1] + last_pw * prev
+    smooth = (local + carry[:, None] * pw).ravel()[:n]
+    smooth /= 1.0 - decay ** np.arange(1, n + 1, dtype=np.float64)  # debias the start
+    out[finite] = smooth
+    return out
+
+
+def _smoothing_span(n: int) -> int:
+    return int(min(1000, max(5, round(n / 100))))
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+
+class _StepAxis(pg.AxisItem):
+    """Step ticks as whole numbers, thousands as ``k`` and millions as ``M``."""
+
+    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
+        out = []
+        for v in values:
+            v = v * scale
+            a = abs(v)
+            if a >= 1e6:
+                out.append(f"{v / 1e6:g}M")
+            elif a >= 1e4:
+                out.append(f"{v / 1e3:g}k")
+            else:
+                out.append(f"{v:.0f}" if float(v).is_integer() or spacing >= 1 else f"{v:g}")
+        return out
+
+
+class _LogAxis(pg.AxisItem):
+    """Log-axis ticks as plain numbers between 0.001 and 1000, else as ``2e-5``; no SI scaling."""
+
+    def logTickValues(self, minVal: float, maxVal: float, size: float, stdTicks: list) -> list:  # noqa: N802, N803
+        """pyqtgraph's ticks, without minor ticks that repeat a major one (their labels would print twice)."""
+        levels = super().logTickValues(minVal, maxVal, size, stdTicks)
+        seen: set[float] = set()
+        out = []
+        for spacing, values in levels:
+            kept = [v for v in values if round(float(v), 9) not in seen]
+            seen.update(round(float(v), 9) for v in kept)
+            out.append((spacing, kept))
+        return out
+
+    def logTickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
+        out = []
+        for v in values:
+            x = 10.0 ** float(v) * scale
+            mantissa = x / 10.0 ** math.floor(math.log10(abs(x))) if x else 0.0
+            if round(mantissa, 6) not in (1.0, 2.0, 5.0):  # minor ticks 3, 4, 6...: unlabelled
+                out.append("")
+            elif 1e-3 <= abs(x) < 1e4:
+                out.append(f"{x:.3g}")
+            else:
+                mantissa, exponent = f"{x:.2e}".split("e")
+                out.append(f"{float(mantissa):g}e{int(exponent)}")
+        return out
+
+
+def _font(px: int, bold: bool = False) -> QFont:
+    font = QFont()
+    font.setPixelSize(max(6, int(px)))
+    font.setBold(bold)
+    return font
+
+
+def _color(hex_color: str, alpha: int = 255) -> QColor:
+    c = QColor(hex_color)
+    c.setAlpha(alpha)
+    return c
+
+
+def _wrap_title(title: str, font: QFont, width: int) -> str:
+    """The title as rich text, broken at `` · `` (then spaces) into lines that fit ``width``."""
+    metrics = QFontMetrics(font)
+    lines: list[str] = []
+    for para in title.splitlines() or [""]:
+        pieces = para.split(" · ")
+        current = ""
+        for piece in pieces:
+            candidate = piece if not current else f"{current} · {piece}"
+            if current and metrics.horizontalAdvance(candidate) > width:
+                lines.append(current)
+                current = piece
+            else:
+                current = candidate
+        lines.append(current)
+    fitted = [metrics.elidedText(line, Qt.TextElideMode.ElideMiddle, width) for line in lines]
+    return "<br>".join(html.escape(line) for line in fitted)
+
+
+def _event_label(event: Event) -> str:
+    data = event.data or {}
+    kind = event.kind
+    if kind == "set_lr":
+        return f"lr → {_num(data.get('lr'))}"
+    if kind == "set_schedule":
+        spec = data.get("spec")
+        if not spec:
+            return "schedule off"
+        name = str(spec).split(":", 1)[0].split("+")[-1]
+        return f"schedule: {name}" if "+" not in str(spec) else f"schedule: warmup+{name}"
+    if kind == "set_hyperparams":
+        parts = [f"{'wd' if k == 'weight_decay' else k}={_num(v)}" for k, v in data.items() if v is not None]
+        return ", ".join(parts) or "hyperparameters"
+    if kind == "lr_reduced":
+        return f"plateau: lr → {_num(data.get('lr'))}"
+    if kind == "stop":
+        return "stopped"
+    return kind
+
+
+def _num(value: Any) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _markers(events: Sequence[Event]) -> list[Event]:
+    """The events worth a marker, one per (step, kind); pauses left out when there are many."""
+    seen: set[tuple[int, str]] = set()
+    chosen: list[Event] = []
+    pauses = sum(1 for e in events if e.kind == "pause")
+    for e in events:
+        if e.kind not in _MARKED or (e.kind == "pause" and pauses > _MAX_PAUSES):
+            continue
+        key = (int(e.step), e.kind)
+        if key in seen:
+            continue
+        seen.add(key)
+        chosen.append(e)
+    return chosen
+
+
+def _lr_matrix(steps: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    lr = steps.get("lr")
+    if lr is None:
+        return np.empty((n, 0))
+    lr = np.asarray(lr, dtype=np.float64)
+    return lr.reshape(n, -1) if lr.size or n else np.empty((0, 1))
+
+
+def _rows(steps: Mapping[str, np.ndarray]) -> int:
+    for name in ("step", "loss", "lr"):
+        if name in steps:
+            return len(steps[name])
+    return 0
+
+
+def _x_of(steps: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    step = steps.get("step")
+    return np.arange(n, dtype=np.float64) if step is None else np.asarray(step, dtype=np.float64)
+
+
+def _positive(y: np.ndarray) -> np.ndarray:
+    y = np.array(y, dtype=np.float64)
+    y[~(y > 0) | ~np.isfinite(y)] = np.nan
+    return y
+
+
+class _Figure:
+    """A GraphicsLayoutWidget with the title and one or two plots, ready to be painted."""
+
+    def __init__(self, runs: Sequence[RunData], *, title: str | None, kind: str, size: tuple[int, int],
+                 loss_log: bool | None):
+        self.width, self.height = int(size[0]), int(size[1])
+        base = max(9.0, min(self.width, self.height * 1.5) / 75.0)  # 16 px at 1200 x 800
+        self.tick_px = round(base * 0.82)
+        self.label_px = round(base * 0.95)
+        self.legend_px = round(base * 0.82)
+        self.marker_px = round(base * 0.72)
+        self.title_px = round(base * 1.1)
+        self.runs = list(runs)
+        self.single = len(self.runs) == 1
+        self.kind = kind
+        self.bins = max(50, self.width)
+
+        win = pg.GraphicsLayoutWidget()
+        win.setBackground("w")
+        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
+        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setFrameShape(win.Shape.NoFrame)
+        win.resize(self.width, self.height)
+        pad = round(base * 0.6)
+        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
+        win.ci.setSpacing(round(base * 0.5))
+        self.win = win
+
+        self.legend: list[tuple[pg.PlotDataItem, str]] = []
+        row = 0
+        if title:
+            font = _font(self.title_px, bold=True)
+            text = _wrap_title(title, font, self.width - 4 * pad)
+            label = win.addLabel(text, row=row, col=0, size=f"{self.title_px}px", color=_TEXT, bold=True)
+            label.item.setFont(font)
+            lines = text.count("<br>") + 1
+            label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+            label.setMaximumHeight(lines * round(self.title_px * 1.5) + pad)
+            row += 1
+        legend_row = row
+        row += 1
+        self.plots: list[pg.PlotItem] = []
+        if kind in ("loss", "both"):
+            self.loss_plot = self._add_plot(row, "training loss")
+            row += 1
+            self._draw_loss(self.loss_plot, loss_log)
+        if kind in ("lr", "both"):
+            self.lr_plot = self._add_plot(row, "learning rate")
+            self.lr_plot.setLogMode(x=False, y=True)
+            self._draw_lr(self.lr_plot)
+            if kind == "both":
+                self.lr_plot.setXLink(self.loss_plot)
+                win.ci.layout.setRowStretchFactor(row - 1, 3)
+                win.ci.layout.setRowStretchFactor(row, 2)
+                self.loss_plot.getAxis("bottom").setLabel("")
+        for i, plot in enumerate(self.plots):
+            self._draw_markers(plot, labels=(i == 0))
+        self._add_legend(legend_row, self.width - 4 * pad)
+        if not any(len(r.steps.get("loss", ())) for r in self.runs):
+            self._no_data(self.plots[0])
+
+    # ---- layout ----
+
+    def _add_plot(self, row: int, ylabel: str) -> pg.PlotItem:
+        axes: dict[str, pg.AxisItem] = {"bottom": _StepAxis("bottom"), "left": _LogAxis("left")}
+        plot = self.win.addPlot(row=row, col=0, axisItems=axes)
+        plot.setMenuEnabled(False)
+        plot.hideButtons()
+        plot.setClipToView(False)
+        plot.setDownsampling(auto=False)
+        plot.showGrid(x=True, y=True, alpha=0.12)
+        plot.showAxis("top")
+        plot.showAxis("right")
+        tick_font = _font(self.tick_px)
+        style = {"font-size": f"{self.label_px}px", "color": _TEXT}
+        for name in ("left", "bottom", "top", "right"):
+            axis = plot.getAxis(name)
+            axis.setPen(pg.mkPen(_AXIS, width=1))
+            axis.setTextPen(pg.mkPen(_TEXT))
+            axis.enableAutoSIPrefix(False)
+            axis.setStyle(tickFont=tick_font, tickLength=-round(self.tick_px * 0.45), tickTextOffset=round(self.tick_px * 0.4))
+            if name in ("top", "right"):
+                axis.setStyle(showValues=False)
+        plot.getAxis("left").setWidth(round(self.tick_px * 4.6))
+        plot.setLabel("left", ylabel, **style)
+        plot.setLabel("bottom", "step (optimizer updates)", **style)
+        plot.vb.setDefaultPadding(0.015)
+        self.plots.append(plot)
+        return plot
+
+    def _curve(self, plot: pg.PlotItem, x: np.ndarray, y: np.ndarray, *, name: str | None = None,
+               **opts: Any) -> pg.PlotDataItem:
+        xs, ys = peak_decimate(x, y, self.bins)
+        item = pg.PlotDataItem(xs, ys, connect="finite", antialias=True, **opts)
+        plot.addItem(item)
+        if name:
+            self.legend.append((item, name))
+        return item
+
+    # ---- content ----
+
+    def _draw_loss(self, plot: pg.PlotItem, loss_log: bool | None) -> None:
+        all_loss = [np.asarray(r.steps.get("loss", np.empty(0)), dtype=np.float64) for r in self.runs]
+        all_val = [np.array([p.loss for p in r.validation], dtype=np.float64) for r in self.runs]
+        if loss_log is None:
+            values = np.concatenate([*all_loss, *all_val]) if self.runs else np.empty(0)
+            values = values[np.isfinite(values)]
+            loss_log = bool(values.size and values.min() > 0 and values.max() / values.min() >= 50)
+        if loss_log:
+            plot.setLogMode(x=False, y=True)
+        for i, (run, loss) in enumerate(zip(self.runs, all_loss)):
+            n = len(loss)
+            x = _x_of(run.steps, n)
+            y = _positive(loss) if loss_log else loss
+            colour = _SINGLE_TRAIN if self.single else PALETTE[i % len(PALETTE)]
+            if n:
+                span = _smoothing_span(n)
+                raw_name = "training loss (per batch)" if self.single else None
+                self._curve(plot, x, y, name=raw_name, pen=pg.mkPen(_color(colour, 80 if self.single else 55), width=1))
+                smooth_name = f"smoothed (EMA, ~{span} steps)" if self.single else run.label
+                self._curve(plot, x, ema(y, span), name=smooth_name, pen=pg.mkPen(colour, width=2.2))
+            if run.validation:
+                vx = np.array([p.step for p in run.validation], dtype=np.float64)
+                vy = all_val[i]
+                if loss_log:
+                    vy = _positive(vy)
+                vcolour = _SINGLE_VAL if self.single else colour
+                item = pg.PlotDataItem(
+                    vx, vy,
+                    pen=pg.mkPen(vcolour, width=1.4, style=Qt.PenStyle.DashLine),
+                    symbol="o", symbolSize=max(6, round(self.tick_px * 0.6)), symbolBrush=pg.mkBrush(vcolour),
+                    symbolPen=pg.mkPen("w", width=1), connect="finite", antialias=True,
+                )
+                plot.addItem(item)
+                self.legend.append((item, "validation loss" if self.single else f"{run.label} · validation"))
+
+    def _draw_lr(self, plot: pg.PlotItem) -> None:
+        styles = (Qt.PenStyle.SolidLine, Qt.PenStyle.DashLine, Qt.PenStyle.DotLine, Qt.PenStyle.DashDotLine)
+        for i, run in enumerate(self.runs):
+            n = _rows(run.steps)
+            lr = _lr_matrix(run.steps, n)
+            x = _x_of(run.steps, n)
+            groups = lr.shape[1]
+            for g in range(groups):
+                if self.single:  # colours apart from the loss plot's blue and vermillion
+                    colour = _SINGLE_LR[g % len(_SINGLE_LR)]
+                    style = Qt.PenStyle.SolidLine
+                    name = "learning rate" if groups == 1 else f"learning rate · group {g}"
+                else:
+                    colour = PALETTE[i % len(PALETTE)]
+                    style = styles[g % len(styles)]
+                    if g == 0:  # the run's own entry; in "both" its loss curve already has it
+                        name = None if self.kind == "both" else run.label
+                    else:
+                        name = f"{run.label} · lr group {g}"
+                self._curve(plot, x, _positive(lr[:, g]), name=name, pen=pg.mkPen(colour, width=2.0, style=style))
+
+    def _draw_markers(self, plot: pg.PlotItem, labels: bool) -> None:
+        per_run = [_markers(r.events) for r in self.runs]
+        total = sum(len(m) for m in per_run)
+        slots = (0.96, 0.78, 0.60)
+        k = 0
+        for i, markers in enumerate(per_run):
+            base = _MARKER if self.single else PALETTE[i % len(PALETTE)]
+            for e in markers:
+                alarm = e.kind in _ALARM_KINDS
+                colour = _ALARM if alarm else base
+                pen = pg.mkPen(_color(colour, 200), width=1.3, style=Qt.PenStyle.DashLine)
+                text = _event_label(e)
+                show = labels and (total <= _MAX_LABELS or alarm)
+                line = pg.InfiniteLine(
+                    pos=float(e.step), angle=90, pen=pen, movable=False,
+                    label=text if show else None,
+                    labelOpts={
+                        "position": slots[k % len(slots)],
+                        "color": colour,
+                        "fill": pg.mkBrush(255, 255, 255, 215),
+                        "rotateAxis": (1, 0),
+                        "anchors": [(1, 1), (1, 1)],
+                    } if show else None,
+                )
+                if show and line.label is not None:
+                    line.label.setFont(_font(self.marker_px))
+                    k += 1
+                line.setZValue(-5)
+                plot.addItem(line, ignoreBounds=True)
+
+    def _set_x_range(self) -> None:
+        """Steps from the first to the last of all runs, with a 1 % margin."""
+        lo, hi = math.inf, -math.inf
+        for run in self.runs:
+            x = _x_of(run.steps, _rows(run.steps))
+            if len(x):
+                lo, hi = min(lo, float(x[0])), max(hi, float(x[-1]))
+            for p in run.validation:
+                lo, hi = min(lo, float(p.step)), max(hi, float(p.step))
+        if not math.isfinite(lo):
+            return
+        if hi <= lo:
+            hi = lo + 1.0
+        for plot in self.plots:
+            plot.setXRange(lo, hi, padding=0.01)
+
+    def _add_legend(self, row: int, width: int) -> None:
+        """One legend for the figure, in a row under the title, wrapped into columns that fit."""
+        if not self.legend:
+            return
+        from pyqtgraph.graphicsItems.LegendItem import ItemSample
+
+        font = _font(self.legend_px)
+        metrics = QFontMetrics(font)
+        sample_w = 28
+        widths = [sample_w + metrics.horizontalAdvance(name) + round(self.legend_px * 2.2) for _, name in self.legend]
+        ncol = len(widths)
+        while ncol > 1:
+            cols = [max(widths[c::ncol]) for c in range(ncol)]
+            if sum(cols) <= width:
+                break
+            ncol -= 1
+        box = self.win.addLayout(row=row, col=0)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.setSpacing(0)
+        box.layout.setHorizontalSpacing(round(self.legend_px * 0.4))
+        box.layout.setVerticalSpacing(0)
+        box.addLabel("", row=0, col=0)  # stretchable margins centre the entries
+        box.addLabel("", row=0, col=2 * ncol + 1)
+        for i, (item, name) in enumerate(self.legend):
+            r, c = divmod(i, ncol)
+            sample = ItemSample(item)
+            sample.setFixedWidth(sample_w)
+            box.addItem(sample, row=r, col=1 + 2 * c)
+            label = box.addLabel(html.escape(name), row=r, col=2 + 2 * c, color=_TEXT,
+                                 size=f"{self.legend_px}px", justify="left")
+            label.item.setFont(font)
+            label.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Preferred)
+        box.layout.setColumnStretchFactor(0, 1)
+        box.layout.setColumnStretchFactor(2 * ncol + 1, 1)
+        rows = math.ceil(len(self.legend) / ncol)
+        height = rows * round(self.legend_px * 1.9)
+        box.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        box.setMinimumHeight(height)
+        box.setMaximumHeight(height)
+
+    def _no_data(self, plot: pg.PlotItem) -> None:
+        text = pg.TextItem("no steps recorded", color=_TEXT, anchor=(0.5, 0.5))
+        text.setFont(_font(self.label_px))
+        plot.addItem(text, ignoreBounds=True)
+        text.setPos(0.5, 0.5)
+        plot.setRange(xRange=(0, 1), yRange=(0, 1))
+
+    # ---- output ----
+
+    def settle(self) -> None:
+        """Lay out and auto-range everything (the widget is shown offscreen, never on screen)."""
+        self.win.show()
+        app = QApplication.instance()
+        for _ in range(3):
+            app.processEvents()
+        # After the layout: linked views align their ranges by on-screen geometry.
+        self._set_x_range()
+        for plot in self.plots:
+            plot.vb.updateAutoRange()
+        for _ in range(2):
+            app.processEvents()
+
+    def paint(self, painter: QPainter) -> None:
+        target = QRectF(0, 0, self.width, self.height)
+        self.win.render(painter, target, self.win.viewport().rect())
+
+    def close(self) -> None:
+        self.win.close()
+        self.win.deleteLater()
+
+
+def _normalise(data: RunData | Sequence[RunData]) -> list[RunData]:
+    runs = [data] if isinstance(data, RunData) else list(data)
+    if not runs:
+        raise ConfigError("nothing to plot: no runs given")
+    for r in runs:
+        if not isinstance(r, RunData):
+            raise TypeError(f"render needs RunData, not {type(r).__name__}")
+    return runs
+
+
+def render_bytes(
+    data: RunData | Sequence[RunData],
+    fmt: str,
+    *,
+    title: str | None = None,
+    kind: str = "both",
+    size: tuple[int, int] = (1200, 800),
+    loss_log: bool | None = None,
+) -> bytes:
+    """The plot file's content (see the module docstring for the arguments)."""
+    fmt = str(fmt).lower().lstrip(".")
+    if fmt not in RENDER_FORMATS:
+        raise ConfigError(f"unknown plot format {fmt!r}; choose png, svg or pdf")
+    if kind not in KINDS:
+        raise ConfigError(f"unknown plot kind {kind!r}; choose loss, lr or both")
+    w, h = int(size[0]), int(size[1])
+    if w < 200 or h < 150:
+        raise ConfigError(f"a plot must be at least 200 x 150 pixels, not {w} x {h}")
+    runs = _normalise(data)
+    ensure_app()
+    fig = _Figure(runs, title=title, kind=kind, size=(w, h), loss_log=loss_log)
+    try:
+        fig.settle()
+        buf = QBuffer()
+        buf.open(QIODevice.OpenModeFlag.WriteOnly)
+        if fmt == "png":
+            image = QImage(w, h, QImage.Format.Format_ARGB32)
+            image.setDotsPerMeterX(round(_DPI / 0.0254))
+            image.setDotsPerMeterY(round(_DPI / 0.0254))
+            image.fill(QColor("white"))
+            painter = QPainter(image)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
+            fig.paint(painter)
+            painter.end()
+            if not image.save(buf, "PNG"):
+                raise ConfigError("Qt could not encode the plot as PNG")
+        elif fmt == "svg":
+            gen = QSvgGenerator()
+            gen.setOutputDevice(buf)
+            gen.setSize(QSize(w, h))
+            gen.setViewBox(QRect(0, 0, w, h))
+            gen.setResolution(round(_DPI))
+            gen.setTitle(title or "lrviz plot")
+            gen.setDescription("Drawn by lrviz")
+            painter = QPainter(gen)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            fig.paint(painter)
+            painter.end()
+        else:
+            pdf = QPdfWriter(buf)
+            pdf.setResolution(round(_DPI))
+            pdf.setPageSize(QPageSize(QSizeF(w * 72.0 / _DPI, h * 72.0 / _DPI), QPageSize.Unit.Point, "lrviz"))
+            pdf.setPageMargins(QMarginsF(0, 0, 0, 0))
+            pdf.setTitle(title or "lrviz plot")
+            pdf.setCreator("lrviz")
+            painter = QPainter(pdf)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            fig.paint(painter)
+            painter.end()
+        buf.close()
+        return bytes(buf.data())
+    finally:
+        fig.close()
+
+
+def render_run(
+    data: RunData | Sequence[RunData],
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    title: str | None = None,
+    kind: str = "both",
+    size: tuple[int, int] = (1200, 800),
+    loss_log: bool | None = None,
+) -> Path:
+    """Draw ``data`` and write it to ``path`` atomically (see the module docstring); returns ``path``.
+
+    Raises :class:`ConfigError` for an unknown format or kind, or a path that cannot be written.
+    """
+    target = Path(path)
+    if fmt is None:
+        fmt = target.suffix.lower().lstrip(".")
+        if not fmt:
+            raise ConfigError(f"cannot tell the plot format of {target}: give png, svg or pdf")
+    content = render_bytes(data, fmt, title=title, kind=kind, size=size, loss_log=loss_log)
+    return atomic_write(target, content)

@@ -1,0 +1,642 @@
+"""The run browser: a sortable table of every run in the store, to open, overlay, rename and delete.
+
+``RunBrowser(store)`` lists ``store.list_runs()``: id, name, script, status, steps, best and final
+loss, start time (local) and duration. Runs a crash left behind show as *interrupted* (warning icon,
+explanation in the tooltip). The main window connects :attr:`RunBrowser.openRequested` (one run id:
+double-click, Return or Open) and :attr:`RunBrowser.overlayRequested` (a list of ids: Overlay, two
+or more selected), and calls :meth:`RunBrowser.refresh` when a run ends.
+
+Rename edits the name in place (F2, or the Rename button) and stores it with ``store.rename_run``;
+Delete asks for confirmation naming the runs, then calls ``store.delete_run``. A run still running
+or paused cannot be deleted. Errors from the store are shown in a message box, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QEvent,
+    QItemSelection,
+    QItemSelectionModel,
+    QModelIndex,
+    QObject,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+    Signal,
+)
+from PySide6.QtGui import QAction, QBrush, QColor, QFont, QKeySequence
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMenu,
+    QMessageBox,
+    QPushButton,
+    QStyle,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lrviz.errors import LrvizError
+
+__all__ = ["COLUMNS", "RunBrowser", "RunTableModel", "format_duration", "format_loss"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("#", "Name", "Script", "Status", "Steps", "Best loss", "Final loss", "Started", "Duration")
+COL_ID, COL_NAME, COL_SCRIPT, COL_STATUS, COL_STEPS, COL_BEST, COL_FINAL, COL_STARTED, COL_DURATION = range(9)
+#: Role giving the run id of a row (any column).
+RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 1
+ACTIVE_STATUSES = ("running", "paused")
+_STATUS_TIPS = {
+    "created": "Created, not started yet.",
+    "running": "Training now (in this window or another lrviz process).",
+    "paused": "Paused; resume it in the window or process that runs it.",
+    "finished": "Trained the steps or epochs asked for.",
+    "stopped": "Stopped by hand before the end.",
+    "diverged": "Stopped because the loss or the gradients became non-finite or exploded.",
+    "failed": "Stopped by an error in the script or a setting.",
+    "interrupted": (
+        "The process running this run ended without finishing it (a crash, a kill or a power cut). "
+        "The steps saved until then (all but the last second or so) are kept."
+    ),
+}
+_STATUS_COLOURS = {
+    "interrupted": "#B35900",
+    "failed": "#C00000",
+    "diverged": "#C00000",
+    "running": "#007A3D",
+    "paused": "#0060A8",
+}
+_MISSING = "—"
+
+
+def format_loss(value: float | None) -> str:
+    """A loss with 4 significant digits; an em dash when there is none."""
+    if value is None or not isinstance(value, (int, float)):
+        return _MISSING
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"45.2 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``, ``"3 d 4 h"``; an em dash when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return _MISSING
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _started(info: Any) -> float | None:
+    return info.started_at if info.started_at is not None else info.created_at
+
+
+def _duration(info: Any, now: float | None = None) -> float | None:
+    if info.started_at is None:
+        return None
+    end = info.ended_at
+    if end is None:
+        if info.status not in ACTIVE_STATUSES:
+            return None
+        end = time.time() if now is None else now
+    return max(0.0, end - info.started_at)
+
+
+def _local_time(t: float | None) -> str:
+    if t is None:
+        return _MISSING
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+
+
+class RunTableModel(QAbstractTableModel):
+    """The store's runs (``RunInfo`` objects), one row each; the Name column is editable.
+
+    Renaming goes through ``rename_handler(run_id, name) -> bool`` (set by the browser); the
+    model changes its row only when that returns True.
+    """
+
+    def __init__(self, parent: Any = None):
+        super().__init__(parent)
+        self._runs: list[Any] = []
+        self.rename_handler: Callable[[int, str], bool] | None = None
+
+    # ---- contents ----
+
+    def set_runs(self, runs: Sequence[Any]) -> None:
+        """Replace every row."""
+        self.beginResetModel()
+        self._runs = list(runs)
+        self.endResetModel()
+
+    def runs(self) -> list[Any]:
+        """The runs, in store order (not the view's)."""
+        return list(self._runs)
+
+    def run_at(self, row: int) -> Any:
+        return self._runs[row]
+
+    def row_of(self, run_id: int) -> int | None:
+        for i, info in enumerate(self._runs):
+            if info.id == run_id:
+                return i
+        return None
+
+    def sort_key(self, row: int, column: int) -> Any:
+        """The value a column sorts by (None sorts last either way)."""
+        info = self._runs[row]
+        if column == COL_ID:
+            return info.id
+        if column == COL_NAME:
+            return (info.name or "").casefold()
+        if column == COL_SCRIPT:
+            return Path(info.script_path or "").name.casefold()
+        if column == COL_STATUS:
+            return info.status
+        if column == COL_STEPS:
+            return info.steps
+        if column == COL_BEST:
+            return info.best_loss
+        if column == COL_FINAL:
+            return info.final_loss
+        if column == COL_STARTED:
+            return _started(info)
+        if column == COL_DURATION:
+            return _duration(info)
+        return None
+
+    # ---- Qt model ----
+
+    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: B008, N802
+        return 0 if parent.isValid() else len(self._runs)
+
+    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: B008, N802
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole) -> Any:  # noqa: N802
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole and 0 <= section < len(COLUMNS):
+            return COLUMNS[section]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return {
+                COL_ID: "Run id (use it with `lrviz export ID`)",
+                COL_NAME: "Run name (F2 or Rename to change it)",
+                COL_BEST: "Lowest finite training loss of a batch",
+                COL_FINAL: "Last finite training loss of a batch",
+                COL_STARTED: "When training started (local time)",
+            }.get(section)
+        return None
+
+    def flags(self, index: QModelIndex | QPersistentModelIndex) -> Qt.ItemFlag:
+        base = super().flags(index)
+        if index.isValid() and index.column() == COL_NAME:
+            return base | Qt.ItemFlag.ItemIsEditable
+        return base
+
+    def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or not 0 <= index.row() < len(self._runs):
+            return None
+        info = self._runs[index.row()]
+        col = index.column()
+        if role == RUN_ID_ROLE:
+            return info.id
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
+            return self._text(info, col, role)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self._tooltip(info, col)
+        if role == Qt.ItemDataRole.TextAlignmentRole:
+            if col in (COL_ID, COL_STEPS, COL_BEST, COL_FINAL, COL_DURATION):
+                return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            return None
+        if role == Qt.ItemDataRole.ForegroundRole and col == COL_STATUS:
+            colour = _STATUS_COLOURS.get(info.status)
+            return QBrush(QColor(colour)) if colour else None
+        if role == Qt.ItemDataRole.FontRole and col == COL_STATUS and info.status in (
+            "interrupted", "running", "paused"
+        ):
+            font = QFont()
+            font.setBold(True)
+            return font
+        if role == Qt.ItemDataRole.DecorationRole and col == COL_STATUS:
+            return self._status_icon(info.status)
+        return None
+
+    def setData(self, index: QModelIndex | QPersistentModelIndex, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:  # noqa: N802
+        if role != Qt.ItemDataRole.EditRole or not index.isValid() or index.column() != COL_NAME:
+            return False
+        info = self._runs[index.row()]
+        name = str(value).strip()
+        if name == info.name:
+            return False
+        if self.rename_handler is None or not self.rename_handler(info.id, name):
+            return False
+        info.name = name
+        self.dataChanged.emit(index, index, [Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole])
+        return True
+
+    # ---- cells ----
+
+    @staticmethod
+    def _text(info: Any, col: int, role: int) -> Any:
+        if col == COL_ID:
+            return str(info.id)
+        if col == COL_NAME:
+            return info.name
+        if col == COL_SCRIPT:
+            return Path(info.script_path or "").name or _MISSING
+        if col == COL_STATUS:
+            return info.status
+        if col == COL_STEPS:
+            return f"{info.steps:,}".replace(",", "\u202f") if info.steps is not None else _MISSING
+        if col == COL_BEST:
+            return format_loss(info.best_loss)
+        if col == COL_FINAL:
+            return format_loss(info.final_loss)
+        if col == COL_STARTED:
+            return _local_time(_started(info))
+        if col == COL_DURATION:
+            text = format_duration(_duration(info))
+            return f"{text} …" if info.status in ACTIVE_STATUSES and text != _MISSING else text
+        return None
+
+    @staticmethod
+    def _tooltip(info: Any, col: int) -> str | None:
+        if col == COL_SCRIPT:
+            return info.script_path or None
+        if col == COL_STATUS:
+            tip = _STATUS_TIPS.get(info.status, info.status)
+            if info.error:
+                tip += f"\n\n{info.error}"
+            return tip
+        if col == COL_NAME:
+            tip = f"Run {info.id}: {info.name}"
+            if info.parent_id is not None:
+                tip += f"\nForked from run {info.parent_id} at step {info.fork_step}"
+            if info.device:
+                tip += f"\nDevice: {info.device}"
+            return tip
+        if col == COL_STARTED:
+            t = _started(info)
+            if t is None:
+                return None
+            label = "Started" if info.started_at is not None else "Created (not started)"
+            return f"{label} {datetime.fromtimestamp(t).astimezone().isoformat(sep=' ', timespec='seconds')}"
+        if col == COL_DURATION and info.status in ACTIVE_STATUSES:
+            return "Still running: the duration so far (updated on Refresh)"
+        return None
+
+    @staticmethod
+    def _status_icon(status: str) -> Any:
+        style = QApplication.style()
+        if style is None:
+            return None
+        if status == "interrupted":
+            return style.standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
+        if status in ("failed", "diverged"):
+            return style.standardIcon(QStyle.StandardPixmap.SP_MessageBoxCritical)
+        return None
+
+
+class _RunSortProxy(QSortFilterProxyModel):
+    """Sorts by each column's natural value (numbers as numbers), missing values last; filters
+    on the text of every column."""
+
+    def lessThan(self, left: QModelIndex | QPersistentModelIndex, right: QModelIndex | QPersistentModelIndex) -> bool:  # noqa: N802
+        model = self.sourceModel()
+        a = model.sort_key(left.row(), left.column())
+        b = model.sort_key(right.row(), right.column())
+        if a is None or b is None:
+            if a is None and b is None:
+                return model.run_at(left.row()).id < model.run_at(right.row()).id
+            # Missing last in either order: "less" means "before" only when ascending.
+            ascending = self.sortOrder() == Qt.SortOrder.AscendingOrder
+            return (b is None) if ascending else (a is None)
+        if isinstance(a, float) and math.isnan(a):
+            a = math.inf
+        if isinstance(b, float) and math.isnan(b):
+            b = math.inf
+        if a == b:
+            return model.run_at(left.row()).id < model.run_at(right.row()).id
+        return a < b
+
+
+class RunBrowser(QWidget):
+    """The table of stored runs with Open, Overlay, Rename, Delete and Refresh.
+
+    Signals: ``openRequested(int)`` with a run id; ``overlayRequested(list)`` with two or more
+    run ids in the order shown.
+    """
+
+    openRequested = Signal(int)
+    overlayRequested = Signal(list)
+
+    def __init__(self, store: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._store = store
+        self.model = RunTableModel(self)
+        self.model.rename_handler = self.rename_run
+        self.proxy = _RunSortProxy(self)
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setFilterCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        self.proxy.setFilterKeyColumn(-1)
+        self.proxy.setDynamicSortFilter(False)
+
+        self.view = QTableView(self)
+        self.view.setModel(self.proxy)
+        self.view.setSortingEnabled(True)
+        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.view.setEditTriggers(QAbstractItemView.EditTrigger.EditKeyPressed)
+        self.view.setAlternatingRowColors(True)
+        self.view.setWordWrap(False)
+        self.view.verticalHeader().setVisible(False)
+        self.view.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header = self.view.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setSectionResizeMode(COL_NAME, QHeaderView.ResizeMode.Stretch)
+        header.setHighlightSections(False)
+        self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.view.sortByColumn(COL_STARTED, Qt.SortOrder.DescendingOrder)
+
+        self.filter_edit = QLineEdit(self)
+        self.filter_edit.setPlaceholderText("Filter runs by name, script or status")
+        self.filter_edit.setClearButtonEnabled(True)
+
+        self.open_action = self._action("&Open", "Show the selected run in the plots (double-click, Return)")
+        self.overlay_action = self._action("O&verlay", "Draw the selected runs (two or more) together")
+        self.rename_action = self._action("&Rename", "Rename the selected run", QKeySequence(Qt.Key.Key_F2))
+        self.delete_action = self._action("&Delete…", "Delete the selected runs from the store",
+                                          QKeySequence(QKeySequence.StandardKey.Delete))
+        self.refresh_action = self._action("Re&fresh", "Read the run list again", QKeySequence(QKeySequence.StandardKey.Refresh))
+
+        self.open_button = self._button(self.open_action)
+        self.overlay_button = self._button(self.overlay_action)
+        self.rename_button = self._button(self.rename_action)
+        self.delete_button = self._button(self.delete_action)
+        self.refresh_button = self._button(self.refresh_action)
+        self.count_label = QLabel(self)
+
+        top = QHBoxLayout()
+        top.addWidget(self.filter_edit, 1)
+        top.addWidget(self.refresh_button)
+        buttons = QHBoxLayout()
+        for b in (self.open_button, self.overlay_button, self.rename_button, self.delete_button):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        buttons.addWidget(self.count_label)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(top)
+        layout.addWidget(self.view, 1)
+        layout.addLayout(buttons)
+
+        self.open_action.triggered.connect(self._on_open)
+        self.overlay_action.triggered.connect(self._on_overlay)
+        self.rename_action.triggered.connect(self._on_rename)
+        self.delete_action.triggered.connect(self._on_delete)
+        self.refresh_action.triggered.connect(self.refresh)
+        self.view.doubleClicked.connect(self._on_double_click)
+        self.view.installEventFilter(self)
+        self.view.customContextMenuRequested.connect(self._on_context_menu)
+        self.view.selectionModel().selectionChanged.connect(self._update_actions)
+        self.filter_edit.textChanged.connect(self._on_filter)
+        header.sortIndicatorChanged.connect(lambda *_: self._update_actions())
+
+        self.refresh()
+
+    # ---- public API ----
+
+    @property
+    def store(self) -> Any:
+        return self._store
+
+    def set_store(self, store: Any) -> None:
+        """Show the runs of another store."""
+        self._store = store
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the run list again (marking runs whose process died as interrupted), keeping the
+        selection and the sort order."""
+        selected = self.selected_run_ids()
+        runs: list[Any] = []
+        if self._store is not None:
+            mark_interrupted = getattr(self._store, "mark_interrupted", None)
+            try:
+                if mark_interrupted is not None:
+                    mark_interrupted()
+            except LrvizError as exc:  # e.g. a read-only store: still listable
+                log.warning("could not check for interrupted runs: %s", exc)
+            try:
+                runs = self._store.list_runs()
+            except LrvizError as exc:
+                self._error("Cannot list the runs", exc)
+                runs = []
+        self.model.set_runs(runs)
+        self.proxy.sort(self.proxy.sortColumn(), self.proxy.sortOrder())
+        self._fit_columns()
+        self.select_runs(selected)
+        self._update_actions()
+
+    def selected_run_ids(self) -> list[int]:
+        """Ids of the selected runs, in the order shown."""
+        sm = self.view.selectionModel()
+        if sm is None:
+            return []
+        rows = sorted(index.row() for index in sm.selectedRows())
+        return [int(self.proxy.index(r, 0).data(RUN_ID_ROLE)) for r in rows]
+
+    def select_runs(self, run_ids: Iterable[int]) -> None:
+        """Select these runs (those shown), and nothing else."""
+        sm = self.view.selectionModel()
+        selection = QItemSelection()
+        first: QModelIndex | None = None
+        for run_id in run_ids:
+            row = self.model.row_of(int(run_id))
+            if row is None:
+                continue
+            index = self.proxy.mapFromSource(self.model.index(row, 0))
+            if not index.isValid():
+                continue
+            selection.select(index, index)
+            first = first or index
+        flags = QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows
+        sm.select(selection, flags)
+        if first is not None:
+            sm.setCurrentIndex(first, QItemSelectionModel.SelectionFlag.NoUpdate)
+            self.view.scrollTo(first)
+
+    def rename_run(self, run_id: int, name: str) -> bool:
+        """Rename a run in the store; False (after telling the user) when the store refuses."""
+        name = str(name).strip()
+        try:
+            self._store.rename_run(run_id, name)
+        except LrvizError as exc:
+            self._error("Cannot rename the run", exc)
+            return False
+        log.info("renamed run %s to %r", run_id, name)
+        return True
+
+    def delete_runs(self, run_ids: Sequence[int], *, confirm: bool = True) -> bool:
+        """Delete runs after asking (naming them); True when they were deleted."""
+        infos = [self.model.run_at(r) for r in (self.model.row_of(i) for i in run_ids) if r is not None]
+        if not infos:
+            return False
+        active = [i for i in infos if i.status in ACTIVE_STATUSES]
+        if active:
+            names = ", ".join(f"'{i.name}'" for i in active)
+            QMessageBox.information(
+                self, "Delete runs",
+                f"{names} {'is' if len(active) == 1 else 'are'} still running or paused. "
+                "Stop the run first, then delete it.",
+            )
+            return False
+        if confirm and not self._confirm_delete(infos):
+            return False
+        failed = False
+        for info in infos:
+            try:
+                self._store.delete_run(info.id)
+                log.info("deleted run %s (%s)", info.id, info.name)
+            except LrvizError as exc:
+                self._error(f"Cannot delete run '{info.name}'", exc)
+                failed = True
+                break
+        self.refresh()
+        return not failed
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802
+        """Return or Enter on the table (not in an editor) opens the selected run."""
+        if (
+            watched is self.view
+            and event.type() == QEvent.Type.KeyPress
+            and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+            and self.view.state() != QAbstractItemView.State.EditingState
+        ):
+            self._on_open()
+            return True
+        return super().eventFilter(watched, event)
+
+    # ---- actions ----
+
+    def _action(self, text: str, tip: str, shortcut: QKeySequence | None = None) -> QAction:
+        action = QAction(text, self)
+        action.setToolTip(tip)
+        action.setStatusTip(tip)
+        if shortcut is not None:
+            action.setShortcut(shortcut)
+            action.setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        self.addAction(action)
+        return action
+
+    def _button(self, action: QAction) -> QPushButton:
+        button = QPushButton(action.text(), self)
+        button.setToolTip(action.toolTip())
+        button.clicked.connect(action.trigger)
+        action.changed.connect(lambda: button.setEnabled(action.isEnabled()))
+        button.setEnabled(action.isEnabled())
+        return button
+
+    def _update_actions(self, *_: Any) -> None:
+        n = len(self.selected_run_ids())
+        self.open_action.setEnabled(n == 1)
+        self.overlay_action.setEnabled(n >= 2)
+        self.rename_action.setEnabled(n == 1)
+        self.delete_action.setEnabled(n >= 1)
+        total = self.model.rowCount()
+        shown = self.proxy.rowCount()
+        text = f"{total} run{'s' if total != 1 else ''}"
+        if shown != total:
+            text = f"{shown} of {text}"
+        if n:
+            text += f" · {n} selected"
+        self.count_label.setText(text)
+
+    def _on_open(self) -> None:
+        ids = self.selected_run_ids()
+        if len(ids) == 1:
+            self.openRequested.emit(ids[0])
+
+    def _on_double_click(self, index: QModelIndex) -> None:
+        if index.isValid():
+            self.openRequested.emit(int(index.data(RUN_ID_ROLE)))
+
+    def _on_overlay(self) -> None:
+        ids = self.selected_run_ids()
+        if len(ids) >= 2:
+            self.overlayRequested.emit(ids)
+
+    def _on_rename(self) -> None:
+        ids = self.selected_run_ids()
+        if len(ids) != 1:
+            return
+        row = self.model.row_of(ids[0])
+        if row is None:
+            return
+        index = self.proxy.mapFromSource(self.model.index(row, COL_NAME))
+        self.view.setCurrentIndex(index)
+        self.view.edit(index)
+
+    def _on_delete(self) -> None:
+        ids = self.selected_run_ids()
+        if ids:
+            self.delete_runs(ids)
+
+    def _on_filter(self, text: str) -> None:
+        self.proxy.setFilterFixedString(text.strip())
+        self._update_actions()
+
+    def _on_context_menu(self, pos: Any) -> None:
+        menu = QMenu(self)
+        for action in (self.open_action, self.overlay_action, self.rename_action, self.delete_action):
+            menu.addAction(action)
+        menu.addSeparator()
+        menu.addAction(self.refresh_action)
+        menu.popup(self.view.viewport().mapToGlobal(pos))
+
+    # ---- helpers ----
+
+    def _confirm_delete(self, infos: Sequence[Any]) -> bool:
+        names = [f"'{i.name}' (#{i.id})" for i in infos]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        what = f"run {shown}" if len(infos) == 1 else f"{len(infos)} runs: {shown}"
+        answer = QMessageBox.question(
+            self,
+            "Delete runs",
+            f"Delete {what}?\n\nTheir steps, events, validation points and checkpoints are removed "
+            "from the store. This cannot be undone.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _error(self, what: str, exc: Exception) -> None:
+        log.warning("%s: %s", what, exc)
+        QMessageBox.warning(self, "Run store", f"{what}:\n{exc}")
+
+    def _fit_columns(self) -> None:
+        header = self.view.horizontalHeader()
+        for col in range(len(COLUMNS)):
+            if col != COL_NAME:
+                self.view.resizeColumnToContents(col)
+                header.resizeSection(col, min(header.sectionSize(col), 260))
