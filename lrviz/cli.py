@@ -98,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _common(p)
 
+    p = sub.add_parser("find-lr", help="LR range test: sweep the rate exponentially, suggest one")
+    p.add_argument("script", help="experiment script (.py) or a built-in example name")
+    p.add_argument("--start", type=str, default="1e-7", help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=str, default="10", help="last learning rate (default 10)")
+    p.add_argument("--steps", type=str, default="100", dest="sweep_steps",
+                   help="number of steps of the sweep (default 100)")
+    p.add_argument("--beta", type=str, default="0.98", help="smoothing of the loss (debiased EMA, default 0.98)")
+    p.add_argument("--stop-factor", type=str, default="4", help="stop when the smoothed loss exceeds this "
+                   "multiple of its best (default 4)")
+    p.add_argument("--method", default="valley", choices=("valley", "steepest", "minimum_tenth"),
+                   help="which suggestion to print as the one to use (all are printed)")
+    for flag, hlp in (("--optimizer", "sgd, adam, adamw, rmsprop or adagrad"), ("--momentum", "momentum"),
+                      ("--weight-decay", "weight decay"), ("--batch-size", "batch size"),
+                      ("--seed", "random seed"), ("--device", "auto, cpu, cuda or mps")):
+        p.add_argument(flag, type=str, help=hlp)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--out", metavar="DIR", help="write lr_find.csv, lr_find.json and lr_find.png here")
+    _common(p)
+
     p = sub.add_parser("runs", help="list stored runs")
     _common(p)
 
@@ -436,7 +455,54 @@ def cmd_export(args: argparse.Namespace) -> int:
         store.close()
 
 
-HANDLERS = {"run": cmd_run, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,
+def cmd_find_lr(args: argparse.Namespace) -> int:
+    import json
+
+    from .experiment import load_experiment
+    from .export import atomic_write
+    from .rangetest import find_lr, write_csv
+
+    exp = load_experiment(args.script)
+    for name in ("lr", "schedule", "steps", "epochs", "eval_every", "nesterov", "checkpoint_every",
+                 "divergence", "early_stopping"):
+        setattr(args, name, None)
+    cfg = config_from_args(exp, argparse.Namespace(**{**vars(args), "steps": None}))
+    nums = {}
+    for name in ("start", "end", "beta", "stop_factor"):
+        try:
+            nums[name] = float(getattr(args, name))
+        except ValueError:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a number, not {getattr(args, name)!r}") from None
+    try:
+        steps = int(args.sweep_steps)
+    except ValueError:
+        raise ConfigError(f"--steps must be a whole number, not {args.sweep_steps!r}") from None
+    out = check_out_dir(args.out)
+    result = find_lr(exp, cfg, steps=steps, method=args.method, **nums)
+    s = result.suggestions
+    print(f"range test: {len(result.lrs)} steps from lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
+          + (f" ({result.stop_reason})" if result.stop_reason else ""))
+    if s.best is None:
+        print(f"no suggestion: {s.reason}")
+    else:
+        for method, value in s.values().items():
+            mark = "  <- suggested" if method == s.chosen else ""
+            print(f"  {method:<14} {value:.3g}{mark}" if value is not None else f"  {method:<14} -")
+        lo, hi = s.band()
+        print(f"suggested learning rate: {s.best:.3g} (band {lo:.3g} .. {hi:.3g})")
+    if out is not None:
+        write_csv(result, out / "lr_find.csv")
+        atomic_write(out / "lr_find.json", json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        try:
+            from lrviz.ui.render import render_range_test
+        except Exception as exc:  # Qt missing: the data is still written
+            print(f"lrviz: plot skipped ({exc})", file=sys.stderr)
+        else:
+            render_range_test(result, out / "lr_find.png", title=f"LR range test — {exp.path.name}")
+    return 0
+
+
+HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,
             "export": cmd_export}
 
 

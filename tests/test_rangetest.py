@@ -1,0 +1,593 @@
+"""The LR range test: exact restore of model/optimizer/RNG, early stop, suggestions, headless find_lr."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lrviz.config import RunConfig
+from lrviz.errors import ConfigError, ScriptError
+from lrviz.experiment import load_experiment
+from lrviz.rangetest import (
+    METHODS,
+    MIN_POINTS,
+    RangeTestProgress,
+    RangeTestResult,
+    Suggestions,
+    _longest_descent,
+    find_lr,
+    range_test,
+    smooth,
+    suggest,
+    write_csv,
+)
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+# --------------------------------------------------------------------------- a small stateful problem
+
+
+class Net(nn.Module):
+    """Parameters, BatchNorm buffers, a non-persistent buffer, dropout (RNG) and a frozen eval() part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(16, 1)
+        self.head = nn.Sequential(nn.Linear(1, 1), nn.Dropout(0.5))
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.head(self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x))))))
+
+
+def make_batches(n: int = 4, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n * size, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.1 * torch.randn(n * size, 1, generator=g)
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, n * size, size)]
+
+
+def loss_of(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    # Draw from every host RNG, so that a missing restore shows.
+    noise = 1e-3 * (random.random() + float(np.random.rand()))
+    return nn.functional.mse_loss(model(x), y) + noise
+
+
+def make_problem(optimizer: str = "sgd", warm_steps: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Net()
+    model.head.eval()  # a part left in eval mode by the user: must come back in eval mode
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam([{"params": [p for n, p in model.named_parameters() if "fc1" in n], "lr": 3e-3},
+                                {"params": [p for n, p in model.named_parameters() if "fc1" not in n]}],
+                               lr=1e-3, weight_decay=1e-4)
+    else:
+        opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.5)
+    batches = make_batches()
+    for i in range(warm_steps):
+        opt.zero_grad()
+        loss_of(model, batches[i % len(batches)]).backward()
+        opt.step()
+    # Leave the last gradients in place: they are part of the state to restore.
+    opt.zero_grad(set_to_none=False)
+    loss_of(model, batches[0]).backward()
+    return model, opt, batches
+
+
+def capture(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """An independent deep record of everything the range test must leave as it was."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "param_ids": {n: id(p) for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grad_ids": {n: id(p.grad) for n, p in model.named_parameters()},
+        "state": {id(p): copy.deepcopy(s) for p, s in opt.state.items()},
+        "groups": [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+        "group_params": [[id(p) for p in g["params"]] for g in opt.param_groups],
+        "modes": [m.training for m in model.modules()],
+        "py_rng": random.getstate(),
+        "np_rng": np.random.get_state(),
+        "torch_rng": torch.get_rng_state().clone(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def assert_same_tensor_dict(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), k
+        else:
+            assert x == y, k
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    for name in ("params", "buffers"):
+        assert before[name].keys() == after[name].keys()
+        for k in before[name]:
+            assert torch.equal(before[name][k], after[name][k]), f"{name} {k} changed"
+    for k, g in before["grads"].items():
+        if g is None:
+            assert after["grads"][k] is None, k
+        else:
+            assert torch.equal(g, after["grads"][k]), f"grad {k} changed"
+    assert before["param_ids"] == after["param_ids"]
+    assert before["grad_ids"] == after["grad_ids"], "gradient tensors were replaced"
+    assert before["state"].keys() == after["state"].keys()
+    for pid in before["state"]:
+        assert_same_tensor_dict(before["state"][pid], after["state"][pid])
+    assert before["groups"] == after["groups"]  # lr, momentum, betas, weight_decay, ...
+    assert before["group_params"] == after["group_params"]
+    assert before["modes"] == after["modes"]
+    assert before["py_rng"] == after["py_rng"]
+    b, a = before["np_rng"], after["np_rng"]
+    assert b[0] == a[0] and np.array_equal(b[1], a[1]) and b[2:] == a[2:]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    if before["cuda_rng"] is not None:
+        assert all(torch.equal(x, y) for x, y in zip(before["cuda_rng"], after["cuda_rng"]))
+
+
+# --------------------------------------------------------------------------- restore
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop"])
+def test_full_sweep_restores_everything_bit_exactly(optimizer):
+    model, opt, batches = make_problem(optimizer)
+    before = capture(model, opt)
+    r = range_test(model, opt, batches, loss_of, start=1e-5, end=1e-2, steps=30)
+    assert not r.stopped_early and r.stop_reason == ""
+    assert len(r) == 30 and len(r.losses) == len(r.smoothed) == 30
+    assert np.all(np.isfinite(r.losses))
+    assert_unchanged(before, capture(model, opt))
+
+
+def test_sweep_trains_and_sets_every_group_lr():
+    model, opt, batches = make_problem("adam")
+    seen = []
+
+    def spy(m, batch):
+        seen.append([g["lr"] for g in opt.param_groups])
+        assert m.training and all(sub.training for sub in m.modules())  # train mode during the test
+        return loss_of(m, batch)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved = []
+    r = range_test(model, opt, batches, spy, start=1e-4, end=1e-1, steps=10,
+                   on_step=lambda i, lr, loss: moved.append(
+                       (i, lr, loss, any(not torch.equal(before[n], p) for n, p in model.named_parameters()))))
+    expected = 1e-4 * (1e-1 / 1e-4) ** (np.arange(10) / 9)
+    np.testing.assert_allclose(r.lrs, expected, rtol=1e-12)
+    assert [lrs for lrs in seen] == [[lr, lr] for lr in r.lrs.tolist()]
+    assert [m[:3] for m in moved] == list(zip(range(10), r.lrs.tolist(), r.losses.tolist()))
+    assert moved[-1][3], "the optimizer never stepped during the sweep"
+    # 10 steps over 4 batches: the data restarted twice
+    np.testing.assert_allclose(r.smoothed, smooth(r.losses, 0.98))
+
+
+def test_restores_after_divergence():
+    model, opt, batches = make_problem("sgd")
+    before = capture(model, opt)
+    r = range_test(model, opt, batches, loss_of, start=1e-3, end=1e6, steps=60)
+    assert r.stopped_early
+    assert ("exceeded 4x" in r.stop_reason) or ("became" in r.stop_reason)
+    assert len(r) < 60
+    assert_unchanged(before, capture(model, opt))
+
+
+def test_restores_after_cancel_midway():
+    model, opt, batches = make_problem("adam")
+    before = capture(model, opt)
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return len(polls) > 7
+
+    r = range_test(model, opt, batches, loss_of, start=1e-5, end=1.0, steps=50, should_stop=should_stop)
+    assert len(r) == 7 and r.stopped_early
+    assert r.stop_reason == "cancelled after 7 of 50 steps"
+    assert r.suggestions.best is None and "cancelled" in r.suggestions.reason
+    assert_unchanged(before, capture(model, opt))
+
+
+def test_restores_when_the_loss_function_raises():
+    model, opt, batches = make_problem("sgd")
+    before = capture(model, opt)
+    calls = []
+
+    def failing(m, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("boom in the user's loss")
+        return loss_of(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom in the user's loss"):
+        range_test(model, opt, batches, failing, steps=20)
+    assert_unchanged(before, capture(model, opt))
+
+
+def test_restores_a_fresh_optimizer_without_state():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(3)]
+    before = capture(model, opt)
+    assert not opt.state and all(p.grad is None for p in model.parameters())
+    range_test(model, opt, batches, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), steps=12)
+    assert not opt.state, "momentum buffers created by the sweep were left behind"
+    assert_unchanged(before, capture(model, opt))
+
+
+def test_training_after_a_range_test_is_the_same_as_without_one():
+    """Mid-training use: the trajectory afterwards is bit-identical (weights, momentum, dropout RNG)."""
+
+    def train(model, opt, batches, n):
+        for i in range(n):
+            opt.zero_grad()
+            loss_of(model, batches[i % len(batches)]).backward()
+            opt.step()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    random.seed(1)
+    np.random.seed(1)
+    model, opt, batches = make_problem("sgd")
+    plain = train(model, opt, batches, 5)
+
+    random.seed(1)
+    np.random.seed(1)
+    model, opt, batches = make_problem("sgd")
+    range_test(model, opt, batches, loss_of, start=1e-4, end=10.0, steps=40)
+    after = train(model, opt, batches, 5)
+    assert_same_tensor_dict(plain, after)
+
+
+# --------------------------------------------------------------------------- early stop
+
+
+def scripted_losses(values):
+    """A model + loss_of whose loss at step i is values[i] (a differentiable constant)."""
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    it = iter(values)
+
+    def loss(m, batch):
+        return m.weight.sum() * 0 + next(it)
+
+    return model, opt, [(torch.zeros(1, 1), torch.zeros(1, 1))], loss
+
+
+def test_stops_when_smoothed_loss_exceeds_four_times_its_best():
+    values = [1.0] * 20 + [0.5] * 10 + [40.0] * 70
+    model, opt, batches, loss = scripted_losses(values)
+    r = range_test(model, opt, batches, loss, start=1e-6, end=1.0, steps=100)
+    # Where it must stop, computed here independently: the first smoothed value above 4x the best before it.
+    sm = smooth(values, 0.98)
+    best = np.minimum.accumulate(sm)
+    first = next(i for i in range(1, 100) if sm[i] > 4 * best[i - 1])
+    assert r.stopped_early and len(r) == first + 1
+    assert r.stop_reason == f"smoothed loss exceeded 4x its best at lr {r.lrs[-1]:.3g}"
+    np.testing.assert_array_equal(r.losses, values[:first + 1])
+    np.testing.assert_allclose(r.smoothed, sm[:first + 1])
+    # a larger factor lets it run longer
+    model, opt, batches, loss = scripted_losses(values)
+    r8 = range_test(model, opt, batches, loss, start=1e-6, end=1.0, steps=100, stop_factor=8)
+    assert len(r8) > len(r)
+
+
+def test_non_finite_loss_stops_and_is_not_stepped():
+    values = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, float("nan"), 0.1, 0.1]
+    model, opt, batches, loss = scripted_losses(values)
+    w = model.weight.detach().clone()
+    r = range_test(model, opt, batches, loss, steps=100)
+    assert len(r) == 7 and r.stopped_early
+    assert r.stop_reason.startswith("the loss became nan at lr ")
+    assert math.isnan(r.losses[-1]) and math.isnan(r.smoothed[-1])
+    s = r.suggestions
+    assert s.steepest is s.valley is s.minimum_tenth is s.best is None
+    assert s.band() is None
+    assert s.reason.startswith("the loss diverged after only 7 steps") and "lower --start" in s.reason
+    assert torch.equal(model.weight, w)
+
+
+def test_nan_from_the_first_step_gives_no_suggestion():
+    model, opt, batches, loss = scripted_losses([float("nan")] * 5)
+    r = range_test(model, opt, batches, loss, steps=10)
+    assert len(r) == 1 and r.suggestions.best is None
+    assert r.suggestions.reason.startswith("no finite losses")
+
+
+def test_negative_losses_stop_on_a_rise_of_three_times_the_best_magnitude():
+    # A log-likelihood style loss below zero: "4x its best" means rising by 3x |best|.
+    values = list(-1.0 - np.linspace(0, 1, 30)) + [-1.9] * 10
+    model, opt, batches, loss = scripted_losses(values)
+    r = range_test(model, opt, batches, loss, steps=40)
+    assert not r.stopped_early and len(r) == 40
+    values = list(-1.0 - np.linspace(0, 1, 30)) + [50.0] * 70
+    model, opt, batches, loss = scripted_losses(values)
+    r = range_test(model, opt, batches, loss, steps=100)
+    sm = smooth(values, 0.98)
+    best = np.minimum.accumulate(sm)
+    first = next(i for i in range(1, 100) if sm[i] > best[i - 1] + 3 * abs(best[i - 1]))
+    assert r.stopped_early and len(r) == first + 1 and best[first] < 0
+
+
+# --------------------------------------------------------------------------- suggestions
+
+
+def u_curve(n: int = 100):
+    """Flat, then a descent over 1e-4..1e-1, a minimum, then a blow-up: a textbook range test."""
+    lrs = np.logspace(-7, 1, n)
+    x = np.log10(lrs)
+    losses = 2.0 - np.tanh((x + 2.5) * 1.5) + np.exp(3.0 * (x - 0.2))
+    return lrs, losses
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.98])
+def test_suggest_on_a_u_shaped_curve(beta):
+    lrs, losses = u_curve()
+    s = suggest(lrs, losses, beta=beta)
+    sm = smooth(losses, beta)
+    m = int(np.argmin(sm))
+    assert s.reason is None
+    assert s.minimum_tenth == pytest.approx(lrs[m] / 10)
+    assert s.steepest < s.minimum_tenth * 10
+    # The descending part: from where the smoothed loss is still within 5% of its start level to its minimum.
+    level = sm[5]
+    fall = max(i for i in range(m) if sm[i] >= sm[m] + 0.95 * (level - sm[m]))
+    assert lrs[fall] < s.valley < lrs[m]
+    assert lrs[fall] < s.steepest < lrs[m]
+    if beta == 0.0:  # the raw curve's steepest descent is where tanh is steepest (log10 lr = -2.5)
+        assert abs(np.log10(s.steepest) + 2.5) < 0.1
+    assert s.chosen == "valley" and s.best == s.valley
+    assert s.band() == (min(s.values().values()), max(s.values().values()))
+
+
+def test_suggest_methods_and_best():
+    lrs, losses = u_curve()
+    for method in METHODS:
+        s = suggest(lrs, losses, method=method)
+        assert s.chosen == method and s.best == getattr(s, method)
+    d = suggest(lrs, losses).to_dict()
+    assert d["best"] == d["valley"] and d["reason"] is None and d["chosen"] == "valley"
+
+
+def test_suggest_is_pure_and_deterministic():
+    lrs, losses = u_curve()
+    a, b = lrs.copy(), losses.copy()
+    assert suggest(lrs, losses) == suggest(list(lrs), list(losses))
+    np.testing.assert_array_equal(a, lrs)
+    np.testing.assert_array_equal(b, losses)
+
+
+def test_suggest_too_short_and_non_finite():
+    lrs, losses = u_curve(MIN_POINTS - 1)
+    s = suggest(lrs, losses)
+    assert (s.steepest, s.valley, s.minimum_tenth, s.best, s.band()) == (None, None, None, None, None)
+    assert s.reason == f"only {MIN_POINTS - 1} finite losses; at least {MIN_POINTS} are needed (raise --steps)"
+    s = suggest(lrs[:6], [1.0, 0.9, 0.8, 0.7, 0.6, float("inf")])
+    assert s.best is None and s.reason == "the loss diverged after only 5 steps; lower --start"
+    s = suggest(np.logspace(-5, 0, 30), np.full(30, np.nan))
+    assert s.best is None and s.reason == "no finite losses"
+    assert suggest([], []).reason == "no losses recorded"
+
+
+def test_suggest_drops_non_finite_points():
+    lrs, losses = u_curve()
+    holes = losses.copy()
+    holes[[3, 40, 41]] = np.nan
+    s = suggest(lrs, holes)
+    assert s.reason is None
+    keep = np.isfinite(holes)
+    assert s == suggest(lrs[keep], losses[keep])
+
+
+def test_suggest_never_guesses_on_a_rising_or_flat_curve():
+    lrs = np.logspace(-3, 1, 50)
+    rising = suggest(lrs, np.linspace(1, 5, 50))
+    assert rising.best is None and rising.reason.startswith("the loss never fell")
+    flat = suggest(lrs, np.ones(50))
+    assert flat.best is None and "never fell" in flat.reason
+    wrong_way = suggest(lrs[::-1], u_curve(50)[1])
+    assert wrong_way.best is None and "does not increase" in wrong_way.reason
+
+
+def test_longest_descent_is_the_valley():
+    y = np.array([5, 6, 4, 7, 3, 3, 2, 8, 1, 9, 9])
+    first, last = _longest_descent(y)
+    # 6 > 4 > 3 > 2 > 1 (5 elements; 5 > 4 > 3 > 2 > 1 too, the later start is taken)
+    assert (first, last) == (1, 8)
+    assert _longest_descent(np.array([1.0, 2.0, 3.0])) == (0, 0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.floats(-1e6, 1e6), st.just(float("nan")), st.just(float("inf"))),
+                min_size=0, max_size=60),
+       st.sampled_from([0.0, 0.5, 0.98]))
+def test_suggest_always_answers(values, beta):
+    lrs = np.logspace(-6, 1, len(values))
+    s = suggest(lrs, values, beta=beta)
+    made = [v for v in s.values().values() if v is not None]
+    if s.reason is None:
+        assert len(made) == 3
+        assert all(lrs[0] / 10 <= v <= lrs[-1] for v in made)
+    else:
+        assert made == [] and s.reason
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"start": 0}, "start lr must be a finite number > 0"),
+    ({"start": -1e-3}, "start lr must be a finite number > 0"),
+    ({"start": float("nan")}, "start lr must be a finite number > 0"),
+    ({"start": "fast"}, "start lr must be a finite number > 0"),
+    ({"end": float("inf")}, "end lr must be a finite number > 0"),
+    ({"start": 1.0, "end": 1.0}, "end lr (1.0) must be greater than its start lr (1.0)"),
+    ({"start": 1.0, "end": 0.1}, "must be greater than its start"),
+    ({"steps": 1}, "steps must be a whole number >= 2"),
+    ({"steps": 10.5}, "steps must be a whole number >= 2"),
+    ({"steps": True}, "steps must be a whole number >= 2"),
+    ({"beta": 1.0}, "beta must be a number in [0, 1)"),
+    ({"beta": -0.1}, "beta must be a number in [0, 1)"),
+    ({"stop_factor": 1.0}, "stop factor must be a number > 1"),
+    ({"stop_factor": float("nan")}, "stop factor must be a number > 1"),
+    ({"method": "median"}, "unknown suggestion method 'median'; choose one of steepest, valley, minimum_tenth"),
+])
+def test_bad_arguments_raise_config_error_before_anything_runs(kwargs, message):
+    model, opt, batches = make_problem("sgd", warm_steps=0)
+    called = []
+    with pytest.raises(ConfigError) as err:
+        range_test(model, opt, batches, lambda m, b: called.append(1), **kwargs)
+    assert message in str(err.value)
+    assert not called
+    exp = load_experiment("regression")
+    with pytest.raises(ConfigError) as err:
+        find_lr(exp, RunConfig(**exp.defaults), **kwargs)
+    assert message in str(err.value)
+
+
+def test_bad_inputs():
+    model, opt, batches = make_problem("sgd", warm_steps=0)
+    with pytest.raises(ConfigError, match="needs a torch.optim.Optimizer"):
+        range_test(model, "sgd", batches, loss_of)
+    with pytest.raises(ConfigError, match="cannot be iterated"):
+        range_test(model, opt, 42, loss_of)
+    with pytest.raises(ConfigError, match="yielded no batches in epoch 1"):
+        range_test(model, opt, [], loss_of)
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        range_test(model, opt, iter(batches), loss_of, steps=10)
+    with pytest.raises(ConfigError, match="must return a scalar"):
+        range_test(model, opt, batches, lambda m, b: (m(b[0]) - b[1]) ** 2)
+    with pytest.raises(ConfigError, match="does not require grad"):
+        range_test(model, opt, batches, lambda m, b: loss_of(m, b).detach())
+    with pytest.raises(ConfigError, match="as many learning rates as losses"):
+        suggest([1e-3, 1e-2], [1.0])
+    with pytest.raises(ConfigError, match="beta"):
+        suggest([1e-3], [1.0], beta=1.5)
+
+
+# --------------------------------------------------------------------------- the headless find_lr
+
+
+@pytest.fixture(scope="module")
+def regression_runs():
+    exp = load_experiment("regression")
+    cfg = RunConfig(**exp.defaults).merged({"device": "cpu"})
+    return find_lr(exp, cfg), find_lr(exp, cfg)
+
+
+def test_find_lr_on_the_regression_example_is_stable_and_sensible(regression_runs):
+    a, b = regression_runs
+    assert isinstance(a, RangeTestResult)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert a.suggestions == b.suggestions
+    s = a.suggestions
+    assert s.reason is None and s.best is not None and s.chosen == "valley"
+    # The sweep up to lr 10 makes this model diverge, and the test stops there.
+    assert a.stopped_early and "exceeded 4x its best" in a.stop_reason
+    lr_diverged = a.lrs[-1]
+    # Where the smoothed loss starts falling: the last rate before its minimum at which it is still
+    # within 10% of the way down from its early level to that minimum.
+    sm = a.smoothed
+    m = int(np.nanargmin(sm))
+    level = np.median(sm[: len(sm) // 5])
+    lr_falling = a.lrs[max(i for i in range(m) if sm[i] >= sm[m] + 0.9 * (level - sm[m]))]
+    assert lr_falling < s.steepest <= a.lrs[m]
+    assert lr_falling < s.valley <= a.lrs[m]
+    assert lr_falling < s.best < lr_diverged
+    assert s.minimum_tenth == pytest.approx(a.lrs[m] / 10)
+    lo, hi = s.band()
+    assert lr_falling < lo <= hi < lr_diverged
+
+
+def test_find_lr_leaves_nothing_of_the_sweep_in_the_curve(regression_runs):
+    a, _ = regression_runs
+    expected = 1e-7 * (10.0 / 1e-7) ** (np.arange(100) / 99)
+    np.testing.assert_allclose(a.lrs, expected[: len(a)], rtol=1e-12)
+    np.testing.assert_allclose(a.smoothed, smooth(a.losses, 0.98))
+    d = a.to_dict()
+    assert d["steps"] == 100 and d["steps_done"] == len(a) and d["suggestions"]["best"] == a.suggestions.best
+
+
+def test_find_lr_reports_script_errors_with_file_and_line():
+    exp = load_experiment(CORPUS / "data_fails_epoch2.py")
+    with pytest.raises(ScriptError) as err:
+        find_lr(exp, RunConfig(device="cpu"), steps=20)
+    assert "shard-0001.pt vanished" in str(err.value) and err.value.line is not None
+    assert "epoch 2" in str(err.value)
+
+
+def test_find_lr_on_a_corrupt_label_stops_with_a_reason():
+    exp = load_experiment(CORPUS / "nan_loss.py")
+    r = find_lr(exp, RunConfig(device="cpu"), steps=50)
+    assert r.stopped_early and r.stop_reason.startswith("the loss became nan")
+    assert len(r) == 4 and r.suggestions.best is None
+    assert "diverged after only 4 steps" in r.suggestions.reason
+
+
+# --------------------------------------------------------------------------- rows and CSV
+
+
+def test_rows_and_csv_round_trip(tmp_path):
+    values = [1.0, 0.5, 0.25, 1 / 3, float("nan")]
+    model, opt, batches, loss = scripted_losses(values)
+    r = range_test(model, opt, batches, loss, steps=10)
+    rows = r.to_rows()
+    assert [list(row) for row in rows] == [["lr", "loss", "smoothed"]] * len(values)
+    assert rows[3]["loss"] == float(np.float32(1 / 3))  # the loss tensor is float32
+    path = tmp_path / "lr_find.csv"
+    write_csv(r, path)
+    with open(path, newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert len(read) == len(values)
+    for row, got in zip(rows, read):
+        for k, v in row.items():
+            assert float(got[k]) == v or (math.isnan(v) and math.isnan(float(got[k])))
+    assert [p.name for p in tmp_path.iterdir()] == ["lr_find.csv"]  # no temporary file left
+    with pytest.raises(ConfigError, match="cannot write"):
+        write_csv(r, tmp_path / "missing" / "x.csv")
+
+
+def test_suggestions_band_and_best_by_hand():
+    s = Suggestions(1e-3, 3e-3, 2e-3, "minimum_tenth", None)
+    assert s.best == 2e-3 and s.band() == (1e-3, 3e-3)
+    assert Suggestions(None, None, None, "valley", "no finite losses").band() is None
+
+
+def test_progress_records_the_curve_as_it_goes():
+    model, opt, batches = make_problem("sgd")
+    progress = RangeTestProgress(25)
+    seen = []
+
+    def on_step(i, lr, loss):
+        progress.record(i, lr, loss)
+        seen.append(len(progress.view()["lr"]))
+
+    r = range_test(model, opt, batches, loss_of, start=1e-5, end=1e-2, steps=25, on_step=on_step)
+    assert seen == list(range(1, 26))
+    v = progress.view()
+    np.testing.assert_array_equal(v["lr"], r.lrs)
+    np.testing.assert_array_equal(v["loss"], r.losses)
+    np.testing.assert_allclose(v["smoothed"], r.smoothed)
+    assert not v["lr"].flags.writeable
