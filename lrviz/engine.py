@@ -212,6 +212,7 @@ class TrainingEngine:
         self.probe_steps: list[int] = []
         self.probe_values: dict[str, list[float]] = {}
         self.range_test_progress: list[tuple[float, float]] = []
+        self._range_cancel = False
         self._writer_start = (0, 0, 0)
 
     # ---- control, from any thread -------------------------------------------------------------
@@ -294,6 +295,10 @@ class TrainingEngine:
             self._attention = True
             self._cond.notify_all()
         return fut
+
+    def cancel_range_test(self) -> None:
+        """Stop a running range test early (its state is restored as usual)."""
+        self._range_cancel = True
 
     def _command(self, kind: str, data: dict[str, Any]) -> None:
         data = iv.check(kind, data)  # errors reach the caller, in its own thread
@@ -583,14 +588,18 @@ class TrainingEngine:
             return
         self.range_test_progress = []
         progress = self.range_test_progress
+        self._range_cancel = False
         try:
             self._flush_device()
             result = range_test(
                 self.model, self.optimizer, self._train_data, self._loss_of, device=self.device,
-                should_stop=lambda: self._stop_requested or fut.cancelled(),
+                should_stop=lambda: self._stop_requested or self._range_cancel,
                 on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
-        except Exception as exc:  # reported through the future; training goes on
+        except LrvizError as exc:  # reported through the future; training goes on
             fut.set_exception(exc)
+            return
+        except Exception as exc:
+            fut.set_exception(error_from_exception(exc, self.experiment.path, "the range test"))
             return
         s = result.suggestions
         self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,

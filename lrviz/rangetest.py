@@ -493,10 +493,8 @@ def range_test(
         raise ConfigError(f"range test needs a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"range test needs a torch.optim.Optimizer, not {type(optimizer).__name__}")
-    try:
-        iter(batches)
-    except TypeError:
-        raise ConfigError(f"range test data of type {type(batches).__name__} cannot be iterated") from None
+    if not isinstance(batches, Iterable):  # not iter(): creating a DataLoader iterator draws from the RNG
+        raise ConfigError(f"range test data of type {type(batches).__name__} cannot be iterated")
     dev = torch.device(device) if device is not None else None
     move = dev is not None and dev.type != "cpu"
     plan = start * (end / start) ** (np.arange(steps) / (steps - 1))

@@ -302,3 +302,29 @@ def test_buffer_readers_see_consistent_views_while_training(tiny):
     t.join()
     assert not errors
     assert len(eng.buffer) == 20_000
+
+
+def test_range_test_mid_training_restores_weights_and_training_goes_on(tiny):
+    """Paused after step s, a range test runs on the live weights; training then continues exactly."""
+    ref = TrainingEngine(tiny, RunConfig(lr=0.05, momentum=0.9, steps=120, seed=6))
+    ref.run()
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, momentum=0.9, steps=120, seed=6),
+                         interventions=[], start_paused=False)
+    eng.start()
+    wait_for(lambda: eng.step >= 40)
+    eng.pause()
+    wait_for(lambda: eng.state == "paused")
+    before = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    try:
+        result = eng.range_test(start=1e-5, end=10, steps=60).result(timeout=60)
+        after = {k: v.clone() for k, v in eng.model.state_dict().items()}  # still paused
+    finally:
+        eng.resume()
+    # on weights that already trained a while the curve may never fall: then no suggestion, with a reason
+    assert len(result.lrs) > 10 and (result.suggestions.best is not None or result.suggestions.reason)
+    assert len(eng.range_test_progress) == len(result.lrs)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert eng.join(60) and eng.state == "finished"
+    assert losses(eng).tobytes() == losses(ref).tobytes()
+    assert [e.kind for e in eng.events].count("range_test") == 1

@@ -591,3 +591,15 @@ def test_progress_records_the_curve_as_it_goes():
     np.testing.assert_array_equal(v["loss"], r.losses)
     np.testing.assert_allclose(v["smoothed"], r.smoothed)
     assert not v["lr"].flags.writeable
+
+
+def test_range_test_on_a_dataloader_leaves_the_global_rng_untouched():
+    """A DataLoader draws its shuffle seed from torch's global RNG when iterated; none of it may leak."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)
+    before = torch.get_rng_state().clone()
+    range_test(model, opt, loader, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+               start=1e-4, end=1.0, steps=20)
+    assert torch.equal(torch.get_rng_state(), before)
