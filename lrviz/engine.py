@@ -554,8 +554,7 @@ class TrainingEngine:
                 self._event("diverged", data, det.step)
                 raise DivergedError(f"{det.message}: the learning rate ({self.lrs[0]:.3g}) is probably too high; "
                                     "try it about 10x lower, or --on-divergence rollback")
-            self._event("warning", data, det.step)
-            self.guard.reset()
+            self._event("warning", data, det.step)  # the guard itself stays quiet for this episode
             self.detection = None
         elif policy == "pause":
             self._event("diverged", data, det.step)
@@ -935,12 +934,9 @@ class TrainingEngine:
         buf.n = n + j
         guard = self.guard
         if guard is not None:
-            gns = np.sqrt(host[1])
-            for i in range(j):
-                det = guard.update(buf.first_step + n + i, float(host[0][i]), float(gns[i]))
-                if det is not None:
-                    self._on_detection(det)
-                    break
+            det = guard.update_many(buf.first_step + n, host[0], np.sqrt(host[1]))
+            if det is not None:
+                self._on_detection(det)
             return
         bad = np.flatnonzero(~np.isfinite(host[0]))
         if bad.size:

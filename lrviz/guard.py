@@ -11,7 +11,8 @@ running statistics and two small ring buffers, so the common case costs about a 
 - ``grad_spike``: the gradient norm jumped above ``grad_spike_factor`` x its running root mean square
   (for steady norms that is the average; heavy-tailed batch noise, as at batch size 1, raises it);
 - ``oscillation``: over the last ``oscillation_window`` steps the loss went up, down, up, down
-  (almost every step-to-step difference changed sign) and the swings kept growing.
+  (almost every step-to-step difference changed sign) and the swings kept growing (checked every
+  4th step, once the window is full).
 
 Nothing fires during the first ``warmup_steps`` steps except ``nonfinite``. After a detection the
 same kind stays silent until its condition has been clear for ``quiet_steps`` steps, so one episode
@@ -153,8 +154,8 @@ class DivergenceGuard:
     call :meth:`reset` after rolling the model back, since the history no longer applies.
     """
 
-    __slots__ = ("config", "_warm", "_osc_from", "_k", "_m2", "_cap", "_quiet", "_w", "_need_alt", "_need_grow",
-                 "_check_nonfinite", "_check_explosion", "_check_spike", "_check_oscillation") + _STATE
+    __slots__ = ("config", "_warm", "_osc_from", "_k", "_m2", "_cap", "_quiet", "_w", "_need_alt",
+                 "_need_grow", "_check_nonfinite", "_check_explosion", "_check_spike", "_check_oscillation") + _STATE
 
     def __init__(self, config: GuardConfig | None = None):
         self.config = config if config is not None else GuardConfig()
@@ -182,7 +183,7 @@ class DivergenceGuard:
         """Forget the history (after a roll-back); keep the config."""
         inf = math.inf
         self._n = 0  # finite steps seen
-        self._avg = self._gsq = 0.0
+        self._avg = 0.0
         self._corr = 1.0  # BETA ** n, for debiasing
         self._best = inf  # best smoothed loss
         self._thr = inf  # explosion threshold derived from it
