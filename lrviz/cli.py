@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="write lr_find.csv, lr_find.json and lr_find.png here")
     _common(p)
 
+    from . import sweep
+
+    p = sub.add_parser("sweep", help="train at several learning rates, one after another; compare them")
+    sweep.add_arguments(p)
+
     p = sub.add_parser("runs", help="list stored runs")
     _common(p)
 
@@ -502,7 +507,13 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import command
+
+    return command(args)
+
+
+HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,
             "export": cmd_export}
 
 

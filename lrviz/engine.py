@@ -748,6 +748,7 @@ class TrainingEngine:
         loss_of = self._loss_of
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         gnorm = _GradNorm(params)
+        flat = None
         buf = self.buffer
         max_steps = cfg.steps
         max_epochs = cfg.epochs
@@ -806,7 +807,10 @@ class TrainingEngine:
                 if move:
                     batch = to_device(batch, device)
                 try:
-                    gnorm.zero(opt)
+                    if flat is not None:
+                        flat.zero_()
+                    else:
+                        opt.zero_grad(set_to_none=True)
                     loss = loss_of(model, batch)
                     if first:
                         self._check_loss(loss)
@@ -822,7 +826,9 @@ class TrainingEngine:
                 except Exception as exc:
                     raise exp.describe_batch_error(
                         exc, batch, f"training step {step} (epoch {self.epoch + 1})") from exc
-                first = False
+                if first:
+                    first = False
+                    flat = gnorm.flat  # bound after the first step when every parameter got a gradient
                 batches += 1
                 now = perf() - t0
                 self.step = step + 1

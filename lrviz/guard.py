@@ -117,7 +117,7 @@ class GuardConfig:
     oscillation_window: int = 20
     enabled: tuple[str, ...] = KINDS
     quiet_steps: int = 50
-    min_rise: float = 0.05
+    min_rise: float = 0.25
 
     def __post_init__(self) -> None:
         self.enabled = tuple(self.enabled)
