@@ -77,6 +77,8 @@ class RunConfig:
     divergence: str = "stop"
     #: Stop when the validation loss has not improved for this many validation passes.
     early_stopping: int | None = None
+    #: At most this many steps a second (slow motion, to watch a fast run); None: full speed.
+    pace: float | None = None
 
     def validated(self) -> RunConfig:
         """Check every field; raise ConfigError naming the setting and the problem."""
@@ -98,6 +100,8 @@ class RunConfig:
         c.eval_every = _positive_int(c.eval_every, "eval every")
         c.checkpoint_every = _positive_int(c.checkpoint_every, "checkpoint every")
         c.early_stopping = _positive_int(c.early_stopping, "early stopping patience")
+        if c.pace is not None:
+            c.pace = _non_negative(c.pace, "pace (steps per second)") or None
         if c.divergence not in DIVERGENCE_POLICIES:
             raise ConfigError(f"unknown divergence policy {c.divergence!r}; choose one of "
                               f"{', '.join(DIVERGENCE_POLICIES)}")

@@ -213,6 +213,7 @@ class TrainingEngine:
         self.probe_values: dict[str, list[float]] = {}
         self.range_test_progress: list[tuple[float, float]] = []
         self._range_cancel = False
+        self._pace: float | None = self.config.pace
         self._writer_start = (0, 0, 0)
 
     # ---- control, from any thread -------------------------------------------------------------
@@ -253,6 +254,13 @@ class TrainingEngine:
     def stop(self) -> None:
         """Stop at the next step boundary (or between validation batches)."""
         self._signal(_stop_requested=True)
+
+    def set_pace(self, steps_per_second: float | None) -> None:
+        """Slow motion: at most this many steps a second (None or 0: full speed). Takes effect at once."""
+        pace = float(steps_per_second) if steps_per_second else None
+        if pace is not None and not (math.isfinite(pace) and pace > 0):
+            raise ConfigError(f"pace must be a number of steps per second > 0, not {steps_per_second!r}")
+        self._signal(_pace=pace)
 
     def set_lr(self, lr: Any) -> None:
         """Use ``lr`` from the next step on (a running schedule is rescaled to continue from it)."""
@@ -846,6 +854,8 @@ class TrainingEngine:
                     self._stage(step, loss, gn2, now)
                 if probe is not None:
                     self._record_probe(step)
+                if self._pace is not None:
+                    self._wait_for_pace(now)
                 if self._step_budget is not None:
                     self._count_budget()
                 if eval_every is not None and has_val and self.step % eval_every == 0:
@@ -869,6 +879,18 @@ class TrainingEngine:
         last_val = self.validation[-1].step if self.validation else -1
         if has_val and last_val != self.step - 1:
             self._validate()
+
+    def _wait_for_pace(self, now: float) -> None:
+        """Sleep until the next step is due (woken early by any command, so pause and stop stay prompt)."""
+        pace = self._pace
+        last = getattr(self, "_paced_at", None)
+        due = now if last is None else last + 1.0 / pace
+        delay = due - now
+        if delay > 0:
+            with self._cond:
+                if not self._attention:
+                    self._cond.wait(delay)
+        self._paced_at = max(due, now) if delay > -0.1 else now
 
     def _count_budget(self) -> None:
         with self._cond:

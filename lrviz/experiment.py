@@ -27,7 +27,8 @@ from .errors import ScriptError
 
 DEFAULT_KEYS = (
     "lr", "optimizer", "momentum", "weight_decay", "epochs", "steps",
-    "schedule", "batch_size", "seed", "eval_every", "nesterov",
+    "schedule", "batch_size", "seed", "eval_every", "nesterov", "pace", "checkpoint_every",
+    "early_stopping",
 )
 DEFAULT_EXAMPLE = "classification.py"
 

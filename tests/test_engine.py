@@ -328,3 +328,20 @@ def test_range_test_mid_training_restores_weights_and_training_goes_on(tiny):
     assert eng.join(60) and eng.state == "finished"
     assert losses(eng).tobytes() == losses(ref).tobytes()
     assert [e.kind for e in eng.events].count("range_test") == 1
+
+
+def test_pace_slows_the_run_and_stays_steerable(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=10_000, pace=100))
+    eng.start()
+    wait_for(lambda: eng.step > 0)  # the first step of a process imports torch._dynamo (~1 s)
+    n0 = eng.step
+    time.sleep(0.5)
+    n = eng.step - n0
+    assert 20 <= n <= 80, n  # ~50 steps in half a second at 100 steps/s
+    n = eng.step
+    eng.set_pace(None)
+    wait_for(lambda: eng.step > n + 500)
+    eng.set_pace(50)
+    t = time.perf_counter()
+    eng.stop()
+    assert eng.join(5) and time.perf_counter() - t < 0.5
