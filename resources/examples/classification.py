@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-DEFAULTS = {"lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "epochs": 40, "batch_size": 64, "seed": 0}
+DEFAULTS = {"lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "epochs": 300, "batch_size": 64, "seed": 0}
 
 
 def _spirals(n, noise, generator):

@@ -1,0 +1,102 @@
+"""Fixtures for driving the real main window: scripts written to tmp_path, message boxes recorded."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pyqtgraph")
+
+from lrviz.ui.main_window import MainWindow  # noqa: E402
+from PySide6.QtWidgets import QFileDialog, QMessageBox  # noqa: E402
+
+SCRIPT = '''\
+"""Tiny test experiment: a linear target learned by a small MLP.
+
+What to try: anything; it trains in well under a second.
+"""
+
+import time
+
+import torch
+from torch import nn
+
+DEFAULTS = {{"lr": 0.05, "optimizer": "sgd", "steps": {steps}, "seed": 0, "batch_size": 16}}
+PARAMS = {{"delay": {delay}}}
+DELAY = {delay}
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def build_data(batch_size=16, delay={delay}):
+    global DELAY
+    DELAY = delay
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = x.sum(1, keepdim=True) * 0.5
+    train = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, 256, batch_size)]
+    return train, [(x[:64], y[:64])]
+
+
+def loss_fn(output, target):
+    if DELAY:
+        time.sleep(DELAY)  # slow enough to steer by hand
+    return nn.functional.mse_loss(output, target)
+'''
+
+
+@pytest.fixture
+def make_script(tmp_path: Path):
+    """Write an experiment script: ``make_script(name, steps=..., delay=...)`` or raw ``source=``."""
+
+    def make(name: str = "tiny.py", *, steps: int = 60, delay: float = 0.0, source: str | None = None) -> Path:
+        path = tmp_path / name
+        text = SCRIPT.format(steps=steps, delay=delay) if source is None else textwrap.dedent(source)
+        path.write_text(text)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def shown(monkeypatch: pytest.MonkeyPatch) -> list[QMessageBox]:
+    """Message boxes the app opened (recorded, never shown, so nothing blocks)."""
+    boxes: list[QMessageBox] = []
+    monkeypatch.setattr(QMessageBox, "open", lambda self, *a: boxes.append(self))
+    monkeypatch.setattr(QMessageBox, "exec", lambda self, *a: boxes.append(self) or 0)
+    return boxes
+
+
+@pytest.fixture
+def window(qtbot, tmp_path: Path, shown):
+    """The main window on a run store in tmp_path, shown; its run is stopped at the end."""
+    w = MainWindow(store_path=str(tmp_path / "store"))
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    yield w
+    w.shutdown(10)
+
+
+@pytest.fixture
+def open_script(qtbot, window: MainWindow, monkeypatch: pytest.MonkeyPatch):
+    """``open_script(path, ok=True)``: click Open, pick ``path`` in the (patched) file dialog, wait."""
+    from PySide6.QtCore import Qt
+
+    def open_(path: Path, ok: bool = True) -> None:
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(path), "")))
+        button = window.toolbar.widgetForAction(window.act_open)
+        with qtbot.waitSignal(window.scriptLoaded, timeout=30000) as blocker:
+            qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+        loaded = blocker.args[0]
+        if ok:
+            assert loaded == str(Path(path).resolve()), window.messages
+        else:
+            assert loaded == ""
+
+    return open_

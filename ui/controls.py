@@ -1,0 +1,395 @@
+"""The control panel: learning rate, schedule, optimizer and its hyperparameters, run settings,
+and the script's own knobs (PARAMS). It only holds values and says what the user asked for; the
+main window talks to the engine."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lrviz.config import OPTIMIZER_NAMES, RunConfig
+from lrviz.errors import ConfigError
+
+from . import _compat  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
+from .schedule_editor import ScheduleEditor
+from .widgets import (
+    ErrorLabel,
+    LrControl,
+    ValidatedLineEdit,
+    format_number,
+    parse_float_in,
+    parse_int_at_least,
+)
+
+if TYPE_CHECKING:
+    from lrviz.experiment import Experiment
+
+
+def _param_parser(default: Any, name: str):  # noqa: ANN202 - returns a parser
+    """A parser for a PARAMS knob that keeps the type of its default."""
+
+    def parse(text: str) -> Any:
+        if isinstance(default, bool):
+            raise ConfigError(f"{name} is a checkbox")
+        if isinstance(default, int):
+            try:
+                return int(text)
+            except ValueError:
+                raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
+        if isinstance(default, float):
+            try:
+                v = float(text)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, not {text!r}") from None
+            if not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, not {text!r}")
+            return v
+        return text
+
+    return parse
+
+
+def _param_choices(exp: Experiment) -> dict[str, tuple]:
+    """The script's ``PARAM_CHOICES`` (knob name -> allowed values), those that are well formed."""
+    raw = getattr(exp.module, "PARAM_CHOICES", None)
+    if not isinstance(raw, dict):
+        return {}
+    return {k: tuple(v) for k, v in raw.items() if isinstance(k, str) and isinstance(v, (list, tuple)) and v}
+
+
+def _form() -> QFormLayout:
+    f = QFormLayout()
+    f.setContentsMargins(6, 4, 6, 4)
+    f.setHorizontalSpacing(8)
+    f.setVerticalSpacing(4)
+    f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
+    return f
+
+
+class ControlPanel(QScrollArea):
+    """Every setting of a run, in groups; scrolls when the window is short.
+
+    Signals: ``lrCommitted(float)`` (the LR entry or slider), ``scheduleApplied(str)`` (the schedule
+    editor's Apply; "" for none), ``hyperparamsApplied(dict)`` (momentum/weight decay mid-run).
+    """
+
+    lrCommitted = Signal(float)
+    scheduleApplied = Signal(str)
+    hyperparamsApplied = Signal(dict)
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setFrameShape(QScrollArea.Shape.NoFrame)
+        body = QWidget()
+        body.setObjectName("controlBody")
+        col = QVBoxLayout(body)
+        col.setContentsMargins(4, 4, 4, 4)
+        col.setSpacing(6)
+
+        # Learning rate
+        self.lr = LrControl(0.01)
+        self.lr_group = QGroupBox("Learning rate")
+        lay = QVBoxLayout(self.lr_group)
+        lay.setContentsMargins(6, 4, 6, 4)
+        lay.addWidget(self.lr)
+        col.addWidget(self.lr_group)
+
+        # Schedule
+        self.schedule = ScheduleEditor()
+        self.schedule_group = QGroupBox("Schedule")
+        lay = QVBoxLayout(self.schedule_group)
+        lay.setContentsMargins(6, 4, 6, 4)
+        lay.addWidget(self.schedule)
+        col.addWidget(self.schedule_group)
+
+        # Optimizer
+        self.optimizer = QComboBox()
+        self.optimizer.setObjectName("optimizerCombo")
+        self.optimizer.addItems(list(OPTIMIZER_NAMES))
+        self.momentum = ValidatedLineEdit(parse_float_in(0.0, 1.0, "momentum", high_open=True), "0",
+                                          tooltip="momentum (beta1 for Adam and AdamW), in [0, 1)")
+        self.momentum.setObjectName("momentumEdit")
+        self.weight_decay = ValidatedLineEdit(parse_float_in(0.0, None, "weight decay"), "0",
+                                              tooltip="weight decay (L2 penalty), >= 0")
+        self.weight_decay.setObjectName("weightDecayEdit")
+        self.nesterov = QCheckBox("Nesterov")
+        self.nesterov.setToolTip("Nesterov momentum (SGD with momentum > 0)")
+        self.apply_hyper = QPushButton("Apply to run")
+        self.apply_hyper.setObjectName("applyHyperparams")
+        self.apply_hyper.setToolTip("change momentum and weight decay of the running optimizer from the next step")
+        self.apply_hyper.setAutoDefault(False)
+        self.optimizer_note = QLabel("")
+        self.optimizer_note.setWordWrap(True)
+        self.optimizer_note.setStyleSheet("color: #777777; font-size: 8pt;")
+        self.optimizer_errors = ErrorLabel()
+        self.optimizer_errors.watch(self.momentum, self.weight_decay)
+        self.opt_group = QGroupBox("Optimizer")
+        f = _form()
+        f.addRow("optimizer", self.optimizer)
+        f.addRow("momentum", self.momentum)
+        f.addRow("weight decay", self.weight_decay)
+        row = QHBoxLayout()
+        row.addWidget(self.nesterov)
+        row.addStretch(1)
+        row.addWidget(self.apply_hyper)
+        f.addRow(row)
+        f.addRow(self.optimizer_note)
+        f.addRow(self.optimizer_errors)
+        self.opt_group.setLayout(f)
+        col.addWidget(self.opt_group)
+
+        # Run settings
+        self.device = QComboBox()
+        self.device.setObjectName("deviceCombo")
+        self.device.addItems(["auto", "cpu"])
+        self.length_kind = QComboBox()
+        self.length_kind.setObjectName("lengthKind")
+        self.length_kind.addItems(["steps", "epochs"])
+        self.length = QSpinBox()
+        self.length.setObjectName("lengthSpin")
+        self.length.setRange(1, 1_000_000_000)
+        self.length.setValue(10)
+        self.length.setGroupSeparatorShown(True)
+        self.batch_size = QSpinBox()
+        self.batch_size.setObjectName("batchSizeSpin")
+        self.batch_size.setRange(1, 1_000_000)
+        self.batch_size.setValue(32)
+        self.seed = QSpinBox()
+        self.seed.setObjectName("seedSpin")
+        self.seed.setRange(0, 2**31 - 1)
+        self.eval_every = ValidatedLineEdit(parse_int_at_least(1, "eval every"), "", allow_empty=True,
+                                            placeholder="once per epoch",
+                                            tooltip="validate every this many steps (empty: once per epoch)")
+        self.eval_every.setObjectName("evalEveryEdit")
+        self.run_errors = ErrorLabel()
+        self.run_errors.watch(self.eval_every)
+        self.run_group = QGroupBox("Run")
+        f = _form()
+        f.addRow("device", self.device)
+        length_row = QHBoxLayout()
+        length_row.addWidget(self.length, 1)
+        length_row.addWidget(self.length_kind)
+        f.addRow("length", length_row)
+        f.addRow("batch size", self.batch_size)
+        f.addRow("seed", self.seed)
+        f.addRow("eval every", self.eval_every)
+        f.addRow(self.run_errors)
+        self.run_group.setLayout(f)
+        col.addWidget(self.run_group)
+
+        # Script knobs
+        self.params_group = QGroupBox("Script parameters")
+        self.params_form = _form()
+        self.params_group.setLayout(self.params_form)
+        self.params_errors = ErrorLabel()
+        self.param_fields: dict[str, Any] = {}
+        col.addWidget(self.params_group)
+        self.params_group.hide()
+
+        self.config_errors = ErrorLabel()
+        self.config_errors.setObjectName("configErrors")
+        col.addWidget(self.config_errors)
+        col.addStretch(1)
+        self.setWidget(body)
+        # Wide enough for the forms plus the vertical scroll bar: nothing is clipped on the right.
+        self.setMinimumWidth(max(310, body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 6))
+
+        self._custom_optimizer = False
+        self._running = False
+        self.lr.lrCommitted.connect(self.lrCommitted)
+        self.schedule.applyRequested.connect(self.scheduleApplied)
+        self.apply_hyper.clicked.connect(self._on_apply_hyperparams)
+        self.optimizer.currentTextChanged.connect(self._update_enabled)
+        self.momentum.textChanged.connect(self._update_enabled)
+        self.set_running(False)
+
+    # ---- experiment ---------------------------------------------------------------------------
+    def set_devices(self, devices: list[str]) -> None:
+        current = self.device.currentText()
+        self.device.clear()
+        self.device.addItems(devices)
+        if current in devices:
+            self.device.setCurrentText(current)
+
+    def set_experiment(self, exp: Experiment) -> None:
+        """Fill the controls from the script's DEFAULTS and build the PARAMS form."""
+        cfg = RunConfig(**exp.defaults)
+        self.lr.set_value(float(cfg.lr))
+        self._custom_optimizer = exp.has_custom_optimizer
+        if str(cfg.optimizer).lower() in OPTIMIZER_NAMES:
+            self.optimizer.setCurrentText(str(cfg.optimizer).lower())
+        self.momentum.setText(format_number(float(cfg.momentum), 6))
+        self.weight_decay.setText(format_number(float(cfg.weight_decay), 6))
+        self.nesterov.setChecked(bool(cfg.nesterov))
+        self.optimizer_note.setText("this script builds its own optimizer (build_optimizer)"
+                                    if self._custom_optimizer else "")
+        self.optimizer_note.setVisible(self._custom_optimizer)
+        if cfg.steps is not None:
+            self.length_kind.setCurrentText("steps")
+            self.length.setValue(int(cfg.steps))
+        else:
+            self.length_kind.setCurrentText("epochs")
+            self.length.setValue(int(cfg.epochs or 10))
+        self.batch_size.setEnabled(exp.accepts_batch_size)
+        self.batch_size.setToolTip("" if exp.accepts_batch_size else "this script's build_data() takes no batch_size")
+        default_bs = cfg.batch_size
+        if default_bs is None and exp.accepts_batch_size:
+            import inspect
+
+            param = inspect.signature(exp.module.build_data).parameters.get("batch_size")
+            if param is not None and isinstance(param.default, int):
+                default_bs = param.default
+        self.batch_size.setValue(int(default_bs or 32))
+        self.seed.setValue(int(cfg.seed or 0))
+        self.eval_every.setText("" if cfg.eval_every is None else str(cfg.eval_every))
+        if cfg.device in [self.device.itemText(i) for i in range(self.device.count())]:
+            self.device.setCurrentText(cfg.device)
+        self.schedule.set_spec(cfg.schedule)
+        self._choices = _param_choices(exp)
+        self._build_params(exp.params, self._choices)
+        self.config_errors.show_error(None)
+        self._update_enabled()
+
+    def _build_params(self, params: dict[str, Any], choices: dict[str, tuple] | None = None) -> None:
+        while self.params_form.rowCount():
+            self.params_form.removeRow(0)
+        self.param_fields = {}
+        choices = choices or {}
+        for name, default in params.items():
+            if isinstance(default, bool):
+                w: Any = QCheckBox()
+                w.setChecked(default)
+            elif name in choices:
+                w = QComboBox()
+                w.addItems([str(c) for c in choices[name]])
+                if str(default) not in [str(c) for c in choices[name]]:
+                    w.insertItem(0, str(default))
+                w.setCurrentText(str(default))
+                w.setToolTip(f"one of {', '.join(str(c) for c in choices[name])}")
+            else:
+                w = ValidatedLineEdit(_param_parser(default, name), str(default), tooltip=f"default {default!r}")
+            w.setObjectName(f"param_{name}")
+            self.param_fields[name] = (w, default)
+            self.params_form.addRow(name, w)
+        self.params_errors = ErrorLabel()
+        self.params_errors.watch(*[w for w, _ in self.param_fields.values() if isinstance(w, ValidatedLineEdit)])
+        self.params_form.addRow(self.params_errors)
+        self.params_group.setVisible(bool(params))
+
+    # ---- state -----------------------------------------------------------------------------------
+    def set_running(self, running: bool) -> None:
+        """Before a run everything is editable; during one only what the engine can change live."""
+        self._running = running
+        for w in (self.device, self.length, self.length_kind, self.seed, self.eval_every, self.params_group):
+            w.setEnabled(not running)
+        self.batch_size.setEnabled(not running and self.batch_size.toolTip() == "")
+        self._update_enabled()
+
+    def _update_enabled(self, *_: object) -> None:
+        custom = self._custom_optimizer
+        self.optimizer.setEnabled(not self._running and not custom)
+        try:
+            mom = float(self.momentum.text())
+        except ValueError:
+            mom = 0.0
+        self.nesterov.setEnabled(not self._running and not custom and self.optimizer.currentText() == "sgd"
+                                 and mom > 0)
+        if not self.nesterov.isEnabled() and not self._running:
+            self.nesterov.setChecked(False)
+        self.apply_hyper.setVisible(self._running)
+        self.momentum.setEnabled(not custom or self._running)
+        self.weight_decay.setEnabled(not custom or self._running)
+
+    def _on_apply_hyperparams(self) -> None:
+        try:
+            values = {"momentum": self.momentum.value(), "weight_decay": self.weight_decay.value()}
+        except ConfigError:
+            return
+        self.hyperparamsApplied.emit(values)
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def param_value(self, name: str) -> Any:
+        """The value of script knob ``name`` as set in the form (ConfigError when the text is invalid)."""
+        w, default = self.param_fields[name]
+        if isinstance(w, QCheckBox):
+            return w.isChecked()
+        if isinstance(w, QComboBox):
+            text = w.currentText()
+            raw = getattr(self, "_choices", {}).get(name, ())
+            for c in raw:  # give back the choice itself (e.g. an int), not its text
+                if str(c) == text:
+                    return c
+            return type(default)(text) if isinstance(default, (int, float)) and not isinstance(default, bool) \
+                else text
+        return w.value()
+
+    def add_section(self, widget: QWidget) -> None:
+        """Add a group of settings (e.g. the divergence guard's) below the others."""
+        lay = self.widget().layout()
+        lay.insertWidget(lay.indexOf(self.config_errors), widget)
+
+    def invalid_fields(self) -> list[ValidatedLineEdit]:
+        fields = [self.lr.edit, self.momentum, self.weight_decay, self.eval_every]
+        fields += [w for w, _ in self.param_fields.values() if isinstance(w, ValidatedLineEdit)]
+        return [f for f in fields if f.isEnabled() and not f.is_valid()]
+
+    def config(self, exp: Experiment, schedule: str | None = None) -> RunConfig:
+        """The run configuration: the script's DEFAULTS overridden by the controls (checked), with
+        ``schedule`` (the one applied before the start; None for none).
+
+        Raises ConfigError naming the setting (and marks the field) when something is invalid.
+        """
+        bad = self.invalid_fields()
+        if bad:
+            bad[0].setFocus()
+            raise ConfigError(bad[0].error() or "invalid value")
+        base = RunConfig(**exp.defaults)
+        overrides: dict[str, Any] = {
+            "lr": self.lr.value(),
+            "device": self.device.currentText(),
+            "seed": self.seed.value(),
+            "schedule": None,
+        }
+        if not self._custom_optimizer:
+            overrides.update(optimizer=self.optimizer.currentText(), momentum=self.momentum.value(),
+                             weight_decay=self.weight_decay.value(), nesterov=self.nesterov.isChecked())
+        if exp.accepts_batch_size:
+            overrides["batch_size"] = self.batch_size.value()
+        params = {}
+        for name, (_, default) in self.param_fields.items():
+            value = self.param_value(name)
+            if value != default:
+                params[name] = value
+        overrides["params"] = params
+        cfg = base.merged(overrides)
+        # merged() skips None, so the length and eval interval are set directly (None clears them).
+        steps = self.length.value() if self.length_kind.currentText() == "steps" else None
+        epochs = self.length.value() if steps is None else None
+        cfg.steps, cfg.epochs = steps, epochs
+        cfg.eval_every = self.eval_every.value()
+        cfg.schedule = schedule
+        try:
+            cfg = cfg.validated()
+        except ConfigError as exc:
+            self.config_errors.show_error(str(exc))
+            raise
+        self.config_errors.show_error(None)
+        return cfg

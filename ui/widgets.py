@@ -1,0 +1,299 @@
+"""Small input widgets that refuse invalid values at the field, with the reason shown."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lrviz.config import parse_lr
+from lrviz.errors import ConfigError, LrvizError
+
+from . import (
+    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
+    theme,
+)
+
+
+def breakable(text: str) -> str:
+    """``text`` with zero-width spaces after ``, : + ;`` so a word-wrapped label can break long specs."""
+    for ch in ",:+;":
+        text = text.replace(ch, ch + "\u200b")
+    return text
+
+
+def format_number(x: float, digits: int = 3) -> str:
+    """A short, exact-enough text for a rate or loss: ``0.01``, ``3e-04``, ``1.25``."""
+    if x is None or not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    text = f"{x:.{digits}g}"
+    if "e" in text:
+        mant, exp = text.split("e")
+        return f"{mant}e{int(exp)}"
+    return text
+
+
+class ErrorLabel(QLabel):
+    """A word-wrapped red message under a form; hidden while empty."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWordWrap(True)
+        # long messages wrap inside the panel instead of widening it
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setStyleSheet(f"color: {theme.ERROR_COLOUR};")
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.hide()
+
+    def show_error(self, message: str | None) -> None:
+        self.setText(breakable(message or ""))
+        self.setToolTip(message or "")
+        self.setVisible(bool(message))
+
+    def watch(self, *fields: ValidatedLineEdit) -> None:
+        """Show the first error of ``fields`` (kept up to date as they change)."""
+        self._fields = [*getattr(self, "_fields", []), *fields]
+        for f in fields:
+            f.errorChanged.connect(self._on_field_error)
+        self._on_field_error()
+
+    def _on_field_error(self, *_: object) -> None:
+        errors = [f.error() for f in self._fields if f.isEnabled() and f.error()]
+        self.show_error(errors[0] if errors else None)
+
+
+class ValidatedLineEdit(QLineEdit):
+    """A line edit whose text is checked by ``parse`` (which raises ConfigError with the reason).
+
+    Invalid text gets a red border and the reason as tooltip (an :class:`ErrorLabel` can show it too);
+    ``value()`` returns the parsed value or raises. Empty text means ``None`` when ``allow_empty``.
+    """
+
+    validityChanged = Signal(bool)
+    errorChanged = Signal(str)
+
+    def __init__(
+        self,
+        parse: Callable[[str], Any],
+        text: str = "",
+        *,
+        allow_empty: bool = False,
+        placeholder: str = "",
+        tooltip: str = "",
+        parent: QWidget | None = None,
+    ):
+        super().__init__(text, parent)
+        self._parse = parse
+        self._allow_empty = allow_empty
+        self._tooltip = tooltip
+        self._error: str | None = None
+        self._external: str | None = None
+        if placeholder:
+            self.setPlaceholderText(placeholder)
+        self.setToolTip(tooltip)
+        self.textChanged.connect(self._on_text_changed)
+        self._on_text_changed(text)
+
+    def set_parser(self, parse: Callable[[str], Any]) -> None:
+        self._parse = parse
+        self._on_text_changed(self.text())
+
+    def _check(self, text: str) -> str | None:
+        if not text.strip():
+            return None if self._allow_empty else "a value is required"
+        try:
+            self._parse(text.strip())
+        except LrvizError as exc:
+            return str(exc)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        return None
+
+    def _on_text_changed(self, text: str) -> None:
+        was = self.is_valid()
+        self._external = None
+        self._error = self._check(text)
+        self._show()
+        if was != self.is_valid():
+            self.validityChanged.emit(self.is_valid())
+
+    def _show(self) -> None:
+        msg = self.error()
+        self.setStyleSheet(f"QLineEdit {{ {theme.ERROR_STYLE} }}" if msg else "")
+        self.setToolTip(msg or self._tooltip)
+        self.errorChanged.emit(msg or "")
+
+    def set_error(self, message: str | None) -> None:
+        """Mark the field invalid for a reason found elsewhere (e.g. by the engine); cleared on edit."""
+        was = self.is_valid()
+        self._external = message
+        self._show()
+        if was != self.is_valid():
+            self.validityChanged.emit(self.is_valid())
+
+    def error(self) -> str | None:
+        return self._error or self._external
+
+    def is_valid(self) -> bool:
+        return getattr(self, "_error", None) is None and getattr(self, "_external", None) is None
+
+    def value(self) -> Any:
+        """The parsed value (None for empty text when allowed); raises ConfigError when invalid."""
+        text = self.text().strip()
+        if not text and self._allow_empty:
+            return None
+        if self._error:
+            raise ConfigError(self._error)
+        return self._parse(text)
+
+
+def parse_float_in(low: float, high: float | None, what: str, high_open: bool = False) -> Callable[[str], float]:
+    """A parser for a number in ``[low, high]`` (or ``[low, high)``) raising ConfigError naming ``what``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, not {text!r}") from None
+        bad = not math.isfinite(v) or v < low
+        if high is not None:
+            bad = bad or (v >= high if high_open else v > high)
+        if bad:
+            rng = f"in [{low:g}, {high:g}{')' if high_open else ']'}" if high is not None else f">= {low:g}"
+            raise ConfigError(f"{what} must be {rng}, not {text!r}")
+        return v
+
+    return parse
+
+
+def parse_int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """A parser for a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a whole number, not {text!r}") from None
+        if v < low:
+            raise ConfigError(f"{what} must be >= {low}, not {v}")
+        return v
+
+    return parse
+
+
+class LrControl(QWidget):
+    """A learning-rate entry (accepts ``3e-4``) and a log-scale slider that stay in sync.
+
+    ``lrCommitted(float)`` is emitted on Enter, on the Set button, and when the slider is released.
+    """
+
+    lrCommitted = Signal(float)
+    LOG_MIN = -6.0
+    LOG_MAX = 1.0
+    TICKS = 700
+
+    def __init__(self, lr: float = 0.01, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.error_label = ErrorLabel(self)
+        self.edit = ValidatedLineEdit(parse_lr, format_number(lr, 4), tooltip="learning rate, e.g. 0.01 or 3e-4")
+        self.error_label.watch(self.edit)
+        self.edit.setObjectName("lrEdit")
+        self.edit.setMaximumWidth(90)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setObjectName("lrSlider")
+        self.slider.setRange(0, self.TICKS)
+        self.slider.setToolTip("learning rate, log scale from 1e-6 to 10")
+        self.slider.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.set_button = QPushButton("Set")
+        self.set_button.setObjectName("lrSet")
+        self.set_button.setToolTip("use this rate (mid-run: from the next step on)")
+        self.set_button.setAutoDefault(False)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.edit)
+        row.addWidget(self.slider, 1)
+        row.addWidget(self.set_button)
+        self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.slider.setTickInterval(self.TICKS // int(self.LOG_MAX - self.LOG_MIN))  # one tick a decade
+        scale = QHBoxLayout()
+        scale.setContentsMargins(0, 0, 0, 0)
+        for text, align in (("1e-6", Qt.AlignmentFlag.AlignLeft), ("10", Qt.AlignmentFlag.AlignRight)):
+            lab = QLabel(text)
+            lab.setAlignment(align)
+            lab.setStyleSheet(f"color: {theme.GREY}; font-size: 8pt;")
+            scale.addWidget(lab, 1)
+        col = QVBoxLayout(self)
+        col.setContentsMargins(0, 0, 0, 0)
+        col.setSpacing(2)
+        col.addLayout(row)
+        slider_row = QHBoxLayout()
+        slider_row.setContentsMargins(self.edit.maximumWidth() + 6, 0, self.set_button.sizeHint().width() + 6, 0)
+        slider_row.addLayout(scale)
+        col.addLayout(slider_row)
+        col.addWidget(self.error_label)
+        self._syncing = False
+        self._sync_slider(lr)
+        self.edit.textChanged.connect(self._on_text_changed)
+        self.edit.returnPressed.connect(self._on_commit)
+        self.set_button.clicked.connect(self._on_commit)
+        self.slider.valueChanged.connect(self._on_slider_moved)
+        self.slider.sliderReleased.connect(self._on_commit)
+
+    def value(self) -> float:
+        """The rate in the entry; raises ConfigError when it is not a valid rate."""
+        return self.edit.value()
+
+    def set_value(self, lr: float) -> None:
+        self._syncing = True
+        try:
+            self.edit.setText(format_number(lr, 4))
+            self._sync_slider(lr)
+        finally:
+            self._syncing = False
+
+    def _sync_slider(self, lr: float) -> None:
+        pos = (math.log10(lr) - self.LOG_MIN) / (self.LOG_MAX - self.LOG_MIN) * self.TICKS
+        self.slider.blockSignals(True)
+        self.slider.setValue(int(round(min(max(pos, 0), self.TICKS))))
+        self.slider.blockSignals(False)
+
+    def _on_text_changed(self, text: str) -> None:
+        if self._syncing or not self.edit.is_valid():
+            return
+        self._sync_slider(self.edit.value())
+
+    def _on_slider_moved(self, pos: int) -> None:
+        if self._syncing:
+            return
+        exponent = self.LOG_MIN + (self.LOG_MAX - self.LOG_MIN) * pos / self.TICKS
+        lr = float(f"{10 ** exponent:.2g}")  # round to 2 significant digits: 3e-4, not 2.98e-4
+        self._syncing = True
+        try:
+            self.edit.setText(format_number(lr))
+        finally:
+            self._syncing = False
+        if not self.slider.isSliderDown():  # keyboard or wheel: commit at once
+            self._on_commit()
+
+    def _on_commit(self) -> None:
+        if not self.edit.is_valid():
+            self.edit.setFocus()
+            return
+        self.lrCommitted.emit(self.edit.value())
+
+    def show_error(self, message: str | None) -> None:
+        self.edit.set_error(message)
