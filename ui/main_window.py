@@ -129,12 +129,10 @@ class MainWindow(QMainWindow):
         self._store_error: str | None = None
         self._end_handled = True
         self._start_schedule: str | None = None
-        self._running_schedule: str | None = None
         self._listed_run = False
         self._closed = False
         self._pause_asked = False
         self._status_at = self._context_at = self._runs_at = 0.0
-        self._viewing: Any = None  # RunInfo of a stored run shown as primary
         self._overlay_ids: list[int] = []
         self._loader: threading.Thread | None = None
         self._loading_path: str | None = None
@@ -679,7 +677,6 @@ class MainWindow(QMainWindow):
         self._end_handled = False
         self._pause_asked = False
         self._last_state = ""
-        self._viewing = None
         self.view_label.setText("")
         trace = RunTrace(lambda: eng.buffer, eng.events, eng.validation, label="this run",
                          smoothing=self.plots.smoothing, live=True)
@@ -770,7 +767,6 @@ class MainWindow(QMainWindow):
             except ConfigError as exc:
                 self.controls.schedule.show_error(str(exc))
                 return
-            self._running_schedule = text
             self.controls.schedule.set_status(f"In force from step {eng.step}: {text or 'none (constant rate)'}")
             self._status(f"schedule {text or 'none'} from step {eng.step}")
         else:
@@ -813,7 +809,7 @@ class MainWindow(QMainWindow):
         self._ticks += 1
         self.plots.refresh()
         # wake up no more often than the plots may redraw (each wake-up takes the GIL from training)
-        interval = max(TICK_MS, min(250, int(1000 * self.plots.min_frame_interval())))
+        interval = max(TICK_MS, min(150, int(1000 * self.plots.min_frame_interval())))
         if abs(interval - self._timer.interval()) > 4:
             self._timer.setInterval(interval)
         eng = self.engine
@@ -979,7 +975,9 @@ class MainWindow(QMainWindow):
             self._show_message(QMessageBox.Icon.Warning, "Cannot open the run", str(exc), _detail_of(exc))
             return
         self.engine = None
-        self._viewing = info
+        self._overlay_ids = []
+        self.plots.set_overlays([])  # an opened run is shown alone
+        self.act_clear_overlays.setEnabled(False)
         self.plots.set_primary(trace)
         self.plots.set_hint("")
         self.plots.refresh(force=True)
@@ -1002,7 +1000,6 @@ class MainWindow(QMainWindow):
         live = self._active()
         if not live and run_ids and self.plots.primary is not None:
             self.plots.set_primary(None)
-            self._viewing = None
         primary_id = self.plots.primary.trace.run_id if self.plots.primary is not None else None
         traces = []
         ids: list[int] = []

@@ -81,7 +81,7 @@ def _nice_step(span: float) -> float:
     return 10.0 ** math.floor(math.log10(span)) / 2 if span > 0 and math.isfinite(span) else 1.0
 
 
-def nice_range(lo: float, hi: float, pad: float = 0.04) -> tuple[float, float]:
+def nice_range(lo: float, hi: float, pad: float = 0.08) -> tuple[float, float]:
     """``lo..hi`` padded and rounded outwards to a coarse grid, so it changes only now and then."""
     span = hi - lo
     if not span > 0:
@@ -377,7 +377,7 @@ class TrainingPlots(QWidget):
     def _make_primary_items(self, items: _TraceItems) -> None:
         tr = items.trace
         c = items.curves
-        c["loss"] = self._curve("loss", "train loss", theme.pen(theme.LOSS_RAW, 1, alpha=170), 1)
+        c["loss"] = self._curve("loss", "train loss", theme.pen(theme.LOSS_RAW, 1, alpha=130), 1)
         c["loss_smooth"] = self._curve("loss", self._smooth_name(), theme.pen(theme.LOSS_SMOOTH, 1), 2)
         items.val_loss = pg.PlotDataItem(pen=theme.pen(theme.VAL_LOSS, 1), symbol="o", symbolSize=5,
                                          symbolBrush=theme.VAL_LOSS, symbolPen=None, name="validation loss")
@@ -511,6 +511,8 @@ class TrainingPlots(QWidget):
         of taking the GIL from training.
         """
         now = time.perf_counter()
+        if self.primary is not None:
+            self._update_markers(self.primary)  # events are rare: mark them at once, frame or not
         wait = self.min_frame_interval() - (now - self._last_frame)
         if not force and wait > 0:
             if self._dirty and not self._kick.isActive():

@@ -729,3 +729,262 @@ def render_run(
             raise ConfigError(f"cannot tell the plot format of {target}: give png, svg or pdf")
     content = render_bytes(data, fmt, title=title, kind=kind, size=size, loss_log=loss_log)
     return atomic_write(target, content)
+
+
+# --------------------------------------------------------------------------- the LR range test
+
+_RT_RAW = "#56B4E9"
+_RT_SMOOTH = "#0072B2"
+_RT_BAND = "#009E73"
+_RT_CHOSEN = "#D55E00"
+_RT_METHODS = {"steepest": ("steepest", "#CC79A7"), "valley": ("valley", "#009E73"),
+               "minimum_tenth": ("min / 10", "#E69F00")}
+
+
+def _rt_y_range(losses: np.ndarray, smoothed: np.ndarray, stop_factor: float) -> tuple[float, float] | None:
+    """The fall of the loss in full; the blow-up at the end cut a little above the stop threshold."""
+    sm = smoothed[np.isfinite(smoothed)]
+    raw = losses[np.isfinite(losses)]
+    if not sm.size or not raw.size:
+        return None
+    best = float(sm.min())
+    cap = best + (stop_factor - 1.0) * abs(best) * 1.15
+    hi = max(float(sm[0]), min(float(sm.max()), cap), float(np.quantile(raw, 0.5)))
+    lo = min(best, float(raw.min()))
+    if hi <= lo:
+        hi = lo + 1.0
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+class _RangeTestFigure:
+    """The range test's curve, suggestion band and suggestion lines, ready to be painted."""
+
+    def __init__(self, result: Any, *, title: str | None, size: tuple[int, int]):
+        from lrviz.rangetest import METHODS
+
+        self.width, self.height = int(size[0]), int(size[1])
+        base = max(9.0, min(self.width, self.height * 1.5) / 75.0)
+        tick_px, label_px, title_px = round(base * 0.82), round(base * 0.95), round(base * 1.1)
+        legend_px = round(base * 0.82)
+        win = pg.GraphicsLayoutWidget()
+        win.setBackground("w")
+        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
+        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setFrameShape(win.Shape.NoFrame)
+        win.resize(self.width, self.height)
+        pad = round(base * 0.6)
+        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
+        win.ci.setSpacing(round(base * 0.4))
+        self.win = win
+        s = result.suggestions
+        lrs = np.asarray(result.lrs, dtype=np.float64)
+        losses = np.asarray(result.losses, dtype=np.float64)
+        smoothed = np.asarray(result.smoothed, dtype=np.float64)
+
+        row = 0
+        lines = [title] if title else []
+        if s.best is not None:
+            lo, hi = s.band() or (s.best, s.best)
+            lines.append(f"suggested learning rate {_num(s.best)} ({_RT_METHODS[s.chosen][0]}) · band "
+                         f"{_num(lo)} – {_num(hi)}")
+        else:
+            lines.append(f"no suggestion: {s.reason or 'the curve cannot be judged'}")
+        done = len(lrs)
+        lines.append(f"stopped: {result.stop_reason} ({done} of {result.steps} steps)" if result.stop_reason
+                     else f"ran all {result.steps} steps from {_num(result.start)} to {_num(result.end)}")
+        for k, text in enumerate(lines):
+            bold = k == 0 and bool(title)
+            px = title_px if bold else label_px
+            font = _font(px, bold=bold)
+            colour = _RT_CHOSEN if (k == 1 and s.best is None) else _TEXT
+            label = win.addLabel(_wrap_title(text, font, self.width - 4 * pad), row=row, col=0,
+                                 size=f"{px}px", color=colour, bold=bold)
+            label.item.setFont(font)
+            label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+            label.setMaximumHeight(round(px * 1.6))
+            row += 1
+
+        axes: dict[str, pg.AxisItem] = {"bottom": _LogAxis("bottom"), "left": _LogAxis("left")}
+        plot = win.addPlot(row=row + 1, col=0, axisItems=axes)
+        plot.setMenuEnabled(False)
+        plot.hideButtons()
+        plot.showGrid(x=True, y=True, alpha=0.12)
+        plot.showAxis("top")
+        plot.showAxis("right")
+        style = {"font-size": f"{label_px}px", "color": _TEXT}
+        for name in ("left", "bottom", "top", "right"):
+            axis = plot.getAxis(name)
+            axis.setPen(pg.mkPen(_AXIS, width=1))
+            axis.setTextPen(pg.mkPen(_TEXT))
+            axis.enableAutoSIPrefix(False)
+            axis.setStyle(tickFont=_font(tick_px), tickLength=-round(tick_px * 0.45),
+                          tickTextOffset=round(tick_px * 0.4))
+            if name in ("top", "right"):
+                axis.setStyle(showValues=False)
+        plot.getAxis("left").setWidth(round(tick_px * 4.6))
+        plot.setLabel("left", "training loss", **style)
+        plot.setLabel("bottom", "learning rate (log scale)", **style)
+        plot.setLogMode(x=True, y=False)
+        self.plot = plot
+        legend: list[tuple[Any, str]] = []
+        good = np.isfinite(losses) & (lrs > 0)
+        raw = pg.PlotDataItem(lrs[good], losses[good], pen=pg.mkPen(_color(_RT_RAW, 150), width=1.2), antialias=True)
+        plot.addItem(raw)
+        legend.append((raw, "loss per batch"))
+        sgood = np.isfinite(smoothed) & (lrs > 0)
+        smooth_item = pg.PlotDataItem(lrs[sgood], smoothed[sgood], pen=pg.mkPen(_RT_SMOOTH, width=2.4),
+                                      antialias=True)
+        plot.addItem(smooth_item)
+        legend.append((smooth_item, f"smoothed (EMA {result.beta:g})"))
+        if done:
+            plot.setXRange(math.log10(float(lrs[0])), math.log10(float(lrs[-1])), padding=0.02)
+        yr = _rt_y_range(losses, smoothed, float(result.stop_factor))
+        if yr is not None:
+            plot.setYRange(*yr, padding=0)
+        band = s.band()
+        if band is not None and s.best is not None:
+            region = pg.LinearRegionItem(values=(math.log10(band[0]), math.log10(band[1])), movable=False,
+                                         brush=pg.mkBrush(_color(_RT_BAND, 45)), pen=pg.mkPen(_color(_RT_BAND, 130)))
+            region.setZValue(-10)
+            plot.addItem(region, ignoreBounds=True)
+            sample = pg.PlotDataItem([0], [0], pen=pg.mkPen(_color(_RT_BAND, 160), width=8))
+            legend.append((sample, "suggestion band"))
+            values = s.values()
+            span = (math.log10(float(lrs[0])), math.log10(float(lrs[-1]))) if done > 1 else (0.0, 1.0)
+            order = sorted((m for m in METHODS if values[m] is not None), key=lambda m: values[m])
+            for k, m in enumerate(order):
+                v = float(values[m])
+                name, colour = _RT_METHODS[m]
+                chosen = m == s.chosen
+                if chosen:
+                    colour = _RT_CHOSEN
+                text = f"{name} {_num(v)}" + (" (chosen)" if chosen else "")
+                right = span[1] > span[0] and (math.log10(v) - span[0]) / (span[1] - span[0]) > 0.55
+                anchor = (1.04, 0.5) if right else (-0.04, 0.5)
+                pen = pg.mkPen(colour, width=3.2 if chosen else 1.6,
+                               style=Qt.PenStyle.SolidLine if chosen else Qt.PenStyle.DashLine)
+                line = pg.InfiniteLine(pos=math.log10(v), angle=90, pen=pen, movable=False, label=text,
+                                       labelOpts={"position": (0.93, 0.8, 0.67)[k % 3], "color": colour,
+                                                  "fill": pg.mkBrush(255, 255, 255, 225),
+                                                  "anchors": [anchor, anchor]})
+                line.label.setFont(_font(round(base * 0.8), bold=chosen))
+                line.setZValue(10 if chosen else 5)
+                plot.addItem(line, ignoreBounds=True)
+        self._add_legend(row, legend, legend_px, self.width - 4 * pad)
+        if not done:
+            text = pg.TextItem("no steps recorded", color=_TEXT, anchor=(0.5, 0.5))
+            text.setFont(_font(label_px))
+            plot.addItem(text, ignoreBounds=True)
+            plot.setRange(xRange=(0, 1), yRange=(0, 1))
+
+    def _add_legend(self, row: int, legend: list[tuple[Any, str]], px: int, width: int) -> None:
+        from pyqtgraph.graphicsItems.LegendItem import ItemSample
+
+        font = _font(px)
+        box = self.win.addLayout(row=row, col=0)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.layout.setHorizontalSpacing(round(px * 0.4))
+        box.addLabel("", row=0, col=0)
+        for i, (item, name) in enumerate(legend):
+            sample = ItemSample(item)
+            sample.setFixedWidth(28)
+            box.addItem(sample, row=0, col=1 + 2 * i)
+            label = box.addLabel(html.escape(name), row=0, col=2 + 2 * i, color=_TEXT, size=f"{px}px",
+                                 justify="left")
+            label.item.setFont(font)
+            label.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Preferred)
+        box.addLabel("", row=0, col=2 * len(legend) + 1)
+        box.layout.setColumnStretchFactor(0, 1)
+        box.layout.setColumnStretchFactor(2 * len(legend) + 1, 1)
+        box.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        box.setMaximumHeight(round(px * 1.9))
+        del width
+
+    def settle(self) -> None:
+        self.win.show()
+        app = QApplication.instance()
+        for _ in range(4):
+            app.processEvents()
+
+    def paint(self, painter: QPainter) -> None:
+        self.win.render(painter, QRectF(0, 0, self.width, self.height), self.win.viewport().rect())
+
+    def close(self) -> None:
+        self.win.close()
+        self.win.deleteLater()
+
+
+def render_range_test(
+    result: Any,
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    title: str | None = None,
+    size: tuple[int, int] = (1200, 800),
+) -> Path:
+    """Draw an LR range test (:class:`lrviz.rangetest.RangeTestResult`) and write it to ``path`` atomically.
+
+    Loss per batch and smoothed loss against the learning rate on a log axis; the band between the
+    suggestions shaded; each method's suggestion a labelled vertical line, the chosen one solid and
+    highlighted; the suggestion (or why there is none) and the stop reason under the title.
+    ``fmt`` is png, svg or pdf (default: the suffix of ``path``). Returns ``path``.
+    """
+    target = Path(path)
+    if fmt is None:
+        fmt = target.suffix.lower().lstrip(".")
+        if not fmt:
+            raise ConfigError(f"cannot tell the plot format of {target}: give png, svg or pdf")
+    fmt = str(fmt).lower().lstrip(".")
+    if fmt not in RENDER_FORMATS:
+        raise ConfigError(f"unknown plot format {fmt!r}; choose png, svg or pdf")
+    w, h = int(size[0]), int(size[1])
+    if w < 200 or h < 150:
+        raise ConfigError(f"a plot must be at least 200 x 150 pixels, not {w} x {h}")
+    ensure_app()
+    fig = _RangeTestFigure(result, title=title, size=(w, h))
+    try:
+        fig.settle()
+        buf = QBuffer()
+        buf.open(QIODevice.OpenModeFlag.WriteOnly)
+        if fmt == "png":
+            image = QImage(w, h, QImage.Format.Format_ARGB32)
+            image.setDotsPerMeterX(round(_DPI / 0.0254))
+            image.setDotsPerMeterY(round(_DPI / 0.0254))
+            image.fill(QColor("white"))
+            painter = QPainter(image)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
+            fig.paint(painter)
+            painter.end()
+            if not image.save(buf, "PNG"):
+                raise ConfigError("Qt could not encode the plot as PNG")
+        elif fmt == "svg":
+            gen = QSvgGenerator()
+            gen.setOutputDevice(buf)
+            gen.setSize(QSize(w, h))
+            gen.setViewBox(QRect(0, 0, w, h))
+            gen.setResolution(round(_DPI))
+            gen.setTitle(title or "LR range test")
+            gen.setDescription("Drawn by lrviz")
+            painter = QPainter(gen)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            fig.paint(painter)
+            painter.end()
+        else:
+            pdf = QPdfWriter(buf)
+            pdf.setResolution(round(_DPI))
+            pdf.setPageSize(QPageSize(QSizeF(w * 72.0 / _DPI, h * 72.0 / _DPI), QPageSize.Unit.Point, "lrviz"))
+            pdf.setPageMargins(QMarginsF(0, 0, 0, 0))
+            pdf.setTitle(title or "LR range test")
+            pdf.setCreator("lrviz")
+            painter = QPainter(pdf)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            fig.paint(painter)
+            painter.end()
+        buf.close()
+        content = bytes(buf.data())
+    finally:
+        fig.close()
+    return atomic_write(target, content)

@@ -69,6 +69,10 @@ def shown(monkeypatch: pytest.MonkeyPatch) -> list[QMessageBox]:
     boxes: list[QMessageBox] = []
     monkeypatch.setattr(QMessageBox, "open", lambda self, *a: boxes.append(self))
     monkeypatch.setattr(QMessageBox, "exec", lambda self, *a: boxes.append(self) or 0)
+    # pytest-qt closes the window before fixtures are torn down: "stop the run?" must not block
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(lambda *a, **k: QMessageBox.StandardButton.Yes))
+    for name in ("warning", "critical", "information"):
+        monkeypatch.setattr(QMessageBox, name, staticmethod(lambda *a, **k: QMessageBox.StandardButton.Ok))
     return boxes
 
 

@@ -60,6 +60,7 @@ def test_steer_a_run_and_the_store_records_each_change(qtbot, window, make_scrip
     type_into(qtbot, window.controls.lr.edit, "0.02", enter=True)
     qtbot.waitUntil(lambda: window.controls.lr.slider.value() > 0)
     # One step with it, then a schedule from the form.
+    qtbot.waitUntil(window.act_step.isEnabled)  # as a person would: once the button is enabled
     click(qtbot, button(window, window.act_step))
     qtbot.waitUntil(lambda: eng.step == lr_step + 1 and eng.state == "paused", timeout=10000)
     editor = window.controls.schedule

@@ -1,0 +1,310 @@
+"""The diagnostics panel: is the run generalizing, and how big is each layer's step?
+
+- Train vs validation loss with the generalization gap, and the verdict of
+  :func:`lrviz.diagnostics.generalization` (overfitting, underfitting, ok) in words.
+- Per layer, the update-to-weight ratio ``log10(||dw|| / ||w||)`` with a reference line at -3
+  (updates of 1/1000 of the weights per step): this is the *effective* step. With SGD it follows the
+  learning rate times the gradient; with Adam it is about the learning rate whatever the gradient.
+- Per layer, the gradient norm.
+- ReduceLROnPlateau in one click (early stopping is in the run options under Controls).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lrviz.diagnostics import UPDATE_RATIO_REFERENCE, GapReport, generalization
+from lrviz.errors import LrvizError
+
+from . import (
+    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
+    theme,
+)
+from .lab_common import RUN_COLOURS, fmt, lab_plot, note_label
+from .widgets import ValidatedLineEdit, parse_float_in, parse_int_at_least
+
+if TYPE_CHECKING:
+    from .lab import Lab
+
+VERDICT_COLOURS = {"overfitting": theme.VERMILLION, "underfitting": theme.ORANGE, "ok": theme.GREEN,
+                   "not enough data": theme.GREY}
+MAX_LAYERS = 12
+LAYER_EVERY_TICKS = 6
+
+
+def _parse_factor(text: str) -> float:
+    v = parse_float_in(0.0, 1.0, "factor")(text)
+    if not 0 < v < 1:
+        from lrviz.errors import ConfigError
+
+        raise ConfigError(f"factor must be between 0 and 1, not {text!r}")
+    return v
+
+
+class DiagnosticsPanel(QWidget):
+    """Generalization gap and verdict, per-layer update ratios and gradient norms of the shown run."""
+
+    def __init__(self, lab: Lab, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("diagnosticsPanel")
+        self.lab = lab
+        self.report: GapReport | None = None
+        self._source: Any = None
+        self._n_val = -1
+        self._n_rows = -1
+        self._layer_steps = -1
+        self._ticks = 0
+        self._layer_curves: dict[str, tuple[Any, Any]] = {}
+        self._previous: Any = None  # the mean update ratio of the run shown before
+        self._previous_label = ""
+
+        self.verdict = QLabel("")
+        self.verdict.setObjectName("verdictLabel")
+        self.verdict_text = note_label("Start a run with validation data to see how it generalizes.",
+                                       theme.FOREGROUND)
+        self.verdict_text.setObjectName("verdictText")
+
+        self.gap_plot = lab_plot("step", "loss", min_height=120)
+        self.gap_plot.setObjectName("gapPlot")
+        p = self.gap_plot.getPlotItem()
+        self.train_curve = p.plot(pen=theme.pen(theme.BLUE, 2.0), symbol="o", symbolSize=4,
+                                  symbolBrush=theme.BLUE, symbolPen=None)
+        self.val_curve = p.plot(pen=theme.pen(theme.VERMILLION, 2.0), symbol="o", symbolSize=4,
+                                symbolBrush=theme.VERMILLION, symbolPen=None)
+        self.gap_curve = p.plot(pen=theme.pen(theme.BLACK, 1.4, dashed=True))
+        self.gap_key = note_label(f"<span style='color:{theme.BLUE}'>&#9644;</span> train (mean of the steps "
+                                  f"before each validation) &nbsp; <span style='color:{theme.VERMILLION}'>&#9644;"
+                                  "</span> validation &nbsp; <b>- -</b> gap = validation − train", theme.FOREGROUND)
+        zero = pg.InfiniteLine(pos=0, angle=0, movable=False, pen=theme.pen(theme.GREY, 0.8, alpha=120))
+        p.addItem(zero, ignoreBounds=True)
+
+        self.ratio_plot = lab_plot("step", "log10 Δw / w", min_height=120)
+        self.ratio_plot.setObjectName("ratioPlot")
+        self.reference = pg.InfiniteLine(
+            pos=UPDATE_RATIO_REFERENCE, angle=0, movable=False, pen=theme.pen(theme.BLACK, 1.5, dashed=True),
+            label="−3 = 1e-3 per step", labelOpts={
+                "position": 0.98, "color": theme.BLACK, "anchors": [(1, 1), (1, 1)],
+                "fill": pg.mkBrush(255, 255, 255, 220)})
+        self.reference.setZValue(10)
+        self.reference.setToolTip("updates of about 1/1000 of the weights per step: the usual healthy size; "
+                                  "far above, the rate is too high for that layer; far below, it barely learns")
+        self.ratio_plot.getPlotItem().addItem(self.reference)
+        self.grad_plot = lab_plot("step", "grad norm", log_y=True, min_height=100)
+        self.grad_plot.setObjectName("layerGradPlot")
+        self.layer_note = note_label("Per-layer statistics are recorded for runs started in the app "
+                                     "(every 25 steps; see Controls).")
+        self.layer_note.setObjectName("layerNote")
+        self.layer_key = note_label("", theme.FOREGROUND)
+        self.layer_key.setObjectName("layerKey")
+        self.show_biases = QCheckBox("biases")
+        self.show_biases.setToolTip("also draw the bias vectors (their ratios are noisier)")
+        layer_head = QHBoxLayout()
+        layer_head.addWidget(QLabel("<b>per layer</b> (the effective step):"))
+        layer_head.addStretch(1)
+        layer_head.addWidget(self.show_biases)
+
+        self.plateau_factor = ValidatedLineEdit(_parse_factor, "0.5", tooltip="multiply the rate by this")
+        self.plateau_factor.setMaximumWidth(50)
+        self.plateau_patience = ValidatedLineEdit(parse_int_at_least(0, "patience"), "3",
+                                                  tooltip="validation passes without improvement first")
+        self.plateau_patience.setMaximumWidth(40)
+        self.plateau_button = QPushButton("Reduce LR on plateau")
+        self.plateau_button.setObjectName("plateauButton")
+        self.plateau_button.setToolTip("apply ReduceLROnPlateau: when the validation loss stops improving, "
+                                       "multiply the rate by the factor (mid-run: from the next step)")
+        self.plateau_button.setAutoDefault(False)
+        plateau = QHBoxLayout()
+        plateau.addWidget(self.plateau_button)
+        plateau.addWidget(QLabel("×"))
+        plateau.addWidget(self.plateau_factor)
+        plateau.addWidget(QLabel("after"))
+        plateau.addWidget(self.plateau_patience)
+        plateau.addWidget(QLabel("flat validations"))
+        plateau.addStretch(1)
+
+        col = QVBoxLayout(self)
+        col.setContentsMargins(4, 4, 4, 4)
+        col.setSpacing(4)
+        col.addWidget(self.verdict)
+        col.addWidget(self.verdict_text)
+        col.addWidget(self.gap_key)
+        col.addWidget(self.gap_plot, 3)
+        col.addLayout(layer_head)
+        col.addWidget(self.layer_key)
+        col.addWidget(self.ratio_plot, 3)
+        col.addWidget(self.grad_plot, 2)
+        col.addWidget(self.layer_note)
+        col.addLayout(plateau)
+        self.plateau_button.clicked.connect(self._on_plateau)
+        self.show_biases.toggled.connect(self._on_biases_toggled)
+        self._set_verdict(None)
+
+    def busy(self) -> bool:
+        return False
+
+    # ---- the timer ----------------------------------------------------------------------------------
+    def tick(self, source: Any) -> None:
+        """Update from ``source`` (the live engine, or a stored run's data; see :meth:`Lab.diagnostics_source`)."""
+        self._ticks += 1
+        if source is not self._source:
+            self._keep_previous(self._source)
+            self._source = source
+            self._n_val = self._n_rows = self._layer_steps = -1
+            self._clear_layers()
+        if source is None:
+            return
+        self._update_gap(source)
+        if self._ticks % LAYER_EVERY_TICKS == 0 or self._layer_steps < 0:
+            self._update_layers(source)
+
+    def refresh(self) -> None:
+        """Recompute everything now (e.g. at the end of a run)."""
+        if self._source is not None:
+            self._n_val = self._n_rows = self._layer_steps = -2
+            self._update_gap(self._source)
+            self._update_layers(self._source)
+
+    def _update_gap(self, src: Any) -> None:
+        val = src.validation
+        nv = len(val)
+        if nv == self._n_val:
+            return
+        self._n_val = nv
+        steps, loss = src.steps()
+        pts = list(val[:nv])
+        vs = np.array([p.step for p in pts], dtype=np.int64)
+        vl = np.array([p.loss for p in pts], dtype=np.float64)
+        if not nv:
+            self._set_verdict(None, "This run has no validation points yet" + (
+                "" if src.has_validation else " (the script's build_data() returns no validation data)") + ".")
+            return
+        try:
+            rep = generalization(steps, loss, vs, vl)
+        except LrvizError as exc:
+            self._set_verdict(None, str(exc))
+            return
+        self.report = rep
+        self.train_curve.setData(rep.steps, rep.train)
+        self.val_curve.setData(rep.steps, rep.val)
+        self.gap_curve.setData(rep.steps, rep.gap)
+        self._set_verdict(rep)
+
+    def _set_verdict(self, rep: GapReport | None, text: str | None = None) -> None:
+        if rep is None:
+            self.verdict.setText("<b>generalization:</b> —")
+            if text:
+                self.verdict_text.setText(text)
+            return
+        colour = VERDICT_COLOURS.get(rep.verdict, theme.GREY)
+        gap = rep.details.get("gap")
+        gap_text = f" · gap {fmt(gap, 3)}" if gap is not None and math.isfinite(gap) else ""
+        self.verdict.setText(f"<b>generalization:</b> <b style='color:{colour}; font-size: 13pt'>"
+                             f"{rep.verdict}</b>{gap_text}")
+        self.verdict_text.setText(rep.explanation[:1].upper() + rep.explanation[1:] + ".")
+
+    def _keep_previous(self, src: Any) -> None:
+        """Keep the mean update ratio of the run shown before, as a grey dashed line to compare with
+        (e.g. Adam's effective step next to SGD's)."""
+        data = src.layers() if src is not None else None
+        if data is None or len(data["step"]) < 2:
+            return
+        names = list(data["names"])
+        cols = [k for k, n in enumerate(names) if not n.endswith("bias")] or list(range(len(names)))
+        ratio = np.asarray(data["update_ratio"], dtype=np.float64)[:, cols]
+        ratio[~np.isfinite(ratio)] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # steps where every layer is NaN: a gap
+            mean = np.nanmean(ratio, axis=1)
+        p = self.ratio_plot.getPlotItem()
+        if self._previous is not None:
+            p.removeItem(self._previous)
+        self._previous = p.plot(np.asarray(data["step"], dtype=np.float64), mean,
+                                pen=theme.pen(theme.GREY, 2.0, alpha=200, dashed=True), connect="finite")
+        self._previous.setZValue(-1)
+        self._previous_label = getattr(src, "label", "") or "the previous run"
+
+    def _clear_layers(self) -> None:
+        for ratio, grad in self._layer_curves.values():
+            self.ratio_plot.getPlotItem().removeItem(ratio)
+            self.grad_plot.getPlotItem().removeItem(grad)
+        self._layer_curves = {}
+        self.layer_key.setText("")
+
+    def _on_biases_toggled(self, _on: bool) -> None:
+        self._clear_layers()
+        self._layer_steps = -1
+        if self._source is not None:
+            self._update_layers(self._source)
+
+    def _update_layers(self, src: Any) -> None:
+        data = src.layers()
+        if data is None:
+            self.layer_note.setText("Per-layer statistics are recorded for runs started in the app "
+                                    "(every 25 steps; see Controls).")
+            self.layer_note.setVisible(True)
+            return
+        steps = data["step"]
+        if len(steps) == self._layer_steps:
+            return
+        self._layer_steps = len(steps)
+        names = list(data["names"])
+        shown = [k for k, n in enumerate(names) if self.show_biases.isChecked() or not n.endswith("bias")]
+        if not shown:
+            shown = list(range(len(names)))
+        left_out = len(shown) - MAX_LAYERS
+        shown = shown[:MAX_LAYERS]
+        self.layer_note.setVisible(left_out > 0 or not len(steps))
+        if left_out > 0:
+            self.layer_note.setText(f"Showing {MAX_LAYERS} of {MAX_LAYERS + left_out} parameters.")
+        elif not len(steps):
+            self.layer_note.setText("Waiting for the first per-layer statistics…")
+        x = np.asarray(steps, dtype=np.float64)
+        ratio = np.asarray(data["update_ratio"], dtype=np.float64)
+        grad = np.asarray(data["grad_norm"], dtype=np.float64)
+        key = []
+        for j, k in enumerate(shown):
+            name = names[k]
+            colour = RUN_COLOURS[j % len(RUN_COLOURS)]
+            dashed = j >= len(RUN_COLOURS)
+            if name not in self._layer_curves:
+                r = self.ratio_plot.getPlotItem().plot(pen=theme.pen(colour, 1.6, dashed=dashed))
+                g = self.grad_plot.getPlotItem().plot(pen=theme.pen(colour, 1.4, dashed=dashed))
+                self._layer_curves[name] = (r, g)
+            key.append(f"<span style='color:{colour}'>&#9644;</span>&nbsp;{name}")
+            r, g = self._layer_curves[name]
+            if len(x):
+                yr = ratio[:, k].copy()
+                yr[~np.isfinite(yr)] = np.nan
+                yg = grad[:, k].copy()
+                yg[~(yg > 0)] = np.nan
+                r.setData(x, yr, connect="finite")
+                g.setData(x, yg, connect="finite")
+        if self._previous is not None:
+            key.append(f"<span style='color:{theme.GREY}'><b>- -</b>&nbsp;{self._previous_label} (mean)</span>")
+        self.layer_key.setText(" &nbsp; ".join(key))
+
+    # ---- ReduceLROnPlateau -------------------------------------------------------------------------
+    def plateau_spec(self) -> str:
+        return (f"ReduceLROnPlateau:factor={self.plateau_factor.value():g},"
+                f"patience={self.plateau_patience.value()}")
+
+    def _on_plateau(self) -> None:
+        try:
+            spec = self.plateau_spec()
+        except LrvizError as exc:
+            self.lab.status(str(exc))
+            return
+        self.lab.apply_schedule(spec)
