@@ -41,6 +41,7 @@ class StepBuffer:
         self.groups = groups
         self.first_step = first_step
         self._cols = _Columns(max(16, capacity), groups)
+        self._steps: np.ndarray | None = None
         self.n = 0
 
     def __len__(self) -> int:
@@ -83,10 +84,20 @@ class StepBuffer:
         stop = n if stop is None else min(stop, n)
         start = min(max(0, start), stop)
         out = {name: getattr(cols, name)[start:stop] for name in STEP_COLUMNS}
+        out["step"] = self._step_numbers(stop)[start:stop]
         for a in out.values():
             a.flags.writeable = False
-        out["step"] = np.arange(self.first_step + start, self.first_step + stop, dtype=np.int64)
         return out
+
+    def _step_numbers(self, n: int) -> np.ndarray:
+        """Step numbers of rows 0..n-1, from a cache that grows by doubling (no array per read)."""
+        cache = self._steps
+        if cache is None or len(cache) < n:
+            size = max(n, 2 * (0 if cache is None else len(cache)), 16)
+            cache = np.arange(self.first_step, self.first_step + size, dtype=np.int64)
+            cache.flags.writeable = False
+            self._steps = cache
+        return cache
 
     @classmethod
     def from_columns(cls, columns: dict[str, np.ndarray], first_step: int = 0) -> StepBuffer:
