@@ -244,7 +244,8 @@ class TrainingEngine:
         self._signal(_pause_requested=True)
 
     def resume(self) -> None:
-        """Resume a paused run."""
+        """Resume a paused run (a divergence the guard reported is then considered handled)."""
+        self.detection = None
         self._signal(_pause_requested=False, _step_budget=None)
 
     def step_once(self) -> None:

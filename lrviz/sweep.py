@@ -209,7 +209,7 @@ def run_sweep(
     for i, lr in enumerate(rates):
         if should_stop():
             break
-        engine = TrainingEngine(experiment, _sweep_config(config, lr), store, name=f"sweep lr={lr:g}")
+        engine = TrainingEngine(experiment, _sweep_config(config, lr), store, name=f"sweep lr={lr:.3g}")
         if on_run is not None:
             on_run(i, engine)
         engine.run()

@@ -28,6 +28,11 @@ def run_app(script: str | None = None, store_path: str | None = None) -> int:
     """Open the main window, then (once it is on screen) load ``script`` — by default the last script
     opened, else the built-in default experiment. Returns the application's exit status."""
     app = create_app()
+    # Collect garbage on the GUI thread only: a collection that runs in the training thread and
+    # frees a Qt object there can deadlock PySide (GIL held by the GUI thread, Qt mutex by the other).
+    from pyqtgraph.util.garbage_collector import GarbageCollector
+
+    collector = GarbageCollector(interval=1.0, debug=False)  # noqa: F841  (kept alive by this frame)
     window = MainWindow(store_path)
     window.show()
     # Loading imports torch and the script: do it after the first paint, in the background.

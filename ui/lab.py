@@ -172,6 +172,7 @@ class Lab(QObject):
         return self.app_config(w.controls.config(exp, w.start_schedule()))
 
     def engine_kwargs(self) -> dict[str, Any]:
+        """Extra TrainingEngine arguments of app runs (per-layer statistics)."""
         return self.options.engine_kwargs()
 
     def run_pace(self, exp: Experiment, params: dict[str, Any] | None = None) -> float | None:
@@ -195,12 +196,11 @@ class Lab(QObject):
     def script_params(self) -> dict[str, Any]:
         """The script knobs as set in the controls (those that parse)."""
         out: dict[str, Any] = {}
-        for name, (widget, default) in self.window.controls.param_fields.items():
+        for name, (_widget, default) in self.window.controls.param_fields.items():
             try:
                 out[name] = self.window.controls.param_value(name)
             except LrvizError:
                 out[name] = default
-            del widget
         return out
 
     def use_lr(self, lr: float) -> None:

@@ -231,9 +231,10 @@ class DiagnosticsPanel(QWidget):
         p = self.ratio_plot.getPlotItem()
         if self._previous is not None:
             p.removeItem(self._previous)
-        self._previous = p.plot(np.asarray(data["step"], dtype=np.float64), mean,
-                                pen=theme.pen(theme.GREY, 2.0, alpha=200, dashed=True), connect="finite")
+        self._previous = pg.PlotDataItem(np.asarray(data["step"], dtype=np.float64), mean, connect="finite",
+                                         pen=theme.pen(theme.GREY, 2.0, alpha=200, dashed=True))
         self._previous.setZValue(-1)
+        p.addItem(self._previous, ignoreBounds=True)  # the view follows the run shown, not this one
         self._previous_label = getattr(src, "label", "") or "the previous run"
 
     def _clear_layers(self) -> None:

@@ -872,14 +872,15 @@ class _RangeTestFigure:
                 line.label.setFont(_font(round(base * 0.8), bold=chosen))
                 line.setZValue(10 if chosen else 5)
                 plot.addItem(line, ignoreBounds=True)
-        self._add_legend(row, legend, legend_px, self.width - 4 * pad)
+        self._add_legend(row, legend, legend_px)
         if not done:
             text = pg.TextItem("no steps recorded", color=_TEXT, anchor=(0.5, 0.5))
             text.setFont(_font(label_px))
             plot.addItem(text, ignoreBounds=True)
             plot.setRange(xRange=(0, 1), yRange=(0, 1))
 
-    def _add_legend(self, row: int, legend: list[tuple[Any, str]], px: int, width: int) -> None:
+    def _add_legend(self, row: int, legend: list[tuple[Any, str]], px: int) -> None:
+        """One row of legend entries under the title, centred."""
         from pyqtgraph.graphicsItems.LegendItem import ItemSample
 
         font = _font(px)
@@ -900,7 +901,6 @@ class _RangeTestFigure:
         box.layout.setColumnStretchFactor(2 * len(legend) + 1, 1)
         box.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
         box.setMaximumHeight(round(px * 1.9))
-        del width
 
     def settle(self) -> None:
         self.win.show()

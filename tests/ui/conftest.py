@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,21 @@ pytest.importorskip("pyqtgraph")
 
 from lrviz.ui.main_window import MainWindow  # noqa: E402
 from PySide6.QtWidgets import QFileDialog, QMessageBox  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _gc_on_the_gui_thread():
+    """Collect garbage only here, on the GUI thread: with automatic collection on, a full collection
+    can run in a training thread and free a Qt widget of an earlier test there (PySide deadlocks
+    on it: the GUI thread holds the GIL waiting for a Qt mutex the other thread holds). The app
+    needs the same care (pyqtgraph's GarbageCollector)."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+    gc.collect()
+
+
 
 SCRIPT = '''\
 """Tiny test experiment: a linear target learned by a small MLP.

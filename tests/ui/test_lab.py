@@ -99,6 +99,21 @@ def test_range_test_draws_the_band_and_use_this_lr_sets_the_rate(qtbot, window):
     assert window.controls.lr.value() == pytest.approx(expected)
 
 
+def test_range_test_says_why_there_is_no_suggestion(qtbot, window):
+    load(qtbot, window, "regression")
+    panel = window.lab.range_test
+    type_into(qtbot, panel.start, "1e-9")
+    type_into(qtbot, panel.end, "1e-8")  # far too low for the loss to fall
+    type_into(qtbot, panel.steps, "30")
+    click(qtbot, panel.run_button)
+    qtbot.waitUntil(lambda: not panel.busy(), timeout=30000)
+    assert panel.result is not None and panel.suggestions.best is None
+    assert "no suggestion:" in panel.suggestion_label.text() and panel.suggestions.reason
+    assert panel.band is None and not panel.lines
+    assert not panel.use_button.isEnabled()
+    assert panel.stop_label.text() == "Ran all 30 steps up to 1e-8."
+
+
 def test_range_test_on_a_paused_run_restores_the_weights_and_sets_the_rate_live(qtbot, window):
     load(qtbot, window, "regression")
     set_steps(window, 3000)
@@ -173,7 +188,7 @@ def test_divergence_pauses_with_the_explanation_and_rolls_back_exactly(qtbot, wi
     assert f"step {det.step:,}" in banner.title.text()
     assert det.explanation[:60] in banner.explanation.text().replace("&#x27;", "'")
     assert banner.rollback_button.isEnabled() and banner.resume_button.isVisible()
-    assert det.step in window.plots.marker_texts() and "diverged" in window.plots.marker_texts()[det.step]
+    qtbot.waitUntil(lambda: "diverged" in window.plots.marker_texts().get(det.step, ""), timeout=5000)
     # roll back, staying paused to look at the restored run
     banner.resume_after.setChecked(False)
     n = len(eng.events)
