@@ -507,10 +507,29 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_overlay(rows: list[Any], out: Path, store_path: str | None, script: str) -> None:
+    """``sweep.png``: every run's loss and learning rate overlaid (needs Qt; skipped without it)."""
+    ids = [(r.run_id, f"lr {r.lr:.3g}" + (" (diverged)" if r.diverged else "")) for r in rows
+           if r.run_id is not None]
+    if not ids:
+        return
+    try:
+        from lrviz.ui.render import RunData, render_run
+    except Exception as exc:  # Qt missing: the table is still written
+        print(f"lrviz: sweep plot skipped ({exc})", file=sys.stderr)
+        return
+    store = open_store(store_path)
+    try:
+        data = [RunData.from_store(store, rid, label=label) for rid, label in ids]
+        render_run(data, out / "sweep.png", title=f"LR sweep — {script}")
+    finally:
+        store.close()
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import command
 
-    return command(args)
+    return command(args, plot=_plot_overlay)
 
 
 HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,

@@ -339,7 +339,7 @@ def _target_arg(text: str | None) -> float | None:
     return v
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -> int:
     """``lrviz sweep``: run the sweep, print the table, write ``sweep.csv`` to ``--out``.
 
     Exit status 0 when the sweep ran, even if some (or all) runs diverged: the table says which;
@@ -418,31 +418,11 @@ def command(args: argparse.Namespace) -> int:
         write_table_csv(rows, out / "sweep.csv")
         if not quiet:
             print(f"wrote {out / 'sweep.csv'}", file=sys.stderr)
-        _plot_overlay(rows, out, getattr(args, "store", None), exp.path.name)
+        if plot is not None:
+            plot(rows, out, getattr(args, "store", None), exp.path.name)
     if rows and all(r.diverged for r in rows) and not quiet:
         print("every run diverged: try lower rates", file=sys.stderr)
     return 130 if interrupted else 0
-
-
-def _plot_overlay(rows: list[SweepRow], out: Path, store_path: str | None, script: str) -> None:
-    """``sweep.png``: every run's loss and learning rate overlaid (needs Qt; skipped without it)."""
-    from .cli import open_store
-
-    ids = [(r.run_id, f"lr {r.lr:.3g}" + (" (diverged)" if r.diverged else "")) for r in rows
-           if r.run_id is not None]
-    if not ids:
-        return
-    try:
-        from lrviz.ui.render import RunData, render_run
-    except Exception as exc:  # Qt missing: the table is still written
-        print(f"lrviz: sweep plot skipped ({exc})", file=sys.stderr)
-        return
-    store = open_store(store_path)
-    try:
-        data = [RunData.from_store(store, rid, label=label) for rid, label in ids]
-        render_run(data, out / "sweep.png", title=f"LR sweep — {script}")
-    finally:
-        store.close()
 
 
 __all__ = ["SweepRow", "parse_lrs", "run_sweep", "write_table_csv", "format_table", "add_arguments", "command"]
