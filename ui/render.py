@@ -642,6 +642,49 @@ def _normalise(data: RunData | Sequence[RunData]) -> list[RunData]:
     return runs
 
 
+def _encode(fig: Any, fmt: str, w: int, h: int, doc_title: str) -> bytes:
+    """Paint a settled figure into PNG, SVG or PDF bytes (w x h pixels at _DPI)."""
+    buf = QBuffer()
+    buf.open(QIODevice.OpenModeFlag.WriteOnly)
+    if fmt == "png":
+        image = QImage(w, h, QImage.Format.Format_ARGB32)
+        image.setDotsPerMeterX(round(_DPI / 0.0254))
+        image.setDotsPerMeterY(round(_DPI / 0.0254))
+        image.fill(QColor("white"))
+        painter = QPainter(image)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
+        fig.paint(painter)
+        painter.end()
+        if not image.save(buf, "PNG"):
+            raise ConfigError("Qt could not encode the plot as PNG")
+    elif fmt == "svg":
+        gen = QSvgGenerator()
+        gen.setOutputDevice(buf)
+        gen.setSize(QSize(w, h))
+        gen.setViewBox(QRect(0, 0, w, h))
+        gen.setResolution(round(_DPI))
+        gen.setTitle(doc_title)
+        gen.setDescription("Drawn by lrviz")
+        painter = QPainter(gen)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        fig.paint(painter)
+        painter.end()
+    else:
+        pdf = QPdfWriter(buf)
+        pdf.setResolution(round(_DPI))
+        pdf.setPageSize(QPageSize(QSizeF(w * 72.0 / _DPI, h * 72.0 / _DPI), QPageSize.Unit.Point, "lrviz"))
+        pdf.setPageMargins(QMarginsF(0, 0, 0, 0))
+        pdf.setTitle(doc_title)
+        pdf.setCreator("lrviz")
+        painter = QPainter(pdf)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        fig.paint(painter)
+        painter.end()
+    buf.close()
+    return bytes(buf.data())
+
+
 def render_bytes(
     data: RunData | Sequence[RunData],
     fmt: str,
@@ -665,45 +708,7 @@ def render_bytes(
     fig = _Figure(runs, title=title, kind=kind, size=(w, h), loss_log=loss_log)
     try:
         fig.settle()
-        buf = QBuffer()
-        buf.open(QIODevice.OpenModeFlag.WriteOnly)
-        if fmt == "png":
-            image = QImage(w, h, QImage.Format.Format_ARGB32)
-            image.setDotsPerMeterX(round(_DPI / 0.0254))
-            image.setDotsPerMeterY(round(_DPI / 0.0254))
-            image.fill(QColor("white"))
-            painter = QPainter(image)
-            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-            painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
-            fig.paint(painter)
-            painter.end()
-            if not image.save(buf, "PNG"):
-                raise ConfigError("Qt could not encode the plot as PNG")
-        elif fmt == "svg":
-            gen = QSvgGenerator()
-            gen.setOutputDevice(buf)
-            gen.setSize(QSize(w, h))
-            gen.setViewBox(QRect(0, 0, w, h))
-            gen.setResolution(round(_DPI))
-            gen.setTitle(title or "lrviz plot")
-            gen.setDescription("Drawn by lrviz")
-            painter = QPainter(gen)
-            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-            fig.paint(painter)
-            painter.end()
-        else:
-            pdf = QPdfWriter(buf)
-            pdf.setResolution(round(_DPI))
-            pdf.setPageSize(QPageSize(QSizeF(w * 72.0 / _DPI, h * 72.0 / _DPI), QPageSize.Unit.Point, "lrviz"))
-            pdf.setPageMargins(QMarginsF(0, 0, 0, 0))
-            pdf.setTitle(title or "lrviz plot")
-            pdf.setCreator("lrviz")
-            painter = QPainter(pdf)
-            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-            fig.paint(painter)
-            painter.end()
-        buf.close()
-        return bytes(buf.data())
+        return _encode(fig, fmt, w, h, title or "lrviz plot")
     finally:
         fig.close()
 
@@ -946,45 +951,7 @@ def render_range_test(
     fig = _RangeTestFigure(result, title=title, size=(w, h))
     try:
         fig.settle()
-        buf = QBuffer()
-        buf.open(QIODevice.OpenModeFlag.WriteOnly)
-        if fmt == "png":
-            image = QImage(w, h, QImage.Format.Format_ARGB32)
-            image.setDotsPerMeterX(round(_DPI / 0.0254))
-            image.setDotsPerMeterY(round(_DPI / 0.0254))
-            image.fill(QColor("white"))
-            painter = QPainter(image)
-            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-            painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
-            fig.paint(painter)
-            painter.end()
-            if not image.save(buf, "PNG"):
-                raise ConfigError("Qt could not encode the plot as PNG")
-        elif fmt == "svg":
-            gen = QSvgGenerator()
-            gen.setOutputDevice(buf)
-            gen.setSize(QSize(w, h))
-            gen.setViewBox(QRect(0, 0, w, h))
-            gen.setResolution(round(_DPI))
-            gen.setTitle(title or "LR range test")
-            gen.setDescription("Drawn by lrviz")
-            painter = QPainter(gen)
-            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-            fig.paint(painter)
-            painter.end()
-        else:
-            pdf = QPdfWriter(buf)
-            pdf.setResolution(round(_DPI))
-            pdf.setPageSize(QPageSize(QSizeF(w * 72.0 / _DPI, h * 72.0 / _DPI), QPageSize.Unit.Point, "lrviz"))
-            pdf.setPageMargins(QMarginsF(0, 0, 0, 0))
-            pdf.setTitle(title or "LR range test")
-            pdf.setCreator("lrviz")
-            painter = QPainter(pdf)
-            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-            fig.paint(painter)
-            painter.end()
-        buf.close()
-        content = bytes(buf.data())
+        content = _encode(fig, fmt, w, h, title or "LR range test")
     finally:
         fig.close()
     return atomic_write(target, content)
