@@ -24,7 +24,7 @@ from .errors import ConfigError, LrvizError
 
 log = logging.getLogger("lrviz")
 
-COMMANDS = ("run", "replay", "resume", "runs", "export", "find-lr", "sweep")
+COMMANDS = ("run", "replay", "resume", "runs", "export", "find-lr", "sweep", "steer")
 PROGRESS_EVERY = 2.0
 
 
@@ -59,11 +59,56 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set one of the script's PARAMS knobs (repeatable)")
     p.add_argument("--checkpoint-every", type=str, metavar="N", help="save a checkpoint every N steps")
-    p.add_argument("--on-divergence", choices=("stop", "rollback", "off"), dest="divergence",
-                   help="when the loss explodes or turns NaN: stop (exit 2; default), roll back to the last "
-                   "good checkpoint with LR/10 (needs --checkpoint-every, default 200 then), or off")
+    p.add_argument("--on-divergence", choices=("stop", "pause", "rollback", "off"), dest="divergence",
+                   help="when the loss explodes or turns NaN: stop (exit 2; default), pause and wait for "
+                   "`lrviz steer` (e.g. --rollback), roll back to the last good checkpoint with LR/10 "
+                   "(pause and rollback keep checkpoints: --checkpoint-every, default 200 then), or off")
     p.add_argument("--early-stopping", type=str, metavar="PATIENCE",
                    help="stop when the validation loss has not improved for this many validation passes")
+
+
+def _live_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", metavar="HOST:PORT", help="also serve the run on this TCP address (e.g. "
+                   "0.0.0.0:7000) for the app or `lrviz steer` on another machine; it prints the token. "
+                   "Without it the run is served on a local socket only (same user, same machine)")
+
+
+class _Steer(argparse.Action):
+    """Collects steering flags in the order given (``--pause --lr 0.01 --resume`` runs in that order)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        actions = list(getattr(ns, "actions", None) or [])
+        kind, key = self.const
+        actions.append((kind, {key: values} if key else {}))
+        ns.actions = actions
+
+
+def _steer_parser(sub: Any) -> None:
+    p = sub.add_parser("steer", help="change a live run from any terminal: LR, schedule, pause, stop, roll back",
+                       description="Steer a live run. Each change is answered with the step it takes effect "
+                       "at (accepted: from step S) or the reason it was refused; they are sent in the order "
+                       "given. Exit status 1 when any is refused or the run is not live.")
+    p.add_argument("run", help="run id or name (see `lrviz runs`), HOST:PORT of a run started with --listen "
+                   "(give --token), or a connection file")
+    p.set_defaults(actions=[])
+    for flag, kind, key, meta in (("--lr", "set_lr", "lr", "X"), ("--schedule", "set_schedule", "spec", "SPEC"),
+                                  ("--momentum", "set_hyperparams", "momentum", "M"),
+                                  ("--weight-decay", "set_hyperparams", "weight_decay", "W")):
+        p.add_argument(flag, action=_Steer, const=(kind, key), metavar=meta, dest="actions")
+    for flag, kind, hlp in (("--pause", "pause", "pause before the next step"),
+                            ("--resume", "resume", "resume a paused run"),
+                            ("--step-once", "step_once", "run one step, then pause"),
+                            ("--stop", "stop", "stop the run (saved as stopped)"),
+                            ("--checkpoint", "checkpoint", "save a checkpoint now"),
+                            ("--rollback", "rollback", "restore the last checkpoint from before the trouble, "
+                             "continue with LR x --lr-factor")):
+        p.add_argument(flag, action=_Steer, nargs=0, const=(kind, None), help=hlp, dest="actions")
+    p.add_argument("--lr-factor", type=str, default=None, help="with --rollback: multiply the LR by this "
+                   "(default 0.1)")
+    p.add_argument("--token", help="the run's token (for HOST:PORT; local runs are found in the store)")
+    p.add_argument("--timeout", type=str, default="60", help="seconds to wait for each answer (default 60)")
+    _common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fork", metavar="RUN@STEP", help="continue stored run RUN from its checkpoint at STEP "
                    "as a new child run (with the settings given here, e.g. another --lr or --schedule)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _live_args(p)
     _common(p)
 
     p = sub.add_parser("resume", help="continue a stopped or interrupted run from its last checkpoint")
@@ -122,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train at several learning rates, one after another; compare them")
     sweep.add_arguments(p)
 
-    p = sub.add_parser("runs", help="list stored runs")
+    _steer_parser(sub)
+
+    p = sub.add_parser("runs", help="list stored runs (live ones marked)")
     _common(p)
 
     p = sub.add_parser("export", help="write a stored run's data and plots")
@@ -184,7 +232,7 @@ def config_from_args(experiment: Any, args: argparse.Namespace, base: dict[str, 
         raise ConfigError(f"--batch-size: {experiment.path.name}'s build_data() takes no batch_size argument")
     if not experiment.accepts_batch_size:
         cfg.batch_size = None
-    if cfg.divergence == "rollback" and cfg.checkpoint_every is None:
+    if cfg.divergence in ("rollback", "pause") and cfg.checkpoint_every is None:
         cfg.checkpoint_every = 200
     return cfg.validated()
 
@@ -317,10 +365,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             cfg = config_from_args(exp, args)
         engine = TrainingEngine(exp, cfg, store, interventions=ats, name=args.name, origin=origin)
-        train_headless(engine, args.quiet)
+        with _serving(engine, store, args):
+            train_headless(engine, args.quiet)
         return finish_run(engine, store, out, args.quiet)
     finally:
         store.close()
+
+
+def _serving(engine: Any, store: Any, args: argparse.Namespace) -> Any:
+    """Serve the run live while it trains (a local socket; also TCP with --listen)."""
+    from .live.serve import serving
+
+    if cfg_pauses(engine) and not args.quiet:
+        engine.on_open.append(lambda run_id: print(
+            f"lrviz: run {run_id} pauses if it diverges; steer it with `lrviz steer {run_id} --rollback --resume` "
+            f"(or --lr X --resume, or --stop)", file=sys.stderr, flush=True))
+    return serving(engine, store, listen=getattr(args, "listen", None), announce=getattr(args, "listen", None) is not None)
+
+
+def cfg_pauses(engine: Any) -> bool:
+    return engine.config.divergence == "pause"
 
 
 def checkpoint_events(store: Any, run_id: int) -> dict[int, str]:
@@ -382,7 +446,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
             cfg.steps, cfg.epochs = args.steps, None
         engine = TrainingEngine(exp, cfg, store, origin=Origin("resume", info.id, Path(points[step]), step))
         print(f"resuming run {info.id} from its checkpoint at step {step}", file=sys.stderr)
-        train_headless(engine, args.quiet)
+        with _serving(engine, store, args):
+            train_headless(engine, args.quiet)
         return finish_run(engine, store, out, args.quiet)
     finally:
         store.close()
@@ -408,7 +473,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         events = store.load_events(info.id)
         engine = TrainingEngine(exp, cfg, store, interventions=from_events(events),
                                 name=f"replay of {info.name}")
-        train_headless(engine, args.quiet)
+        with _serving(engine, store, args):
+            train_headless(engine, args.quiet)
         status = finish_run(engine, store, out, args.quiet)
         original = store.load_steps(info.id)["loss"]
         replayed = store.load_steps(engine.run_id)["loss"]
@@ -433,15 +499,88 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if not runs:
             print(f"no runs in {store.path}")
             return 0
-        print(f"{'id':>4}  {'name':<28} {'status':<11} {'steps':>8} {'best loss':>10} {'final loss':>10}  started")
+        from .live.connection import live_runs
+
+        live = live_runs(store.path)
+        print(f"{'id':>4}  {'name':<28} {'status':<11} {'steps':>8} {'best loss':>10} {'final loss':>10}  "
+              f"{'started':<16}  live")
         for r in runs:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at or r.created_at))
             best = f"{r.best_loss:.4g}" if r.best_loss is not None else "-"
             final = f"{r.final_loss:.4g}" if r.final_loss is not None else "-"
-            print(f"{r.id:>4}  {r.name[:28]:<28} {r.status:<11} {r.steps:>8} {best:>10} {final:>10}  {started}")
+            mark = ""
+            if r.id in live:
+                info = live[r.id]
+                mark = "live" + (f" {info.address}:{info.port}" if info.transport == "tcp" else "")
+            print(f"{r.id:>4}  {r.name[:28]:<28} {r.status:<11} {r.steps:>8} {best:>10} {final:>10}  "
+                  f"{started:<16}  {mark}".rstrip())
         return 0
     finally:
         store.close()
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    """Send each steering flag to a live run, in order; print what each was answered."""
+    from .interventions import check
+    from .live.run import CommandRejected, NotLive
+    from .live.steer import connect_to
+
+    actions = list(args.actions or [])
+    if args.lr_factor is not None:
+        if not any(kind == "rollback" for kind, _ in actions):
+            raise ConfigError("--lr-factor goes with --rollback")
+        actions = [(k, {"lr_factor": args.lr_factor} if k == "rollback" else d) for k, d in actions]
+    if not actions:
+        raise ConfigError("nothing to do: give at least one of --lr, --schedule, --momentum, --weight-decay, "
+                          "--pause, --resume, --step-once, --stop, --checkpoint, --rollback")
+    try:
+        timeout = float(args.timeout)
+    except ValueError:
+        raise ConfigError(f"--timeout must be a number of seconds, not {args.timeout!r}") from None
+    for kind, data in actions:  # refuse a bad value here, before anything is sent
+        if kind in ("set_lr", "set_schedule", "set_hyperparams", "rollback"):
+            check(kind, data)
+    client, label = connect_to(args.run, store_path=args.store, token=args.token)
+    refused = 0
+    try:
+        for kind, data in actions:
+            what = _steer_words(kind, data)
+            try:
+                ack = client.command(kind, data).result(timeout)
+            except CommandRejected as exc:
+                refused += 1
+                print(f"{what}: refused: {exc}")
+                continue
+            except TimeoutError:
+                refused += 1
+                print(f"{what}: no answer within {timeout:g} s (the run may be busy in a long step or validation)")
+                continue
+            except NotLive as exc:
+                print(f"{what}: {exc}")
+                return 1
+            extra = ""
+            if kind == "rollback":
+                d = ack.get("data") or {}
+                extra = f" (restored the checkpoint of step {d.get('to_step')}, lr {d.get('lr', float('nan')):.3g})"
+            elif kind == "checkpoint":
+                extra = f" ({(ack.get('data') or {}).get('path')})"
+            verb = {"pause": "paused before step", "stop": "stops before step", "resume": "resumes at step",
+                    "step_once": "runs step"}.get(kind, "from step")
+            print(f"{what}: accepted: {verb} {ack['step']}{extra}")
+    finally:
+        client.close()
+    print(f"({label})", file=sys.stderr)
+    return 1 if refused else 0
+
+
+def _steer_words(kind: str, data: dict[str, Any]) -> str:
+    if kind == "set_lr":
+        return f"lr {data['lr']}"
+    if kind == "set_schedule":
+        return f"schedule {data['spec']}"
+    if kind == "set_hyperparams":
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data.items())
+    return kind.replace("_", " ")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -532,8 +671,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return command(args, plot=_plot_overlay)
 
 
-HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,
-            "export": cmd_export}
+HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume,
+            "runs": cmd_runs, "export": cmd_export, "steer": cmd_steer}
 
 
 def _app(argv: list[str]) -> int:
@@ -564,6 +703,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[i - 1] == "--at" and argv[i].startswith("-"):
             argv[i - 1:i + 1] = [f"--at={argv[i]}"]
     debug = "--debug" in argv
+    if argv[:1] == ["worker"]:  # the app's training process (private: stdin/stdout are its pipe)
+        from .live.worker import main as worker_main
+
+        return worker_main(argv[1:])
     try:
         if argv and argv[0] in HANDLERS:
             args = build_parser().parse_args(argv)

@@ -33,6 +33,7 @@ from .errors import ConfigError, DivergedError, LrvizError, ScriptError
 from .experiment import Experiment, error_from_exception
 from .optim import apply_hyperparams, build_optimizer
 from .records import Event, StepBuffer, ValPoint
+from .states import SETTING_COMMANDS, Command
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ TERMINAL_STATES = ("finished", "stopped", "diverged", "failed")
 #: (or per FLUSH_SECONDS, whichever comes first).
 DEVICE_STAGE_STEPS = 256
 FLUSH_SECONDS = 0.1
+
+
+#: Where a submitted command keeps its Future in the queued data (never recorded).
+_FUTURE = "_future"
+#: Controls act on flags at once (see ``submit``); the queue only carries their acks.
+_CONTROL_FLAGS: dict[str, dict[str, Any]] = {
+    Command.PAUSE: {"_pause_requested": True},
+    Command.RESUME: {"_pause_requested": False, "_step_budget": None},
+    Command.STEP_ONCE: {"_pause_requested": False, "_step_budget": 1},
+    Command.STOP: {"_stop_requested": True},
+}
+_CONTROLS = frozenset(_CONTROL_FLAGS)
 
 
 class _Stop(Exception):
@@ -180,6 +193,9 @@ class TrainingEngine:
         self._pending = sorted(interventions)
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, dict[str, Any]]] = deque()
+        self._closed = False  # set once the run has ended: commands are then refused
+        #: Called with the run's id once it is recorded in the store (e.g. to register its endpoint).
+        self.on_open: list[Any] = []
         self._attention = start_paused
         self._pause_requested = start_paused
         self._stop_requested = False
@@ -273,13 +289,8 @@ class TrainingEngine:
 
     def set_hyperparams(self, momentum: float | None = None, weight_decay: float | None = None) -> None:
         """Change momentum (beta1 for Adam-like optimizers) and/or weight decay from the next step on."""
-        data = iv.check("set_hyperparams", {"momentum": momentum, "weight_decay": weight_decay})
-        opt = self.optimizer
-        if opt is not None:
-            g = opt.param_groups[0]
-            if "momentum" in data and "momentum" not in g and "betas" not in g:
-                raise ConfigError(f"{type(opt).__name__} has no momentum to change")
-        self._command("set_hyperparams", data)
+        self._command("set_hyperparams", self._check_hyperparams({"momentum": momentum,
+                                                                  "weight_decay": weight_decay}))
 
     def rollback(self, lr_factor: float = 0.1, checkpoint: str | Path | None = None) -> None:
         """Restore the last good checkpoint's weights and optimizer state and continue with LR x ``lr_factor``.
@@ -300,6 +311,9 @@ class TrainingEngine:
         """
         fut: Future = Future()
         with self._cond:
+            if self._closed:
+                fut.set_exception(ConfigError(f"the run has ended ({self.state})"))
+                return fut
             self._commands.append(("range_test", {"kwargs": kwargs, "future": fut}))
             self._attention = True
             self._cond.notify_all()
@@ -308,6 +322,86 @@ class TrainingEngine:
     def cancel_range_test(self) -> None:
         """Stop a running range test early (its state is restored as usual)."""
         self._range_cancel = True
+
+    def submit(self, kind: str, data: dict[str, Any] | None = None) -> Future:
+        """Ask for ``kind`` (a :class:`lrviz.states.Command`) from any thread, never blocking.
+
+        The Future's result is the ack ``{"kind", "step", "data"}``: ``step`` is the step at which the
+        command took effect (the first step run with a new setting; the step a pause or stop came
+        before). A command that cannot be applied sets the Future's exception (an LrvizError with
+        the reason) instead. Controls (pause, resume, step once, stop) act at once, as their
+        methods do; their acks follow at the next step boundary.
+        """
+        fut: Future = Future()
+        data = dict(data or {})
+        try:
+            try:
+                cmd = Command(kind)
+            except ValueError:
+                raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            if cmd in SETTING_COMMANDS:
+                if cmd == Command.SET_HYPERPARAMS:
+                    data = self._check_hyperparams(data)
+                else:
+                    data = iv.check(cmd.value, data)
+                    if cmd == Command.SET_SCHEDULE and data["spec"] is not None:
+                        self._check_schedule_usable(data["spec"])
+            elif cmd == Command.SET_PACE:
+                self.set_pace(data.get("steps_per_second"))
+                fut.set_result(self._ack(cmd, {"steps_per_second": self._pace}))
+                return fut
+            elif cmd == Command.CANCEL_RANGE_TEST:
+                self.cancel_range_test()
+                fut.set_result(self._ack(cmd, {}))
+                return fut
+            elif cmd == Command.CHECKPOINT and self._checkpoint_dir is None and self.store is None:
+                raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
+            elif cmd == Command.RANGE_TEST:
+                return self._submit_range_test(data)
+        except LrvizError as exc:
+            fut.set_exception(exc)
+            return fut
+        flags = _CONTROL_FLAGS.get(cmd, {})
+        with self._cond:
+            if self._closed:
+                fut.set_exception(ConfigError(f"the run has ended ({self.state})"))
+                return fut
+            for name, value in flags.items():
+                setattr(self, name, value)
+            if cmd == Command.RESUME:
+                self.detection = None
+            self._commands.append((cmd.value, {**data, _FUTURE: fut}))
+            self._attention = True
+            self._cond.notify_all()
+        return fut
+
+    def _ack(self, kind: str, data: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        return {"kind": str(kind), "step": self.step if step is None else step, "data": data}
+
+    def _submit_range_test(self, kwargs: dict[str, Any]) -> Future:
+        outer: Future = Future()
+        inner = self.range_test(**kwargs)
+
+        def done(f: Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+            else:
+                r = f.result()
+                rows = {"lrs": r.lrs.tolist(), "losses": r.losses.tolist(), "smoothed": r.smoothed.tolist()}
+                outer.set_result(self._ack(Command.RANGE_TEST, {"result": {**r.to_dict(), **rows}}))
+
+        inner.add_done_callback(done)
+        return outer
+
+    def _check_hyperparams(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = iv.check("set_hyperparams", data)
+        opt = self.optimizer
+        if opt is not None:
+            g = opt.param_groups[0]
+            if "momentum" in data and "momentum" not in g and "betas" not in g:
+                raise ConfigError(f"{type(opt).__name__} has no momentum to change")
+        return data
 
     def _command(self, kind: str, data: dict[str, Any]) -> None:
         data = iv.check(kind, data)  # errors reach the caller, in its own thread
@@ -478,6 +572,8 @@ class TrainingEngine:
             self._checkpoint_dir = self.store.checkpoint_dir(self.run_id)
         self._writer = StoreWriter(self.store, self.run_id, self, start=self._writer_start)
         self._writer.start()
+        for callback in self.on_open:
+            callback(self.run_id)
 
     # ---- checkpoints, roll-back, the guard ---------------------------------------------------------
     def _checkpoint(self, reason: str) -> Any:
@@ -615,6 +711,7 @@ class TrainingEngine:
         fut.set_result(result)
 
     def _finish(self) -> None:
+        self._close_commands()
         if self._writer is not None:
             try:
                 self._writer.close(self.state, self.summary(), str(self.error) if self.error else None)
@@ -687,13 +784,44 @@ class TrainingEngine:
 
     def _apply_commands(self, commands: list[tuple[str, dict[str, Any]]]) -> None:
         for kind, data in commands:
+            fut: Future | None = data.pop(_FUTURE, None)
+            if kind in _CONTROLS:  # already acted on; the ack names the step it came before
+                if fut is not None:
+                    fut.set_result(self._ack(kind, {}))
+                continue
             try:
-                self._apply(kind, data)
+                applied = self._apply(kind, data)
             except LrvizError as exc:  # e.g. a plateau schedule without validation data
                 self._event("rejected", {"kind": kind, "message": str(exc)})
+                if fut is not None:
+                    fut.set_exception(exc)
+                continue
+            if fut is not None:
+                fut.set_result(self._ack(kind, applied or {}))
 
-    def _apply(self, kind: str, data: dict[str, Any]) -> None:
+    def _close_commands(self) -> None:
+        """Answer the commands the run ended before applying (a stop is then done; the rest are not)."""
+        with self._cond:
+            self._closed = True
+            left = list(self._commands)
+            self._commands.clear()
+        for kind, data in left:
+            fut = data.get(_FUTURE) or data.get("future")
+            if fut is None or fut.done():
+                continue
+            if kind == Command.STOP:
+                fut.set_result(self._ack(kind, {}))
+            else:
+                fut.set_exception(ConfigError(f"the run ended ({self.state}) before {kind} took effect"))
+
+    def _apply(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply an intervention now (before step ``self.step``); return what was recorded."""
         step = self.step
+        if kind == "checkpoint":
+            if self._checkpoint_dir is None:
+                raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
+            info = self._checkpoint("manual")
+            return {"path": str(info.path), "checkpoint_step": info.step}
         if kind == "set_lr":
             self._apply_lr(data["lr"])
         elif kind == "set_schedule":
@@ -709,8 +837,9 @@ class TrainingEngine:
             data = self._rollback(data)
         elif kind == "range_test":
             self._run_range_test(data)
-            return
+            return None
         self._event(kind, dict(data), step)
+        return dict(data)
 
     def _apply_lr(self, lr: float) -> None:
         """Use ``lr`` from the current step on; a running schedule is rescaled to continue from it."""

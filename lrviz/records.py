@@ -77,6 +77,18 @@ class StepBuffer:
         cols.lr[i] = lrs
         self.n = i + 1
 
+    def extend(self, columns: dict[str, np.ndarray]) -> None:
+        """Add a block of rows at once (writer only), e.g. a chunk received from a live run."""
+        k = len(columns["loss"])
+        if not k:
+            return
+        cols = self.reserve_row(self.n + k - 1)
+        i = self.n
+        for name in STEP_COLUMNS:
+            dest = getattr(cols, name)
+            dest[i:i + k] = np.asarray(columns[name]).reshape(dest[i:i + k].shape)
+        self.n = i + k
+
     def view(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Read-only views of rows ``start:stop`` (row indices) as they are published now, plus ``step``."""
         cols = self._cols
