@@ -226,4 +226,4 @@ def test_a_script_that_fails_to_load_is_reported_with_its_line(worker, tmp_path)
     run = ChildRun(worker, spec).start()
     assert run.done.wait(WAIT)
     assert run.state == RunState.FAILED
-    assert "broken.py:7" in run.error and "build_data()" in run.error
+    assert "broken.py:6: build_data returned" in run.error
