@@ -422,6 +422,9 @@ class TrainingEngine:
     def run(self) -> str:
         """Prepare and train in the calling thread; return the final state."""
         self._t0 = time.perf_counter()
+        # OpenMP's thread count is per thread: a new thread would use every core for each small
+        # matmul and spin-wait on the others, whatever torch.set_num_threads() said in the main thread
+        torch.set_num_threads(torch.get_num_threads())
         try:
             self.state = "preparing"
             self._prepare()
