@@ -2,8 +2,9 @@
 
 A seeded ``DataLoader(generator=g)`` and a plain ``shuffle=True`` loader (order from the global RNG):
 loading a script draws nothing from either; a fork with no new settings equals its parent step for
-step (the parent's later interventions included); a resume equals an uninterrupted run; a replay of
-a fork child starts at its fork; a range test mid-run leaves the data order alone.
+step (the parent's later interventions included; the seeded loader's case is in test_checkpoints.py);
+a resume equals an uninterrupted run; a replay of a fork child starts at its fork; a range test
+mid-run leaves the data order alone.
 """
 
 from __future__ import annotations
@@ -65,21 +66,6 @@ def test_checking_the_data_draws_no_randomness_and_no_batch(seeded):
     plain, _ = seeded.module.build_data(generator=True)
     assert torch.equal(after_checks, torch.get_rng_state())
     assert torch.equal(train.generator.get_state(), plain.generator.get_state())
-
-
-def test_fork_with_no_new_settings_equals_its_parent_with_a_seeded_loader(seeded, tmp_path):
-    """Step 100 is batch 9 of epoch 8 (13 batches an epoch): the loader's generator decides the order."""
-    cfg = RunConfig(lr=0.05, momentum=0.9, steps=200, seed=5, checkpoint_every=50, params={"dropout": 0.1})
-    with RunStore(tmp_path) as store:
-        parent = TrainingEngine(seeded, cfg, store)
-        assert parent.run() == "finished"
-        ck = next(c for c in parent.checkpoints if c.step == 100)
-        child = TrainingEngine(seeded, parent.config, store, origin=Origin("fork", parent.run_id, ck.path, 100))
-        assert child.run() == "finished"
-        a, b = store.load_steps(parent.run_id), store.load_steps(child.run_id)
-    assert list(b["step"]) == list(range(100, 200))
-    assert b["loss"].tobytes() == a["loss"][100:].tobytes()
-    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"][100:], rtol=1e-6)  # summed in another order
 
 
 def test_fork_with_no_new_settings_carries_the_parents_later_interventions(tmp_path):

@@ -13,16 +13,7 @@ import torch
 from PySide6.QtCore import Qt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models train faster on one thread (and the suite shares 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_banner_rollback_restores_a_checkpoint_from_before_the_raised_rate(qtbot, window):
+def test_banner_rollback_restores_a_checkpoint_from_before_the_raised_rate(qtbot, window, one_thread):
     with qtbot.waitSignal(window.scriptLoaded, timeout=30000):
         window.load_script("regression")
     window.controls.length_kind.setCurrentText("steps")
