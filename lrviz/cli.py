@@ -453,6 +453,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
         store.close()
 
 
+def replay_origin(store: Any, info: Any) -> Any:
+    """Where a replay of run ``info`` starts: a fork child from its parent's checkpoint at the fork
+    step (as the child did), any other run from step 0 (None)."""
+    from .engine import Origin
+
+    if info.parent_id is None or info.fork_step is None:
+        return None
+    points = checkpoint_events(store, info.parent_id)
+    if info.fork_step not in points:
+        raise ConfigError(f"run {info.id} is a fork of run {info.parent_id} at step {info.fork_step}, and that "
+                          "checkpoint is gone: the fork cannot be replayed")
+    return Origin("fork", info.parent_id, Path(points[info.fork_step]), info.fork_step)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .config import RunConfig
     from .engine import TrainingEngine
@@ -468,10 +482,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"lrviz: warning: {info.script_path} changed since run {info.id}; the replay may differ",
                   file=sys.stderr)
         cfg = RunConfig.from_dict(info.config)
+        origin = replay_origin(store, info)
+        first = origin.step if origin is not None else 0
         if info.steps:
-            cfg.steps, cfg.epochs = info.steps, None  # exactly as many steps as the original ran
+            cfg.steps, cfg.epochs = first + info.steps, None  # exactly as many steps as the original ran
         events = store.load_events(info.id)
-        engine = TrainingEngine(exp, cfg, store, interventions=from_events(events),
+        engine = TrainingEngine(exp, cfg, store, interventions=from_events(events), origin=origin,
                                 name=f"replay of {info.name}")
         with _serving(engine, store, args):
             train_headless(engine, args.quiet)

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from . import interventions as iv
-from .checkpoint import capture_rng, restore_rng
+from .checkpoint import (
+    CheckpointInfo,
+    capture_generators,
+    capture_rng,
+    data_generators,
+    restore_generators,
+    restore_rng,
+)
 from .config import RunConfig
 from .devices import resolve_device, to_device
 from .errors import ConfigError, DivergedError, LrvizError, ScriptError
@@ -42,6 +49,11 @@ TERMINAL_STATES = ("finished", "stopped", "diverged", "failed")
 #: (or per FLUSH_SECONDS, whichever comes first).
 DEVICE_STAGE_STEPS = 256
 FLUSH_SECONDS = 0.1
+#: A change of settings (set LR, schedule, momentum/weight decay) at most this many steps before a
+#: divergence the guard caught is taken as its cause: a roll-back restores a checkpoint from before it.
+CAUSE_STEPS = 500
+#: The events that change a run's settings: one of them may be what led to a divergence.
+_SETTING_EVENTS = ("set_lr", "set_schedule", "set_hyperparams")
 
 
 #: Where a submitted command keeps its Future in the queued data (never recorded).
@@ -215,8 +227,10 @@ class TrainingEngine:
         self._last_ckpt_step = -1
         self._batch_in_epoch = 0
         self._epoch_rng: dict[str, Any] | None = None
-        self._resume_rng: dict[str, Any] | None = None
-        self._resume_skip: int | None = None
+        self._data_gens: dict[str, torch.Generator] = {}  # the training data's own generators
+        self._epoch_data_rng: dict[str, torch.Tensor] | None = None
+        self._resume_iter: tuple[Any, int] | None = None  # (iterator, batches taken) of a continued epoch
+        self._start_step = 0  # the step this engine started at (a fork's or resume's checkpoint step)
         self._time_offset = 0.0
         self.guard: Any = None
         self.detection: Any = None  # the guard's last Detection, until a roll-back or resume
@@ -407,6 +421,10 @@ class TrainingEngine:
         data = iv.check(kind, data)  # errors reach the caller, in its own thread
         if kind == "set_schedule" and data["spec"] is not None:
             self._check_schedule_usable(data["spec"])
+        if kind == "rollback":
+            # the trouble it answers, as seen now: resume() (the banner's "resume after roll-back")
+            # clears the detection before the training thread gets to this command
+            data["detection"] = self.detection
         with self._cond:
             self._commands.append((kind, data))
             self._attention = True
@@ -472,6 +490,7 @@ class TrainingEngine:
         model = exp.make_model(cfg.params).to(self.device)
         train, val = exp.make_data(cfg.batch_size, cfg.params)
         self._train_data, self._val_data = train, val
+        self._data_gens = data_generators(train)
         opt = exp.make_optimizer(model, cfg.lr)
         if opt is None:
             opt = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
@@ -508,36 +527,117 @@ class TrainingEngine:
             self._load_origin()
 
     def _load_origin(self) -> None:
-        """Continue from a checkpoint: weights, optimizer, schedule, RNG, step and data position."""
+        """Continue from a checkpoint: weights, optimizer, schedule, RNG, step and data position.
+
+        Everything is read and checked (the data position rebuilt too) before the store is touched,
+        so a checkpoint that is refused leaves its run exactly as it was. A fork given no
+        interventions of its own continues as its parent did: the parent's later interventions are
+        applied at the same steps.
+        """
         from . import checkpoint as ckpt
 
         o = self.origin
         data = ckpt.load(o.checkpoint, map_location=self.device)
-        self._restore_training_state(data)
-        self.step = int(data["step"])
-        self.epoch = int(data["epoch"])
-        self._resume_skip = int(data["batch_in_epoch"])
+        try:
+            per_epoch = len(self._train_data)  # type: ignore[arg-type]
+        except TypeError:
+            per_epoch = None
+        ckpt.check(data, o.checkpoint, step=o.step, groups=len(self.lrs), data_gens=self._data_gens,
+                   batches_per_epoch=per_epoch)
+        self._restore_training_state(data, o.checkpoint)
+        for what, part, key in (("guard", self.guard, "guard"), ("early stopping", self._early, "early_stopping")):
+            if part is not None and data.get(key):
+                try:
+                    part.load_state_dict(data[key])
+                except (LrvizError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                    raise ConfigError(f"checkpoint {o.checkpoint} is damaged: its {what} state cannot be "
+                                      f"restored ({exc})") from None
+        self.step = self._start_step = self._last_ckpt_step = data["step"]
+        self.epoch = data["epoch"]
         self._epoch_rng = data["epoch_rng"]
-        self._resume_rng = data["rng"]
+        drng = data.get("data_rng") or {}
+        self._epoch_data_rng = drng.get("epoch")
+        self._resume_iter = self._rebuild_position(data["batch_in_epoch"], data["rng"], drng.get("now"))
         self._time_offset = float(data.get("time", 0.0))
-        self._last_ckpt_step = self.step
-        if self.guard is not None and data.get("guard"):
-            self.guard.load_state_dict(data["guard"])
-        if self._early is not None and data.get("early_stopping"):
-            self._early.load_state_dict(data["early_stopping"])
-        groups = len(self.lrs)
+        origin = CheckpointInfo(Path(o.checkpoint), self.step, "origin", None)
         if o.kind == "resume" and self.store is not None:
-            self.store.truncate_run(o.run_id, self.step)
-            self.buffer = StepBuffer.from_columns(self.store.load_steps(o.run_id))
-            self.events = self.store.load_events(o.run_id)
-            self.validation = self.store.load_validation(o.run_id)
-            self._writer_start = (len(self.buffer), len(self.events), len(self.validation))
-            if self.buffer.groups != groups:
-                raise ConfigError("the stored run has another number of param groups than the script now builds")
+            origin.seq = self._take_over_stored_run(o)
         else:
-            self.buffer = StepBuffer(groups=groups, capacity=4096, first_step=self.step)
+            self.buffer = StepBuffer(groups=len(self.lrs), capacity=4096, first_step=self.step)
+            if o.kind == "fork" and self.store is not None and not self._pending:
+                self._pending = self._parent_interventions(o)
+        self.checkpoints.append(origin)
 
-    def _restore_training_state(self, data: dict[str, Any]) -> None:
+    def _rebuild_position(self, batches: int, rng: dict[str, Any],
+                          data_now: dict[str, torch.Tensor] | None) -> tuple[Any, int]:
+        """The iterator of the checkpoint's epoch, ``batches`` batches in, with every RNG as it was then."""
+        restore_rng(self._epoch_rng)
+        restore_generators(self._data_gens, self._epoch_data_rng)
+        exp = self.experiment
+        during = f"iterating the training data (epoch {self.epoch + 1})"
+        try:
+            it = iter(self._train_data)
+            for i in range(batches):
+                try:
+                    next(it)
+                except StopIteration:
+                    raise ConfigError(
+                        f"checkpoint {self.origin.checkpoint} continues at batch {batches} of epoch "
+                        f"{self.epoch + 1}, but the training data now has {i} batches an epoch "
+                        "(did build_data change?)") from None
+        except LrvizError:
+            raise
+        except Exception as exc:
+            raise error_from_exception(exc, exp.path, during) from exc
+        restore_rng(rng)
+        restore_generators(self._data_gens, data_now)
+        return it, batches
+
+    @staticmethod
+    def _checkpoint_event_index(events: list[Event], origin: Origin) -> int | None:
+        """The index of the event of ``origin``'s checkpoint in a stored run's events."""
+        name = Path(origin.checkpoint).name
+        for i, e in enumerate(events):
+            if e.kind == "checkpoint" and e.step == origin.step and Path(str(e.data.get("path", ""))).name == name:
+                return i
+        return None
+
+    def _take_over_stored_run(self, o: Origin) -> int:
+        """Resume: keep what the run recorded up to its checkpoint (that checkpoint's event too) and
+        forget the rest. Returns the index of the checkpoint's event."""
+        store = self.store
+        k = self.step
+        steps = store.load_steps(o.run_id, 0, k)
+        buffer = StepBuffer.from_columns(steps)
+        if len(buffer) != k:
+            raise ConfigError(f"run {o.run_id} has {len(buffer)} stored steps, fewer than its checkpoint's "
+                              f"step {k}; resume it from an earlier checkpoint (or fork it)")
+        if len(buffer) and buffer.groups != len(self.lrs):
+            raise ConfigError("the stored run has another number of param groups than the script now builds")
+        events = store.load_events(o.run_id)
+        at = self._checkpoint_event_index(events, o)
+        if at is None:  # no event names the file: keep what came before its step
+            at = sum(1 for e in events if e.step < k) - 1
+        kept = events[:at + 1]
+        validation = [p for p in store.load_validation(o.run_id) if p.step < k]
+        with store.batch():
+            store.truncate_run(o.run_id, k)
+            store.add_events(o.run_id, [e for e in kept if e.step >= k])
+        self.buffer = buffer
+        # in place: the app took these lists when it showed the run, before it started
+        self.events.extend(kept)
+        self.validation.extend(validation)
+        self._writer_start = (len(buffer), len(kept), len(validation))
+        return at
+
+    def _parent_interventions(self, o: Origin) -> list[iv.Intervention]:
+        """The interventions the parent applied after the checkpoint a fork starts from."""
+        events = self.store.load_events(o.run_id)
+        at = self._checkpoint_event_index(events, o)
+        later = events[at + 1:] if at is not None else [e for e in events if e.step > o.step]
+        return [x for x in iv.from_events(later) if x.step >= o.step]
+
+    def _restore_training_state(self, data: dict[str, Any], path: str | Path) -> None:
         """Model, optimizer, LRs and schedule from a checkpoint (not RNG, step or data position)."""
         from .schedules import Schedule
 
@@ -545,7 +645,7 @@ class TrainingEngine:
             self.model.load_state_dict(data["model"])
             self.optimizer.load_state_dict(data["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"the checkpoint does not fit this script's model or optimizer: {exc}") from None
+            raise ConfigError(f"checkpoint {path} does not fit this script's model or optimizer: {exc}") from None
         self.lrs = [float(x) for x in data["lrs"]]
         self._set_group_lrs(self.lrs)
         sched = data.get("schedule")
@@ -586,6 +686,7 @@ class TrainingEngine:
         self._flush_device()
         if self._epoch_rng is None:
             self._epoch_rng = capture_rng()
+            self._epoch_data_rng = capture_generators(self._data_gens)
         sched = self.schedule
         buf = self.buffer
         loss = float(buf.view(len(buf) - 1)["loss"][-1]) if buf is not None and len(buf) else None
@@ -596,17 +697,19 @@ class TrainingEngine:
             "lrs": list(self.lrs),
             "schedule": None if sched is None else {"start": self.schedule_start, "state": sched.state_dict()},
             "rng": capture_rng(), "epoch_rng": self._epoch_rng,
+            "data_rng": {"epoch": self._epoch_data_rng or {}, "now": capture_generators(self._data_gens)},
             "guard": self.guard.state_dict() if self.guard is not None else None,
             "early_stopping": self._early.state_dict() if self._early is not None else None,
         }
         path = self._checkpoint_dir / f"step-{self.step:09d}-{reason}.pt"
         ckpt.save(path, payload)
-        info = ckpt.CheckpointInfo(path, self.step, reason, loss)
+        info = ckpt.CheckpointInfo(path, self.step, reason, loss, seq=len(self.events))
         self.checkpoints.append(info)
         self._last_ckpt_step = self.step
         self._event("checkpoint", {"path": str(path), "reason": reason,
                                    "loss": loss if loss is not None and math.isfinite(loss) else None})
-        periodic = [c for c in self.checkpoints if c.reason == "periodic"]
+        keep = self._rollback_targets()
+        periodic = [c for c in self.checkpoints if c.reason == "periodic" and c.seq not in keep]
         for old in periodic[:-self.keep_checkpoints] if self.keep_checkpoints else []:
             try:
                 old.path.unlink()
@@ -615,42 +718,85 @@ class TrainingEngine:
             self.checkpoints.remove(old)
         return info
 
-    def _good_checkpoint(self) -> Any:
-        """The latest checkpoint from before the trouble the guard saw (or before now)."""
-        if self.detection is not None:
-            margin = getattr(getattr(self.guard, "config", None), "oscillation_window", 20)
-            limit = self.detection.step - margin
-        else:
-            limit = self.step
-        usable = [c for c in self.checkpoints if c.path.exists()
-                  and (c.loss is None or math.isfinite(c.loss))]
-        before = [c for c in usable if c.step <= limit]
+    def _rollback_targets(self) -> set[int]:
+        """The ``seq`` of each latest checkpoint before a change of settings of the last CAUSE_STEPS
+        steps: what a roll-back restores if that change leads to a divergence (kept from pruning)."""
+        changes = []
+        for i in range(len(self.events) - 1, -1, -1):
+            e = self.events[i]
+            if e.step < self.step - CAUSE_STEPS:
+                break
+            if e.kind in _SETTING_EVENTS:
+                changes.append(i)
+        out = set()
+        for i in changes:
+            before = [c.seq for c in self.checkpoints if c.seq < i]
+            if before:
+                out.add(before[-1])
+        return out
+
+    def _good_checkpoint(self, det: Any = None) -> CheckpointInfo:
+        """The latest checkpoint from before the trouble the guard saw in ``det`` (or before now).
+
+        Before the trouble means: saved before the guard's detection window, and before the change
+        of settings that led to it (the latest one within CAUSE_STEPS steps before the detection, since
+        the last roll-back). A checkpoint saved at or after the detection is never chosen.
+        """
+        usable = [c for c in self.checkpoints if c.path.exists() and (c.loss is None or math.isfinite(c.loss))]
+        if det is None:
+            if usable:
+                return usable[-1]
+            raise ConfigError("there is no checkpoint to roll back to (checkpoints are kept only for runs "
+                              "saved in a store)")
+        margin = getattr(getattr(self.guard, "config", None), "oscillation_window", 20)
+        limit = max(det.step - margin, self._start_step)
+        cause = self._cause_of(det)
+        before = [c for c in usable if c.step <= limit and (cause is None or c.seq < cause)]
         if before:
             return before[-1]
-        if usable:
-            return usable[0]
-        raise ConfigError("there is no checkpoint to roll back to (checkpoints are kept only for runs "
-                          "saved in a store)")
+        what = f"the change at step {self.events[cause].step} that led to it" if cause is not None else \
+            f"step {limit}"
+        raise ConfigError(f"there is no checkpoint from before the trouble at step {det.step} (before {what}) "
+                          "to roll back to; save checkpoints more often (--checkpoint-every N)")
+
+    def _cause_of(self, det: Any) -> int | None:
+        """The index in ``events`` of the change of settings that led to ``det``, if one did."""
+        events = self.events
+        oldest = det.step - CAUSE_STEPS
+        for i in range(len(events) - 1, -1, -1):
+            e = events[i]
+            if e.kind == "rollback" or e.step < oldest:
+                break
+            if e.kind in _SETTING_EVENTS and e.step <= det.step:
+                return i
+        return None
 
     def _rollback(self, data: dict[str, Any]) -> dict[str, Any]:
         from . import checkpoint as ckpt
 
+        det = data.get("detection", self.detection)
         if data.get("path"):
             path = Path(data["path"])
-            saved = ckpt.load(path, map_location=self.device)
+            info = next((c for c in self.checkpoints if c.path == path), None)
         else:
-            info = self._good_checkpoint()
+            info = self._good_checkpoint(det)
             path = info.path
-            saved = ckpt.load(path, map_location=self.device)
+        saved = ckpt.load(path, map_location=self.device)
+        ckpt.check(saved, path, groups=len(self.lrs))
         self._flush_device()
-        self._restore_training_state(saved)
+        self._restore_training_state(saved, path)
         factor = float(data["lr_factor"])
         new_lr = self.lrs[0] * factor
         self._apply_lr(new_lr)
         if self.guard is not None:
             self.guard.reset()
         self.detection = None
-        return {"lr_factor": factor, "path": str(path), "to_step": int(saved["step"]), "lr": new_lr}
+        if info is not None:  # checkpoints saved after it belong to the abandoned course
+            self.checkpoints = [c for c in self.checkpoints if c.seq <= info.seq]
+        out = {"lr_factor": factor, "path": str(path), "to_step": int(saved["step"]), "lr": new_lr}
+        if data.get("auto"):
+            out["auto"] = True
+        return out
 
     def _on_detection(self, det: Any) -> None:
         """The guard saw divergence or oscillation: stop, pause or roll back, as configured."""
@@ -674,7 +820,10 @@ class TrainingEngine:
             self._auto_rollbacks += 1
             if self._auto_rollbacks > 3:
                 raise DivergedError(f"{det.message}; still diverging after 3 automatic roll-backs")
-            self._apply("rollback", {"lr_factor": 0.1})
+            try:  # marked automatic: a replay or a fork's guard rolls back by itself at the same step
+                self._apply("rollback", {"lr_factor": 0.1, "detection": det, "auto": True})
+            except ConfigError as exc:
+                raise DivergedError(f"{det.message}; cannot roll back: {exc}") from None
         else:
             raise DivergedError(det.message)
 
@@ -696,6 +845,7 @@ class TrainingEngine:
         self.range_test_progress = []
         progress = self.range_test_progress
         self._range_cancel = False
+        data_order = capture_generators(self._data_gens)  # the test draws batches; training must not notice
         try:
             self._flush_device()
             result = range_test(
@@ -708,6 +858,8 @@ class TrainingEngine:
         except Exception as exc:
             fut.set_exception(error_from_exception(exc, self.experiment.path, "the range test"))
             return
+        finally:
+            restore_generators(self._data_gens, data_order)
         s = result.suggestions
         self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,
                                    "steps": len(result.lrs)})
@@ -905,22 +1057,17 @@ class TrainingEngine:
         t0 = self._t0
         model.train()
         self.state = "running"
-        skip = self._resume_skip
         if self._checkpoint_dir is not None and self._last_ckpt_step != self.step:
             self._checkpoint("start")
         while max_epochs is None or self.epoch < max_epochs:
-            batches = 0
-            if skip is not None:  # continuing from a checkpoint: rebuild the data order of its epoch
-                restore_rng(self._epoch_rng)
-                it = iter(train)
-                for _ in range(skip):
-                    next(it)
-                batches = skip
-                restore_rng(self._resume_rng)
-                skip = self._resume_skip = None
+            if self._resume_iter is not None:  # continuing a checkpoint's epoch (rebuilt by _load_origin)
+                it, batches = self._resume_iter
+                self._resume_iter = None
             else:
+                batches = 0
                 if self._checkpoint_dir is not None:
                     self._epoch_rng = capture_rng()
+                    self._epoch_data_rng = capture_generators(self._data_gens)
                 it = iter(train)
             while True:
                 if self._attention:

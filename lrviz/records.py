@@ -56,13 +56,16 @@ class StepBuffer:
         return cols
 
     def reserve_row(self, row: int) -> _Columns:
-        """The arrays, grown so that row ``row`` fits (writer only; the row is published later)."""
+        """The arrays, grown so that row ``row`` fits (writer only; the row is published later).
+
+        Rows from ``n`` up to ``row`` may be staged (filled, not yet published): a growth keeps them.
+        """
         cols = self._cols
         if row >= cols.capacity:
             cap = cols.capacity
             while row >= cap:
                 cap *= 2
-            cols = cols.grown(cap, self.n)
+            cols = cols.grown(cap, min(max(row, self.n), cols.capacity))
             self._cols = cols
         return cols
 

@@ -267,6 +267,42 @@ def test_device_staging_records_the_same_values_as_host_path(tiny):
     assert a["lr"].tobytes() == b["lr"].tobytes() and a["epoch"].tobytes() == b["epoch"].tobytes()
 
 
+def test_device_staging_keeps_the_rows_staged_when_the_buffer_grows(tiny, monkeypatch, tmp_path):
+    """An epochs-based run starts with room for 4096 rows; staged in blocks of 100 (never flushed by
+    time), rows 4000-4095 are still on the 'device' when row 4096 makes the buffer grow."""
+    import lrviz.engine as engine_module
+    from lrviz.store import RunStore
+
+    monkeypatch.setattr(engine_module, "DEVICE_STAGE_STEPS", 100)
+    monkeypatch.setattr(engine_module, "FLUSH_SECONDS", float("inf"))
+    cfg = RunConfig(lr=0.01, epochs=130, seed=2, eval_every=None, params={"val": False})  # 4160 steps
+    host = TrainingEngine(tiny, cfg, stage_on_device=False)
+    run_to_end(host, 120)
+    with RunStore(tmp_path) as store:
+        staged = TrainingEngine(tiny, cfg, store, stage_on_device=True)
+        run_to_end(staged, 120)
+        stored = store.load_steps(staged.run_id)
+    a, b = host.buffer.view(), staged.buffer.view()
+    assert len(b["loss"]) == 4160 and staged.buffer._cols.capacity > 4096
+    assert a["loss"].tobytes() == b["loss"].tobytes()
+    assert a["lr"].tobytes() == b["lr"].tobytes() and a["epoch"].tobytes() == b["epoch"].tobytes()
+    assert np.all(np.diff(b["time"]) >= 0) and b["time"][0] > 0
+    assert stored["lr"].tobytes() == a["lr"].tobytes() and stored["epoch"].tobytes() == a["epoch"].tobytes()
+
+
+def test_reserving_a_row_past_the_capacity_keeps_staged_rows():
+    from lrviz.records import StepBuffer
+
+    buf = StepBuffer(groups=1, capacity=16)
+    for row in range(20):  # rows 0..19 staged: filled, none published
+        cols = buf.reserve_row(row)
+        cols.epoch[row], cols.time[row], cols.lr[row] = 1, row + 1.0, 0.5
+    buf.n = 20
+    v = buf.view()
+    assert list(v["time"]) == [row + 1.0 for row in range(20)]
+    assert np.all(v["lr"] == 0.5) and np.all(v["epoch"] == 1)
+
+
 def test_nan_loss_stops_as_diverged_with_the_step(tiny):
     eng = TrainingEngine(tiny, RunConfig(lr=50.0, optimizer="sgd", steps=2000))
     assert run_to_end(eng) == "diverged"
