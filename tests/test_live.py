@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,19 @@ def attach(ep, **kw) -> RemoteRun:
     return RemoteRun(ep.info, **kw).connect()
 
 
+def wait_for(pred, run=None, timeout=WAIT):
+    """Wait until ``pred()`` holds, woken by the run's messages (or polling the engine)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        left = deadline - time.monotonic()
+        assert left > 0, "timed out waiting"
+        if run is not None:
+            run.changed.wait(min(left, 0.5))
+            run.changed.clear()
+        else:
+            time.sleep(0.005)
+
+
 def test_set_lr_lands_exactly_at_the_acked_step(served):
     eng, ep = served
     run = attach(ep)
@@ -77,8 +91,7 @@ def test_set_lr_lands_exactly_at_the_acked_step(served):
     assert first["step"] == 0 and first["data"] == {"lr": 0.02}
     run.resume().result(WAIT)
     # let it train, then change the rate while it runs
-    while eng.step < 50:
-        eng.done.wait(0.01)
+    wait_for(lambda: eng.step >= 50)
     ack = run.set_lr(0.003).result(WAIT)
     s = ack["step"]
     assert s >= 50
@@ -88,10 +101,7 @@ def test_set_lr_lands_exactly_at_the_acked_step(served):
     # the event is recorded at the acked step, and the client's copy equals the engine's
     ev = [e for e in eng.events if e.kind == "set_lr" and e.data["lr"] == 0.003]
     assert [e.step for e in ev] == [s]
-    run.changed.clear()
-    while len(run.buffer or ()) < len(eng.buffer):
-        run.changed.wait(WAIT)
-        run.changed.clear()
+    wait_for(lambda: len(run.buffer or ()) >= len(eng.buffer), run)
     mine, theirs = run.buffer.view(), eng.buffer.view()
     for col in ("loss", "lr", "grad_norm", "time", "epoch", "step"):
         assert np.array_equal(mine[col], theirs[col]), col
@@ -109,8 +119,7 @@ def test_every_command_is_acked_with_its_step_or_refused_with_a_reason(served, s
     with pytest.raises(CommandRejected, match="unknown"):
         run.command("explode").result(WAIT)
     assert run.step_once().result(WAIT)["step"] == 0
-    while eng.step < 1 or eng.state != "paused":
-        eng.done.wait(0.01)
+    wait_for(lambda: eng.step >= 1 and eng.state == "paused")
     sched = run.set_schedule("StepLR:step_size=10,gamma=0.5").result(WAIT)
     assert sched["step"] == 1 and sched["data"]["spec"] == "StepLR:step_size=10,gamma=0.5"
     ck = run.checkpoint().result(WAIT)
@@ -136,13 +145,10 @@ def test_two_clients_see_every_ack_and_the_same_history(served):
     ack = a.set_lr(0.01).result(WAIT)
     b.set_lr(0.002).result(WAIT)
     a.resume().result(WAIT)
-    while eng.step < 30:
-        eng.done.wait(0.01)
+    wait_for(lambda: eng.step >= 30)
     a.pause().result(WAIT)
     for r in (a, b):
-        while len([x for x in r.acks if x.get("kind") in ("set_lr", "resume", "pause")]) < 4:
-            r.changed.wait(WAIT)
-            r.changed.clear()
+        wait_for(lambda r=r: len([x for x in r.acks if x.get("kind") in ("set_lr", "resume", "pause")]) >= 4, r)
     assert [(x["client_name"], x["kind"]) for x in a.acks] == [(x["client_name"], x["kind"]) for x in b.acks]
     assert {x["client_name"] for x in a.acks} == {"a", "b"}
     assert ack["step"] == 0
@@ -154,22 +160,18 @@ def test_a_late_client_gets_the_whole_history_then_live(served):
     eng, ep = served
     first = attach(ep)
     first.resume().result(WAIT)
-    while eng.step < 80:
-        eng.done.wait(0.01)
+    wait_for(lambda: eng.step >= 80)
     first.pause().result(WAIT)
     late = attach(ep, name="late")
     n = len(eng.buffer)
-    while len(late.buffer or ()) < n:
-        late.changed.wait(WAIT)
-        late.changed.clear()
+    wait_for(lambda: len(late.buffer or ()) >= n, late)
     assert np.array_equal(late.buffer.view()["loss"][:n], eng.buffer.view()["loss"][:n])
     assert [e.kind for e in late.events] == [e.kind for e in eng.events[: len(late.events)]]
     # resumable from any row: a client asking from row 40 gets rows 40.. only
     client_rows = []
     c = LiveClient(ep.info, since_row=40, on_message=lambda h, body: client_rows.append(h.get("row"))
                    if h["t"] == "steps" else None).connect()
-    while not client_rows:
-        c.closed.wait(0.01)
+    wait_for(lambda: bool(client_rows))
     assert client_rows[0] == 40
     c.close()
     first.close()
@@ -186,8 +188,7 @@ def test_a_wrong_token_is_refused_and_logged_and_the_run_carries_on(served, capl
     assert ep.refused and "wrong token" in ep.refused[-1]
     good = attach(ep)
     assert good.resume().result(WAIT)["kind"] == "resume"
-    while eng.step < 5:
-        eng.done.wait(0.01)
+    wait_for(lambda: eng.step >= 5)
     assert eng.state == "running"
     good.close()
 
@@ -252,9 +253,7 @@ def test_lab_data_streams_range_test_progress_and_result(served):
     ack = run.range_test(steps=25, start=1e-5, end=1.0).result(WAIT)
     assert ack["step"] == 0
     result = ack["data"]["result"]
-    while run.range_test_result is None or len(run.range_test_progress) < len(result["lrs"]):
-        run.changed.wait(WAIT)
-        run.changed.clear()
+    wait_for(lambda: run.range_test_result is not None and len(run.range_test_progress) >= len(result["lrs"]), run)
     assert [p[0] for p in run.range_test_progress] == pytest.approx(result["lrs"])
     run.close()
 
@@ -297,8 +296,7 @@ def test_a_client_that_vanishes_does_not_disturb_the_run(served):
     c.client._sock.close()  # no bye: the socket just goes
     other = attach(ep)
     start = eng.step
-    while eng.step < start + 20:
-        eng.done.wait(0.01)
+    wait_for(lambda: eng.step >= start + 20)
     assert other.pause().result(WAIT)["step"] >= start + 20
     other.close()
 

@@ -193,8 +193,10 @@ def test_a_script_hung_in_build_data_is_stopped_from_the_app(worker, tmp_path):
 
 def test_a_worker_killed_mid_run_shows_failed_and_the_store_row_says_so(worker, tmp_path):
     run = ChildRun(worker, spec_for(SCRIPTS / "tiny.py", tmp_path, steps=3_000_000)).start()
+    deadline = time.monotonic() + WAIT
     while run.step < 20:
-        run.changed.wait(WAIT)
+        assert time.monotonic() < deadline and not run.done.is_set()
+        run.changed.wait(1.0)
         run.changed.clear()
     worker.signal(signal.SIGKILL)
     assert run.done.wait(WAIT)

@@ -240,10 +240,10 @@ class LiveEndpoint:
                 header, payload = recv_frame(c.sock)
                 if not self._handle(c, header, payload):
                     return
+            if c.subscribed:  # records first: an ack arrives after everything made before it
+                self._push(c)
             while c.outbox:
                 send_frame(c.sock, c.outbox.popleft())
-            if c.subscribed:
-                self._push(c)
             ended = src.done.is_set()
             if (ended or self._closing.is_set()) and not c.outbox:
                 if c.subscribed:
