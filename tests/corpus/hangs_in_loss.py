@@ -2,20 +2,9 @@
 
 import time
 
-import torch
-from torch import nn
+from _linear import build_data, build_model  # noqa: F401
 
 CALLS = [0]
-
-
-def build_model():
-    return nn.Linear(4, 1)
-
-
-def build_data():
-    x = torch.randn(16, 4)
-    y = x.sum(1, keepdim=True)
-    return [(x[:8], y[:8]), (x[8:], y[8:])]
 
 
 def loss_fn(output, target):

@@ -1,17 +1,8 @@
 """probe() returns text instead of a dict of numbers."""
 
-import torch
 from torch import nn
 
-
-def build_model():
-    return nn.Linear(4, 1)
-
-
-def build_data():
-    x = torch.randn(16, 4)
-    y = x.sum(1, keepdim=True)
-    return [(x[:8], y[:8]), (x[8:], y[8:])]
+from _linear import build_data, build_model  # noqa: F401
 
 
 def probe(model):
