@@ -324,10 +324,12 @@ class Interrupts:
             raise KeyboardInterrupt
         if not self.requested:
             self.requested = True
-            self._note("stopping (Ctrl+C): the run is saved as stopped and its files written; "
-                       f"press Ctrl+C {self.FORCE_AFTER} more times to quit without waiting")
-            if self._stop is not None:
-                self._stop()
+            later = f"press Ctrl+C {self.FORCE_AFTER} more times to quit without waiting"
+            if self._stop is None:  # training is over: only the files are being written
+                self._note(f"saving the run's files (Ctrl+C); {later}")
+                return
+            self._note(f"stopping (Ctrl+C): the run is saved as stopped and its files written; {later}")
+            self._stop()
             return
         self._extra += 1
         left = self.FORCE_AFTER - self._extra
@@ -350,12 +352,13 @@ def interrupts() -> Interrupts | None:
 def train_headless(engine: Any, quiet: bool) -> str:
     """Run the engine in a worker thread; Ctrl+C stops it cleanly (the run is saved as stopped)."""
     intr = _interrupts
-    engine.start()
     with Progress(engine, quiet):
         if intr is not None:
-            with intr.stoppable(engine.stop):
+            with intr.stoppable(engine.stop):  # before the start: a press in between still stops the run
+                engine.start()
                 engine.join()
         else:  # called outside main(): the default handler raises KeyboardInterrupt
+            engine.start()
             try:
                 while not engine.join(0.2):
                     pass

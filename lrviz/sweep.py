@@ -407,12 +407,13 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     intr = interrupts()
     thread = threading.Thread(target=work, name="lrviz-sweep", daemon=True)
     try:
-        thread.start()
         if intr is not None:  # Ctrl+C stops the current run and the sweep; more presses are absorbed
             with intr.stoppable(stop_all):
+                thread.start()
                 thread.join()
             interrupted = intr.requested
         else:
+            thread.start()
             try:
                 while thread.is_alive():
                     thread.join(0.2)
