@@ -4,28 +4,40 @@
 headless. This module is the one composition root: it imports the Qt layer lazily, only for the
 app and for plot images.
 
-Exit status: 0 finished (or stopped), 1 the script or a setting was wrong, 2 the run diverged.
+Exit status: 0 finished, 1 the script or a setting was wrong, 2 the run diverged (or the command is
+unknown: argparse's usage status), 130 stopped with Ctrl+C.
+
+Every path (``--store``, ``--out``, the script) is made absolute once, before anything runs: a script
+that changes the working folder must not move the outputs or the store's checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
+import re
+import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LrvizError
+from .errors import ConfigError, LrvizError, ScriptError, UsageError
 
 log = logging.getLogger("lrviz")
 
 COMMANDS = ("run", "replay", "resume", "runs", "export", "find-lr", "sweep", "steer")
 PROGRESS_EVERY = 2.0
+#: Exit status of a command stopped with Ctrl+C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+#: A message echoes at most this many characters of one word of user input (a 120 KB schedule...).
+ECHO_LIMIT = 300
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,18 +313,116 @@ def open_store(path: str | None) -> Any:
     return RunStore(path)
 
 
+class Interrupts:
+    """Ctrl+C (SIGINT) during a headless command, handled so that stopping never loses the run.
+
+    Until training starts, Ctrl+C raises KeyboardInterrupt as usual (exit status 130). Once it has
+    started (:meth:`stoppable`), the first Ctrl+C calls the ``stop`` given — the run ends at the next
+    step boundary and is saved as stopped, with its ``--out`` files — and every later press until the
+    command ends is absorbed with a note: a second press used to land in the middle of saving, or of
+    Qt's import for the plots ("Fatal Python error"), and lose the outputs. ``FORCE_AFTER`` further
+    presses quit at once, for a step that never returns; the run is then shown as interrupted, as after
+    a crash. Notes are written with ``os.write``: a handler must not re-enter a buffered stream.
+    """
+
+    FORCE_AFTER = 3
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._stop: Callable[[], None] | None = None
+        self._started = False
+        self._extra = 0
+
+    @contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        """Handle SIGINT inside the block (only possible, and only done, in the main thread)."""
+        global _interrupts
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        outer, _interrupts = _interrupts, self
+        try:
+            yield self
+        finally:
+            _interrupts = outer
+            signal.signal(signal.SIGINT, previous)
+
+    @contextmanager
+    def stoppable(self, stop: Callable[[], None]) -> Iterator[None]:
+        """Inside the block, the first Ctrl+C calls ``stop``."""
+        self._started = True
+        self._stop = stop
+        if self.requested:  # pressed between two runs of a sweep
+            stop()
+        try:
+            yield
+        finally:
+            self._stop = None
+
+    @staticmethod
+    def _note(text: str) -> None:
+        try:
+            os.write(sys.stderr.fileno(), (text + "\n").encode())
+        except (OSError, ValueError):  # no usable stderr: nothing to tell
+            pass
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._started:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested = True
+            later = f"press Ctrl+C {self.FORCE_AFTER} more times to quit without waiting"
+            if self._stop is None:  # training is over: only the files are being written
+                self._note(f"saving the run's files (Ctrl+C); {later}")
+                return
+            self._note(f"stopping (Ctrl+C): the run is saved as stopped and its files written; {later}")
+            self._stop()
+            return
+        self._extra += 1
+        left = self.FORCE_AFTER - self._extra
+        if left > 0:
+            self._note(f"still stopping, saving the run ({left} more Ctrl+C to quit without waiting)")
+            return
+        self._note("lrviz: quit without waiting; the run will show as interrupted")
+        os._exit(EXIT_INTERRUPTED)
+
+
+#: The handler of the command running now (None outside ``main`` or off the main thread).
+_interrupts: Interrupts | None = None
+
+
+def interrupts() -> Interrupts | None:
+    """The Ctrl+C handler of the command running now, if any."""
+    return _interrupts
+
+
 def train_headless(engine: Any, quiet: bool) -> str:
     """Run the engine in a worker thread; Ctrl+C stops it cleanly (the run is saved as stopped)."""
-    engine.start()
+    intr = _interrupts
     with Progress(engine, quiet):
-        try:
-            while not engine.join(0.2):
-                pass
-        except KeyboardInterrupt:
-            print("stopping (Ctrl+C)...", file=sys.stderr)
-            engine.stop()
-            engine.join()
+        if intr is not None:
+            with intr.stoppable(engine.stop):  # before the start: a press in between still stops the run
+                engine.start()
+                engine.join()
+        else:  # called outside main(): the default handler raises KeyboardInterrupt
+            engine.start()
+            try:
+                while not engine.join(0.2):
+                    pass
+            except KeyboardInterrupt:
+                print("stopping (Ctrl+C)...", file=sys.stderr)
+                engine.stop()
+                engine.join()
     return engine.state
+
+
+def _interrupted(engine: Any) -> bool:
+    """Whether the run was stopped by Ctrl+C, or by a KeyboardInterrupt the script raised."""
+    if _interrupts is not None and _interrupts.requested:
+        return True
+    stops = [e for e in engine.events if e.kind == "stop"]
+    return bool(stops) and stops[-1].data.get("reason") == "KeyboardInterrupt"
 
 
 def finish_run(engine: Any, store: Any, out: Path | None, quiet: bool) -> int:
@@ -322,13 +432,17 @@ def finish_run(engine: Any, store: Any, out: Path | None, quiet: bool) -> int:
         _write_outputs(store, engine.run_id, out)
     s = engine.summary()
     if state in ("finished", "stopped"):
-        if not quiet:
+        interrupted = state == "stopped" and _interrupted(engine)
+        if not quiet or interrupted:
             best = s.get("best_loss")
             extra = f", best val loss {s['best_val_loss']:.4g}" if s.get("best_val_loss") is not None else ""
             best_txt = f"{best:.4g}" if best is not None and math.isfinite(best) else "n/a"
-            print(f"run {engine.run_id} {state}: {engine.step} steps, best loss {best_txt}{extra}",
+            stops = [e for e in engine.events if e.kind == "stop"]
+            where = stops[-1].data.get("where") if stops else None
+            why = f" (KeyboardInterrupt raised at {where})" if where else ""
+            print(f"run {engine.run_id} {state}{why}: {engine.step} steps, best loss {best_txt}{extra}",
                   file=sys.stderr)
-        return 0
+        return EXIT_INTERRUPTED if interrupted else 0
     if state == "diverged":
         print(f"lrviz: run {engine.run_id} diverged: {engine.error}", file=sys.stderr)
         return 2
@@ -348,26 +462,62 @@ def _write_outputs(store: Any, run_id: int, out: Path) -> None:
     export_run(store, run_id, out, formats)
 
 
+def load_script(ref: str) -> Any:
+    """The experiment at ``ref`` (a .py file or a built-in example's name); a file that is not a
+    Python script is refused with a message, not imported."""
+    from .experiment import load_experiment
+
+    path = Path(ref)
+    if path.is_file() and path.suffix != ".py":
+        raise ScriptError("not a Python script: lrviz runs an experiment script, a .py file with build_model() "
+                          "and build_data() (see the README, \"Your model: the experiment script\")", ref)
+    return load_experiment(ref)
+
+
+def check_at_steps(texts: Sequence[str], ats: Sequence[Any], steps: int | None) -> None:
+    """Refuse an ``--at`` at or past the last step of a run of known length: it would never apply."""
+    if steps is None:
+        return
+    for text, at in zip(texts, ats):
+        if at.step >= steps:
+            raise ConfigError(f"--at {text!r}: step {at.step} is past the end of the run (steps 0..{steps - 1}), "
+                              "so it would never apply; give a step below --steps")
+
+
+def _note_unapplied(texts: Sequence[str], ats: Sequence[Any], engine: Any) -> None:
+    """After a run of epochs (whose length was not known up front), name the ``--at`` it never reached."""
+    if engine.state != "finished":
+        return
+    for text, at in zip(texts, ats):
+        if at.step >= engine.step:
+            print(f"lrviz: note: --at {text!r} was not applied: the run ended after step {engine.step - 1}",
+                  file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine import TrainingEngine
-    from .experiment import load_experiment
     from .interventions import parse_at
 
-    exp = load_experiment(args.script)
+    exp = load_script(args.script)
     ats = [parse_at(a) for a in args.at]
+    own_ats = list(ats)
     out = check_out_dir(args.out)
     store = open_store(args.store)
     try:
+        store.require_writable()
         origin = None
         if args.fork:
             origin, ats = fork_origin(store, args.fork, args, ats)
             cfg = config_from_args(exp, args, base=store.get_run(origin.run_id).config)
         else:
             cfg = config_from_args(exp, args)
+        check_at_steps(args.at, own_ats, cfg.steps)
         engine = TrainingEngine(exp, cfg, store, interventions=ats, name=args.name, origin=origin)
         with _serving(engine, store, args):
             train_headless(engine, args.quiet)
-        return finish_run(engine, store, out, args.quiet)
+        status = finish_run(engine, store, out, args.quiet)
+        _note_unapplied(args.at, own_ats, engine)
+        return status
     finally:
         store.close()
 
@@ -698,6 +848,7 @@ def _app(argv: list[str]) -> int:
     _common(p)
     args = p.parse_args(argv)
     _logging(args.debug)
+    _absolute_paths(args)
     try:
         from lrviz.ui.app import run_app
     except ImportError as exc:
@@ -707,8 +858,66 @@ def _app(argv: list[str]) -> int:
 
 
 def _logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="lrviz: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter(debug))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
+
+
+def _unknown_command(word: str) -> UsageError | None:
+    """A UsageError when ``lrviz WORD`` names neither a command nor a script (a file, or a built-in
+    example), so that a typo says so instead of opening the app."""
+    if word.startswith("-") or os.sep in word or "/" in word or word.endswith(".py") or Path(word).exists():
+        return None
+    from .experiment import examples_dir
+
+    if (examples_dir() / f"{word}.py").is_file():
+        return None
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f" (did you mean `lrviz {close[0]}`?)" if close else ""
+    return UsageError(f"unknown command {word!r}{hint}; the commands are {', '.join(COMMANDS)}, and "
+                      "`lrviz SCRIPT.py` opens the app with a script (see `lrviz --help`)")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Resolve ``--store`` (or its default), ``--out`` and a script path once, against the folder the
+    command was started in."""
+    from .store import RunStore
+
+    if hasattr(args, "store"):
+        args.store = str(RunStore.resolve_path(args.store))
+    if getattr(args, "out", None) is not None:
+        args.out = os.path.abspath(os.path.expanduser(args.out))
+    script = getattr(args, "script", None)
+    if script is not None and Path(script).expanduser().exists():
+        args.script = os.path.abspath(os.path.expanduser(script))
+
+
+_WORD = re.compile(rf"\S{{{ECHO_LIMIT + 1},}}")
+
+
+def clip(text: str) -> str:
+    """``text`` with every word longer than ECHO_LIMIT shortened to its start and end and its length."""
+
+    def short(m: re.Match[str]) -> str:
+        w = m.group(0)
+        return f"{w[:ECHO_LIMIT // 2]}…{w[-20:]} ({len(w):,} characters)"
+
+    return _WORD.sub(short, text)
+
+
+class _LogFormatter(logging.Formatter):
+    """Log lines with the exception's one-line message instead of its traceback (unless --debug)."""
+
+    def __init__(self, debug: bool):
+        super().__init__("lrviz: %(levelname)s: %(message)s")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.debug or not record.exc_info:
+            return clip(super().format(record))
+        exc = record.exc_info[1]
+        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return clip(f"{super().format(plain)}: {exc}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -724,20 +933,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return worker_main(argv[1:])
     try:
-        if argv and argv[0] in HANDLERS:
-            args = build_parser().parse_args(argv)
-            _logging(args.debug)
-            return HANDLERS[args.command](args)
-        if argv and argv[0] in COMMANDS:
-            raise ConfigError(f"`lrviz {argv[0]}` is not available in this version")
+        with Interrupts().installed():
+            if argv and argv[0] in HANDLERS:
+                args = build_parser().parse_args(argv)
+                _logging(args.debug)
+                _absolute_paths(args)
+                return HANDLERS[args.command](args)
+            if argv and argv[0] in COMMANDS:
+                raise ConfigError(f"`lrviz {argv[0]}` is not available in this version")
+            unknown = _unknown_command(argv[0]) if argv else None
+            if unknown is not None:
+                raise unknown
         return _app(argv)
     except LrvizError as exc:
         if debug:
             raise
-        print(f"lrviz: error: {exc}", file=sys.stderr)
+        print(f"lrviz: error: {clip(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
-        return 130
+        print("lrviz: interrupted (Ctrl+C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug of lrviz: still one line, the traceback behind --debug
+        if debug:
+            raise
+        print(f"lrviz: error: internal error in lrviz: {type(exc).__name__}: {clip(str(exc))} "
+              "(please report it; --debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

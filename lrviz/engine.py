@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import failure
 from . import interventions as iv
 from .checkpoint import (
     CheckpointInfo,
@@ -438,11 +439,16 @@ class TrainingEngine:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> str:
-        """Prepare and train in the calling thread; return the final state."""
+        """Prepare and train in the calling thread; return the final state.
+
+        The run always ends in a true state: a KeyboardInterrupt ends it as stopped, an ``exit()`` in
+        the script as failed (both re-raised afterwards when run() trains in the main thread).
+        """
         self._t0 = time.perf_counter()
         # OpenMP's thread count is per thread: a new thread would use every core for each small
         # matmul and spin-wait on the others, whatever torch.set_num_threads() said in the main thread
         torch.set_num_threads(torch.get_num_threads())
+        control: BaseException | None = None
         try:
             self.state = "preparing"
             self._prepare()
@@ -461,8 +467,17 @@ class TrainingEngine:
         except DivergedError as exc:
             self.state = "diverged"
             self.error = exc
+            misread = failure.not_the_rate(self)  # e.g. an empty batch: no advice to lower the rate
+            if misread is not None:
+                self._fail(misread)
         except LrvizError as exc:
-            self._fail(exc)
+            overflow = failure.rate_out_of_range(self)  # --lr 1e300: the update itself overflows
+            if overflow is not None:
+                self.state = "diverged"
+                self.error = overflow
+                self._event("diverged", {"message": str(overflow)})
+            else:
+                self._fail(exc)
         except Exception as exc:  # a bug in the user's code we could not place, or ours
             err = error_from_exception(exc, self.experiment.path, "training")
             if err.line is None:
@@ -470,8 +485,17 @@ class TrainingEngine:
                                  "(please report it; --debug shows the traceback)")
                 err.__cause__ = exc
             self._fail(err, exc)
+        except KeyboardInterrupt as exc:  # Ctrl+C while run() trains in the main thread, or the script
+            self.state = "stopped"
+            self._event("stop", failure.interrupt_data(exc, self))
+            control = exc
+        except BaseException as exc:  # exit() in the script
+            self._fail(failure.exit_error(exc, self), exc)
+            control = exc
         finally:
             self._finish()
+        if control is not None and threading.current_thread() is threading.main_thread():
+            raise control
         return self.state
 
     def _fail(self, err: LrvizError, exc: BaseException | None = None) -> None:
@@ -832,9 +856,15 @@ class TrainingEngine:
             values = self._probe(self.model)
         except Exception as exc:
             raise error_from_exception(exc, self.experiment.path, "probe()") from exc
+        try:
+            numbers = [(k, float(v)) for k, v in values.items()]
+        except (AttributeError, TypeError, ValueError):
+            exp = self.experiment
+            raise ScriptError(f"probe() returned {failure.clip_repr(values)} at step {step}; it must return a dict of "
+                              "names to numbers, e.g. {'x': 0.5}", str(exp.path), exp.line_of("probe")) from None
         self.probe_steps.append(step)
-        for k, v in values.items():
-            self.probe_values.setdefault(k, []).append(float(v))
+        for k, v in numbers:
+            self.probe_values.setdefault(k, []).append(v)
 
     def _run_range_test(self, data: dict[str, Any]) -> None:
         from .rangetest import range_test
