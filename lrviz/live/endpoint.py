@@ -185,6 +185,11 @@ class LiveEndpoint:
             self._sock = None
         if self.info is not None and self.info.transport == "unix":
             remove_quietly(self.info.address)
+        if self.folder is not None:
+            try:
+                self.folder.rmdir()  # only when no other run uses it
+            except OSError:
+                pass
 
     # ---- accepting --------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
