@@ -143,6 +143,29 @@ class RunControl:
         if paused:
             on_resume()
 
+    def apply_settings(self, apply: Callable[[str, dict[str, Any]], dict[str, Any] | None], step: int,
+                       on_reject: Callable[[str, LrvizError], None]) -> None:
+        """Apply the queued commands that change settings now, leaving pause/stop for :meth:`attend`.
+
+        For a loop that can take a new rate in one place (just before the optimizer steps) but can
+        only block or end in another (``lrviz.track``: inside ``run.step``).
+        """
+        with self._cond:
+            settings = [c for c in self._commands if c[0] not in CONTROL_FLAGS]
+            if not settings:
+                return
+            self._commands = deque(c for c in self._commands if c[0] in CONTROL_FLAGS)
+        for kind, data, fut in settings:
+            try:
+                applied = apply(kind, data)
+            except LrvizError as exc:
+                on_reject(kind, exc)
+                if fut is not None:
+                    fut.set_exception(exc)
+                continue
+            if fut is not None:
+                fut.set_result(ack(kind, step, applied))
+
     def count_step(self) -> None:
         """One step done: a step-once budget that runs out pauses the loop before the next."""
         with self._cond:

@@ -164,6 +164,11 @@ class TrainingEngine:
         return self.rates.schedule if self.rates is not None else None
 
     @property
+    def steps_done(self) -> int:
+        """The number of steps done (the index of the next step), as every live source says it."""
+        return self.step
+
+    @property
     def checkpoints(self) -> list[CheckpointInfo]:
         """The checkpoints kept, oldest first."""
         return self._ckpts.items
@@ -635,6 +640,11 @@ class TrainingEngine:
         fut.set_result(result)
 
     def _finish(self) -> None:
+        if self._staging is not None:  # the rows since the last flush (a stop, an error): kept, not judged
+            try:
+                self._staging.flush(self.rec.clock())
+            except Exception:  # a device that failed mid-run: what was written stays
+                log.exception("could not copy the last steps from the device")
         self.control.close(str(self.state), self.step)
         self.rec.close(self.summary(), str(self.error) if self.error else None)
         self.done.set()

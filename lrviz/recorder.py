@@ -36,6 +36,8 @@ class RunRecorder:
         self.probe_steps: list[int] = []
         self.probe_values: dict[str, list[float]] = {}
         self.range_test_progress: list[tuple[float, float]] = []
+        #: Other scalars logged by name (``lrviz.track``'s ``run.log``): name -> (steps, values).
+        self.scalars: dict[str, tuple[list[int], list[float]]] = {}
         #: Called with the run's id once it is recorded in the store (e.g. to register its endpoint).
         self.on_open: list[Callable[[int], None]] = []
         self.writer: Any = None
@@ -99,6 +101,11 @@ class RunRecorder:
             if self.validation[-1].accuracy is not None:
                 out["final_val_accuracy"] = self.validation[-1].accuracy
         return out
+
+    def add_scalar(self, name: str, step: int, value: float) -> None:
+        steps, values = self.scalars.setdefault(str(name), ([], []))
+        steps.append(int(step))
+        values.append(float(value))
 
     def record_probe(self, step: int, values: list[tuple[str, float]]) -> None:
         self.probe_steps.append(step)

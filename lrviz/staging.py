@@ -3,8 +3,8 @@
 :class:`GradNorm` measures the gradient norm of every step with one dot product. :class:`Staging`
 keeps each step's loss and squared gradient norm on the device (an accelerator) and copies them to
 the step buffer in one transfer per ``STAGE_STEPS`` steps (or per ``FLUSH_SECONDS``), so a GPU run
-never syncs the host per step; on the CPU it writes each row at once. Shared by the engine and
-``lrviz.track``.
+never syncs the host per step; on the CPU it reads each row at once and writes them in blocks.
+Shared by the engine and ``lrviz.track``.
 """
 
 from __future__ import annotations
@@ -78,18 +78,27 @@ class GradNorm:
 
 
 class Staging:
-    """Writes steps into a :class:`~lrviz.records.StepBuffer`: at once on the host, or staged on the device.
+    """Writes steps into a :class:`~lrviz.records.StepBuffer` in blocks: a few rows at a time on the
+    host, or staged on the device.
 
-    ``record`` takes the loss and squared gradient norm as tensors. On the host it returns the row's
-    ``(loss, grad_norm)`` floats; staged, it returns None and the rows appear at the next flush,
-    which returns ``(first_step, losses, grad_norms)`` as NumPy arrays for the caller to check.
+    ``record_host`` takes the loss and squared gradient norm as tensors, reads them (one host sync:
+    the CPU path) and returns ``(loss, grad_norm)`` floats; the row waits in a Python list and the
+    block is written at once every ``HOST_ROWS`` rows or FLUSH_SECONDS (a per-row NumPy write costs
+    more than the rest of the bookkeeping together). ``stage`` keeps them on the device and returns
+    None; the rows appear at the next flush, which returns ``(first_step, losses, grad_norms)`` as
+    NumPy arrays for the caller to check. Call :meth:`flush` before anything reads the buffer's last
+    rows from the training thread (a checkpoint, a pause, validation, the end).
     """
+
+    #: Rows read on the host are written to the buffer this many at a time (or per FLUSH_SECONDS).
+    HOST_ROWS = 64
 
     def __init__(self, buffer: Any, device: torch.device | None, on_host: bool):
         self.buffer = buffer
         self.on_host = on_host
         self.staged = 0
         self.last_flush = 0.0
+        self._rows: list[tuple[int, float, float, float, Sequence[float]]] = []
         self._loss: torch.Tensor | None = None
         self._gn: torch.Tensor | None = None
         if not on_host:
@@ -97,15 +106,39 @@ class Staging:
             self._loss = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
             self._gn = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
 
-    def record_host(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor,
+    def record_host(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
                     lrs: Sequence[float]) -> tuple[float, float]:
-        """Write the row now (one host sync: the CPU path); its loss and gradient norm."""
+        """Read the row now (one host sync: the CPU path); its loss and gradient norm (None: not measured).
+
+        ``lrs`` is kept as given until the block is written: pass a list nobody changes in place.
+        """
         lf = loss.item()
-        gn = math.sqrt(gn2.item())
-        self.buffer.append(epoch, now, lf, gn, lrs)
+        gn = math.sqrt(gn2.item()) if gn2 is not None else math.nan
+        rows = self._rows
+        rows.append((epoch, now, lf, gn, lrs))
+        if len(rows) >= self.HOST_ROWS or now - self.last_flush >= FLUSH_SECONDS:
+            self._write_rows(now)
         return lf, gn
 
-    def stage(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor,
+    def _write_rows(self, now: float) -> None:
+        rows = self._rows
+        k = len(rows)
+        if not k:
+            return
+        buf = self.buffer
+        n = buf.n
+        cols = buf.reserve_row(n + k - 1)
+        epoch, times, loss, gn, lrs = zip(*rows)
+        cols.epoch[n:n + k] = epoch
+        cols.time[n:n + k] = times
+        cols.loss[n:n + k] = loss
+        cols.grad_norm[n:n + k] = gn
+        cols.lr[n:n + k] = lrs
+        rows.clear()
+        self.last_flush = now
+        buf.n = n + k
+
+    def stage(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
               lrs: Sequence[float]) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Keep the row's loss on the device; flush when the stage is full or FLUSH_SECONDS passed."""
         j = self.staged
@@ -116,14 +149,20 @@ class Staging:
         cols.time[row] = now
         cols.lr[row] = lrs
         self._loss[j] = loss.detach()
-        self._gn[j] = gn2.detach()
+        if gn2 is not None:
+            self._gn[j] = gn2.detach()
+        else:
+            self._gn[j] = math.nan
         self.staged = j + 1
         if self.staged >= STAGE_STEPS or now - self.last_flush >= FLUSH_SECONDS:
             return self.flush(now)
         return None
 
     def flush(self, now: float) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """Copy the staged rows to the buffer in one transfer and publish them."""
+        """Publish every row recorded so far; staged rows come from the device in one transfer
+        (returned for the caller to check; rows read on the host were checked as they came)."""
+        if self._rows:
+            self._write_rows(now)
         j = self.staged
         if not j or self._loss is None:
             return None
