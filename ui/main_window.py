@@ -105,6 +105,18 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def export_path(path: str, chosen: str, filters: list[tuple[str, str]]) -> tuple[str, str]:
+    """The file and format a save dialog's answer means: an extension typed in the name wins over
+    the filter picked (``run1.svg`` with the PNG filter is an SVG); otherwise the filter's extension
+    is added (``run1`` with the PDF filter is ``run1.pdf``)."""
+    known = [fmt for _, fmt in filters]
+    typed = Path(path).suffix.lstrip(".").lower()
+    if typed in known:
+        return str(Path(path).with_suffix(f".{typed}")), typed
+    fmt = dict(filters).get(chosen) or known[0]
+    return f"{path}.{fmt}", fmt
+
+
 class MainWindow(QMainWindow):
     """The desktop app: open a script, train it live, steer the learning rate, compare runs."""
 
@@ -846,8 +858,12 @@ class MainWindow(QMainWindow):
         buf = eng.buffer
         if buf is not None and len(buf):
             n = len(buf)
-            loss = float(buf.view(n - 1, n)["loss"][0])
-            self.loss_label.setText(f"loss {format_number(loss, 4)} · epoch {eng.epoch + 1}")
+            last = buf.view(n - 1, n)
+            # the epoch of the last step taken (the engine's counter moves past the last epoch at the end)
+            epoch = f"epoch {int(last['epoch'][0]) + 1}"
+            if eng.config.epochs:
+                epoch += f" of {eng.config.epochs:,}"
+            self.loss_label.setText(f"loss {format_number(float(last['loss'][0]), 4)} · {epoch}")
         if total:
             self.progress.setValue(int(100 * min(step, total) / total))
             self.progress.setFormat(f"{100 * min(step, total) / total:.0f}%")
@@ -1068,9 +1084,7 @@ class MainWindow(QMainWindow):
         path, chosen = QFileDialog.getSaveFileName(self, caption, start, ";;".join(f for f, _ in filters))
         if not path:
             return None
-        fmt = dict(filters).get(chosen) or Path(path).suffix.lstrip(".").lower() or filters[0][1]
-        if Path(path).suffix.lower() != f".{fmt}":
-            path += f".{fmt}"
+        path, fmt = export_path(path, chosen, filters)
         self._settings.setValue("exportDir", str(Path(path).parent))
         return path, fmt
 
