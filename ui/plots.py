@@ -26,6 +26,7 @@ from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
+from .axes import StepAxis, ValueAxis
 from .trace import RunTrace
 from .widgets import format_number
 
@@ -103,43 +104,6 @@ def nice_end(lo: float, hi: float) -> float:
     return lo + next(m * decade for m in _ENDS if m * decade >= span)
 
 
-class _ValueAxis(pg.AxisItem):
-    """Y axis with plain numbers (no SI-prefix rescaling); in log mode 0.001, 0.01... not 10⁻³."""
-
-    def __init__(self, orientation: str = "left", **kw: Any):
-        super().__init__(orientation, **kw)
-        self.enableAutoSIPrefix(False)
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        if self.logMode:
-            out = []
-            for v in values:
-                x = 10.0**v if math.isfinite(v) else math.nan
-                mant = x / 10.0 ** math.floor(math.log10(x)) if x > 0 else math.nan
-                # label 1, 2 and 5 of each decade; the other minor ticks stay unlabelled
-                out.append(format_number(x, 2) if any(abs(mant - m) < 1e-6 for m in (1, 2, 5)) else "")
-            return out
-        if values and max(abs(v) for v in values) >= 1e5:
-            return [format_number(v, 3) for v in values]
-        return super().tickStrings(values, scale, spacing)
-
-
-class _StepAxis(pg.AxisItem):
-    """Step ticks without scientific notation: 12k, 1.5M."""
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        out = []
-        for v in values:
-            a = abs(v)
-            if a >= 1e6:
-                out.append(f"{v / 1e6:g}M")
-            elif a >= 1e4:
-                out.append(f"{v / 1e3:g}k")
-            else:
-                out.append(f"{v:g}")
-        return out
-
-
 @dataclass
 class _TraceItems:
     """The plot items of one drawn trace."""
@@ -194,7 +158,7 @@ class TrainingPlots(QWidget):
         labels = {"loss": "loss", "lr": "learning rate", "grad": "gradient norm (L2)",
                   "acc": "val accuracy (%)"}
         for name in self.PLOTS:
-            p = pg.PlotItem(axisItems={"bottom": _StepAxis("bottom"), "left": _ValueAxis("left")})
+            p = pg.PlotItem(axisItems={"bottom": StepAxis("bottom"), "left": ValueAxis("left")})
             p.setLabel("left", labels[name])
             p.getAxis("left").setWidth(AXIS_WIDTH)
             p.showGrid(x=True, y=True, alpha=theme.GRID_ALPHA)
@@ -268,7 +232,7 @@ class TrainingPlots(QWidget):
     # ---- layout -----------------------------------------------------------------------------
     def _make_ribbon(self) -> pg.PlotItem:
         """A thin strip above the plots holding the markers' labels, so they never cover data."""
-        r = pg.PlotItem(axisItems={"left": _ValueAxis("left")})
+        r = pg.PlotItem(axisItems={"left": ValueAxis("left")})
         r.hideAxis("bottom")
         ax = r.getAxis("left")
         ax.setWidth(AXIS_WIDTH)

@@ -49,6 +49,8 @@ from lrviz.errors import ConfigError
 from lrviz.export import atomic_write
 from lrviz.records import Event, ValPoint
 
+from .axes import StepAxis, ValueAxis
+
 __all__ = [
     "KINDS",
     "PALETTE",
@@ -207,52 +209,6 @@ def _smoothing_span(n: int) -> int:
 
 
 # --------------------------------------------------------------------------- drawing helpers
-
-
-class _StepAxis(pg.AxisItem):
-    """Step ticks as whole numbers, thousands as ``k`` and millions as ``M``."""
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        out = []
-        for v in values:
-            v = v * scale
-            a = abs(v)
-            if a >= 1e6:
-                out.append(f"{v / 1e6:g}M")
-            elif a >= 1e4:
-                out.append(f"{v / 1e3:g}k")
-            else:
-                out.append(f"{v:.0f}" if float(v).is_integer() or spacing >= 1 else f"{v:g}")
-        return out
-
-
-class _LogAxis(pg.AxisItem):
-    """Log-axis ticks as plain numbers between 0.001 and 1000, else as ``2e-5``; no SI scaling."""
-
-    def logTickValues(self, minVal: float, maxVal: float, size: float, stdTicks: list) -> list:  # noqa: N802, N803
-        """pyqtgraph's ticks, without minor ticks that repeat a major one (their labels would print twice)."""
-        levels = super().logTickValues(minVal, maxVal, size, stdTicks)
-        seen: set[float] = set()
-        out = []
-        for spacing, values in levels:
-            kept = [v for v in values if round(float(v), 9) not in seen]
-            seen.update(round(float(v), 9) for v in kept)
-            out.append((spacing, kept))
-        return out
-
-    def logTickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        out = []
-        for v in values:
-            x = 10.0 ** float(v) * scale
-            mantissa = x / 10.0 ** math.floor(math.log10(abs(x))) if x else 0.0
-            if round(mantissa, 6) not in (1.0, 2.0, 5.0):  # minor ticks 3, 4, 6...: unlabelled
-                out.append("")
-            elif 1e-3 <= abs(x) < 1e4:
-                out.append(f"{x:.3g}")
-            else:
-                mantissa, exponent = f"{x:.2e}".split("e")
-                out.append(f"{float(mantissa):g}e{int(exponent)}")
-        return out
 
 
 def _font(px: int, bold: bool = False) -> QFont:
@@ -422,7 +378,7 @@ class _Figure:
     # ---- layout ----
 
     def _add_plot(self, row: int, ylabel: str) -> pg.PlotItem:
-        axes: dict[str, pg.AxisItem] = {"bottom": _StepAxis("bottom"), "left": _LogAxis("left")}
+        axes: dict[str, pg.AxisItem] = {"bottom": StepAxis("bottom"), "left": ValueAxis("left")}
         plot = self.win.addPlot(row=row, col=0, axisItems=axes)
         plot.setMenuEnabled(False)
         plot.hideButtons()
@@ -811,7 +767,7 @@ class _RangeTestFigure:
             label.setMaximumHeight(round(px * 1.6))
             row += 1
 
-        axes: dict[str, pg.AxisItem] = {"bottom": _LogAxis("bottom"), "left": _LogAxis("left")}
+        axes: dict[str, pg.AxisItem] = {"bottom": ValueAxis("bottom"), "left": ValueAxis("left")}
         plot = win.addPlot(row=row + 1, col=0, axisItems=axes)
         plot.setMenuEnabled(False)
         plot.hideButtons()

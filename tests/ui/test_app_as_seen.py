@@ -82,3 +82,60 @@ def test_batch_size_field_shows_no_made_up_number(qtbot, window, make_script, op
     assert "32" not in field.text()
     open_script(make_script("takes_it.py", steps=10))  # build_data(batch_size=16): the field is back
     assert field.isEnabled() and field.value() == 16 and field.text() == "16"
+
+
+# ---- item 14: every axis shows at least two labelled ticks ----------------------------------------
+
+def _shown_axes(window: MainWindow):
+    plots = window.plots
+    return {name: plots.plots[name].getAxis("left") for name in plots._shown}
+
+
+def test_constant_rate_of_0_3_gets_labelled_ticks(qtbot, window, make_script, open_script, tick_labels):
+    open_script(make_script("flat.py", steps=40))
+    window.controls.lr.set_value(0.3)
+    start_and_finish(qtbot, window)
+    window.plots.refresh(force=True)
+    qtbot.wait(50)
+    lr_axis = window.plots.plots["lr"].getAxis("left")
+    assert lr_axis.logMode
+    labels = tick_labels(lr_axis)
+    assert len(labels) >= 2, labels
+    assert any(float(t) == pytest.approx(0.3) for t in labels) or \
+        min(map(float, labels)) < 0.3 < max(map(float, labels)), labels
+
+
+@pytest.mark.parametrize("log_loss", [True, False])
+def test_every_axis_has_two_labels_for_a_loss_within_a_decade(qtbot, window, stored_run, log_loss, tick_labels):
+    import numpy as np
+
+    n = 400
+    loss = np.linspace(3.3, 2.0, n) + 0.01 * np.sin(np.arange(n))  # 2 .. 3.3: less than a decade
+    run_id = stored_run(loss, lr=0.3, grad_norm=0.7)
+    window.log_checks["loss"].setChecked(log_loss)
+    window.log_checks["grad"].setChecked(True)
+    window.open_run(run_id)
+    window.plots.refresh(force=True)
+    qtbot.wait(50)
+    axes = _shown_axes(window)
+    assert set(axes) == {"loss", "lr", "grad"}
+    for name, axis in axes.items():
+        labels = tick_labels(axis)
+        assert len(labels) >= 2, (name, labels)
+        assert len(set(labels)) == len(labels), (name, labels)
+    bottom = tick_labels(window.plots.plots["grad"].getAxis("bottom"))
+    assert len(bottom) >= 2, bottom
+
+
+def test_schedule_preview_of_a_constant_rate_sits_on_a_rate_axis(qtbot, window, make_script, open_script,
+                                                                 tick_labels):
+    open_script(make_script("preview.py", steps=300))
+    editor = window.controls.schedule
+    window.controls.lr.set_value(0.05)
+    window.controls.lr.set_button.click()
+    editor.set_spec(None)
+    qtbot.wait(20)
+    lo, hi = editor.preview.getViewBox().viewRange()[1]
+    assert lo >= 0 and 0.05 < hi < 0.1, (lo, hi)
+    labels = tick_labels(editor.preview.getAxis("left"))
+    assert len(labels) >= 2 and all(float(t) >= 0 for t in labels), labels
