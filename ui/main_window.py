@@ -548,7 +548,10 @@ class MainWindow(QMainWindow):
             self.scriptLoaded.emit("")
             self._update_actions()
             return
+        previous = self.experiment
         self.experiment = exp
+        if previous is not None and previous.path != exp.path:
+            self._forget_shown_runs()
         self.controls.set_devices(devices)
         self.controls.set_experiment(exp)
         try:
@@ -569,6 +572,22 @@ class MainWindow(QMainWindow):
         self._on_setup_changed()
         self._update_actions()
         self.scriptLoaded.emit(str(exp.path))
+
+    def _forget_shown_runs(self) -> None:
+        """Another script was opened: the plots start empty for it (its last run, overlays and legend
+        belong to the script before). A run still in progress stays shown until it ends."""
+        if self._active() or not self._end_handled:
+            return
+        self.engine = None
+        self._overlay_ids = []
+        self.plots.set_overlays([])
+        self.plots.set_primary(None)
+        self.act_clear_overlays.setEnabled(False)
+        self.view_label.setText("")
+        self.view_label.setToolTip("")
+        self._last_state = ""
+        self._set_state_text("idle")
+        self._clear_run_labels()
 
     def _show_notes(self, exp: Experiment) -> None:
         if notes_html is not None:

@@ -654,6 +654,10 @@ class TrainingPlots(QWidget):
         lines.append(label)
         items.markers[e.step] = (lines, [text])
 
+    def legend_texts(self) -> list[str]:
+        """The legend's entries as drawn (visible legends only)."""
+        return [label.text for leg in self.legends.values() if leg.isVisible() for _, label in leg.items]
+
     def marker_texts(self) -> dict[int, str]:
         """The primary run's marker labels by step (for tests and screenshots)."""
         if self.primary is None:

@@ -139,3 +139,54 @@ def test_schedule_preview_of_a_constant_rate_sits_on_a_rate_axis(qtbot, window, 
     assert lo >= 0 and 0.05 < hi < 0.1, (lo, hi)
     labels = tick_labels(editor.preview.getAxis("left"))
     assert len(labels) >= 2 and all(float(t) >= 0 for t in labels), labels
+
+
+# ---- item 13: opening another script starts from a clean slate ---------------------------------------
+
+def test_opening_another_script_clears_the_last_runs_overlays_legend_and_previous_line(
+        qtbot, window, make_script, open_script):
+    open_script(make_script("first.py", steps=80))
+    window.lab.options.layer_stats.setValue(10)  # per-layer statistics: the Diagnostics "previous" line
+    start_and_finish(qtbot, window)
+    first = window.engine.run_id
+    window.controls.optimizer.setCurrentText("adam")
+    start_and_finish(qtbot, window)
+    second = window.engine.run_id
+    window.lab.show_panel("Diagnostics")
+    diag = window.lab.diagnostics
+    qtbot.waitUntil(lambda: "previous" in diag.layer_key.text(), timeout=5000)  # SGD's line beside Adam's
+    window.overlay_runs([first, second])
+    legend = window.plots.legend_texts()
+    assert any(f"#{first}" in t for t in legend) and any(f"#{second}" in t for t in legend)
+
+    open_script(make_script("second.py", steps=30))
+    qtbot.wait(150)  # the lab's timer ticks
+    plots = window.plots
+    assert plots.primary is None and plots.overlays == []
+    assert window.plots.legend_texts() == []
+    assert not any(item.isVisible() and len(item.getData()[0] or ()) for p in plots.plots.values()
+                   for item in p.listDataItems())  # nothing of the old runs is drawn
+    assert "Press Start" in plots._hint.toPlainText() and plots._hint.isVisible()
+    assert "previous" not in diag.layer_key.text()
+    assert diag.ratio_plot.getPlotItem().listDataItems() == []
+    assert "#" not in window.view_label.text()
+    # The new script's run is shown alone.
+    start_and_finish(qtbot, window)
+    assert plots.primary is not None and plots.primary.trace.run_id == window.engine.run_id
+    assert plots.overlays == []
+
+
+def test_surface_panel_shows_a_surface_script_as_soon_as_it_is_opened(qtbot, window, make_script, open_script):
+    from lrviz.experiment import example_paths
+
+    open_script(make_script("flat.py", steps=20))
+    start_and_finish(qtbot, window)  # the last run is of a script without a surface
+    surface = window.lab.surface
+    window.lab.show_panel("Surface")
+    qtbot.waitUntil(lambda: "has none" in surface.title.text(), timeout=5000)
+    rosenbrock = next(p for p in example_paths() if p.stem == "surface_rosenbrock")
+    open_script(rosenbrock)
+    qtbot.waitUntil(lambda: "has none" not in surface.title.text(), timeout=5000)
+    assert "Rosenbrock" in surface.title.text() or "rosenbrock" in surface.title.text().lower()
+    assert surface.plot.isVisible()
+    assert len(surface.path_points()[0]) == 0  # no path before Start
