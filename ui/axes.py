@@ -17,6 +17,7 @@ The rest of the ticks (1..9 times each decade, pyqtgraph's minor ticks) are draw
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
@@ -141,6 +142,45 @@ class ValueAxis(pg.AxisItem):
         super().__init__(orientation, **kw)
         self.enableAutoSIPrefix(False)
         self._labels: dict[float, str] = {}
+        #: Shorter forms of the axis title, tried in order when the axis is too short for it.
+        self.short_titles: tuple[str, ...] = ()
+
+    # ---- the axis title: elided to the axis' length, so a short plot's titles never run into the next
+    def _updateLabel(self) -> None:  # noqa: N802
+        super()._updateLabel()
+        self._fit_label()
+        super().resizeEvent()
+
+    def resizeEvent(self, ev: Any = None) -> None:  # noqa: N802
+        self._fit_label()
+        super().resizeEvent(ev)
+
+    def _fit_label(self) -> None:
+        label = self.label
+        if label is None or not self.labelText:
+            return
+        size = self.size()
+        length = size.height() if self.orientation in ("left", "right") else size.width()
+        label.setHtml(self.labelString())
+        label.setToolTip("")
+        if length <= 0 or label.boundingRect().width() <= length:
+            return
+        style = ";".join(f"{k}: {v}" for k, v in self.labelStyle.items())
+        text = str(self.labelText)
+        label.setToolTip(text)
+        for short in self.short_titles:  # "LR" for "learning rate"...
+            label.setHtml(f"<span style='{style}'>{html.escape(short)}</span>")
+            if label.boundingRect().width() <= length:
+                return
+            text = short
+        for k in range(len(text) - 1, 0, -1):  # ... and "gra…" when even that does not fit
+            label.setHtml(f"<span style='{style}'>{html.escape(text[:k].rstrip())}…</span>")
+            if label.boundingRect().width() <= length:
+                break
+
+    def shown_label(self) -> str:
+        """The axis title as drawn (elided when the axis is too short for it)."""
+        return self.label.toPlainText() if self.label is not None and self.label.isVisible() else ""
 
     def _label_px(self) -> float:
         font = self.style.get("tickFont") or QFont()

@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QPushButton,
+    QSizePolicy,
     QStyle,
     QTableView,
     QVBoxLayout,
@@ -395,6 +396,11 @@ class RunBrowser(QWidget):
         self.delete_button = self._button(self.delete_action)
         self.refresh_button = self._button(self.refresh_action)
         self.count_label = QLabel(self)
+        # "12 runs · 3 selected" grows as runs come and go: it must not widen the dock (and move the
+        # buttons under the mouse); it is cut short instead, the whole text in its tooltip.
+        self.count_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.count_label.setMinimumWidth(self.count_label.fontMetrics().horizontalAdvance("9 runs"))
+        self.count_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
         top = QHBoxLayout()
         top.addWidget(self.filter_edit, 1)
@@ -402,8 +408,7 @@ class RunBrowser(QWidget):
         buttons = QHBoxLayout()
         for b in (self.open_button, self.overlay_button, self.rename_button, self.delete_button):
             buttons.addWidget(b)
-        buttons.addStretch(1)
-        buttons.addWidget(self.count_label)
+        buttons.addWidget(self.count_label, 1)  # takes the room left, text at its right end
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
@@ -571,6 +576,7 @@ class RunBrowser(QWidget):
         if n:
             text += f" · {n} selected"
         self.count_label.setText(text)
+        self.count_label.setToolTip(text)
 
     def _on_open(self) -> None:
         ids = self.selected_run_ids()

@@ -6,10 +6,14 @@ entries, the file an export writes), not at internal state.
 
 from __future__ import annotations
 
+import numpy as np
+import pyqtgraph as pg
 import pytest
 from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog
+
+from lrviz.records import Event
 
 
 def click(qtbot, widget) -> None:
@@ -107,8 +111,6 @@ def test_constant_rate_of_0_3_gets_labelled_ticks(qtbot, window, make_script, op
 
 @pytest.mark.parametrize("log_loss", [True, False])
 def test_every_axis_has_two_labels_for_a_loss_within_a_decade(qtbot, window, stored_run, log_loss, tick_labels):
-    import numpy as np
-
     n = 400
     loss = np.linspace(3.3, 2.0, n) + 0.01 * np.sin(np.arange(n))  # 2 .. 3.3: less than a decade
     run_id = stored_run(loss, lr=0.3, grad_norm=0.7)
@@ -190,3 +192,124 @@ def test_surface_panel_shows_a_surface_script_as_soon_as_it_is_opened(qtbot, win
     assert "Rosenbrock" in surface.title.text() or "rosenbrock" in surface.title.text().lower()
     assert surface.plot.isVisible()
     assert len(surface.path_points()[0]) == 0  # no path before Start
+
+
+# ---- item 15: the layout never jumps, and labels never collide ---------------------------------------
+
+def _scene_rect(item):
+    return item.mapRectToScene(item.boundingRect())
+
+
+def _assert_labels_apart_and_inside(plots) -> list:
+    """The ribbon's labels: pairwise apart, each wholly inside the ribbon (not cut off at an edge)."""
+    labels = [i for i in plots.ribbon.items if isinstance(i, pg.TextItem) and i.isVisible()]
+    box = plots.ribbon.getViewBox().sceneBoundingRect()
+    rects = [_scene_rect(lab) for lab in labels]
+    for lab, r in zip(labels, rects):
+        assert box.left() - 0.5 <= r.left() and r.right() <= box.right() + 0.5, (lab.toPlainText(), r, box)
+    for i in range(len(rects)):
+        for j in range(i + 1, len(rects)):
+            assert not rects[i].intersects(rects[j]), (labels[i].toPlainText(), labels[j].toPlainText())
+    return labels
+
+
+def _assert_axis_titles_apart(plots) -> None:
+    """Each shown plot's y-axis title lies within its own axis, so titles of stacked plots never overlap."""
+    for name in plots._shown:
+        axis = plots.plots[name].getAxis("left")
+        if axis.label is None or not axis.label.isVisible():
+            continue
+        title = _scene_rect(axis.label)
+        own = axis.sceneBoundingRect()
+        assert own.top() - 1 <= title.top() and title.bottom() <= own.bottom() + 1, (name, title, own)
+
+
+def _diverge(qtbot, window: MainWindow):
+    """Run `regression` and raise the rate far too high mid-run: the guard pauses and the banner shows."""
+    with qtbot.waitSignal(window.scriptLoaded, timeout=30000):
+        window.load_script("regression")
+    window.controls.length_kind.setCurrentText("steps")
+    window.controls.length.setValue(3000)
+    click(qtbot, window.toolbar.widgetForAction(window.act_start))
+    eng = window.engine
+    qtbot.waitUntil(lambda: eng.step >= 120, timeout=30000)
+    window.lab.use_lr(5.0)
+    qtbot.waitUntil(lambda: eng.state == "paused" and eng.detection is not None, timeout=30000)
+    qtbot.waitUntil(window.lab.banner.isVisible, timeout=5000)
+    qtbot.wait(100)
+    return eng
+
+
+def test_divergence_banner_keeps_the_window_size_and_nothing_collides(qtbot, tmp_path, shown):
+    w = MainWindow(store_path=str(tmp_path / "store"))
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    qtbot.waitExposed(w)
+    w.lab.show_panel("Diagnostics")
+    # The panels as wide as they go (as in the README's screenshots): the plots at their narrowest.
+    w.resizeDocks([w.controls_dock, w.lab.docks["Diagnostics"]], [285, 500], Qt.Orientation.Horizontal)
+    qtbot.wait(50)
+    before = (w.width(), w.centralWidget().width(), w.controls_dock.width(), w.lab.docks["Diagnostics"].width())
+    assert before[0] == 1280
+    eng = _diverge(qtbot, w)
+    after = (w.width(), w.centralWidget().width(), w.controls_dock.width(), w.lab.docks["Diagnostics"].width())
+    assert after == before
+    plots = w.plots
+    plots.refresh(force=True)
+    qtbot.wait(50)
+    labels = _assert_labels_apart_and_inside(plots)
+    shown_text = " ".join(lab.toPlainText() for lab in labels) + " ".join(lab.toolTip() for lab in labels)
+    for text in plots.marker_texts().values():
+        assert text.split(" · ")[0] in shown_text, (text, shown_text)  # merged labels keep every event
+    _assert_axis_titles_apart(plots)
+    assert not plots.legend.geometry().intersects(plots.view.geometry())  # the legend covers no plot
+    # Stopping does not move anything either (and the window closes, saving its size, as wide as it opened).
+    w.stop_run()
+    qtbot.waitUntil(lambda: w._end_handled, timeout=30000)
+    qtbot.wait(50)
+    assert (w.width(), w.centralWidget().width()) == before[:2]
+    assert eng.state == "stopped"
+    w.close()
+
+
+EVENTS_CLOSE = [(0, "set_schedule", {"spec": "CosineAnnealingLR:T_max=500"}), (300, "set_lr", {"lr": 2.0}),
+                (302, "diverged", {"message": "loss exploded"}), (303, "pause", {}),
+                (305, "set_schedule", {"spec": "StepLR:step_size=100"}), (310, "set_lr", {"lr": 0.2}),
+                (499, "stop", {})]
+
+
+@pytest.mark.parametrize("x_range", [None, (296, 312), (0, 320)])
+def test_event_labels_a_few_steps_apart_never_collide_nor_leave_the_plot(qtbot, window, stored_run, x_range):
+    events = [Event(s, k, d, float(s)) for s, k, d in EVENTS_CLOSE]
+    run_id = stored_run(np.linspace(1.0, 0.2, 500), lr=0.05, events=events)
+    window.open_run(run_id)
+    plots = window.plots
+    if x_range is not None:
+        plots.plots["loss"].setXRange(*x_range, padding=0)
+    plots.refresh(force=True)
+    qtbot.wait(50)
+    labels = _assert_labels_apart_and_inside(plots)
+    x0, x1 = plots.ribbon.getViewBox().viewRange()[0]
+    in_view = [text for step, text in plots.marker_texts().items() if x0 <= step <= x1]
+    said = " ".join(lab.toPlainText() + " " + lab.toolTip() for lab in labels)
+    for text in in_view:
+        assert text in said, (text, said)  # every marker in view is labelled, or in a merged label's tooltip
+    if x_range == (296, 312):  # zoomed in: markers 2-3 steps apart are far enough apart for labels of their own
+        assert len(labels) >= 4, [lab.toPlainText() for lab in labels]
+
+
+def test_right_dock_keeps_its_width_when_runs_are_listed_and_selected(qtbot, window, make_script, open_script):
+    dock = window.runs_dock
+    dock.raise_()
+    open_script(make_script("w.py", steps=20))
+    qtbot.wait(50)
+    width = dock.width()
+    for _ in range(3):
+        start_and_finish(qtbot, window)
+    browser = window.run_browser
+    browser.refresh()
+    browser.select_runs([r.id for r in window.store.list_runs()])  # "3 runs · 3 selected"
+    qtbot.wait(50)
+    assert "selected" in browser.count_label.text()
+    assert dock.width() == width
