@@ -26,7 +26,11 @@ from PySide6.QtGui import QFont, QFontMetricsF
 
 from .widgets import format_number
 
-__all__ = ["StepAxis", "ValueAxis", "linear_ticks", "log_ticks", "step_text"]
+__all__ = ["PANEL_TITLES", "StepAxis", "ValueAxis", "linear_ticks", "log_ticks", "panel_axis", "step_text"]
+
+#: The y-axis title of each panel of the run plots, and shorter forms for short panels (on screen and in files).
+PANEL_TITLES = {"loss": "loss", "lr": "learning rate", "grad": "gradient norm (L2)", "acc": "val accuracy (%)"}
+SHORT_TITLES = {"lr": ("LR",), "grad": ("grad norm",), "acc": ("val acc %", "acc %")}
 
 _ALL_MULTIPLES = tuple(range(1, 10))
 #: Room along the axis a label takes, in text heights (vertical axes) or in text heights too for
@@ -228,3 +232,11 @@ class StepAxis(ValueAxis):
 
     def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
         return [step_text(v * scale) for v in values]
+
+
+def panel_axis(panel: str) -> ValueAxis:
+    """The left axis of a run-plot panel (``loss``, ``lr``, ``grad``, ``acc``), knowing its short titles;
+    set its title with ``plot.setLabel("left", PANEL_TITLES[panel])``."""
+    axis = ValueAxis("left")
+    axis.short_titles = SHORT_TITLES.get(panel, ())
+    return axis

@@ -1117,15 +1117,14 @@ class MainWindow(QMainWindow):
         if target is not None:
             self.export_plot(*target)
 
-    def export_plot(self, path: str, fmt: str) -> bool:
-        """Render the shown runs (primary and overlays, every step) to ``path`` as png, svg or pdf."""
-        try:
-            from lrviz.export import describe_run
+    def plot_description(self) -> tuple[list[Any], Any]:
+        """What the plots show now, as the renderer takes it: the runs (every step, from the engine or
+        the store, in their screen colours) and the :class:`lrviz.export.FigureSpec` (panels, smoothing,
+        log axes, the steps in view, a title)."""
+        from lrviz.export import describe_run
 
-            from . import render
-        except ImportError as exc:
-            self._show_message(QMessageBox.Icon.Warning, "Export unavailable", f"plot export is missing: {exc}")
-            return False
+        from . import render
+
         rec = self._primary_records()
         runs = []
         if rec is not None:
@@ -1133,19 +1132,30 @@ class MainWindow(QMainWindow):
                                        validation=rec["validation"]))
         for item in self.plots.overlays:
             rid = item.trace.run_id
-            try:
-                runs.append(render.RunData.from_store(self.store, rid, label=item.trace.label))
+            try:  # drawn as on screen: in its colour, its events not marked
+                runs.append(render.RunData.from_store(self.store, rid, label=item.trace.label, colour=item.colour,
+                                                      marked=False))
             except LrvizError as exc:
                 self._status(f"run #{rid} left out: {exc}")
-        if not runs:
-            return False
-        if len(runs) > 1:
+        if len(runs) > 1 or rec is None:
             title = "comparison of " + ", ".join(r.label.split(" (")[0] for r in runs)
         else:
-            assert rec is not None
             title = describe_run(rec["run"], rec["config"])
+        return runs, self.plots.figure_spec(title)
+
+    def export_plot(self, path: str, fmt: str) -> bool:
+        """Render what the plots show (the primary run and the overlays, every step; the same panels,
+        smoothing, log axes, markers and steps in view) to ``path`` as png, svg or pdf."""
         try:
-            render.render_run(runs if len(runs) > 1 else runs[0], path, fmt, title=title)
+            from . import render
+        except ImportError as exc:
+            self._show_message(QMessageBox.Icon.Warning, "Export unavailable", f"plot export is missing: {exc}")
+            return False
+        runs, figure = self.plot_description()
+        if not runs:
+            return False
+        try:
+            render.render_run(runs, path, fmt, figure=figure)
         except (LrvizError, OSError) as exc:
             self._show_message(QMessageBox.Icon.Warning, "Export failed", str(exc), _detail_of(exc))
             return False

@@ -21,13 +21,13 @@ import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
 from PySide6.QtWidgets import QGraphicsItem, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from lrviz.export import Marker, event_markers, smoothing_label
+from lrviz.export import FigureSpec, Marker, event_markers, smoothing_label
 
 from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
-from .axes import StepAxis, ValueAxis
+from .axes import PANEL_TITLES, StepAxis, panel_axis
 from .ribbon import EventRibbon
 from .trace import RunTrace
 from .widgets import format_number
@@ -133,14 +133,9 @@ class TrainingPlots(QWidget):
         lay.addWidget(self.view, 1)
 
         self.plots: dict[str, pg.PlotItem] = {}
-        labels = {"loss": "loss", "lr": "learning rate", "grad": "gradient norm (L2)",
-                  "acc": "val accuracy (%)"}
-        short = {"lr": ("LR",), "grad": ("grad norm",), "acc": ("val acc %", "acc %")}
         for name in self.PLOTS:
-            left = ValueAxis("left")
-            left.short_titles = short.get(name, ())
-            p = pg.PlotItem(axisItems={"bottom": StepAxis("bottom"), "left": left})
-            p.setLabel("left", labels[name])
+            p = pg.PlotItem(axisItems={"bottom": StepAxis("bottom"), "left": panel_axis(name)})
+            p.setLabel("left", PANEL_TITLES[name])
             p.getAxis("left").setWidth(AXIS_WIDTH)
             p.showGrid(x=True, y=True, alpha=theme.GRID_ALPHA)
             p.setClipToView(False)
@@ -405,6 +400,14 @@ class TrainingPlots(QWidget):
         self._auto_y[plot] = True
         self._dirty = True
         self._kick.start()
+
+    def figure_spec(self, title: str = "") -> FigureSpec:
+        """What the plots show, as an exported figure should show it: the panels, the loss smoothing,
+        the log axes and, once zoomed or panned, the steps in view."""
+        x_range = None if self._follow else tuple(self.plots["loss"].getViewBox().viewRange()[0])
+        return FigureSpec(title=title, smoothing=self._smoothing, log_loss=self.log_y("loss"),
+                          log_lr=self.log_y("lr"), log_grad=self.log_y("grad"), panels=tuple(self._shown),
+                          x_range=x_range)
 
     def log_y(self, plot: str) -> bool:
         return bool(self.plots[plot].ctrl.logYCheck.isChecked())

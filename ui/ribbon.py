@@ -105,6 +105,7 @@ class EventRibbon(pg.PlotItem):
         ax = self.getAxis("left")
         ax.setWidth(axis_width)
         ax.setStyle(showValues=False, tickLength=0)
+        ax.setTicks([[], []])  # no ticks (zero-length ticks still paint a dotted line)
         ax.setPen(pg.mkPen(None))
         self.setMenuEnabled(False)
         self.hideButtons()

@@ -313,3 +313,66 @@ def test_right_dock_keeps_its_width_when_runs_are_listed_and_selected(qtbot, win
     qtbot.wait(50)
     assert "selected" in browser.count_label.text()
     assert dock.width() == width
+
+
+# ---- item 8: the exported plot is what the screen shows ------------------------------------------------
+
+def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open_script, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from lrviz.ui import render
+
+    open_script(make_script("seen.py", steps=300, delay=0.002))
+    click(qtbot, window.toolbar.widgetForAction(window.act_start))
+    eng = window.engine
+    qtbot.waitUntil(lambda: eng.step >= 60, timeout=30000)
+    window.controls.lr.set_value(0.02)
+    window.controls.lr.set_button.click()
+    qtbot.waitUntil(lambda: eng.step >= 120, timeout=30000)
+    window.pause()
+    qtbot.waitUntil(lambda: eng.state == "paused", timeout=30000)
+    window.controls.schedule.set_spec("StepLR:step_size=50,gamma=0.5")
+    window.controls.schedule.apply_button.click()
+    window.resume()
+    qtbot.waitUntil(lambda: window._end_handled, timeout=60000)
+    # What the user set on screen: more smoothing, a log loss axis, a zoom on steps 40..250.
+    window.smoothing.setValue(85)
+    window._on_smoothing_settled()
+    window.log_checks["loss"].setChecked(True)
+    vb = window.plots.plots["loss"].getViewBox()
+    vb.setXRange(40, 250, padding=0)
+    vb.sigRangeChangedManually.emit([True, False])  # as a wheel zoom or a drag does
+    window.plots.refresh(force=True)
+    plots = window.plots
+    on_screen = plots.marker_texts()
+    assert sum(len(t.split(" · ")) for t in on_screen.values()) >= 3  # lr 0.02, paused, StepLR
+
+    # The file: the screen's smoothing, panels and markers.
+    svg = tmp_path / "seen.svg"
+    assert window.export_plot(str(svg), "svg"), window.messages
+    text = " ".join(ET.parse(svg).getroot().itertext())
+    assert "smoothed (0.85)" in text and "EMA" not in text
+    assert "grad" in text and "learning rate" in text  # every panel shown
+    for label in on_screen.values():
+        for part in label.split(" · "):
+            assert part in text or "events" in text, (part, text)
+
+    # The description the file is drawn from is the screen's, item by item.
+    runs, spec = window.plot_description()
+    assert spec.panels == tuple(plots._shown) and spec.smoothing == pytest.approx(0.85)
+    assert spec.log_loss is True and spec.log_lr is True and spec.log_grad is False
+    assert spec.x_range == pytest.approx((40, 250))
+    fig = render._Figure(runs, spec, (1200, 800))
+    try:
+        fig.settle()
+        assert [name for _, name in fig.legend] == plots.legend_texts()
+        assert {m.step: m.text for _, m in fig.markers} == on_screen
+        assert fig.plots["loss"].getAxis("left").logMode
+        assert fig.plots["loss"].getViewBox().viewRange()[0] == pytest.approx([40, 250])
+        smooth = next(item for item, name in fig.legend if name == "smoothed (0.85)")
+        xs, ys = smooth.xData, smooth.yData
+        assert len(xs) > 100
+        live = np.array([plots.primary.trace.value_at(int(x))["loss_smooth"] for x in xs])
+        np.testing.assert_allclose(ys, live, rtol=1e-12)  # the very same smoothed values
+    finally:
+        fig.close()
