@@ -30,7 +30,6 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
-    QSizePolicy,
     QSlider,
     QStyle,
     QTextBrowser,
@@ -49,7 +48,7 @@ from . import (
 from .controls import ControlPanel
 from .plots import TrainingPlots
 from .trace import RunTrace
-from .widgets import format_number
+from .widgets import ElidedLabel, format_number
 
 if TYPE_CHECKING:
     from lrviz.engine import TrainingEngine
@@ -230,9 +229,8 @@ class MainWindow(QMainWindow):
             box.toggled.connect(lambda on, p=plot: self.plots.set_log_y(p, on))
             self.log_checks[plot] = box
             bar.addWidget(box)
-        self.view_label = QLabel("")
+        self.view_label = ElidedLabel("")
         self.view_label.setObjectName("viewLabel")
-        self.view_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.view_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         self.view_label.setStyleSheet(f"color: {theme.PURPLE};")
         bar.addWidget(self.view_label, 1)

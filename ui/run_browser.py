@@ -39,12 +39,10 @@ from PySide6.QtWidgets import (
     QApplication,
     QHBoxLayout,
     QHeaderView,
-    QLabel,
     QLineEdit,
     QMenu,
     QMessageBox,
     QPushButton,
-    QSizePolicy,
     QStyle,
     QTableView,
     QVBoxLayout,
@@ -52,6 +50,8 @@ from PySide6.QtWidgets import (
 )
 
 from lrviz.errors import LrvizError
+
+from .widgets import ElidedLabel
 
 __all__ = ["COLUMNS", "RunBrowser", "RunTableModel", "format_duration", "format_loss"]
 
@@ -395,10 +395,9 @@ class RunBrowser(QWidget):
         self.rename_button = self._button(self.rename_action)
         self.delete_button = self._button(self.delete_action)
         self.refresh_button = self._button(self.refresh_action)
-        self.count_label = QLabel(self)
         # "12 runs · 3 selected" grows as runs come and go: it must not widen the dock (and move the
-        # buttons under the mouse); it is cut short instead, the whole text in its tooltip.
-        self.count_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        # buttons under the mouse); it ends in "…" instead, the whole text in its tooltip.
+        self.count_label = ElidedLabel("", self)
         self.count_label.setMinimumWidth(self.count_label.fontMetrics().horizontalAdvance("9 runs"))
         self.count_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
@@ -576,7 +575,6 @@ class RunBrowser(QWidget):
         if n:
             text += f" · {n} selected"
         self.count_label.setText(text)
-        self.count_label.setToolTip(text)
 
     def _on_open(self) -> None:
         ids = self.selected_run_ids()

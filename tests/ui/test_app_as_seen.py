@@ -313,6 +313,10 @@ def test_right_dock_keeps_its_width_when_runs_are_listed_and_selected(qtbot, win
     qtbot.wait(50)
     assert "selected" in browser.count_label.text()
     assert dock.width() == width
+    label = browser.count_label  # the count fits in the room left, or ends in "…" (never cut mid-letter)
+    shown = label.shown_text()
+    assert shown == label.text() or shown.endswith("…")
+    assert label.fontMetrics().horizontalAdvance(shown) <= label.contentsRect().width()
 
 
 # ---- item 8: the exported plot is what the screen shows ------------------------------------------------
