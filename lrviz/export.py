@@ -56,6 +56,7 @@ __all__ = [
     "describe_run",
     "event_markers",
     "event_text",
+    "format_number",
     "export_data",
     "export_engine",
     "export_run",
@@ -484,8 +485,8 @@ class FigureSpec:
     x_range: tuple[float, float] | None = None
 
 
-def _number(x: Any, digits: int = 3) -> str:
-    """``0.01``, ``3e-4``, ``1.25``: short, exact enough for a label."""
+def format_number(x: Any, digits: int = 3) -> str:
+    """``0.01``, ``3e-4``, ``1.25``: a number short and exact enough for a label (``nan``, ``inf`` as such)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -506,17 +507,17 @@ def event_text(event: Event) -> str:
     d = event.data or {}
     k = event.kind
     if k == "set_lr":
-        return f"lr {_number(d.get('lr', math.nan))}"
+        return f"lr {format_number(d.get('lr', math.nan))}"
     if k == "set_schedule":
         spec = d.get("spec")
         return "no schedule" if not spec else str(spec).split(":")[0].split("+")[0] + (
             "+…" if "+" in str(spec) else "")
     if k == "set_hyperparams":
-        parts = [f"{'wd' if key == 'weight_decay' else key} {_number(v)}" for key, v in d.items()
+        parts = [f"{'wd' if key == 'weight_decay' else key} {format_number(v)}" for key, v in d.items()
                  if key in ("momentum", "weight_decay") and v is not None]
         return ", ".join(parts) or "hyperparams"
     if k == "lr_reduced":
-        return f"plateau: lr {_number(d.get('lr', math.nan))}"
+        return f"plateau: lr {format_number(d.get('lr', math.nan))}"
     return {"pause": "paused", "stop": "stopped", "early_stop": "early stop", "range_test": "range test",
             "rejected": f"rejected {d.get('kind', '')}".strip()}.get(k, k)
 

@@ -51,7 +51,7 @@ from PySide6.QtWidgets import QApplication, QSizePolicy
 
 from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError
-from lrviz.export import FigureSpec, atomic_write, event_markers, smoothing_label
+from lrviz.export import FigureSpec, atomic_write, event_markers, format_number, smoothing_label
 from lrviz.records import Event, ValPoint
 
 from . import theme
@@ -200,13 +200,6 @@ def _wrap_title(title: str, font: QFont, width: int) -> str:
         lines.append(current)
     fitted = [metrics.elidedText(line, Qt.TextElideMode.ElideMiddle, width) for line in lines]
     return "<br>".join(html.escape(line) for line in fitted)
-
-
-def _num(value: Any) -> str:
-    try:
-        return f"{float(value):.3g}"
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _lr_matrix(steps: Mapping[str, np.ndarray], n: int) -> np.ndarray:
@@ -714,13 +707,13 @@ class _RangeTestFigure:
         lines = [title] if title else []
         if s.best is not None:
             lo, hi = s.band() or (s.best, s.best)
-            lines.append(f"suggested learning rate {_num(s.best)} ({_RT_METHODS[s.chosen][0]}) · band "
-                         f"{_num(lo)} – {_num(hi)}")
+            lines.append(f"suggested learning rate {format_number(s.best)} ({_RT_METHODS[s.chosen][0]}) · band "
+                         f"{format_number(lo)} – {format_number(hi)}")
         else:
             lines.append(f"no suggestion: {s.reason or 'the curve cannot be judged'}")
         done = len(lrs)
         lines.append(f"stopped: {result.stop_reason} ({done} of {result.steps} steps)" if result.stop_reason
-                     else f"ran all {result.steps} steps from {_num(result.start)} to {_num(result.end)}")
+                     else f"ran all {result.steps} steps from {format_number(result.start)} to {format_number(result.end)}")
         for k, text in enumerate(lines):
             bold = k == 0 and bool(title)
             px = title_px if bold else label_px
@@ -787,7 +780,7 @@ class _RangeTestFigure:
                 chosen = m == s.chosen
                 if chosen:
                     colour = _RT_CHOSEN
-                text = f"{name} {_num(v)}" + (" (chosen)" if chosen else "")
+                text = f"{name} {format_number(v)}" + (" (chosen)" if chosen else "")
                 right = span[1] > span[0] and (math.log10(v) - span[0]) / (span[1] - span[0]) > 0.55
                 anchor = (1.04, 0.5) if right else (-0.04, 0.5)
                 pen = pg.mkPen(colour, width=3.2 if chosen else 1.6,

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 
 from lrviz.config import parse_lr
 from lrviz.errors import ConfigError, LrvizError
+from lrviz.export import format_number  # noqa: F401  (the UI formats numbers as the core does)
 
 from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
@@ -33,19 +34,6 @@ def breakable(text: str) -> str:
     """``text`` with zero-width spaces after ``, : + ;`` so a word-wrapped label can break long specs."""
     for ch in ",:+;":
         text = text.replace(ch, ch + "\u200b")
-    return text
-
-
-def format_number(x: float, digits: int = 3) -> str:
-    """A short, exact-enough text for a rate or loss: ``0.01``, ``3e-04``, ``1.25``."""
-    if x is None or not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    text = f"{x:.{digits}g}"
-    if "e" in text:
-        mant, exp = text.split("e")
-        return f"{mant}e{int(exp)}"
     return text
 
 
