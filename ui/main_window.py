@@ -1053,9 +1053,8 @@ class MainWindow(QMainWindow):
         self.plots.refresh(force=True)
         self.act_clear_overlays.setEnabled(bool(ids))
         if ids:
-            self.view_label.setText(("overlaid on the live run: " if live else "comparing: ")
-                                    + ", ".join(f"#{i}" for i in ids))
-            self.view_label.setToolTip(self.view_label.text())
+            runs = ", ".join(f"#{i}" for i in ids)  # short first: the legend names each run
+            self.view_label.setText(f"+{len(ids)} overlaid ({runs})" if live else f"{len(ids)} runs ({runs})")
             if not live:
                 self._set_state_text("viewing")
                 self._clear_run_labels()
