@@ -365,10 +365,12 @@ class TrainingEngine:
         except DivergedError as exc:
             self.state = "diverged"
             self.error = exc
+            self._publish()
             misread = failure.not_the_rate(self)  # e.g. an empty batch: no advice to lower the rate
             if misread is not None:
                 self._fail(misread)
         except LrvizError as exc:
+            self._publish()
             overflow = failure.rate_out_of_range(self)  # --lr 1e300: the update itself overflows
             if overflow is not None:
                 self.state = "diverged"
@@ -639,12 +641,16 @@ class TrainingEngine:
                                    "steps": len(result.lrs)})
         fut.set_result(result)
 
-    def _finish(self) -> None:
-        if self._staging is not None:  # the rows since the last flush (a stop, an error): kept, not judged
+    def _publish(self) -> None:
+        """Write the rows recorded since the last flush (a stop, an error): kept, not judged again."""
+        if self._staging is not None:
             try:
                 self._staging.flush(self.rec.clock())
             except Exception:  # a device that failed mid-run: what was written stays
                 log.exception("could not copy the last steps from the device")
+
+    def _finish(self) -> None:
+        self._publish()
         self.control.close(str(self.state), self.step)
         self.rec.close(self.summary(), str(self.error) if self.error else None)
         self.done.set()
