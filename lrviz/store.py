@@ -825,11 +825,13 @@ class RunStore:
         return run_id
 
     def set_status(
-        self, run_id: int, status: str, *, error: str | None = None, summary: dict | None = None
+        self, run_id: int, status: str, *, error: str | None = None, summary: dict | None = None,
+        started_at: float | None = None, ended_at: float | None = None,
     ) -> None:
         """Change a run's status. 'running' records ``started_at`` (first time only), this process
         as the run's pid, and clears ``ended_at``; terminal statuses record ``ended_at``. ``error``
-        replaces the stored error when given; ``summary`` is merged into the stored summary."""
+        replaces the stored error when given; ``summary`` is merged into the stored summary.
+        ``started_at``/``ended_at`` record those times instead of now (an imported run's)."""
         if status not in RUN_STATUSES:
             raise StoreError(f"unknown run status {status!r}; one of {', '.join(RUN_STATUSES)}")
         run_id = _run_id(run_id)
@@ -845,7 +847,10 @@ class RunStore:
                 args += [now, os.getpid()]
             elif status in TERMINAL_STATUSES:
                 sets.append("ended_at=?")
-                args.append(now)
+                args.append(now if ended_at is None else float(ended_at))
+            if started_at is not None:
+                sets.append("started_at=?")
+                args.append(float(started_at))
             if error is not None:
                 sets.append("error=?")
                 args.append(str(error))
@@ -1250,7 +1255,8 @@ class RunStore:
         times: Iterable[float] | None = None,
     ) -> None:
         """Store points of the scalar series ``name`` (any name: ``val_accuracy``, a TensorBoard tag):
-        ``values[i]`` logged at step ``steps[i]``, at wall-clock time ``times[i]`` (default: now).
+        ``values[i]`` logged at step ``steps[i]``, ``times[i]`` seconds after the run started (as the
+        ``time`` of its steps, events and validation points; default: now).
 
         Sparse series (a point every N steps, a few at a time) are the common case: points that follow
         the series' last stored step are folded into its last chunk while it holds fewer than
@@ -1263,7 +1269,11 @@ class RunStore:
         if not len(cols["step"]):
             return
         with self._write("storing scalars") as conn:
-            self._check_run(conn, run_id)
+            row = conn.execute("SELECT COALESCE(started_at, created_at) FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise self._unknown(run_id)
+            if times is None:
+                cols["time"][:] = time.time() - row[0]
             last = conn.execute(
                 "SELECT id, last_step, n, header, data FROM scalars WHERE run_id=? AND name=? ORDER BY id DESC LIMIT 1",
                 (run_id, name),
@@ -1284,7 +1294,7 @@ class RunStore:
         try:
             s = np.asarray(steps)
             v = np.asarray(values, dtype=np.float64)
-            t = np.full(len(v), time.time()) if times is None else np.asarray(times, dtype=np.float64)
+            t = np.zeros(len(v)) if times is None else np.asarray(times, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"scalar series {name!r}: values and times must be numbers ({exc})") from None
         if s.ndim != 1 or v.ndim != 1 or t.ndim != 1 or not len(s) == len(v) == len(t):

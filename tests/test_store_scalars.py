@@ -37,7 +37,7 @@ def test_a_sparse_series_logged_point_by_point_reads_back_and_stays_compact(stor
     rng = np.random.default_rng(0)
     steps = np.arange(0, 50_000, 50)  # every 50 steps, as a validation metric
     values = rng.uniform(size=len(steps))
-    times = 1.7e9 + steps * 1e-3
+    times = steps * 1e-3  # seconds since the run started
     for s, v, t in zip(steps, values, times):
         store.add_scalars(run, "val_accuracy", [s], [v], [t])
     store.add_scalars(run, "grad/layer1", steps[:3], values[:3], times[:3])
@@ -63,7 +63,7 @@ def test_a_dense_series_of_a_million_points(store: RunStore, record_property):
     n = 1_000_000
     steps = np.arange(n)
     values = np.cumsum(np.random.default_rng(1).normal(0, 0.01, n)) + 2.0
-    times = 1.7e9 + steps / 3000.0
+    times = steps / 3000.0
     t0 = time.perf_counter()
     store.add_scalars(run, "loss/ema", steps, values, times)
     t1 = time.perf_counter()
@@ -98,8 +98,11 @@ def test_scalars_bad_input_is_one_message_and_stores_nothing(store: RunStore):
         store.load_scalars(99)
     assert store.scalar_names(run) == []
     store.add_scalars(run, "a", [], [])  # nothing to store
-    store.add_scalars(run, "a", np.array([3.0]), [1.0])  # whole-number floats are steps
-    assert store.load_scalars(run)["a"][0].tolist() == [3]
+    before = time.time()
+    store.add_scalars(run, "a", np.array([3.0]), [1.0])  # whole-number floats are steps; time: now
+    steps, _, times = store.load_scalars(run, times=True)["a"]
+    started = store.get_run(run).created_at  # not started: seconds since it was created
+    assert steps.tolist() == [3] and before - started <= times[0] <= time.time() - started
 
 
 def test_truncate_and_delete_take_the_scalars_along(store: RunStore):
