@@ -10,7 +10,8 @@ Export (``lrviz export RUN --format tb``)
     export again replaces it; other event files there are left alone). The tags are the columns of
     ``metrics.csv`` — ``loss``, ``lr`` (``lr_1``... for more parameter groups), ``grad_norm``,
     ``epoch``, ``val_loss``, ``val_accuracy`` and every extra scalar series under its own name — plus
-    ``loss_smoothed``, the app's smoothing (:data:`SMOOTHING`). Values are TensorBoard's float32
+    ``loss_smoothed``, the app's smoothing (:data:`lrviz.export.DEFAULT_SMOOTHING`: a debiased EMA,
+    as TensorBoard's own smoothing slider, whose default is also 0.6). Values are TensorBoard's float32
     scalars (``simple_value``; its fast data server shows no other): each is the CSV's value rounded to
     float32, about 7 significant digits. Wall times are the run's start plus each step's ``time``. A
     column that holds no number at all is left out. The
@@ -49,7 +50,6 @@ from lrviz.records import Event, ValPoint
 __all__ = [
     "EVENTS_TAG",
     "SMOOTHED_TAG",
-    "SMOOTHING",
     "Imported",
     "LogFolder",
     "guess_loss_tag",
@@ -63,9 +63,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'lrviz[tensorboard]' (or: pip install tensorboard)"
-#: The weight of the loss smoothing in the export: the app's default (a debiased EMA, as TensorBoard's
-#: own smoothing slider, whose default is also 0.6).
-SMOOTHING = 0.6
 SMOOTHED_TAG = "loss_smoothed"
 EVENTS_TAG = "events"
 #: The end of the name of the event files lrviz writes (so that an export again replaces its own only).
@@ -132,21 +129,21 @@ def write_events(
     events: Sequence[Event] = (),
     validation: Sequence[ValPoint] = (),
     scalars: Mapping[str, Sequence[np.ndarray]] | None = None,
-    smoothing: float = SMOOTHING,
+    smoothing: float | None = None,
 ) -> Path:
     """Write a run as one TensorBoard event file in ``out_dir`` (see the module docstring); its path.
 
     ``run`` is the ``run`` record of ``run.json`` (its ``started_at``/``created_at`` anchor the wall
     times); ``steps``, ``validation`` and ``scalars`` are what :func:`lrviz.export.write_metrics_csv`
-    takes. Written atomically (:func:`lrviz.export.atomic_write`); an export again replaces the file of
-    the one before.
+    takes; ``smoothing`` that of ``loss_smoothed`` (default: the app's). Written atomically
+    (:func:`lrviz.export.atomic_write`); an export again replaces the file of the one before.
     """
     require()
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     from lrviz.decimate import ema_debiased
-    from lrviz.export import _step_columns, _write_error, atomic_write, column_names
+    from lrviz.export import DEFAULT_SMOOTHING, _step_columns, _write_error, atomic_write, column_names
 
     names, cols, step = _step_columns(steps)
     scalars = dict(scalars or {})
@@ -158,7 +155,8 @@ def write_events(
              if name not in ("step", "time")]
     if "loss" in steps and len(step):
         train.append((column_names([*header, SMOOTHED_TAG], [])[len(header)],  # unique, like the others
-                      ema_debiased(np.asarray(steps["loss"], dtype=np.float64), smoothing)))
+                      ema_debiased(np.asarray(steps["loss"], dtype=np.float64),
+                                   DEFAULT_SMOOTHING if smoothing is None else smoothing)))
     train = [(tag, col) for tag, col in train if not np.isnan(col).all()]
     t0 = next((float(run[k]) for k in ("started_at", "created_at") if run.get(k) is not None), 0.0)
     times = np.asarray(steps["time"], dtype=np.float64) if "time" in steps else np.zeros(len(step))

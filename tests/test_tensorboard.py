@@ -21,6 +21,7 @@ from store_events import wait_until
 from test_broken_inputs import assert_one_clean_message, run_main
 
 from lrviz.decimate import ema_debiased
+from lrviz.export import DEFAULT_SMOOTHING
 from lrviz.records import Event, ValPoint
 from lrviz.store import RunStore
 
@@ -116,7 +117,7 @@ def test_tb_export_read_back_with_tensorboard_equals_the_csv_export(store: RunSt
     t = header.index("time")
     assert [w for _, w, _ in tb["loss"]] == [started + float(r[t]) for r in train]
     # the smoothed loss is the app's smoothing of the CSV's loss
-    smooth = ema_debiased(np.array([float(r[header.index("loss")]) for r in train]), 0.6)
+    smooth = ema_debiased(np.array([float(r[header.index("loss")]) for r in train]), DEFAULT_SMOOTHING)
     assert all(same(v, f32(s)) for (_, _, v), s in zip(tb["loss_smoothed"], smooth, strict=True))
     # events as text at their steps, two at one step in one text
     texts = {s: v.decode() for s, _, v in tb["events"]}
