@@ -166,6 +166,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE runs ADD COLUMN kind TEXT;
         ALTER TABLE chunks ADD COLUMN stop_step INTEGER;
         UPDATE chunks SET stop_step = start_step + n;
+        -- an older lrviz still writing this store (it was running when a newer one upgraded it) leaves
+        -- stop_step out: its chunks are every integer
+        CREATE TRIGGER chunks_stop_step AFTER INSERT ON chunks WHEN NEW.stop_step IS NULL BEGIN
+            UPDATE chunks SET stop_step = NEW.start_step + NEW.n WHERE rowid = NEW.rowid;
+        END;
         CREATE TABLE scalars (
             id INTEGER PRIMARY KEY,
             run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,

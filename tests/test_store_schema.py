@@ -109,6 +109,22 @@ def test_a_schema_1_store_opens_upgraded_and_reads_back_what_was_written(tmp_pat
     assert schema_of(path) == schema_of(tmp_path / "new" / "runs.sqlite")
 
 
+def test_chunks_an_older_lrviz_writes_after_the_upgrade_are_read(tmp_path: Path):
+    """A schema-1 lrviz that was running while a newer one upgraded the store keeps appending chunks the
+    schema-1 way (no stop_step): they are read like any other."""
+    path = fixture_copy(tmp_path / "old")
+    with RunStore(path) as store:
+        pass
+    with sqlite3.connect(path) as c:  # what schema-1 append_steps inserts
+        header, data = c.execute("SELECT header, data FROM chunks WHERE run_id=4").fetchone()
+        c.execute("INSERT INTO chunks (run_id, start_step, n, loss_min, loss_last, header, data) "
+                  "VALUES (4, 10, 10, 0.0, 0.0, ?, ?)", (header, data))
+    with RunStore(path) as store:
+        steps = store.load_steps(4, 5)
+        assert steps["step"].tolist() == list(range(5, 20))
+        assert same_bits(steps["loss"][5:], v1.runs()[3]["steps"]["loss"])
+
+
 def test_an_older_store_that_cannot_be_written_is_read_through_an_upgraded_copy(tmp_path: Path):
     """A schema-1 store in a read-only folder: listed and exported (from a private upgraded copy); the file
     is left exactly as it was, with nothing beside it."""
