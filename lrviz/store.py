@@ -1,26 +1,22 @@
 """The run store: an embedded SQLite database of training runs, their per-step series,
-validation points and events.
+validation points, events and extra scalar series.
 
 One file (``runs.sqlite``, WAL journal) shared by the threads of one process and by several
 processes (the app and the CLI). Checkpoints of run ``N`` live beside it in ``checkpoints/N/``.
+Its parts: this module, :class:`RunStore` (every public method one transaction on the shared
+connection); :mod:`lrviz.store_schema`, the schema as migration steps; :mod:`lrviz.store_codec`, how
+JSON fields and the compressed column chunks are encoded. The module is long because the class is:
+splitting the transactions of one connection across files would hide what each one touches.
 
-Per-step series are stored as *chunks*: one row per ``append_steps`` call, each column a
-zlib-compressed blob (bytes transposed by significance, optionally delta-coded first) described by
-a small JSON header, so reads give back exactly the stored dtype, shape and bits.
+Per-step series are stored as chunks: one row per ``append_steps`` call. Extra scalar series (any
+named value logged at some steps: ``val_accuracy``, a TensorBoard tag) are chunks of
+``step``/``value``/``time`` columns; a series logged a few points at a time is folded into chunks of
+up to :data:`SCALAR_CHUNK` points.
 
-JSON fields (run ``config`` and ``summary``, event ``data``) accept numpy scalars and arrays, tuples,
-paths and tensors; non-finite floats are stored as the strings ``"nan"``, ``"inf"`` and ``"-inf"``
-(``float()`` reads them back); other objects are stored as ``str(obj)``.
-
-The schema is versioned (``PRAGMA user_version``) and grows by :data:`MIGRATIONS`, one entry per
-version: a store written by an older lrviz is upgraded when it is opened, one step per transaction; a
-store that cannot be written is upgraded in a private temporary copy, for reading. A store written by
-a newer lrviz opens read-only when its schema says this version can still read it, and is refused
-otherwise. A new column is one more migration entry (see :data:`MIGRATIONS`).
-
-Extra scalar series (any named value logged at some steps: ``val_accuracy``, a TensorBoard tag) are
-stored like the step columns, as compressed chunks of ``step``/``value``/``time`` columns; a series
-logged a few points at a time is folded into chunks of up to :data:`SCALAR_CHUNK` points.
+The schema is versioned (``PRAGMA user_version``): a store written by an older lrviz is upgraded when
+it is opened, one migration step per transaction; a store that cannot be written is upgraded in a
+private temporary copy, for reading. A store written by a newer lrviz opens read-only when its schema
+says this version can still read it, and is refused otherwise.
 """
 
 from __future__ import annotations
@@ -33,8 +29,7 @@ import shutil
 import sqlite3
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +39,8 @@ import numpy as np
 
 from lrviz.errors import ConfigError, StoreError
 from lrviz.records import Event, ValPoint
+from lrviz.store_codec import dumps, jsonable, loads, loss_stats, pack, unpack
+from lrviz.store_schema import MIGRATIONS, SCHEMA_VERSION, Migration, statements
 
 __all__ = [
     "MIGRATIONS",
@@ -77,7 +74,6 @@ ENDPOINT_FIELDS = ("transport", "address", "port", "pid", "hostname")
 #: A scalar series logged a few points at a time is folded into chunks of up to this many points.
 SCALAR_CHUNK = 4096
 _DB_SUFFIXES = (".sqlite", ".sqlite3", ".db")
-_ZLEVEL = 6
 
 #: Columns (dtype, shape after the step axis) returned empty for a run without steps.
 EMPTY_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -90,105 +86,6 @@ EMPTY_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Migration:
-    """One step of the schema, from version ``version - 1`` to ``version``, run in one transaction.
-
-    ``apply`` is SQL (several statements) or a function of the connection. ``breaks_readers``: an lrviz
-    that knows only older versions can no longer read a store migrated by this step (a renamed or
-    retyped column); additive steps (a nullable column, a table) leave older versions able to list
-    and export it read-only.
-    """
-
-    version: int
-    what: str
-    apply: str | Callable[[sqlite3.Connection], None]
-    breaks_readers: bool = False
-
-
-#: Every version of the schema, in order. A new store runs them all; an older one runs those it lacks.
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "runs, step chunks, events, validation points", """
-        CREATE TABLE runs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT NOT NULL,
-            script_path TEXT NOT NULL,
-            script_hash TEXT NOT NULL,
-            config TEXT NOT NULL,
-            device TEXT NOT NULL,
-            status TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            ended_at REAL,
-            heartbeat_at REAL,
-            steps INTEGER NOT NULL DEFAULT 0,
-            best_loss REAL,
-            final_loss REAL,
-            summary TEXT NOT NULL DEFAULT '{}',
-            error TEXT,
-            parent_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
-            fork_step INTEGER,
-            pid INTEGER
-        );
-        CREATE INDEX runs_name ON runs(name);
-        CREATE TABLE chunks (
-            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            start_step INTEGER NOT NULL,
-            n INTEGER NOT NULL,
-            loss_min REAL,
-            loss_last REAL,
-            header TEXT NOT NULL,
-            data BLOB NOT NULL
-        );
-        CREATE UNIQUE INDEX chunks_run_start ON chunks(run_id, start_step);
-        CREATE TABLE events (
-            id INTEGER PRIMARY KEY,
-            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            step INTEGER NOT NULL,
-            kind TEXT NOT NULL,
-            data TEXT NOT NULL,
-            time REAL NOT NULL
-        );
-        CREATE INDEX events_run ON events(run_id, step);
-        CREATE TABLE validation (
-            id INTEGER PRIMARY KEY,
-            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            step INTEGER NOT NULL,
-            epoch INTEGER NOT NULL,
-            loss REAL,
-            accuracy REAL,
-            time REAL NOT NULL
-        );
-        CREATE INDEX validation_run ON validation(run_id, step);
-    """),
-    Migration(2, "run endpoint and kind, chunks of steps not at every integer, extra scalar series", """
-        ALTER TABLE runs ADD COLUMN endpoint TEXT;
-        ALTER TABLE runs ADD COLUMN kind TEXT;
-        ALTER TABLE chunks ADD COLUMN stop_step INTEGER;
-        UPDATE chunks SET stop_step = start_step + n;
-        -- an older lrviz still writing this store (it was running when a newer one upgraded it) leaves
-        -- stop_step out: its chunks are every integer
-        CREATE TRIGGER chunks_stop_step AFTER INSERT ON chunks WHEN NEW.stop_step IS NULL BEGIN
-            UPDATE chunks SET stop_step = NEW.start_step + NEW.n WHERE rowid = NEW.rowid;
-        END;
-        CREATE TABLE scalars (
-            id INTEGER PRIMARY KEY,
-            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            first_step INTEGER NOT NULL,
-            last_step INTEGER NOT NULL,
-            n INTEGER NOT NULL,
-            header TEXT NOT NULL,
-            data BLOB NOT NULL
-        );
-        CREATE INDEX scalars_run ON scalars(run_id, name);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        INSERT INTO meta (key, value) VALUES ('readable_from', '2');
-    """),
-)
-#: The schema this code writes.
-SCHEMA_VERSION = MIGRATIONS[-1].version
-
 #: A run's figures (stored steps, best and last finite loss) from its chunks.
 _RECOUNT_RUN = (
     "UPDATE runs SET steps=(SELECT COALESCE(SUM(n), 0) FROM chunks WHERE run_id=:r), "
@@ -196,20 +93,6 @@ _RECOUNT_RUN = (
     "final_loss=(SELECT loss_last FROM chunks WHERE run_id=:r AND loss_last IS NOT NULL "
     "ORDER BY start_step DESC LIMIT 1) WHERE id=:r"
 )
-
-
-def _statements(sql: str) -> Iterator[str]:
-    """The complete SQL statements of ``sql``, one at a time (``;`` inside quotes is kept)."""
-    pending = ""
-    for part in sql.split(";"):
-        pending += part + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \t\n;"):
-                yield pending.strip()
-            pending = ""
-    pending = pending[:-1]  # the ";" added after the last part
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement: {pending.strip()[:80]}")
 
 
 @dataclass
@@ -257,137 +140,6 @@ class RunInfo:
                 f"cannot be {action}, since lrviz has neither its script nor its checkpoints; it can be "
                 "listed, viewed, overlaid and exported"
             )
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON types (see the module docstring for the conversions)."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((_jsonable(v) for v in obj), key=repr)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    tolist = getattr(obj, "tolist", None)  # numpy arrays, torch tensors
-    if callable(tolist):
-        try:
-            return _jsonable(tolist())
-        except Exception:  # noqa: BLE001 - fall back to the text form below
-            pass
-    return str(obj)
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), allow_nan=False, separators=(",", ":"))
-
-
-def _loads(text: str | None, what: str = "a JSON field") -> Any:
-    """Decode a stored JSON field; damaged text is a StoreError (kind 'damaged') naming ``what``."""
-    if not text:
-        return {}
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise StoreError(f"{what} is damaged ({exc}); the rest of the store is readable", kind="damaged") from None
-
-
-# --------------------------------------------------------------------------- column codec
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _shuffle(raw: np.ndarray, itemsize: int) -> bytes:
-    """Bytes grouped by position within the item (all first bytes, then all second bytes...)."""
-    return raw.view(np.uint8).reshape(-1, itemsize).T.tobytes()
-
-
-def _unshuffle(buf: bytes, itemsize: int) -> np.ndarray:
-    return np.ascontiguousarray(np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T)
-
-
-def _encode_column(name: str, arr: np.ndarray) -> tuple[dict, bytes]:
-    """The smallest of: shuffled bytes, or shuffled deltas of the bit patterns along the step axis."""
-    a = np.ascontiguousarray(arr)
-    if a.dtype.kind not in "biufc":
-        raise StoreError(f"step column {name!r} has dtype {a.dtype}; only numeric columns can be stored")
-    size = a.dtype.itemsize
-    best = zlib.compress(_shuffle(a, size), _ZLEVEL)
-    enc = "s"
-    if size in _UINT and a.shape[0] > 1:
-        u = a.view(_UINT[size])
-        d = u.copy()
-        np.subtract(u[1:], u[:-1], out=d[1:])  # wraps modulo 2**bits: exactly reversible
-        packed = zlib.compress(_shuffle(d, size), _ZLEVEL)
-        if len(packed) < len(best):
-            best, enc = packed, "ds"
-    meta = {"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "enc": enc, "len": len(best)}
-    return meta, best
-
-
-def _decode_column(meta: dict, payload: bytes) -> np.ndarray:
-    dtype = np.dtype(meta["dtype"])
-    shape = tuple(meta["shape"])
-    raw = _unshuffle(zlib.decompress(payload), dtype.itemsize)
-    if meta["enc"] == "ds":
-        u = raw.view(_UINT[dtype.itemsize]).reshape(shape)
-        u = np.cumsum(u, axis=0, dtype=u.dtype)
-        return u.view(dtype).reshape(shape)
-    if meta["enc"] != "s":
-        raise StoreError(f"unknown column encoding {meta['enc']!r}; the store was written by a newer lrviz")
-    return raw.view(dtype).reshape(shape)
-
-
-def _pack(n: int, columns: Mapping[str, np.ndarray]) -> tuple[str, bytes]:
-    """Columns of ``n`` rows as one chunk: a JSON header and the encoded columns one after another."""
-    metas: list[dict] = []
-    payloads: list[bytes] = []
-    for name, a in columns.items():
-        meta, payload = _encode_column(name, a)
-        metas.append(meta)
-        payloads.append(payload)
-    return json.dumps({"n": n, "cols": metas}, separators=(",", ":")), b"".join(payloads)
-
-
-def _unpack(header: str, data: bytes, what: str, wanted: set[str] | None = None) -> dict[str, np.ndarray]:
-    """The columns of a chunk (only those in ``wanted``, when given); a damaged chunk is a StoreError
-    (kind 'damaged') that begins with ``what`` ("the steps 0..99 of run 3 in ... are damaged")."""
-    cols: dict[str, np.ndarray] = {}
-    offset = 0
-    try:
-        for meta in json.loads(header)["cols"]:
-            length = meta["len"]
-            if wanted is None or meta["name"] in wanted:
-                cols[meta["name"]] = _decode_column(meta, data[offset : offset + length])
-            offset += length
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise StoreError(f"{what} ({type(exc).__name__}: {exc}); the run's other data is readable",
-                         kind="damaged") from None
-    return cols
-
-
-def _loss_stats(loss: np.ndarray | None) -> tuple[float | None, float | None]:
-    """(lowest, last) finite value of a loss column, or None when it has none."""
-    if loss is None:
-        return None, None
-    values = np.asarray(loss, dtype=np.float64).ravel()
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return None, None
-    return float(finite.min()), float(finite[-1])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -623,7 +375,7 @@ class RunStore:
         if callable(step.apply):
             step.apply(conn)
         else:
-            for statement in _statements(step.apply):
+            for statement in statements(step.apply):
                 conn.execute(statement)
         if step.breaks_readers:
             conn.execute("UPDATE meta SET value=? WHERE key='readable_from'", (str(step.version),))
@@ -814,7 +566,7 @@ class RunStore:
                     name or "",
                     str(script_path),
                     str(script_hash),
-                    _dumps(config or {}),
+                    dumps(config or {}),
                     str(device),
                     now,
                     None if parent_id is None else int(parent_id),
@@ -860,10 +612,10 @@ class RunStore:
                 sets.append("error=?")
                 args.append(str(error))
             if summary is not None:
-                merged = _loads(row[0], f"the summary of run {run_id} in {self.path}")
-                merged.update(_jsonable(summary))
+                merged = loads(row[0], f"the summary of run {run_id} in {self.path}")
+                merged.update(jsonable(summary))
                 sets.append("summary=?")
-                args.append(_dumps(merged))
+                args.append(dumps(merged))
             conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id=?", (*args, run_id))
 
     def set_endpoint(self, run_id: int, info: Any) -> None:
@@ -874,7 +626,7 @@ class RunStore:
             text = None
         else:
             data = info if isinstance(info, Mapping) else getattr(info, "to_dict", lambda: vars(info))()
-            text = _dumps({k: data.get(k) for k in ENDPOINT_FIELDS})
+            text = dumps({k: data.get(k) for k in ENDPOINT_FIELDS})
         with self._write("recording a run's endpoint") as conn:
             if conn.execute("UPDATE runs SET endpoint=? WHERE id=?", (text, run_id)).rowcount == 0:
                 raise self._unknown(run_id)
@@ -936,7 +688,7 @@ class RunStore:
                 values[key] = empty()
                 continue
             try:
-                values[key] = _loads(text, f"the {key} of run {values['id']} in {self.path}")
+                values[key] = loads(text, f"the {key} of run {values['id']} in {self.path}")
             except StoreError:
                 if not damaged_ok:
                     raise
@@ -1042,8 +794,8 @@ class RunStore:
             stop = int(steps[-1]) + 1
             if stop != start + n:  # not every integer: the chunk keeps its steps
                 arrays = {"step": steps.astype(np.int64), **arrays}
-        header, blob = _pack(n, arrays)
-        loss_min, loss_last = _loss_stats(arrays.get(LOSS_COLUMN))
+        header, blob = pack(n, arrays)
+        loss_min, loss_last = loss_stats(arrays.get(LOSS_COLUMN))
 
         with self._write("storing steps") as conn:
             self._check_run(conn, run_id)
@@ -1138,7 +890,7 @@ class RunStore:
         decoded: list[tuple[np.ndarray, int, dict[str, np.ndarray]]] = []
         for chunk_start, chunk_stop, n, header, data in rows:
             what = f"the steps {chunk_start}..{chunk_stop - 1} of run {run_id} in {self.path} are damaged"
-            cols = _unpack(header, data, what, decode)
+            cols = unpack(header, data, what, decode)
             steps = cols.pop("step", None)
             decoded.append((np.arange(chunk_start, chunk_start + n, dtype=np.int64) if steps is None else steps,
                             n, cols))
@@ -1196,7 +948,7 @@ class RunStore:
     def add_events(self, run_id: int, events: Iterable[Event]) -> None:
         """Store events (anything with ``step``, ``kind``, ``data`` and ``time``)."""
         run_id = _run_id(run_id)
-        rows = [(run_id, int(e.step), str(e.kind), _dumps(e.data or {}), float(e.time)) for e in events]
+        rows = [(run_id, int(e.step), str(e.kind), dumps(e.data or {}), float(e.time)) for e in events]
         if not rows:
             return
         with self._write("storing events") as conn:
@@ -1236,7 +988,7 @@ class RunStore:
             rows = conn.execute(
                 "SELECT step, kind, data, time FROM events WHERE run_id=? ORDER BY step, id", (run_id,)
             ).fetchall()
-        return [Event(step=s, kind=k, data=_loads(d, f"an event of run {run_id} in {self.path}"), time=t)
+        return [Event(step=s, kind=k, data=loads(d, f"an event of run {run_id} in {self.path}"), time=t)
                 for s, k, d, t in rows]
 
     def load_validation(self, run_id: int) -> list[ValPoint]:
@@ -1286,7 +1038,7 @@ class RunStore:
             into = None
             if (last is not None and last["n"] < SCALAR_CHUNK
                     and int(cols["step"].min()) >= last["last_step"]):  # extend the last chunk, in place
-                old = _unpack(last["header"], last["data"], self._scalars_what(run_id, name))
+                old = unpack(last["header"], last["data"], self._scalars_what(run_id, name))
                 cols = {k: np.concatenate((old[k], cols[k])) for k in cols}
                 into = last["id"]
             for i in range(0, len(cols["step"]), SCALAR_CHUNK):
@@ -1317,7 +1069,7 @@ class RunStore:
     ) -> None:
         """Store a chunk of scalar points as a new row, or in place of row ``row_id``. Rows are read in
         id order, so points logged at one step come back in the order they were logged."""
-        header, blob = _pack(len(cols["step"]), cols)
+        header, blob = pack(len(cols["step"]), cols)
         conn.execute(
             "INSERT OR REPLACE INTO scalars (id, run_id, name, first_step, last_step, n, header, data) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1335,7 +1087,7 @@ class RunStore:
         ).fetchall()
         for row in rows:
             if row["first_step"] < k:
-                cols = _unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"]))
+                cols = unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"]))
                 keep = cols["step"] < k
                 self._put_scalars(conn, run_id, row["name"], {c: a[keep] for c, a in cols.items()}, row["id"])
             else:
@@ -1362,7 +1114,7 @@ class RunStore:
         parts: dict[str, list[dict[str, np.ndarray]]] = {}
         for row in rows:
             parts.setdefault(row["name"], []).append(
-                _unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"])))
+                unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"])))
         out: dict[str, tuple[np.ndarray, ...]] = {}
         for name, chunks in parts.items():
             cols = {k: np.concatenate([c[k] for c in chunks]) for k in ("step", "value", "time")}

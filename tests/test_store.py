@@ -27,9 +27,8 @@ from lrviz.store import (
     RunInfo,
     RunStore,
     ValPoint,
-    _decode_column,
-    _encode_column,
 )
+from lrviz.store_codec import decode_column, encode_column
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -206,8 +205,8 @@ def test_column_missing_in_some_chunks_is_nan_filled(store: RunStore):
     )
 )
 def test_column_codec_is_bit_exact(a: np.ndarray):
-    meta, payload = _encode_column("c", a)
-    back = _decode_column(meta, payload)
+    meta, payload = encode_column("c", a)
+    back = decode_column(meta, payload)
     assert same_bits(back, np.ascontiguousarray(a))
 
 

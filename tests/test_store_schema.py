@@ -16,7 +16,8 @@ from test_broken_inputs import _read_only_runner
 
 import lrviz.store
 from lrviz.errors import ConfigError, StoreError
-from lrviz.store import MIGRATIONS, SCHEMA_VERSION, Migration, RunStore, _jsonable
+from lrviz.store import MIGRATIONS, SCHEMA_VERSION, Migration, RunStore
+from lrviz.store_codec import jsonable
 
 
 def fixture_copy(folder: Path) -> Path:
@@ -58,9 +59,9 @@ def test_a_schema_1_store_opens_upgraded_and_reads_back_what_was_written(tmp_pat
             assert info.name == made.get("name") or info.name == f"{Path(made['script_path']).stem} #{run_id}"
             assert (info.script_path, info.script_hash, info.device) == (
                 made["script_path"], made["script_hash"], made["device"])
-            assert info.config == _jsonable(made["config"])
+            assert info.config == jsonable(made["config"])
             assert (info.parent_id, info.fork_step) == (made.get("parent_id"), made.get("fork_step"))
-            assert info.summary == _jsonable(want["summary"]) and info.error == want["error"]
+            assert info.summary == jsonable(want["summary"]) and info.error == want["error"]
             created, started, ended, beat = want["times"]
             assert (info.created_at, info.started_at, info.heartbeat_at, info.pid) == (
                 created, started, beat, 10_000 + run_id)
@@ -85,7 +86,7 @@ def test_a_schema_1_store_opens_upgraded_and_reads_back_what_was_written(tmp_pat
                 middle = store.load_steps(run_id, want["first"] + 5, want["first"] + 15)
                 assert same_bits(middle["loss"], cols["loss"][5:15])
             assert store.load_events(run_id) == [
-                type(e)(e.step, e.kind, _jsonable(e.data), e.time) for e in want["events"]]
+                type(e)(e.step, e.kind, jsonable(e.data), e.time) for e in want["events"]]
             got = store.load_validation(run_id)
             assert len(got) == len(want["validation"])
             for g, w in zip(got, want["validation"]):
