@@ -158,7 +158,7 @@ def write_events(
                       ema_debiased(np.asarray(steps["loss"], dtype=np.float64),
                                    DEFAULT_SMOOTHING if smoothing is None else smoothing)))
     train = [(tag, col) for tag, col in train if not np.isnan(col).all()]
-    t0 = next((float(run[k]) for k in ("started_at", "created_at") if run.get(k) is not None), 0.0)
+    t0 = next((float(run[k]) for k in ("started_at", "created_at") if run.get(k) is not None), time.time())
     times = np.asarray(steps["time"], dtype=np.float64) if "time" in steps else np.zeros(len(step))
     wall = np.where(np.isfinite(times), t0 + times, t0)
 
