@@ -256,6 +256,10 @@ def test_a_step_logged_twice_keeps_its_last_value_and_several_runs_share_the_nam
         steps = store.load_steps(store.get_run("sweep/a/first").id)
         assert steps["step"].tolist() == list(range(80))
         assert steps["loss"].tolist() == [1.0] * 30 + [2.0] * 50
+    (one_file,) = (logs / "b").iterdir()  # one event file: a run named after its folder
+    assert run_main(["import", str(one_file), "--store", str(db)], capsys).status == 0
+    with RunStore(db) as store:
+        assert store.load_steps(store.get_run("b").id)["loss"].tolist() == [3.0]
 
 
 def test_an_lrviz_run_exported_to_tensorboard_imports_back_equal(store: RunStore, tmp_path: Path, capsys):
