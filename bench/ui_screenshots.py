@@ -54,7 +54,7 @@ def main() -> int:
     w.load_script("classification")
     assert wait(app, lambda: w.experiment is not None), w.messages
     w.controls.length.setValue(60)  # epochs
-    assert w.start_run()
+    assert w.start()
     eng = w.engine
     assert wait(app, lambda: eng.step >= 150)
     w.controls.lr.edit.setText("0.3")
@@ -82,7 +82,7 @@ def main() -> int:
     ids = []
     for lr in ("0.003", "0.01", "0.05"):
         w.controls.lr.edit.setText(lr)
-        assert w.start_run()
+        assert w.start()
         assert wait(app, lambda: w._end_handled, 300)
         ids.append(w.engine.run_id)
     if w.run_browser is not None:

@@ -915,7 +915,7 @@ def _unknown_command(word: str) -> UsageError | None:
     example), so that a typo says so instead of opening the app."""
     if word.startswith("-") or os.sep in word or "/" in word or word.endswith(".py") or Path(word).exists():
         return None
-    from .experiment import examples_dir
+    from .examples import examples_dir
 
     if (examples_dir() / f"{word}.py").is_file():
         return None

@@ -9,7 +9,6 @@ Every failure becomes one :class:`ScriptError` naming the file, the line and the
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import importlib.util
 import inspect
 import linecache
@@ -24,41 +23,19 @@ from typing import Any
 import torch
 
 from .errors import ScriptError
+from .examples import (  # noqa: F401  (their home before the app had to find them without torch)
+    DEFAULT_EXAMPLE,
+    default_experiment_path,
+    example_paths,
+    examples_dir,
+    resolve_script,
+)
 
 DEFAULT_KEYS = (
     "lr", "optimizer", "momentum", "weight_decay", "epochs", "steps",
     "schedule", "batch_size", "seed", "eval_every", "nesterov", "pace", "checkpoint_every",
     "early_stopping",
 )
-DEFAULT_EXAMPLE = "classification.py"
-
-
-def examples_dir() -> Path:
-    """The folder of the built-in example scripts."""
-    return Path(str(importlib.resources.files("lrviz.resources") / "examples"))
-
-
-def example_paths() -> list[Path]:
-    """The built-in example scripts, sorted by name."""
-    return sorted(p for p in examples_dir().glob("*.py") if not p.name.startswith("_"))
-
-
-def default_experiment_path() -> Path:
-    """The experiment the app opens with when no script is given."""
-    return examples_dir() / DEFAULT_EXAMPLE
-
-
-def resolve_script(ref: str | Path) -> Path:
-    """A script path, or the name of a built-in example (``classification`` or ``classification.py``)."""
-    p = Path(ref).expanduser()
-    if p.exists():
-        return p.resolve()
-    name = p.name if p.suffix == ".py" else p.name + ".py"
-    cand = examples_dir() / name
-    if len(p.parts) == 1 and cand.exists():
-        return cand
-    known = ", ".join(q.stem for q in example_paths())
-    raise ScriptError(f"no such file (built-in examples: {known})", str(ref))
 
 
 def error_from_exception(exc: BaseException, path: str | Path, what: str) -> ScriptError:

@@ -51,8 +51,14 @@ from .trace import RunTrace
 from .widgets import ElidedLabel, format_number
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from lrviz.config import RunConfig
     from lrviz.engine import TrainingEngine
     from lrviz.experiment import Experiment
+    from lrviz.live.child import ChildRun, WorkerPool
+    from lrviz.live.run import Run
+    from lrviz.scriptinfo import ScriptInfo
     from lrviz.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -117,7 +123,27 @@ def export_path(path: str, chosen: str, filters: list[tuple[str, str]]) -> tuple
 
 
 class MainWindow(QMainWindow):
-    """The desktop app: open a script, train it live, steer the learning rate, compare runs."""
+    """The desktop app: open a script, train it live, steer the learning rate, compare runs.
+
+    What the lab panels (and any other part of the app) may use of the window — nothing else:
+
+    - ``run`` (a :class:`lrviz.live.run.Run` or None): the run the window shows now, live or just
+      ended; ``runChanged(run_or_None)`` when another one is shown (started, attached, detached).
+      ``runEnded(state)`` when the shown run ends.
+    - ``script_info`` (a :class:`lrviz.scriptinfo.ScriptInfo` or None), ``scriptChanged(info)`` when
+      another script is loaded; ``scriptLoaded(path)`` after every load attempt ("" when it failed).
+    - ``config()``: the :class:`lrviz.config.RunConfig` the controls say now (ConfigError when a field
+      is wrong); ``run_spec(config=None, **extra)``: a run spec (see
+      :func:`lrviz.live.serve.build_engine`) of the loaded script with that config and the store;
+      ``start_run(spec, show=True)``: train it in a worker of the app's pool, a
+      :class:`lrviz.live.child.ChildRun` (``show=True``: it becomes ``run``).
+    - ``add_spec_hook(fn)``: ``fn(spec)`` may change the spec Start sends (guard options, per-layer
+      statistics, a pace); ``ticked``: the one redraw timer (at most 30 times a second) while a run
+      is live, a ``tick_while(busy)`` predicate is true, or for a second after ``wake()``.
+    - ``store`` (read-only use), ``store_path``, ``shown_run_id`` (the run the plots show, live or
+      stored), ``add_panel``, ``add_banner``, ``controls`` (``add_section``, the LR and schedule
+      fields), ``show_status``, ``refresh_runs``, ``overlay_runs``, ``load_script``, ``is_active``.
+    """
 
     #: (path asked, Experiment or None, LrvizError or None, devices): from the loader thread.
     _scriptLoaded = Signal(object, object, object, object)
@@ -127,8 +153,15 @@ class MainWindow(QMainWindow):
     runEnded = Signal(str)
     #: Emitted when a script has been loaded (its path) or failed to load ("").
     scriptLoaded = Signal(str)
+    #: The run the window shows now (a Run), or None: emitted when another one is shown.
+    runChanged = Signal(object)
+    #: The loaded script's ScriptInfo, emitted when another script (or a new version of it) is loaded.
+    scriptChanged = Signal(object)
+    #: The window's one redraw timer (at most ~30 times a second, while anything is live).
+    ticked = Signal()
 
-    def __init__(self, store_path: str | os.PathLike[str] | None = None, parent: QWidget | None = None):
+    def __init__(self, store_path: str | os.PathLike[str] | None = None, parent: QWidget | None = None, *,
+                 pool: WorkerPool | None = None):
         super().__init__(parent)
         self.setObjectName("lrvizMainWindow")
         self.setWindowTitle("lrviz")
@@ -150,6 +183,13 @@ class MainWindow(QMainWindow):
         self._ticks = 0
         self._last_state = ""
         self.messages: list[tuple[str, str, str]] = []  # (title, text, detail) of every message shown
+        self._pool: WorkerPool | None = pool
+        self._run: Run | None = None
+        self._run_engine: Any = None
+        self._script_info: ScriptInfo | None = None
+        self._spec_hooks: list[Callable[[dict[str, Any]], Any]] = []
+        self._busy: list[Callable[[], bool]] = []
+        self.started_runs: list[ChildRun] = []
         self._settings = settings()
         self._open_store(store_path)
 
@@ -188,6 +228,85 @@ class MainWindow(QMainWindow):
             QTimer.singleShot(0, self, lambda: self._show_message(
                 QMessageBox.Icon.Warning, "Run store unavailable",
                 f"{self._store_error}\n\nRuns will not be saved in this session.", ""))
+
+    # ---- the seam: what the rest of the app uses -------------------------------------------------
+    @property
+    def run(self) -> Run | None:
+        """The run the window shows now (live or just ended), or None."""
+        if self.engine is not None and self._run_engine is not self.engine:
+            from lrviz.live.run import LocalRun
+
+            self._run_engine = self.engine
+            self._run = LocalRun(self.engine)
+        elif self.engine is None and self._run_engine is not None:
+            self._run_engine = None
+            self._run = None
+        return self._run
+
+    @property
+    def script_info(self) -> ScriptInfo | None:
+        """What the window knows of the loaded script, or None before one loaded."""
+        return self._script_info
+
+    @property
+    def store_path(self) -> str | None:
+        return str(self.store.path) if self.store is not None else None
+
+    @property
+    def shown_run_id(self) -> int | None:
+        """The store id of the run the plots show (the live one, or one opened from the store)."""
+        primary = self.plots.primary
+        return primary.trace.run_id if primary is not None else None
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The app's training processes (one warm worker waits; each run gets its own)."""
+        if self._pool is None:
+            from lrviz.live.child import WorkerPool
+
+            self._pool = WorkerPool()
+        return self._pool
+
+    def config(self) -> RunConfig:
+        """The run configuration the controls say now; ConfigError (the field marked) when one is wrong."""
+        if self.experiment is None:
+            raise ConfigError("load a script first")
+        return self.controls.config(self.experiment, self._start_schedule)
+
+    def run_spec(self, config: RunConfig | dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """A run spec for the loaded script: ``config`` (default: :meth:`config`), the store, ``extra``."""
+        info = self._script_info
+        if info is None:
+            raise ConfigError("load a script first")
+        if config is None:
+            config = self.config()
+        cfg = config if isinstance(config, dict) else config.to_dict()
+        spec: dict[str, Any] = {"script": str(info.path), "config": dict(cfg), "store": self.store_path}
+        spec.update(extra)
+        return spec
+
+    def start_run(self, spec: dict[str, Any], *, show: bool = True) -> ChildRun:
+        """Train ``spec`` in a process of its own (a worker of the app's pool); ``show``: as ``run``."""
+        run = self.pool.start_run(spec)
+        self.started_runs.append(run)
+        if show:
+            self._run = run
+            self.runChanged.emit(run)
+        self.wake()
+        return run
+
+    def add_spec_hook(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+        """``fn(spec)`` may change the spec of every run Start sends (it is called just before)."""
+        self._spec_hooks.append(fn)
+
+    def tick_while(self, busy: Callable[[], bool]) -> None:
+        """Keep the redraw timer (``ticked``) going while ``busy()`` is true (after ``wake()``)."""
+        self._busy.append(busy)
+
+    def wake(self) -> None:
+        """Start the redraw timer now (it stops by itself once nothing is live)."""
+        if not self._timer.isActive() and not self._closed:
+            self._timer.start()
 
     # ---- building --------------------------------------------------------------------------------
     def _open_store(self, store_path: str | os.PathLike[str] | None) -> None:
@@ -326,7 +445,7 @@ class MainWindow(QMainWindow):
         self.act_export_data = self._action("Export &data…", self._on_export_data, "Ctrl+Shift+E",
                                             "save the shown run's every step as CSV, or the run as JSON")
         self.act_quit = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
-        self.act_start = self._action("Start", self.start_run, "Ctrl+Return", "start training (Ctrl+Enter)",
+        self.act_start = self._action("Start", lambda: self.start(), "Ctrl+Return", "start training (Ctrl+Enter)",
                                       sp.SP_MediaPlay)
         self.act_start.setObjectName("actStart")
         self.act_pause = self._action("Pause", self._on_pause_resume, "Space", "pause or resume (Space)",
@@ -548,6 +667,10 @@ class MainWindow(QMainWindow):
             return
         previous = self.experiment
         self.experiment = exp
+        from lrviz.live.worker import describe_experiment
+        from lrviz.scriptinfo import ScriptInfo
+
+        self._script_info = ScriptInfo.from_dict(describe_experiment(exp))
         if previous is not None and previous.path != exp.path:
             self._forget_shown_runs()
         self.controls.set_devices(devices)
@@ -569,6 +692,7 @@ class MainWindow(QMainWindow):
         self._status(f"loaded {exp.path}")
         self._on_setup_changed()
         self._update_actions()
+        self.scriptChanged.emit(self._script_info)
         self.scriptLoaded.emit(str(exp.path))
 
     def _forget_shown_runs(self) -> None:
@@ -667,7 +791,7 @@ class MainWindow(QMainWindow):
         """The schedule a run started now would use (applied before the start, or the script's)."""
         return self._start_schedule
 
-    def start_run(self, paused: bool = False) -> bool:
+    def start(self, paused: bool = False) -> bool:
         """Start training the loaded script with the controls' settings; False when refused."""
         exp = self.experiment
         if exp is None or self._active():
@@ -724,6 +848,7 @@ class MainWindow(QMainWindow):
         if label:
             self._status(label)
         self.runStarted.emit(eng)
+        self.runChanged.emit(self.run)
         return True
 
     def show_status(self, text: str, ms: int = 8000) -> None:
@@ -741,7 +866,7 @@ class MainWindow(QMainWindow):
     def _on_pause_resume(self) -> None:
         eng = self.engine
         if not self._active():
-            self.start_run()
+            self.start()
             return
         assert eng is not None
         if eng.state == "paused" or self._pause_asked:
@@ -770,7 +895,7 @@ class MainWindow(QMainWindow):
             self._pause_asked = True  # it pauses again after the step
             self.engine.step_once()
         else:
-            self.start_run(paused=True)
+            self.start(paused=True)
 
     def stop_run(self) -> None:
         if self._active() and self.engine is not None:
@@ -839,6 +964,7 @@ class MainWindow(QMainWindow):
             self._timer.stop()
             return
         self._ticks += 1
+        self.ticked.emit()
         self.plots.refresh()
         # wake up no more often than the plots may redraw (each wake-up takes the GIL from training)
         interval = max(TICK_MS, min(150, int(1000 * self.plots.min_frame_interval())))
@@ -846,7 +972,8 @@ class MainWindow(QMainWindow):
             self._timer.setInterval(interval)
         eng = self.engine
         if eng is None:
-            self._timer.stop()
+            if not any(busy() for busy in self._busy):
+                self._timer.stop()
             return
         now = time.monotonic()
         if now - self._status_at >= STATUS_EVERY_S or eng.state != self._last_state:
@@ -1011,6 +1138,7 @@ class MainWindow(QMainWindow):
             self._show_message(QMessageBox.Icon.Warning, "Cannot open the run", str(exc), _detail_of(exc))
             return
         self.engine = None
+        self.runChanged.emit(None)
         self._overlay_ids = []
         self.plots.set_overlays([])  # an opened run is shown alone
         self.act_clear_overlays.setEnabled(False)

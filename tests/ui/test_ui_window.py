@@ -122,7 +122,7 @@ def test_invalid_values_are_refused_at_the_field(qtbot, window, make_script, ope
     assert "learning rate" in lr.edit.toolTip()
     assert "border" in lr.edit.styleSheet()
     assert lr.error_label.isVisible() and "learning rate" in lr.error_label.text()
-    assert not window.start_run()  # refused, no traceback, nothing started
+    assert not window.start()  # refused, no traceback, nothing started
     assert window.engine is None
     type_into(qtbot, lr.edit, "3e-4")
     assert lr.edit.is_valid() and lr.edit.styleSheet() == ""
