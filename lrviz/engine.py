@@ -640,6 +640,12 @@ class TrainingEngine:
             out["best_val_loss"] = min(vals) if vals else None
             if self.validation[-1].accuracy is not None:
                 out["final_val_accuracy"] = self.validation[-1].accuracy
+        if self.buffer is not None and len(self.buffer):
+            from .diagnostics import run_generalization
+
+            v = self.buffer.view()
+            out["generalization"] = run_generalization(v["step"], v["loss"], list(self.validation),
+                                                       self._val_data is not None)
         if self.error is not None:
             out["error"] = str(self.error)
         return out
