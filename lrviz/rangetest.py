@@ -10,7 +10,9 @@ number generators (Python, NumPy, torch CPU, CUDA/MPS when present) are put back
 the sweep can run mid-training from the current weights.
 
 :func:`suggest` reads a curve (``lrs``, raw ``losses``) and returns several suggestions at once
-(:class:`Suggestions`): ``steepest``, ``valley`` and ``minimum_tenth``. When the curve is too short
+(:class:`Suggestions`): ``steepest``, ``valley`` and ``minimum_tenth``, judged on the part of the
+smoothed curve that fastai's ``lr_find`` judges; ``valley`` and ``minimum_tenth`` are fastai's
+``valley`` and ``minimum`` (``fastai/callback/schedule.py``) and equal them for the same curve. When the curve is too short
 or never falls, every suggestion is ``None`` and ``reason`` says why: it never guesses.
 
 :func:`find_lr` is the headless entry point (``lrviz find-lr``): it builds model, data and
@@ -45,7 +47,9 @@ __all__ = [
     "Suggestions",
     "find_lr",
     "range_test",
+    "min_steps",
     "suggest",
+    "valley_index",
     "write_csv",
 ]
 
@@ -53,10 +57,10 @@ log = logging.getLogger(__name__)
 
 #: The suggestion methods, in the order they are shown.
 METHODS = ("steepest", "valley", "minimum_tenth")
-#: Fewer finite points than this and no suggestion is made.
+#: Fewer points to judge than this (after fastai's trim, see :func:`suggest`) and no suggestion is made.
 MIN_POINTS = 10
-#: Where in the longest valley the ``valley`` method picks its rate (fastai documents "roughly 2/3").
-VALLEY_FRACTION = 2 / 3
+#: fastai's ``lr_find`` judges the curve without its last points (the blow-up).
+TRIM_END = 5
 
 LossOf = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -68,9 +72,9 @@ LossOf = Callable[[torch.nn.Module, Any], torch.Tensor]
 class Suggestions:
     """Learning rates suggested by several methods on one range-test curve.
 
-    ``steepest``: the rate of the steepest descent of the smoothed loss against log10(lr).
-    ``valley``: fastai's valley method, a rate about 2/3 of the way into the longest descent.
-    ``minimum_tenth``: a tenth of the rate at the lowest smoothed loss.
+    ``steepest``: where the smoothed loss falls fastest against log(lr), before its minimum.
+    ``valley``: fastai's ``valley``: a rate about half-way along the longest descent.
+    ``minimum_tenth``: a tenth of the rate at the lowest smoothed loss (fastai's ``minimum``).
     ``chosen`` names the method whose value is "the" suggestion (:attr:`best`). When the curve
     cannot be judged, every value is None and ``reason`` says why in words.
     """
@@ -242,27 +246,35 @@ def smooth(losses: Sequence[float] | np.ndarray, beta: float = 0.98) -> np.ndarr
     return out
 
 
-def _longest_descent(y: np.ndarray) -> tuple[int, int]:
-    """First and last index of the longest strictly decreasing subsequence of ``y``.
+def min_steps(num_it: int) -> int:
+    """The fewest steps of a sweep of ``num_it`` that leave :data:`MIN_POINTS` to judge."""
+    return int(num_it) // 10 + MIN_POINTS + TRIM_END
 
-    Of the longest ones, the one ending first, traced back through the latest predecessors.
+
+def valley_index(y: Sequence[float] | np.ndarray) -> int:
+    """fastai's ``valley`` rule: the index of its suggestion in the (smoothed) curve ``y``.
+
+    ``L`` is the length of the longest strictly decreasing subsequence of ``y`` and ``end`` the
+    first index where a decreasing subsequence reaches that length; the suggestion is at
+    ``end - L + L // 3 + L // 6``: about half-way back along the valley, counted in points from
+    its end (fastai's ``max_start + int(sections) + int(sections / 2)`` with ``max_start = end - L``
+    and ``sections = L / 3``); 0 when nothing falls. It is -1 when the longest descent is 2 points
+    long and ends at index 1 (fastai then takes the last point; :func:`suggest` does not suggest).
     """
-    n = len(y)
+    v = np.asarray(y, dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        raise ConfigError("valley_index needs at least one point")
     length = np.ones(n, dtype=np.int64)
-    prev = np.full(n, -1, dtype=np.int64)
     for i in range(1, n):
-        higher = np.flatnonzero(y[:i] > y[i])
-        if higher.size:
-            lens = length[higher]
-            best = lens.max()
-            j = higher[np.flatnonzero(lens == best)[-1]]  # the latest predecessor of that length
-            length[i] = best + 1
-            prev[i] = j
-    last = int(np.argmax(length))
-    first = last
-    while prev[first] >= 0:
-        first = int(prev[first])
-    return first, last
+        higher = v[:i] > v[i]
+        if higher.any():
+            length[i] = int(length[:i][higher].max()) + 1
+    longest = int(length.max())
+    if longest == 1:  # nothing falls: fastai never moves its start from 0
+        return 0
+    end = int(np.argmax(length))  # the first index that reaches it
+    return end - longest + longest // 3 + longest // 6
 
 
 def _fmt(x: float) -> str:
@@ -275,20 +287,23 @@ def suggest(
     *,
     beta: float = 0.98,
     method: str = "valley",
+    num_it: int | None = None,
 ) -> Suggestions:
     """Suggest learning rates from a range-test curve of raw losses (smoothed here with ``beta``).
 
-    Points whose loss or rate is not finite (or whose rate is not > 0) are dropped first. The first
-    tenth of the rest is skipped (the smoothing is still warming up there) and so is everything
-    after the lowest smoothed loss; the descent in between is what is judged:
+    The curve is read the way fastai's ``lr_find`` reads its recorder: the smoothed loss from
+    point ``num_it // 10`` (``num_it``: the steps the sweep was asked for, default all of them) to
+    the 5th point from the end, and up to the first non-finite value in that part. On it:
 
-    - ``steepest``: the rate where d(smoothed loss)/d(log10 lr) is most negative;
-    - ``valley``: the longest strictly decreasing run of the smoothed loss (fastai's "valley", a
-      subsequence, so small bumps do not break it), and the rate 2/3 of the way along it;
-    - ``minimum_tenth``: the rate at the lowest smoothed loss, divided by 10.
+    - ``steepest``: the rate where d(smoothed loss)/d(log10 lr) (central differences) is most
+      negative before the lowest point (lrviz's own; fastai's ``steep`` also looks past the minimum);
+    - ``valley``: fastai's ``valley`` (:func:`valley_index`);
+    - ``minimum_tenth``: fastai's ``minimum``, the rate at the lowest smoothed loss divided by 10.
 
-    With fewer than :data:`MIN_POINTS` finite points, rates that do not increase, or a loss that
-    never falls, every suggestion is None and ``reason`` says why. ``beta=0`` judges the raw curve.
+    Where fastai would still answer, lrviz does not guess: with fewer than :data:`MIN_POINTS`
+    points to judge, rates that do not increase, or a loss whose lowest point is at the start of
+    that part (it never fell), every suggestion is None and ``reason`` says why.
+    ``beta=0`` judges the raw curve.
     """
     b = _check_beta(beta)
     chosen = _check_method(method)
@@ -296,35 +311,39 @@ def suggest(
     y = np.asarray(losses, dtype=np.float64).ravel()
     if x.shape != y.shape:
         raise ConfigError(f"suggest needs as many learning rates as losses, not {x.size} and {y.size}")
+    total = x.size if num_it is None else int(num_it)
 
     def none(reason: str) -> Suggestions:
         return Suggestions(None, None, None, chosen, reason)
 
-    keep = np.isfinite(y) & np.isfinite(x) & (x > 0)
-    n = int(keep.sum())
-    if n == 0:
-        return none("no finite losses" if y.size else "no losses recorded")
+    if x.size == 0:
+        return none("no losses recorded")
+    bad = ~(np.isfinite(y) & np.isfinite(x) & (x > 0))
+    if bad.all():
+        return none("no finite losses")
+    cut = int(np.argmax(bad)) if bad.any() else x.size  # the curve ends at its first non-finite point
+    lo = total // 10
+    judged = slice(lo, min(cut, x.size - TRIM_END))
+    n = max(0, judged.stop - judged.start)
     if n < MIN_POINTS:
-        if not np.isfinite(y[-1]):
-            return none(f"the loss diverged after only {n} step{'s' if n != 1 else ''}; lower --start")
-        return none(f"only {n} finite loss{'es' if n != 1 else ''}; at least {MIN_POINTS} are needed "
-                    "(raise --steps)")
-    x, y = x[keep], y[keep]
-    if np.any(np.diff(x) <= 0):
+        if cut < x.size and cut < lo + MIN_POINTS + TRIM_END:
+            return none(f"the loss diverged after only {cut} step{'s' if cut != 1 else ''}; lower --start")
+        return none(f"only {n} point{'s' if n != 1 else ''} to judge after skipping the first tenth and the "
+                    f"last {TRIM_END} (as fastai does); at least {MIN_POINTS} are needed (raise --steps)")
+    if np.any(np.diff(x[:cut]) <= 0):
         return none("the learning rate does not increase from step to step, so this is not a "
                     "range-test curve")
-    s = smooth(y, b)
-    logx = np.log10(x)
-    lo = n // 10
+    s = smooth(y[:cut], b)[judged]
+    x = x[judged]
     m = int(np.argmin(s))
-    if m < lo + 2:
+    if m < 2:
         return none(f"the loss never fell: its lowest point is at lr {_fmt(x[m])}, at the start of the "
                     "sweep; lower --start")
-    grad = np.gradient(s, logx)
-    steepest = float(x[lo + int(np.argmin(grad[lo:m]))])
-    first, last = _longest_descent(s[lo:m + 1])
-    valley = float(x[lo + first + int(round(VALLEY_FRACTION * (last - first)))])
-    return Suggestions(steepest, valley, float(x[m]) / 10, chosen, None)
+    steepest = float(x[int(np.argmin(np.gradient(s, np.log10(x))[:m]))])
+    k = valley_index(s)
+    if k < 0:
+        return none("the loss has no steady descent to judge (its longest fall is 2 points); raise --steps")
+    return Suggestions(steepest, float(x[k]), float(x[m]) / 10, chosen, None)
 
 
 # --------------------------------------------------------------------------- saving and restoring
@@ -552,18 +571,20 @@ def range_test(
         snapshot.restore()
     seconds = time.perf_counter() - t0
     lrs, losses, smoothed = lrs[:done], losses[:done], smoothed[:done]
-    sugg = suggest(lrs, losses, beta=beta, method=method)
+    sugg = suggest(lrs, losses, beta=beta, method=method, num_it=steps)
     n_finite = int(np.isfinite(losses).sum())
     if sugg.reason is not None:
+        too_short = sugg.reason.startswith(("only ", "the loss diverged after only"))
         plural = "s" if done != 1 else ""
         if done == 0:
             sugg.reason = "cancelled before the first step"
         elif n_finite == 0:
             sugg.reason = (f"no finite losses: the loss was {losses[0]} from the first step (lr {_fmt(start)}); "
                            "check the model and the data, or lower --start")
-        elif n_finite < MIN_POINTS and stop_reason.startswith("cancelled"):
-            sugg.reason = f"cancelled after only {done} step{plural}; at least {MIN_POINTS} are needed"
-        elif n_finite < MIN_POINTS and stop_reason:
+        elif too_short and stop_reason.startswith("cancelled"):
+            sugg.reason = (f"cancelled after only {done} step{plural}; at least {min_steps(steps)} of "
+                           f"{steps} are needed")
+        elif too_short and stop_reason:
             sugg.reason = (f"the loss diverged after only {done} step{plural} (at lr {_fmt(float(lrs[-1]))}); "
                            "lower --start")
     log.debug("range test: %d steps in %.3fs; %s; suggestions %s", done, seconds,

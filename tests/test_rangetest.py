@@ -21,14 +21,16 @@ from lrviz.experiment import load_experiment
 from lrviz.rangetest import (
     METHODS,
     MIN_POINTS,
+    TRIM_END,
     RangeTestProgress,
     RangeTestResult,
     Suggestions,
-    _longest_descent,
     find_lr,
+    min_steps,
     range_test,
     smooth,
     suggest,
+    valley_index,
     write_csv,
 )
 
@@ -354,8 +356,10 @@ def test_suggest_on_a_u_shaped_curve(beta):
     # The descending part: from where the smoothed loss is still within 5% of its start level to its minimum.
     level = sm[5]
     fall = max(i for i in range(m) if sm[i] >= sm[m] + 0.95 * (level - sm[m]))
-    assert lrs[fall] < s.valley < lrs[m]
     assert lrs[fall] < s.steepest < lrs[m]
+    # fastai's valley: half-way (in points) along the longest descent, which on this noiseless curve
+    # is the whole judged part from its start (point 10) to the minimum
+    assert s.valley == lrs[10 + (m - 10) - (m - 9) + (m - 9) // 3 + (m - 9) // 6]
     if beta == 0.0:  # the raw curve's steepest descent is where tanh is steepest (log10 lr = -2.5)
         assert abs(np.log10(s.steepest) + 2.5) < 0.1
     assert s.chosen == "valley" and s.best == s.valley
@@ -380,10 +384,12 @@ def test_suggest_is_pure_and_deterministic():
 
 
 def test_suggest_too_short_and_non_finite():
-    lrs, losses = u_curve(MIN_POINTS - 1)
-    s = suggest(lrs, losses)
+    lrs, losses = u_curve(min_steps(100) - 1)
+    s = suggest(lrs, losses, num_it=100)
     assert (s.steepest, s.valley, s.minimum_tenth, s.best, s.band()) == (None, None, None, None, None)
-    assert s.reason == f"only {MIN_POINTS - 1} finite losses; at least {MIN_POINTS} are needed (raise --steps)"
+    assert s.reason == (f"only {MIN_POINTS - 1} points to judge after skipping the first tenth and the last "
+                        f"{TRIM_END} (as fastai does); at least {MIN_POINTS} are needed (raise --steps)")
+    assert suggest(*u_curve(min_steps(100)), num_it=100).reason is None
     s = suggest(lrs[:6], [1.0, 0.9, 0.8, 0.7, 0.6, float("inf")])
     assert s.best is None and s.reason == "the loss diverged after only 5 steps; lower --start"
     s = suggest(np.logspace(-5, 0, 30), np.full(30, np.nan))
@@ -391,14 +397,30 @@ def test_suggest_too_short_and_non_finite():
     assert suggest([], []).reason == "no losses recorded"
 
 
-def test_suggest_drops_non_finite_points():
+def test_suggest_reads_the_curve_up_to_its_first_non_finite_loss():
     lrs, losses = u_curve()
     holes = losses.copy()
-    holes[[3, 40, 41]] = np.nan
+    holes[[60, 61, 80]] = [np.nan, np.inf, np.nan]
     s = suggest(lrs, holes)
     assert s.reason is None
-    keep = np.isfinite(holes)
-    assert s == suggest(lrs[keep], losses[keep])
+    # as fastai: first the last 5 points of the curve are left out, then it ends at its first hole
+    assert s == suggest(lrs[:65], losses[:65], num_it=100)
+    assert s != suggest(lrs, losses)
+
+
+def test_suggest_judges_fastais_part_of_the_curve():
+    """fastai's lr_find skips the first num_it // 10 points and the last 5: a minimum in either part
+    is not seen."""
+    lrs, losses = u_curve()
+    dipped = losses.copy()
+    dipped[95] = -10.0  # inside the last 5 points
+    dipped[3] = -10.0  # inside the first tenth
+    s = suggest(lrs, dipped, beta=0.0)
+    assert s == suggest(lrs, losses, beta=0.0)
+    assert s.minimum_tenth == pytest.approx(lrs[int(np.argmin(losses[10:95])) + 10] / 10)
+    # an early-stopped sweep still skips a tenth of the steps asked for, not of the steps done
+    head = suggest(lrs[:70], losses[:70], beta=0.0, num_it=100)
+    assert head.minimum_tenth == pytest.approx(lrs[int(np.argmin(losses[10:65])) + 10] / 10)
 
 
 def test_suggest_never_guesses_on_a_rising_or_flat_curve():
@@ -411,12 +433,16 @@ def test_suggest_never_guesses_on_a_rising_or_flat_curve():
     assert wrong_way.best is None and "does not increase" in wrong_way.reason
 
 
-def test_longest_descent_is_the_valley():
-    y = np.array([5, 6, 4, 7, 3, 3, 2, 8, 1, 9, 9])
-    first, last = _longest_descent(y)
-    # 6 > 4 > 3 > 2 > 1 (5 elements; 5 > 4 > 3 > 2 > 1 too, the later start is taken)
-    assert (first, last) == (1, 8)
-    assert _longest_descent(np.array([1.0, 2.0, 3.0])) == (0, 0)
+def test_valley_index_by_hand():
+    # the longest strictly decreasing subsequence has 5 points (6 > 4 > 3 > 2 > 1, or 5 > ...);
+    # it first reaches length 5 at index 8: 8 - 5 + 5 // 3 + 5 // 6 = 4
+    assert valley_index(np.array([5, 6, 4, 7, 3, 3, 2, 8, 1, 9, 9])) == 4
+    # a straight fall of 12 points: 11 - 12 + 4 + 2 = 5, a little before the middle
+    assert valley_index(np.arange(12.0, 0.0, -1.0)) == 5
+    # a rise: nothing falls, and fastai's start stays at 0
+    assert valley_index(np.array([1.0, 2.0, 3.0])) == 0
+    # a fall of two points at the start: 1 - 2 + 0 + 0, which fastai reads as the last point
+    assert valley_index(np.array([3.0, 2.0, 4.0, 5.0])) == -1
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -510,7 +536,7 @@ def test_find_lr_on_the_regression_example_is_stable_and_sensible(regression_run
     # Where the smoothed loss starts falling: the last rate before its minimum at which it is still
     # within 10% of the way down from its early level to that minimum.
     sm = a.smoothed
-    m = int(np.nanargmin(sm))
+    m = int(np.nanargmin(sm[10:-5])) + 10  # the lowest point of the part judged (fastai's)
     level = np.median(sm[: len(sm) // 5])
     lr_falling = a.lrs[max(i for i in range(m) if sm[i] >= sm[m] + 0.9 * (level - sm[m]))]
     assert lr_falling < s.steepest <= a.lrs[m]
@@ -603,3 +629,78 @@ def test_range_test_on_a_dataloader_leaves_the_global_rng_untouched():
     range_test(model, opt, loader, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
                start=1e-4, end=1.0, steps=20)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# --------------------------------------------------------------------------- against fastai's own code
+
+
+def _fastai_schedule():
+    return pytest.importorskip("fastai.callback.schedule", reason="fastai is not installed (pip install fastai)")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.floats(-50, 50), st.sampled_from([0.0, 1.0, 2.0])), min_size=1, max_size=80))
+def test_valley_index_is_fastais_valley(values):
+    fastai = _fastai_schedule()
+    lrs = np.logspace(-7, 1, len(values))
+    lr, _ = fastai.valley(lrs, np.array(values), 100)
+    assert lrs[valley_index(values)] == lr  # negative indices wrap in both
+
+
+def _fastai_lr_find(tmp_path, seed: int):
+    """fastai's own Learner.lr_find on a small regression: its recorder's rates, smoothed losses and
+    the raw batch losses, and its valley and minimum suggestions."""
+    pytest.importorskip("fastai.callback.schedule", reason="fastai is not installed (pip install fastai)")
+    from fastai.callback.core import Callback
+    from fastai.callback.schedule import SuggestionMethod
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+
+    class RawLosses(Callback):
+        def before_fit(self):
+            self.values = []
+
+        def after_batch(self):
+            if self.training:
+                self.values.append(float(self.learn.loss.detach()))
+
+    torch.manual_seed(seed)
+    x = torch.randn(512, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.1 * torch.randn(512, 1)
+    ds = torch.utils.data.TensorDataset(x, y)
+    dls = DataLoaders(torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True),
+                      torch.utils.data.DataLoader(ds, batch_size=64))
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    raw = RawLosses()
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), path=tmp_path, cbs=[raw])
+    with learn.no_bar():
+        found = learn.lr_find(show_plot=False, suggest_funcs=(SuggestionMethod.Valley, SuggestionMethod.Minimum))
+    rec = learn.recorder
+    return (np.array(rec.lrs, dtype=np.float64), np.array([float(v) for v in rec.losses]),
+            np.array(raw.values), found)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_valley_and_minimum_equal_fastais_lr_find(tmp_path, seed):
+    lrs, smoothed, raw, found = _fastai_lr_find(tmp_path, seed)
+    assert len(lrs) == len(smoothed) == len(raw) > 20
+    # fastai's smoothing is lrviz's (debiased EMA, beta 0.98), to float32 precision
+    np.testing.assert_allclose(smooth(raw, 0.98), smoothed, rtol=2e-6)
+    # fed fastai's own smoothed curve (beta=0: judged as given), lrviz picks what fastai picked
+    # (fastai hands back float32 rates)
+    ours = suggest(lrs, smoothed, beta=0.0, num_it=100)
+    assert ours.valley == pytest.approx(found.valley, rel=1e-6)
+    assert ours.minimum_tenth == pytest.approx(found.minimum, rel=1e-6)
+    # and from the raw batch losses, smoothing them itself
+    mine = suggest(lrs, raw, num_it=100)
+    assert mine.valley == pytest.approx(found.valley, rel=1e-6)
+    assert mine.minimum_tenth == pytest.approx(found.minimum, rel=1e-6)
+
+
+def test_find_lr_valley_is_fastais_valley_on_the_same_curve(regression_runs):
+    """Before the fix lrviz took 2/3 of the way along the descent: 0.69x fastai's value here."""
+    fastai = _fastai_schedule()
+    a, _ = regression_runs
+    part = slice(a.steps // 10, len(a) - 5)  # what fastai's lr_find hands to its suggestion functions
+    lr, _ = fastai.valley(torch.tensor(a.lrs[part]), torch.tensor(a.smoothed[part]), a.steps)
+    assert a.suggestions.valley == lr

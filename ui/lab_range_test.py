@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 METHOD_LABELS = {"steepest": "steepest", "valley": "valley", "minimum_tenth": "min / 10"}
 METHOD_TIPS = {
     "steepest": "the rate where the smoothed loss falls fastest against log(lr)",
-    "valley": "fastai's valley: about 2/3 of the way into the longest descent of the loss",
+    "valley": "fastai's valley: about half-way along the longest descent of the smoothed loss",
     "minimum_tenth": "a tenth of the rate at the lowest smoothed loss",
 }
 METHOD_COLOURS = {"steepest": theme.PURPLE, "valley": theme.GREEN, "minimum_tenth": theme.ORANGE}
