@@ -298,9 +298,21 @@ class TrainingEngine:
         stop_factor). Model, optimizer and RNG are restored exactly afterwards. Returns a Future
         holding the RangeTestResult; ``range_test_progress`` fills with (lr, loss) while it runs.
         """
+        return self._lab_command("range_test", kwargs)
+
+    def confirm_lr(self, **kwargs: Any) -> Future:
+        """Confirm candidate rates on the current weights between two steps, like :meth:`range_test`.
+
+        Keyword arguments go to :func:`lrviz.rangetest.confirm_rates` (rates, steps, stop_factor,
+        on_step). Model, optimizer and RNG are restored exactly afterwards. Returns a Future holding
+        the Confirmation; :meth:`cancel_range_test` ends it early.
+        """
+        return self._lab_command("confirm_lr", kwargs)
+
+    def _lab_command(self, kind: str, kwargs: dict[str, Any]) -> Future:
         fut: Future = Future()
         with self._cond:
-            self._commands.append(("range_test", {"kwargs": kwargs, "future": fut}))
+            self._commands.append((kind, {"kwargs": kwargs, "future": fut}))
             self._attention = True
             self._cond.notify_all()
         return fut
@@ -588,30 +600,39 @@ class TrainingEngine:
         for k, v in values.items():
             self.probe_values.setdefault(k, []).append(float(v))
 
-    def _run_range_test(self, data: dict[str, Any]) -> None:
-        from .rangetest import range_test
+    def _run_range_test(self, data: dict[str, Any], kind: str = "range_test") -> None:
+        from .rangetest import confirm_rates, range_test
 
         fut: Future = data["future"]
         if not fut.set_running_or_notify_cancel():
             return
-        self.range_test_progress = []
-        progress = self.range_test_progress
         self._range_cancel = False
+        common = {"device": self.device, "should_stop": lambda: self._stop_requested or self._range_cancel}
         try:
             self._flush_device()
-            result = range_test(
-                self.model, self.optimizer, self._train_data, self._loss_of, device=self.device,
-                should_stop=lambda: self._stop_requested or self._range_cancel,
-                on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
+            if kind == "confirm_lr":
+                result = confirm_rates(self.model, self.optimizer, self._train_data, self._loss_of, **common,
+                                       **data["kwargs"])
+            else:
+                self.range_test_progress = []
+                progress = self.range_test_progress
+                result = range_test(
+                    self.model, self.optimizer, self._train_data, self._loss_of, **common,
+                    on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
         except LrvizError as exc:  # reported through the future; training goes on
             fut.set_exception(exc)
             return
         except Exception as exc:
             fut.set_exception(error_from_exception(exc, self.experiment.path, "the range test"))
             return
-        s = result.suggestions
-        self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,
-                                   "steps": len(result.lrs)})
+        if kind == "confirm_lr":
+            w = result.winner
+            self._event("range_test", {"suggestion": None if w is None else w.lr, "method": "confirmed",
+                                       "reason": result.reason, "steps": result.steps})
+        else:
+            s = result.suggestions
+            self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,
+                                       "steps": len(result.lrs)})
         fut.set_result(result)
 
     def _finish(self) -> None:
@@ -713,8 +734,8 @@ class TrainingEngine:
             apply_hyperparams(self.optimizer, data.get("momentum"), data.get("weight_decay"))
         elif kind == "rollback":
             data = self._rollback(data)
-        elif kind == "range_test":
-            self._run_range_test(data)
+        elif kind in ("range_test", "confirm_lr"):
+            self._run_range_test(data, kind)
             return
         self._event(kind, dict(data), step)
 

@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,26 @@ from .devices import to_device
 from .errors import ConfigError, LrvizError, ScriptError
 
 __all__ = [
+    "CONFIRM_STEPS",
     "METHODS",
     "MIN_POINTS",
+    "TRIM_END",
+    "Confirmation",
     "RangeTestProgress",
     "RangeTestResult",
     "Suggestions",
+    "Trial",
+    "adopt",
+    "candidates",
+    "confirm_cost",
+    "confirm_experiment",
+    "confirm_rates",
     "find_lr",
-    "range_test",
+    "held_out",
+    "loss_axis_range",
     "min_steps",
+    "range_test",
+    "smooth",
     "suggest",
     "valley_index",
     "write_csv",
@@ -61,6 +73,11 @@ METHODS = ("steepest", "valley", "minimum_tenth")
 MIN_POINTS = 10
 #: fastai's ``lr_find`` judges the curve without its last points (the blow-up).
 TRIM_END = 5
+#: Steps each candidate rate trains for in a confirmation (``--confirm-steps``).
+CONFIRM_STEPS = 20
+#: Candidate rates of a confirmation: at most this many, and neighbours at most this factor apart.
+MAX_CANDIDATES = 4
+CANDIDATE_RATIO = 10 ** 0.5
 
 LossOf = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -75,8 +92,10 @@ class Suggestions:
     ``steepest``: where the smoothed loss falls fastest against log(lr), before its minimum.
     ``valley``: fastai's ``valley``: a rate about half-way along the longest descent.
     ``minimum_tenth``: a tenth of the rate at the lowest smoothed loss (fastai's ``minimum``).
-    ``chosen`` names the method whose value is "the" suggestion (:attr:`best`). When the curve
-    cannot be judged, every value is None and ``reason`` says why in words.
+    ``confirmed``: the rate a confirmation (:func:`confirm`) found to lower the loss most, or None.
+    ``chosen`` names the method whose value is "the" suggestion (:attr:`best`): one of
+    :data:`METHODS`, or ``"confirmed"``. When the curve cannot be judged, every value is None and
+    ``reason`` says why in words.
     """
 
     steepest: float | None
@@ -84,6 +103,7 @@ class Suggestions:
     minimum_tenth: float | None
     chosen: str = "valley"
     reason: str | None = None
+    confirmed: float | None = None
 
     @property
     def best(self) -> float | None:
@@ -100,8 +120,67 @@ class Suggestions:
         return (min(made), max(made)) if made else None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict: every method's value, ``chosen``, ``best`` and ``reason``."""
-        return {**self.values(), "chosen": self.chosen, "best": self.best, "reason": self.reason}
+        """A JSON-friendly dict: every method's value, ``confirmed``, ``chosen``, ``best`` and ``reason``."""
+        return {**self.values(), "confirmed": self.confirmed, "chosen": self.chosen, "best": self.best,
+                "reason": self.reason}
+
+
+@dataclass
+class Trial:
+    """One candidate rate of a confirmation, trained from the same weights on the same batches.
+
+    ``losses`` holds the loss of each step trained (it ends early at a non-finite loss or one
+    above ``stop_factor`` times the first: ``diverged``). ``start`` is the mean loss of the
+    starting weights on the held-out batches (the same for every trial), ``end`` that of the
+    weights after training (inf when diverged); the trial with the lowest ``end`` lowered the
+    loss most.
+    """
+
+    lr: float
+    source: str
+    losses: np.ndarray
+    diverged: bool
+    start: float = math.nan
+    end: float = math.inf
+    #: The loss of the trained weights on each held-out batch (empty when diverged).
+    held: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def describe(self) -> str:
+        """``0.0123 (valley): 2.3 -> 0.412`` or ``0.5: diverged at step 7``."""
+        name = f"{_fmt(self.lr)}" + (f" ({_SOURCE_NAMES.get(self.source, self.source)})" if self.source else "")
+        if self.diverged:
+            return f"{name}: diverged at step {len(self.losses) - 1}"
+        return f"{name}: {self.start:.3g} -> {self.end:.3g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "source": self.source, "diverged": self.diverged,
+                "start": _finite_or_none(self.start), "end": _finite_or_none(self.end),
+                "losses": [_finite_or_none(v) for v in self.losses.tolist()]}
+
+
+@dataclass
+class Confirmation:
+    """Several candidate rates, each trained ``steps`` steps from the same weights on the same
+    batches; ``winner`` lowered the loss most (None when none lowered it), ``reason`` says which
+    and why in one line."""
+
+    trials: list[Trial]
+    steps: int
+    winner: Trial | None
+    reason: str
+    seconds: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "winner": None if self.winner is None else self.winner.lr,
+                "winner_source": None if self.winner is None else self.winner.source,
+                "reason": self.reason, "seconds": self.seconds, "trials": [t.to_dict() for t in self.trials]}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+_SOURCE_NAMES = {"steepest": "steepest", "valley": "valley", "minimum_tenth": "min/10", "between": "between"}
 
 
 @dataclass
@@ -123,6 +202,9 @@ class RangeTestResult:
     beta: float = 0.98
     stop_factor: float = 4.0
     seconds: float = math.nan
+    #: The confirmation of the suggestions (None when it did not run; ``confirm_note`` says why).
+    confirmation: Confirmation | None = None
+    confirm_note: str = ""
 
     def __len__(self) -> int:
         return len(self.lrs)
@@ -141,6 +223,8 @@ class RangeTestResult:
             "beta": self.beta, "stop_factor": self.stop_factor, "stopped_early": self.stopped_early,
             "stop_reason": self.stop_reason, "seconds": self.seconds,
             "suggestions": self.suggestions.to_dict(),
+            "confirmation": None if self.confirmation is None else self.confirmation.to_dict(),
+            "confirm_note": self.confirm_note,
         }
 
 
@@ -346,6 +430,31 @@ def suggest(
     return Suggestions(steepest, float(x[k]), float(x[m]) / 10, chosen, None)
 
 
+def loss_axis_range(losses: Sequence[float] | np.ndarray, smoothed: Sequence[float] | np.ndarray,
+                    pad: float = 0.06) -> tuple[float, float] | None:
+    """The loss range a plot of the curve shows: the curve up to its lowest smoothed point (the
+    smoothed loss, and the batch losses between their 2nd and 98th percentile there), padded by
+    ``pad`` of the span. The fall of the loss fills the height; the blow-up after the minimum
+    leaves at the top. None when there is nothing finite to show."""
+    raw = np.asarray(losses, dtype=np.float64)
+    sm = np.asarray(smoothed, dtype=np.float64)
+    ok = np.isfinite(sm)
+    if not ok.any():
+        return None
+    m = int(np.flatnonzero(ok)[np.argmin(sm[ok])])
+    part = slice(0, m + 1) if m >= 3 else slice(0, len(sm))  # a curve that never fell: all of it
+    s_part = sm[part][np.isfinite(sm[part])]
+    r_part = raw[part][np.isfinite(raw[part])]
+    lo, hi = float(s_part.min()), float(s_part.max())
+    if r_part.size:
+        lo = min(lo, float(np.quantile(r_part, 0.02)))
+        hi = max(hi, float(np.quantile(r_part, 0.98)))
+    if not hi > lo:
+        hi = lo + max(abs(lo), 1.0) * 0.1
+    margin = pad * (hi - lo)
+    return lo - margin, hi + margin
+
+
 # --------------------------------------------------------------------------- saving and restoring
 
 
@@ -355,12 +464,14 @@ class _Snapshot:
     The model's parameters, buffers (persistent or not) and gradients are restored into the very
     tensor objects they were (the optimizer and anything else holding them keep working), each
     module's ``training`` flag, the optimizer's per-parameter state and param-group settings, and
-    the random number generators.
+    the random number generators: the global ones and those of ``data`` (a DataLoader's own
+    ``generator=`` and its sampler's), which iterating it draws from.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Any = None):
         self.model = model
         self.optimizer = optimizer
+        self.data_rngs = [(g, g.get_state()) for g in _generators_of(data)]
         self.modes = [(m, m.training) for m in model.modules()]
         # (slot dict, name, the tensor object, a copy of its values, its grad object, a copy of the grad)
         self.slots: list[tuple[dict[str, Any], str, Any, Any, Any, Any]] = []
@@ -414,12 +525,19 @@ class _Snapshot:
             m.training = training
         opt = self.optimizer
         opt.state.clear()
-        for k, v in zip(self.state_keys, self.state_values):
+        # copies: the optimizer updates its state in place, and a snapshot may be restored again
+        for k, v in zip(self.state_keys, copy.deepcopy(self.state_values)):
             opt.state[k] = v
         for group, saved, params in zip(opt.param_groups, self.groups, self.group_params):
             group.clear()
             group["params"] = params
-            group.update(saved)
+            group.update(copy.deepcopy(saved))
+        for g, state in self.data_rngs:
+            g.set_state(state)
+        self.restore_rng()
+
+    def restore_rng(self) -> None:
+        """Put back only the random number generators."""
         random.setstate(self.py_rng)
         np.random.set_state(self.np_rng)
         torch.set_rng_state(self.torch_rng)
@@ -436,6 +554,28 @@ class _Snapshot:
         g.copy_(gvalues)
         if p.grad is not g:
             p.grad = g
+
+
+def _generators_of(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that iterating ``data`` draws from: its own ``generator``
+    and those of its ``sampler`` and ``batch_sampler`` (a DataLoader's), looked for a few levels
+    deep (also inside lrviz's wrapper of a script's data)."""
+    found: dict[int, torch.Generator] = {}
+    level = [data]
+    for _ in range(4):
+        nxt = []
+        for obj in level:
+            if obj is None:
+                continue
+            g = getattr(obj, "generator", None)
+            if isinstance(g, torch.Generator):
+                found[id(g)] = g
+            for name in ("sampler", "batch_sampler", "data"):
+                sub = getattr(obj, name, None) if not isinstance(obj, torch.Tensor) else None
+                if sub is not None and not isinstance(sub, (torch.Tensor, np.ndarray)):
+                    nxt.append(sub)
+        level = nxt
+    return list(found.values())
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -491,6 +631,9 @@ def range_test(
     should_stop: Callable[[], bool] | None = lambda: False,
     on_step: Callable[[int, float, float], Any] | None = None,
     method: str = "valley",
+    confirm: bool | None = False,
+    confirm_steps: int = CONFIRM_STEPS,
+    on_confirm_step: Callable[[int, int, float, float], Any] | None = None,
 ) -> RangeTestResult:
     """Sweep the learning rate from ``start`` to ``end`` exponentially over ``steps`` optimizer steps.
 
@@ -502,12 +645,19 @@ def range_test(
     ``should_stop()`` (polled before every step) returns True. ``on_step(i, lr, loss)`` is
     called after every step. The model runs in train mode.
 
+    Then, when there are suggestions and ``confirm`` is True (or None, "auto", and the
+    confirmation costs fewer steps than the sweep took), :func:`confirm_rates` trains the
+    :func:`candidates` from the same weights for ``confirm_steps`` steps each; the rate that
+    lowered the loss most becomes ``suggestions.confirmed`` and the chosen suggestion.
+    ``on_confirm_step(trial, i, lr, loss)`` follows it. ``confirm_note`` says why it did not run.
+
     Model, optimizer and random number generators are restored exactly afterwards (in a
     ``finally:``, so also when ``loss_of`` raises; the exception then propagates). Bad settings
     raise :class:`ConfigError` before anything runs. One host sync per step reads the loss (the
     early stop needs it).
     """
     start, end, steps, beta, stop_factor, method = _check_sweep(start, end, steps, beta, stop_factor, method)
+    confirm_steps = _check_confirm_steps(confirm_steps)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"range test needs a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -526,7 +676,7 @@ def range_test(
     bpow = 1.0
     best = math.inf
     t0 = time.perf_counter()
-    snapshot = _Snapshot(model, optimizer)
+    snapshot = _Snapshot(model, optimizer, batches)
     try:
         model.train()
         data = _batches_forever(batches)
@@ -589,8 +739,212 @@ def range_test(
                            "lower --start")
     log.debug("range test: %d steps in %.3fs; %s; suggestions %s", done, seconds,
               stop_reason or "all steps done", sugg.to_dict())
-    return RangeTestResult(lrs, losses, smoothed, bool(stop_reason), stop_reason, sugg, start=start, end=end,
-                           steps=steps, beta=beta, stop_factor=stop_factor, seconds=seconds)
+    result = RangeTestResult(lrs, losses, smoothed, bool(stop_reason), stop_reason, sugg, start=start, end=end,
+                             steps=steps, beta=beta, stop_factor=stop_factor, seconds=seconds)
+    if confirm is False or sugg.reason is not None or stop_reason.startswith("cancelled"):
+        return result
+    cands = candidates(sugg)
+    cost = confirm_cost(len(cands), confirm_steps)
+    if confirm is None and cost >= done:
+        result.confirm_note = (f"not confirmed: {len(cands)} rates x {confirm_steps} steps would cost about "
+                               f"{cost:.0f} steps, more than the range test's {done} (ask for it with --confirm)")
+        return result
+    result.confirmation = confirm_rates(model, optimizer, batches, loss_of, cands, steps=confirm_steps,
+                                        stop_factor=stop_factor, device=device, should_stop=should_stop,
+                                        on_step=on_confirm_step)
+    adopt(result)
+    return result
+
+
+def adopt(result: RangeTestResult) -> None:
+    """Make the winner of ``result.confirmation`` the chosen suggestion (when it has one)."""
+    c = result.confirmation
+    if c is not None and c.winner is not None:
+        result.suggestions.confirmed = c.winner.lr
+        result.suggestions.chosen = "confirmed"
+
+
+# --------------------------------------------------------------------------- confirmation
+
+
+def _check_confirm_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) < 2:
+        raise ConfigError(f"confirmation steps must be a whole number >= 2 ({CONFIRM_STEPS} is usual), "
+                          f"not {steps!r}")
+    return int(steps)
+
+
+def candidates(s: Suggestions, max_count: int = MAX_CANDIDATES,
+               ratio: float = CANDIDATE_RATIO) -> list[tuple[float, str]]:
+    """The rates a confirmation tries, lowest first, each with where it came from.
+
+    Every suggestion made (rates within 10% of each other count once, named after the first in
+    :data:`METHODS` order), then rates in the widest gaps between neighbours (log-midpoints,
+    ``"between"``) while a gap is wider than ``ratio`` and there are fewer than ``max_count``.
+    A band of one rate is widened to that rate / ``ratio`` and x ``ratio`` (``"below"``,
+    ``"above"``). Empty when there is no suggestion.
+    """
+    made: list[tuple[float, str]] = []
+    for m in METHODS:
+        v = getattr(s, m)
+        if v is not None and all(abs(math.log(v / w)) > math.log(1.1) for w, _ in made):
+            made.append((float(v), m))
+    if not made:
+        return []
+    if len(made) == 1:
+        v = made[0][0]
+        made += [(v / ratio, "below"), (v * ratio, "above")]
+    made.sort()
+    while len(made) < max_count:
+        gaps = [math.log(b[0] / a[0]) for a, b in zip(made, made[1:])]
+        k = int(np.argmax(gaps))
+        if gaps[k] <= math.log(ratio) * (1 + 1e-9):
+            break
+        made.insert(k + 1, (math.sqrt(made[k][0] * made[k + 1][0]), "between"))
+    return made
+
+
+def confirm_rates(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Any],
+    loss_of: LossOf,
+    rates: Sequence[tuple[float, str]] | Sequence[float],
+    *,
+    steps: int = CONFIRM_STEPS,
+    stop_factor: float = 4.0,
+    device: torch.device | str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, float, float], Any] | None = None,
+) -> Confirmation:
+    """Train each rate of ``rates`` for ``steps`` steps from the same weights on the same batches;
+    the one whose loss fell most wins.
+
+    The first ``steps`` batches of ``batches`` are taken once, and :func:`held_out` more after
+    them; before each rate, model, optimizer and random number generators are put back as they
+    were, so every rate starts from the same point and sees the same batches (and the same
+    dropout). A rate whose loss turns non-finite or exceeds ``stop_factor`` times its first loss
+    has diverged. After its steps, each rate's weights are measured on the held-out batches (train
+    mode, no gradients, the same random numbers for every rate): the winner has the lowest mean
+    loss there, and only when that is below the starting weights' own. Afterwards everything is
+    restored exactly, as after :func:`range_test`. ``on_step(trial, i, lr, loss)`` follows the
+    steps; ``should_stop()`` ends it early (no winner).
+    """
+    steps = _check_confirm_steps(steps)
+    pairs = [(r, "") if not isinstance(r, tuple) else r for r in rates]
+    if not pairs:
+        raise ConfigError("no learning rates to confirm")
+    pairs = [(_positive(lr, "learning rate to confirm"), str(src)) for lr, src in pairs]
+    dev = torch.device(device) if device is not None else None
+    move = dev is not None and dev.type != "cpu"
+    trials: list[Trial] = []
+    cancelled = False
+    t0 = time.perf_counter()
+    snapshot = _Snapshot(model, optimizer, batches)
+
+    def measure() -> np.ndarray:
+        snapshot.restore_rng()  # the same dropout for every rate
+        with torch.no_grad():
+            return np.array([float(loss_of(model, to_device(b, dev) if move else b).detach()) for b in probe])
+
+    try:
+        data = _batches_forever(batches)
+        fixed = [next(data) for _ in range(steps + held_out(steps))]
+        data.close()
+        fixed, probe = fixed[:steps], fixed[steps:]
+        model.train()
+        start = float(np.mean(measure()))
+        for k, (lr, source) in enumerate(pairs):
+            if should_stop is not None and should_stop():
+                cancelled = True
+                break
+            snapshot.restore()
+            model.train()
+            _set_lr(optimizer, lr)
+            values: list[float] = []
+            diverged = False
+            with torch.enable_grad():
+                for i, batch in enumerate(fixed):
+                    if i and should_stop is not None and should_stop():
+                        cancelled = True
+                        break
+                    model.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_of(model, to_device(batch, dev) if move else batch)
+                    if i == 0:
+                        _check_loss(loss)
+                    value = float(loss.detach())
+                    values.append(value)
+                    if on_step is not None:
+                        on_step(k, i, lr, value)
+                    first = values[0]
+                    if not math.isfinite(value) or (i and value > first + (stop_factor - 1) * abs(first)):
+                        diverged = True
+                        break
+                    loss.backward()
+                    optimizer.step()
+                    del loss
+            if cancelled:
+                break
+            held = np.zeros(0) if diverged else measure()
+            end = float(np.mean(held)) if held.size else math.inf
+            trials.append(Trial(lr, source, np.array(values, dtype=np.float64), diverged or not math.isfinite(end),
+                                start, end, held))
+        model.zero_grad(set_to_none=True)
+    finally:
+        snapshot.restore()
+    seconds = time.perf_counter() - t0
+    winner, reason = _judge(trials, steps, len(pairs), cancelled)
+    log.debug("confirmation: %s (%.3fs)", reason, seconds)
+    return Confirmation(trials, steps, winner, reason, seconds)
+
+
+def _judge(trials: list[Trial], steps: int, asked: int, cancelled: bool) -> tuple[Trial | None, str]:
+    """The rate that lowered the loss most, and one line saying why.
+
+    Rates whose held-out loss is not worse than the lowest by more than twice the standard error of
+    the paired differences (batch by batch) are a tie; of a tie the highest rate wins: a short
+    trial favours low rates (its gain from less noise comes at once, a higher rate's later).
+    """
+    if cancelled:
+        return None, f"cancelled after {len(trials)} of {asked} rates"
+    ranked = sorted((t for t in trials if math.isfinite(t.end)), key=lambda t: (t.end, t.lr))
+    if not ranked or not ranked[0].end < ranked[0].start:
+        tried = "; ".join(t.describe() for t in trials)
+        return None, (f"none of the {len(trials)} rates lowered the loss in {steps} steps ({tried}); "
+                      "raise --confirm-steps, or judge the curve yourself")
+    lowest = ranked[0]
+    tied = [t for t in ranked if _tied(t.held, lowest.held)]
+    w = max(tied, key=lambda t: t.lr)
+    fell = f" (-{(w.start - w.end) / w.start:.0%})" if w.start > 0 and w.end >= 0 else ""
+    others = "; ".join(t.describe() for t in trials if t is not w)
+    src = f" ({_SOURCE_NAMES.get(w.source, w.source)})" if w.source else ""
+    why = "lowered the loss most" if w is lowest else (
+        f"lowered the loss as much as {_fmt(lowest.lr)} within the noise of the held-out batches, and is the "
+        "higher rate (a short trial favours low rates)")
+    return w, (f"{_fmt(w.lr)}{src} {why}: {w.start:.3g} -> {w.end:.3g}{fell} after {steps} steps from the "
+               f"same weights (on {len(w.held)} batches none of them trained on); the others: {others}")
+
+
+def _tied(a: np.ndarray, best: np.ndarray, z: float = 2.0) -> bool:
+    """Whether ``a`` is no worse than ``best`` beyond ``z`` standard errors of their paired differences."""
+    if a is best:
+        return True
+    d = a - best
+    if d.size < 2:
+        return False
+    return float(d.mean()) <= z * float(d.std(ddof=1)) / math.sqrt(d.size)
+
+
+def confirm_cost(rates: int, steps: int) -> float:
+    """What confirming ``rates`` rates for ``steps`` steps costs, in training steps: their steps,
+    and the held-out measurements (forward passes only, about a third of a step each)."""
+    return rates * steps + (rates + 1) * held_out(steps) / 3
+
+
+def held_out(steps: int) -> int:
+    """How many batches after a confirmation's ``steps`` measure each rate's result."""
+    return max(4, steps // 4)
 
 
 # --------------------------------------------------------------------------- headless
@@ -627,32 +981,12 @@ class _ScriptData:
             raise ScriptError(f"build_data()'s training data yielded no batches {what}", str(self.path))
 
 
-def find_lr(
-    experiment: Any,
-    config: Any,
-    *,
-    start: float = 1e-7,
-    end: float = 10.0,
-    steps: int = 100,
-    beta: float = 0.98,
-    stop_factor: float = 4.0,
-    method: str = "valley",
-    should_stop: Callable[[], bool] | None = None,
-    on_step: Callable[[int, float, float], Any] | None = None,
-) -> RangeTestResult:
-    """Run the range test on an experiment, headless (``lrviz find-lr``).
-
-    Seeds with ``config.seed`` and builds model, training data and optimizer the way
-    :class:`lrviz.engine.TrainingEngine` does (device from ``config.device``; the script's own
-    ``build_optimizer`` when it has one, else ``config.optimizer`` with its momentum and weight
-    decay), then calls :func:`range_test`. Errors in the script are :class:`ScriptError` naming
-    the file and line; bad settings are :class:`ConfigError`.
-    """
+def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
+    """Seed, then build model, training data, optimizer and loss the way the engine does."""
     from .devices import resolve_device
     from .engine import seed_everything
     from .optim import build_optimizer
 
-    _check_sweep(start, end, steps, beta, stop_factor, method)
     cfg = config.validated()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -666,6 +1000,7 @@ def find_lr(
     fn = "compute_loss()" if callable(getattr(experiment.module, "compute_loss", None)) else "loss_fn()"
     path = str(experiment.path)
     step = [0]
+    checked = [False]
 
     def loss_of(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         i = step[0]
@@ -673,17 +1008,68 @@ def find_lr(
         try:
             loss = script_loss(m, batch)
         except Exception as exc:
-            raise experiment.describe_batch_error(exc, batch, f"range test step {i}") from exc
-        if i == 0:
+            raise experiment.describe_batch_error(exc, batch, f"{what} step {i}") from exc
+        if not checked[0] and torch.is_grad_enabled():  # the first loss that is trained on
+            checked[0] = True
             try:
                 _check_loss(loss)
             except ConfigError as exc:
                 raise ScriptError(str(exc).replace("the loss function", fn, 1), path) from None
         return loss
 
-    return range_test(model, opt, _ScriptData(train, experiment.path), loss_of, start=start, end=end,
+    return model, opt, _ScriptData(train, experiment.path), loss_of, device
+
+
+def find_lr(
+    experiment: Any,
+    config: Any,
+    *,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 100,
+    beta: float = 0.98,
+    stop_factor: float = 4.0,
+    method: str = "valley",
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, float, float], Any] | None = None,
+    confirm: bool | None = None,
+    confirm_steps: int = CONFIRM_STEPS,
+    on_confirm_step: Callable[[int, int, float, float], Any] | None = None,
+) -> RangeTestResult:
+    """Run the range test on an experiment, headless (``lrviz find-lr``).
+
+    Seeds with ``config.seed`` and builds model, training data and optimizer the way
+    :class:`lrviz.engine.TrainingEngine` does (device from ``config.device``; the script's own
+    ``build_optimizer`` when it has one, else ``config.optimizer`` with its momentum and weight
+    decay), then calls :func:`range_test`; ``confirm`` None (the default) confirms the suggestions
+    when that costs fewer steps than the sweep. Errors in the script are :class:`ScriptError`
+    naming the file and line; bad settings are :class:`ConfigError`.
+    """
+    _check_sweep(start, end, steps, beta, stop_factor, method)
+    _check_confirm_steps(confirm_steps)
+    model, opt, data, loss_of, device = _build(experiment, config, "range test")
+    return range_test(model, opt, data, loss_of, start=start, end=end,
                       steps=steps, beta=beta, stop_factor=stop_factor, device=device,
-                      should_stop=should_stop, on_step=on_step, method=method)
+                      should_stop=should_stop, on_step=on_step, method=method, confirm=confirm,
+                      confirm_steps=confirm_steps, on_confirm_step=on_confirm_step)
+
+
+def confirm_experiment(
+    experiment: Any,
+    config: Any,
+    rates: Sequence[tuple[float, str]] | Sequence[float],
+    *,
+    steps: int = CONFIRM_STEPS,
+    stop_factor: float = 4.0,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, float, float], Any] | None = None,
+) -> Confirmation:
+    """:func:`confirm_rates` on a fresh model of an experiment, built and seeded as :func:`find_lr`
+    builds it (so from the weights a range test of the same settings started from)."""
+    _check_confirm_steps(steps)
+    model, opt, data, loss_of, device = _build(experiment, config, "confirmation")
+    return confirm_rates(model, opt, data, loss_of, rates, steps=steps, stop_factor=stop_factor,
+                         device=device, should_stop=should_stop, on_step=on_step)
 
 
 def write_csv(result: RangeTestResult, path: str | Path) -> None:
