@@ -4,10 +4,11 @@
 
 Writes into OUT_DIR (default ``docs/``):
 
-- ``screenshot-range-test.png``: an LR range test with its suggestion band, then a run at the rate it chose;
+- ``screenshot-range-test.png``: an LR range test with its suggestion band, confirmed, then a run at the rate it chose;
 - ``screenshot-sweep.png``: a sweep of five rates overlaid, with its table (the highest diverges);
 - ``screenshot-divergence.png``: a divergence caught mid-run, with the banner explaining it;
-- ``screenshot-surface.png``: Rosenbrock's valley with the paths of SGD, SGD with momentum and Adam.
+- ``screenshot-surface.png``: Rosenbrock's valley with the paths of SGD, SGD with momentum and Adam;
+- ``screenshot-diagnostics.png``: the diagnostics of a small transformer (``tests/scripts/tiny_gpt.py``).
 
 Uses a temporary run store and settings, never the user's.
 """
@@ -59,7 +60,8 @@ def layout(w: MainWindow, panel: str) -> None:
 
 def load(app: QApplication, w: MainWindow, name: str) -> None:
     w.load_script(name)
-    wait(app, lambda: w.experiment is not None and w.experiment.name == name and not w._loader.is_alive())
+    wait(app, lambda: w.experiment is not None and w.experiment.name in (name, Path(name).stem)
+         and not w._loader.is_alive())
     settle(app, 0.2)
 
 
@@ -85,6 +87,9 @@ def main() -> int:
     layout(w, "Range test")
     assert lab.range_test.run_test()
     wait(app, lambda: not lab.range_test.busy())
+    if lab.range_test.result.confirmation is None:  # not confirmed by default: cheaper than the test
+        assert lab.range_test.confirm_now()
+        wait(app, lambda: not lab.range_test.busy())
     lab.range_test.use_button.click()
     w.controls.length.setValue(1500)
     assert w.start_run()
@@ -135,7 +140,16 @@ def main() -> int:
     shot(app, w, out / "screenshot-surface.png")
     lab.surface.set_pace(None)
     w.shutdown_engine()
-    settle(app, 0.3)
+    wait(app, lambda: w._end_handled)
+
+    # 5. Diagnostics of a small transformer (dropout on in training): validation below training,
+    #    both falling, and each layer's update ratio.
+    load(app, w, str(Path(__file__).resolve().parents[1] / "tests" / "scripts" / "tiny_gpt.py"))
+    layout(w, "Diagnostics")
+    assert w.start_run()
+    wait(app, lambda: w._end_handled)
+    settle(app, 1.0)
+    shot(app, w, out / "screenshot-diagnostics.png")
     w.close()
     return 0
 

@@ -92,6 +92,7 @@ class DiagnosticsPanel(QWidget):
         self._layer_steps = -1
         self._ticks = 0
         self._layer_curves: dict[str, tuple[Any, Any]] = {}
+        self._key: tuple[list[str], list[str], str] = ([], [], "")  # entries, their plain names, the last row
         self._previous: Any = None  # the mean update ratio of the run shown before
         self._previous_label = ""
 
@@ -266,6 +267,7 @@ class DiagnosticsPanel(QWidget):
             self.ratio_plot.getPlotItem().removeItem(ratio)
             self.grad_plot.getPlotItem().removeItem(grad)
         self._layer_curves = {}
+        self._key = ([], [], "")
         self.layer_key.setText("")
 
     def _on_biases_toggled(self, _on: bool) -> None:
@@ -319,10 +321,24 @@ class DiagnosticsPanel(QWidget):
                 yg[~(yg > 0)] = np.nan
                 r.setData(x, yr, connect="finite")
                 g.setData(x, yg, connect="finite")
-        self.layer_key.setText(key_table(key, KEY_COLUMNS, tail=(
-            f"<span style='color:{theme.GREY}'><b>- -</b>&nbsp;{self._previous_label} (mean)</span>"
-            if self._previous is not None else "")))
+        self._key = (key, short, f"<span style='color:{theme.GREY}'><b>- -</b>&nbsp;{self._previous_label} (mean)"
+                     "</span>" if self._previous is not None else "")
+        self._show_key()
         self.layer_key.setToolTip("\n".join(names[k] for k in shown))
+
+    def _show_key(self) -> None:
+        """The per-layer key in as many columns (up to KEY_COLUMNS) as its longest name allows."""
+        entries, plain, tail = self._key
+        fm = self.layer_key.fontMetrics()
+        widest = max((fm.horizontalAdvance(f"-- {t}") for t in plain), default=0) + 12
+        room = self.width() - 40  # the panel's margins and a scroll bar
+        columns = max(1, min(KEY_COLUMNS, room // max(widest, 1)))
+        self.layer_key.setText(key_table(entries, columns, tail))
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        if self._key[0]:
+            self._show_key()
 
     # ---- ReduceLROnPlateau -------------------------------------------------------------------------
     def plateau_spec(self) -> str:

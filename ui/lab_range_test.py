@@ -521,8 +521,7 @@ class RangeTestPanel(QWidget):
         self.suggestions = dataclasses.replace(result.suggestions, chosen=method)
         c = result.confirmation
         if c is not None:
-            self.confirm_label.setText(f"<b>Confirmation</b> ({len(c.trials)} rates × {c.steps} steps from the "
-                                       f"same weights): {html.escape(c.reason)}")
+            self.confirm_label.setText(f"<b>Confirmation</b> ({len(c.trials)} rates): {html.escape(c.reason)}")
         else:
             self.confirm_label.setText(html.escape(result.confirm_note))
         if result.stop_reason:

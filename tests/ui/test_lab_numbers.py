@@ -12,6 +12,7 @@ import torch
 from lrviz.ui.lab_range_test import CHOICES, CONFIRM_MODES
 from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QTextDocument
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -150,6 +151,10 @@ def test_the_diagnostics_key_of_a_12_layer_model_never_covers_its_plots(qtbot, w
         assert a.bottom() < b.top(), (wa.objectName(), wb.objectName())
     # every widget has at least the height it needs (the key all of its rows)
     assert key.height() >= key.heightForWidth(key.width())
+    doc = QTextDocument()  # and all of its width: no name cut off at the right
+    doc.setDefaultFont(key.font())
+    doc.setHtml(key.text())
+    assert doc.idealWidth() <= key.width()
     assert all(w.height() >= w.minimumHeight() for w in widgets)
     # the key names every layer drawn, without the prefix they all share
     names = list(panel._layer_curves)
