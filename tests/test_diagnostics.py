@@ -27,14 +27,7 @@ from lrviz.errors import ConfigError
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The models here are tiny: one intra-op thread is faster, and far faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---- the generalization gap ----------------------------------------------------------------------
 STEPS = np.arange(5000)

@@ -200,16 +200,21 @@ def test_restores_after_divergence():
     assert_unchanged(before, capture(model, opt))
 
 
+def stop_after(n: int):
+    """A ``should_stop`` that says stop from its (n+1)-th call on."""
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > n
+
+    return should_stop
+
+
 def test_restores_after_cancel_midway():
     model, opt, batches = make_problem("adam")
     before = capture(model, opt)
-    polls = []
-
-    def should_stop():
-        polls.append(1)
-        return len(polls) > 7
-
-    r = range_test(model, opt, batches, loss_of, start=1e-5, end=1.0, steps=50, should_stop=should_stop)
+    r = range_test(model, opt, batches, loss_of, start=1e-5, end=1.0, steps=50, should_stop=stop_after(7))
     assert len(r) == 7 and r.stopped_early
     assert r.stop_reason == "cancelled after 7 of 50 steps"
     assert r.suggestions.best is None and "cancelled" in r.suggestions.reason
@@ -244,8 +249,10 @@ def test_restores_a_fresh_optimizer_without_state():
     assert_unchanged(before, capture(model, opt))
 
 
-def test_training_after_a_range_test_is_the_same_as_without_one():
-    """Mid-training use: the trajectory afterwards is bit-identical (weights, momentum, dropout RNG)."""
+@pytest.mark.parametrize("optimizer, confirm", [("sgd", False), ("adam", True)])
+def test_training_after_a_range_test_is_the_same_as_without_one(optimizer, confirm):
+    """Mid-training use: the trajectory afterwards is bit-identical (weights, momentum, dropout RNG),
+    also after a confirmation (which restores the same snapshot once per rate tried)."""
 
     def train(model, opt, batches, n):
         for i in range(n):
@@ -256,13 +263,14 @@ def test_training_after_a_range_test_is_the_same_as_without_one():
 
     random.seed(1)
     np.random.seed(1)
-    model, opt, batches = make_problem("sgd")
+    model, opt, batches = make_problem(optimizer)
     plain = train(model, opt, batches, 5)
 
     random.seed(1)
     np.random.seed(1)
-    model, opt, batches = make_problem("sgd")
-    range_test(model, opt, batches, loss_of, start=1e-4, end=10.0, steps=40)
+    model, opt, batches = make_problem(optimizer)
+    r = range_test(model, opt, batches, loss_of, start=1e-4, end=10.0, steps=40, confirm=confirm, confirm_steps=5)
+    assert (r.confirmation is not None) == confirm
     after = train(model, opt, batches, 5)
     assert_same_tensor_dict(plain, after)
 
@@ -790,26 +798,6 @@ def test_confirmation_restores_everything_bit_exactly(optimizer):
     assert_unchanged(before, capture(model, opt))
 
 
-def test_training_after_a_confirmed_range_test_is_the_same_as_without_one():
-    def train(model, opt, batches, n):
-        for i in range(n):
-            opt.zero_grad()
-            loss_of(model, batches[i % len(batches)]).backward()
-            opt.step()
-        return {k: v.clone() for k, v in model.state_dict().items()}
-
-    random.seed(2)
-    np.random.seed(2)
-    model, opt, batches = make_problem("adam")
-    plain = train(model, opt, batches, 5)
-    random.seed(2)
-    np.random.seed(2)
-    model, opt, batches = make_problem("adam")
-    r = range_test(model, opt, batches, loss_of, start=1e-5, end=10.0, steps=60, confirm=True, confirm_steps=5)
-    assert r.confirmation is not None
-    assert_same_tensor_dict(plain, train(model, opt, batches, 5))
-
-
 def test_a_dataloaders_own_generator_is_restored_too():
     """A seeded DataLoader (generator=) draws its order from its own generator: a range test and a
     confirmation must leave it as they found it, or training afterwards sees other batches."""
@@ -873,13 +861,7 @@ def test_confirmation_settings_are_checked_up_front():
 def test_cancelling_a_confirmation_gives_no_winner_and_restores():
     model, opt, batches = make_problem("sgd")
     before = capture(model, opt)
-    calls = []
-
-    def should_stop():
-        calls.append(1)
-        return len(calls) > 8
-
-    c = confirm_rates(model, opt, batches, loss_of, [1e-3, 1e-2, 0.1], steps=6, should_stop=should_stop)
+    c = confirm_rates(model, opt, batches, loss_of, [1e-3, 1e-2, 0.1], steps=6, should_stop=stop_after(8))
     assert c.winner is None and c.reason.startswith("cancelled after 1 of 3 rates")
     assert_unchanged(before, capture(model, opt))
 
@@ -906,17 +888,9 @@ def _final_smoothed_losses(exp, cfg, rates) -> dict[float, float]:
     return out
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["digits_cnn", "classification", "regression"])
-def test_the_confirmed_rate_trains_within_1_5x_of_the_best_rate_of_a_x10_grid(script, one_thread):
+def test_the_confirmed_rate_trains_within_1_5x_of_the_best_rate_of_a_x10_grid(script, one_torch_thread):
     if script == "digits_cnn":
         pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
         script = str(Path(__file__).parent / "scripts" / "digits_cnn.py")
@@ -934,7 +908,7 @@ def test_the_confirmed_rate_trains_within_1_5x_of_the_best_rate_of_a_x10_grid(sc
 
 
 @pytest.mark.slow
-def test_torch_lr_finders_steepest_does_not_learn_on_digits_and_the_confirmed_rate_does(tmp_path, one_thread):
+def test_torch_lr_finders_steepest_does_not_learn_on_digits_and_the_confirmed_rate_does(tmp_path, one_torch_thread):
     pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
     finder = pytest.importorskip("torch_lr_finder", reason="torch-lr-finder is not installed")
     matplotlib = pytest.importorskip("matplotlib")
@@ -959,7 +933,7 @@ def test_torch_lr_finders_steepest_does_not_learn_on_digits_and_the_confirmed_ra
 # --------------------------------------------------------------------------- lrviz find-lr
 
 
-def test_find_lr_command_confirms_and_says_which_rate_won_and_why(tmp_path, capsys, one_thread):
+def test_find_lr_command_confirms_and_says_which_rate_won_and_why(tmp_path, capsys, one_torch_thread):
     import json
 
     from lrviz.cli import main
@@ -979,7 +953,7 @@ def test_find_lr_command_confirms_and_says_which_rate_won_and_why(tmp_path, caps
     assert (out / "lr_find.png").stat().st_size > 5000
 
 
-def test_find_lr_command_without_confirmation(tmp_path, capsys, one_thread):
+def test_find_lr_command_without_confirmation(tmp_path, capsys, one_torch_thread):
     import json
 
     from lrviz.cli import main
@@ -1022,7 +996,7 @@ loss_fn = nn.MSELoss()
 """
 
 
-def test_engine_confirms_between_two_steps_and_training_goes_on_exactly(tmp_path, one_thread):
+def test_engine_confirms_between_two_steps_and_training_goes_on_exactly(tmp_path, one_torch_thread):
     """A paused run with a seeded DataLoader (its own generator): a confirmed range test and a
     confirmation on their own leave weights, optimizer, RNGs and the data order as they were.
     Before, the loader's generator was not restored and the next epoch's batches differed."""

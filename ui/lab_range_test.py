@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -305,35 +306,17 @@ class RangeTestPanel(QWidget):
         self._clear()
         self._confirming = _ConfirmProgress()
         kw["on_confirm_step"] = self._confirming.record
-        eng = self._live_engine()
-        if eng is not None:
-            self._engine = eng
-            self._engine_list = eng.range_test_progress
-            self._future = eng.range_test(**kw)
-            self.mode_label.setText(f"Testing on the live run's weights at step {eng.step:,} "
-                                    "(training waits; the weights are restored afterwards)…")
-        else:
-            try:
-                cfg = self.lab.run_config()
-            except LrvizError as exc:
-                self.errors.show_error(f"cannot start: {exc}")
-                return False
+
+        def fresh(cfg: Any) -> Callable[[Callable[[], bool]], RangeTestResult]:
             from lrviz.rangetest import find_lr
 
             progress = RangeTestProgress(kw["steps"], BETA)
             self._progress = progress
+            return lambda should_stop: find_lr(exp, cfg, on_step=progress.record, should_stop=should_stop, **kw)
 
-            def work(should_stop: Any) -> RangeTestResult:
-                return find_lr(exp, cfg, on_step=progress.record, should_stop=should_stop, **kw)
-
-            self._worker = Worker("lrviz-rangetest", work)
-            self._worker.start()
-            self.mode_label.setText(f"Testing a fresh model from {exp.path.name} ({cfg.optimizer}, "
-                                    f"seed {cfg.seed})…")
-        self._job = "range test"
+        if not self._launch("range test", lambda eng: eng.range_test(**kw), fresh):
+            return False
         self.stop_label.setText("running…")
-        self._update_buttons()
-        self.lab.wake()
         return True
 
     def confirm_now(self) -> bool:
@@ -346,16 +329,37 @@ class RangeTestPanel(QWidget):
         if not self.confirm_steps.is_valid():
             self.errors.show_error(self.confirm_steps.error() or "invalid confirmation steps")
             return False
-        steps = self.confirm_steps.value()
+        kw = {"steps": self.confirm_steps.value(), "stop_factor": r.stop_factor}
         rates = candidates(r.suggestions)
         progress = _ConfirmProgress()
+
+        def fresh(cfg: Any) -> Callable[[Callable[[], bool]], Confirmation]:
+            from lrviz.rangetest import confirm_experiment
+
+            return lambda should_stop: confirm_experiment(exp, cfg, rates, should_stop=should_stop,
+                                                          on_step=progress.record, **kw)
+
+        self._progress = None  # the curve stays as it is
+        if not self._launch("confirmation", lambda eng: eng.confirm_lr(rates=rates, on_step=progress.record, **kw),
+                            fresh):
+            return False
+        self.errors.show_error(None)
+        self._confirming = progress
+        self.confirm_label.setText(f"confirming {len(rates)} rates for {kw['steps']} steps each…")
+        return True
+
+    def _launch(self, job: str, live: Callable[[Any], Future], fresh: Callable[[Any], Callable[..., Any]]) -> bool:
+        """Run ``job`` ("range test" or "confirmation") inside the live run's engine (``live(engine)``
+        returns its Future), or on a fresh model in a worker thread (``fresh(config)`` returns the
+        work); False (the reason shown) when the settings are wrong."""
+        verb = "Testing" if job == "range test" else "Confirming on"
         eng = self._live_engine()
         if eng is not None:
             self._engine = eng
-            self._engine_list = eng.range_test_progress  # the curve stays as it is
-            self._future = eng.confirm_lr(rates=rates, steps=steps, stop_factor=r.stop_factor,
-                                          on_step=progress.record)
-            self.mode_label.setText(f"Confirming on the live run's weights at step {eng.step:,} "
+            self._engine_list = eng.range_test_progress
+            self._future = live(eng)
+            self.mode_label.setText(f"{'Testing' if job == 'range test' else 'Confirming'} on the live run's "
+                                    f"weights at step {eng.step:,} "
                                     "(training waits; the weights are restored afterwards)…")
         else:
             try:
@@ -363,20 +367,12 @@ class RangeTestPanel(QWidget):
             except LrvizError as exc:
                 self.errors.show_error(f"cannot start: {exc}")
                 return False
-            from lrviz.rangetest import confirm_experiment
-
-            def work(should_stop: Any) -> Confirmation:
-                return confirm_experiment(exp, cfg, rates, steps=steps, stop_factor=r.stop_factor,
-                                          should_stop=should_stop, on_step=progress.record)
-
-            self._worker = Worker("lrviz-confirm", work)
+            self._worker = Worker(f"lrviz-{job.replace(' ', '-')}", fresh(cfg))
             self._worker.start()
-            self.mode_label.setText(f"Confirming on a fresh model from {exp.path.name} (seed {cfg.seed})…")
-        self.errors.show_error(None)
-        self._job = "confirmation"
-        self._confirming = progress
-        self._progress = None
-        self.confirm_label.setText(f"confirming {len(rates)} rates for {steps} steps each…")
+            exp = self.lab.experiment
+            self.mode_label.setText(f"{verb} a fresh model from {exp.path.name} ({cfg.optimizer}, "
+                                    f"seed {cfg.seed})…")
+        self._job = job
         self._update_buttons()
         self.lab.wake()
         return True
