@@ -125,8 +125,9 @@ def generalization(
     if ts.shape != tl.shape or vs.shape != vl.shape:
         raise ConfigError("steps and losses must have the same length "
                           f"(train {ts.size} vs {tl.size}, validation {vs.size} vs {vl.size})")
-    order = np.argsort(ts, kind="stable")
-    ts, tl = ts[order], tl[order]
+    if ts.size > 1 and not bool(np.all(ts[1:] >= ts[:-1])):  # a run's steps come sorted: no sort then
+        order = np.argsort(ts, kind="stable")
+        ts, tl = ts[order], tl[order]
     finite = np.isfinite(tl)
     csum = np.concatenate(([0.0], np.cumsum(np.where(finite, tl, 0.0))))
     ccount = np.concatenate(([0], np.cumsum(finite)))
@@ -162,7 +163,7 @@ def generalization(
     n_train = z * amplify * s_train / t_level
     n_val = z * amplify * s_val / v_level
     n_gap = z * amplify * math.hypot(s_train, s_val) / v_level
-    first_train = tl[finite][: max(smooth, 1)]
+    first_train = tl[np.flatnonzero(finite)[:smooth]]
     start_level = float(np.mean(first_train)) if first_train.size else float("nan")
     progress = 1.0 - float(tr[-1]) / start_level if start_level > 0 else float("nan")
     rel_gap = float(gp[-1]) / v_level
