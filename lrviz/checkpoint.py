@@ -2,15 +2,20 @@
 
 A checkpoint holds the model and optimizer state, the schedule's state, every RNG (Python, NumPy,
 torch CPU and CUDA), the step, the epoch and the position in the epoch (with the RNG state at the
-epoch's start, so the data order can be rebuilt). Files are written with ``torch.save`` beside the
-run store and read back with ``weights_only=True``: only tensors and plain Python values inside.
+epoch's start, so the data order can be rebuilt). The training data's own generators (a
+``DataLoader(generator=g)``, a sampler's ``generator``) are saved too, at the epoch's start and at
+the checkpoint: they decide the data order as much as the global RNG does. Files are written with
+``torch.save`` beside the run store and read back with ``weights_only=True``: only tensors and plain
+Python values inside. :func:`check` proves a loaded checkpoint usable before anything acts on it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,11 @@ import torch
 
 from .errors import ConfigError
 
-FORMAT = 1
+#: Format 2 added the data generators (``data_rng``); format 1 files still load (without them).
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+#: Where a DataLoader keeps the generators that decide its data order (torch's own attribute names).
+_GENERATOR_PATHS = ("generator", "sampler.generator", "batch_sampler.generator", "batch_sampler.sampler.generator")
 
 
 def capture_rng() -> dict[str, Any]:
@@ -41,10 +50,44 @@ def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def data_generators(data: Any) -> dict[str, torch.Generator]:
+    """The ``torch.Generator`` objects that decide the order of ``data`` (a DataLoader), by attribute path.
+
+    Found without iterating (which would draw from them): the loader's ``generator`` (its workers'
+    base seed), its sampler's and its batch sampler's. One generator shared by several is listed once.
+    """
+    out: dict[str, torch.Generator] = {}
+    seen: set[int] = set()
+    for path in _GENERATOR_PATHS:
+        obj = data
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.Generator) and id(obj) not in seen:
+            seen.add(id(obj))
+            out[path] = obj
+    return out
+
+
+def capture_generators(gens: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """The states of ``gens`` (weights_only-loadable ByteTensors)."""
+    return {path: g.get_state() for path, g in gens.items()}
+
+
+def restore_generators(gens: Mapping[str, torch.Generator], states: Mapping[str, torch.Tensor] | None) -> None:
+    """Put the generators back as ``capture_generators`` found them (those both sides know)."""
+    for path, state in (states or {}).items():
+        g = gens.get(path)
+        if g is not None:
+            g.set_state(state.cpu())
 
 
 @dataclass
@@ -55,6 +98,9 @@ class CheckpointInfo:
     step: int  # the next step to run: steps 0..step-1 are done
     reason: str
     loss: float | None = None
+    #: Where its event sits in the engine's event list (-1: before all of them, e.g. a fork's origin):
+    #: orders it against interventions recorded at the same step.
+    seq: int = -1
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
@@ -82,6 +128,88 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot read checkpoint {p}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
         raise ConfigError(f"{p} is not an lrviz checkpoint (or from another version)")
     return data
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check(data: Mapping[str, Any], path: str | Path, *, step: int | None = None, groups: int | None = None,
+          data_gens: Mapping[str, torch.Generator] | None = None, batches_per_epoch: int | None = None) -> None:
+    """Refuse a checkpoint that cannot be continued from, before anything acts on it.
+
+    Checks every field a resume or fork reads: the step (equal to ``step`` when given, the step its
+    event names), epoch and position in the epoch (within ``batches_per_epoch`` when known), the
+    learning rates (``groups`` of them), the schedule's state, and every RNG state (tried, then put
+    back). Raises one ConfigError naming the file and the field.
+    """
+    def bad(field: str, why: str) -> ConfigError:
+        return ConfigError(f"checkpoint {path} is damaged: {field} {why}; "
+                           "choose another checkpoint (or fork from an earlier step)")
+
+    for key in ("step", "epoch", "batch_in_epoch"):
+        v = data.get(key)
+        if not _whole(v) or v < 0:
+            raise bad(f"'{key}'", f"is {v!r}, not a whole number >= 0")
+    if step is not None and data["step"] != step:
+        raise bad("'step'", f"is {data['step']}, but its run recorded it at step {step}")
+    if batches_per_epoch is not None and data["batch_in_epoch"] > batches_per_epoch:
+        raise bad("'batch_in_epoch'", f"is {data['batch_in_epoch']}, but the training data has "
+                  f"{batches_per_epoch} batches an epoch (did build_data change?)")
+    t = data.get("time", 0.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise bad("'time'", f"is {t!r}, not a number of seconds >= 0")
+    if not isinstance(data.get("model"), Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in data["model"].values()):
+        raise bad("'model'", "is not a model state (names to tensors)")
+    opt = data.get("optimizer")
+    if not isinstance(opt, Mapping) or not isinstance(opt.get("state"), Mapping) \
+            or not isinstance(opt.get("param_groups"), list):
+        raise bad("'optimizer'", "is not an optimizer state")
+    lrs = data.get("lrs")
+    if not isinstance(lrs, (list, tuple)) or not lrs or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in lrs):
+        raise bad("'lrs'", f"is {lrs!r}, not a list of learning rates >= 0")
+    if groups is not None and len(lrs) != groups:
+        raise ConfigError(f"checkpoint {path} has {len(lrs)} parameter group(s) and the script's optimizer "
+                          f"now has {groups}: it belongs to another version of the script")
+    sched = data.get("schedule")
+    if sched is not None:
+        from .schedules import Schedule
+
+        if not isinstance(sched, Mapping) or not _whole(sched.get("start")) or sched["start"] < 0 \
+                or not isinstance(sched.get("state"), Mapping):
+            raise bad("'schedule'", "is not a schedule state")
+        try:
+            Schedule.from_state_dict(sched["state"])
+        except Exception as exc:  # any malformed value inside
+            raise bad("'schedule'", f"cannot be restored ({exc})") from None
+    now = capture_rng()
+    try:
+        for key in ("rng", "epoch_rng"):
+            try:
+                restore_rng(data[key])
+            except Exception as exc:  # KeyError, TypeError, ValueError, RuntimeError: all mean damaged
+                raise bad(f"'{key}'", f"is not a saved RNG state ({type(exc).__name__}: {exc})") from None
+    finally:
+        restore_rng(now)
+    drng = data.get("data_rng")
+    if drng is None:
+        return
+    if not isinstance(drng, Mapping) or not all(isinstance(drng.get(k), Mapping) for k in ("epoch", "now")):
+        raise bad("'data_rng'", "is not a saved data-generator state")
+    for when in ("epoch", "now"):
+        for name, state in drng[when].items():
+            g = (data_gens or {}).get(name)
+            if g is None:
+                continue
+            keep = g.get_state()
+            try:
+                g.set_state(state.cpu())
+            except Exception as exc:
+                raise bad(f"'data_rng' ({name})", f"is not a generator state ({type(exc).__name__}: {exc})") from None
+            finally:
+                g.set_state(keep)

@@ -4,28 +4,40 @@
 headless. This module is the one composition root: it imports the Qt layer lazily, only for the
 app and for plot images.
 
-Exit status: 0 finished (or stopped), 1 the script or a setting was wrong, 2 the run diverged.
+Exit status: 0 finished, 1 the script or a setting was wrong, 2 the run diverged (or the command is
+unknown: argparse's usage status), 130 stopped with Ctrl+C.
+
+Every path (``--store``, ``--out``, the script) is made absolute once, before anything runs: a script
+that changes the working folder must not move the outputs or the store's checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
+import re
+import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LrvizError
+from .errors import ConfigError, LrvizError, ScriptError, UsageError
 
 log = logging.getLogger("lrviz")
 
-COMMANDS = ("run", "replay", "resume", "runs", "export", "find-lr", "sweep")
+COMMANDS = ("run", "replay", "resume", "runs", "export", "find-lr", "sweep", "steer")
 PROGRESS_EVERY = 2.0
+#: Exit status of a command stopped with Ctrl+C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+#: A message echoes at most this many characters of one word of user input (a 120 KB schedule...).
+ECHO_LIMIT = 300
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +71,56 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set one of the script's PARAMS knobs (repeatable)")
     p.add_argument("--checkpoint-every", type=str, metavar="N", help="save a checkpoint every N steps")
-    p.add_argument("--on-divergence", choices=("stop", "rollback", "off"), dest="divergence",
-                   help="when the loss explodes or turns NaN: stop (exit 2; default), roll back to the last "
-                   "good checkpoint with LR/10 (needs --checkpoint-every, default 200 then), or off")
+    p.add_argument("--on-divergence", choices=("stop", "pause", "rollback", "off"), dest="divergence",
+                   help="when the loss explodes or turns NaN: stop (exit 2; default), pause and wait for "
+                   "`lrviz steer` (e.g. --rollback), roll back to the last good checkpoint with LR/10 "
+                   "(pause and rollback keep checkpoints: --checkpoint-every, default 200 then), or off")
     p.add_argument("--early-stopping", type=str, metavar="PATIENCE",
                    help="stop when the validation loss has not improved for this many validation passes")
+
+
+def _live_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", metavar="HOST:PORT", help="also serve the run on this TCP address (e.g. "
+                   "0.0.0.0:7000) for the app or `lrviz steer` on another machine; it prints the token. "
+                   "Without it the run is served on a local socket only (same user, same machine)")
+
+
+class _Steer(argparse.Action):
+    """Collects steering flags in the order given (``--pause --lr 0.01 --resume`` runs in that order)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        actions = list(getattr(ns, "actions", None) or [])
+        kind, key = self.const
+        actions.append((kind, {key: values} if key else {}))
+        ns.actions = actions
+
+
+def _steer_parser(sub: Any) -> None:
+    p = sub.add_parser("steer", help="change a live run from any terminal: LR, schedule, pause, stop, roll back",
+                       description="Steer a live run. Each change is answered with the step it takes effect "
+                       "at (accepted: from step S) or the reason it was refused; they are sent in the order "
+                       "given. Exit status 1 when any is refused or the run is not live.")
+    p.add_argument("run", help="run id or name (see `lrviz runs`), HOST:PORT of a run started with --listen "
+                   "(give --token), or a connection file")
+    p.set_defaults(actions=[])
+    for flag, kind, key, meta in (("--lr", "set_lr", "lr", "X"), ("--schedule", "set_schedule", "spec", "SPEC"),
+                                  ("--momentum", "set_hyperparams", "momentum", "M"),
+                                  ("--weight-decay", "set_hyperparams", "weight_decay", "W")):
+        p.add_argument(flag, action=_Steer, const=(kind, key), metavar=meta, dest="actions")
+    for flag, kind, hlp in (("--pause", "pause", "pause before the next step"),
+                            ("--resume", "resume", "resume a paused run"),
+                            ("--step-once", "step_once", "run one step, then pause"),
+                            ("--stop", "stop", "stop the run (saved as stopped)"),
+                            ("--checkpoint", "checkpoint", "save a checkpoint now"),
+                            ("--rollback", "rollback", "restore the last checkpoint from before the trouble, "
+                             "continue with LR x --lr-factor")):
+        p.add_argument(flag, action=_Steer, nargs=0, const=(kind, None), help=hlp, dest="actions")
+    p.add_argument("--lr-factor", type=str, default=None, help="with --rollback: multiply the LR by this "
+                   "(default 0.1)")
+    p.add_argument("--token", help="the run's token (for HOST:PORT; local runs are found in the store)")
+    p.add_argument("--timeout", type=str, default="60", help="seconds to wait for each answer (default 60)")
+    _common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fork", metavar="RUN@STEP", help="continue stored run RUN from its checkpoint at STEP "
                    "as a new child run (with the settings given here, e.g. another --lr or --schedule)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _live_args(p)
     _common(p)
 
     p = sub.add_parser("resume", help="continue a stopped or interrupted run from its last checkpoint")
@@ -128,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train at several learning rates, one after another; compare them")
     sweep.add_arguments(p)
 
-    p = sub.add_parser("runs", help="list stored runs")
+    _steer_parser(sub)
+
+    p = sub.add_parser("runs", help="list stored runs (live ones marked)")
     _common(p)
 
     p = sub.add_parser("export", help="write a stored run's data and plots")
@@ -190,7 +250,7 @@ def config_from_args(experiment: Any, args: argparse.Namespace, base: dict[str, 
         raise ConfigError(f"--batch-size: {experiment.path.name}'s build_data() takes no batch_size argument")
     if not experiment.accepts_batch_size:
         cfg.batch_size = None
-    if cfg.divergence == "rollback" and cfg.checkpoint_every is None:
+    if cfg.divergence in ("rollback", "pause") and cfg.checkpoint_every is None:
         cfg.checkpoint_every = 200
     return cfg.validated()
 
@@ -259,18 +319,116 @@ def open_store(path: str | None) -> Any:
     return RunStore(path)
 
 
+class Interrupts:
+    """Ctrl+C (SIGINT) during a headless command, handled so that stopping never loses the run.
+
+    Until training starts, Ctrl+C raises KeyboardInterrupt as usual (exit status 130). Once it has
+    started (:meth:`stoppable`), the first Ctrl+C calls the ``stop`` given — the run ends at the next
+    step boundary and is saved as stopped, with its ``--out`` files — and every later press until the
+    command ends is absorbed with a note: a second press used to land in the middle of saving, or of
+    Qt's import for the plots ("Fatal Python error"), and lose the outputs. ``FORCE_AFTER`` further
+    presses quit at once, for a step that never returns; the run is then shown as interrupted, as after
+    a crash. Notes are written with ``os.write``: a handler must not re-enter a buffered stream.
+    """
+
+    FORCE_AFTER = 3
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._stop: Callable[[], None] | None = None
+        self._started = False
+        self._extra = 0
+
+    @contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        """Handle SIGINT inside the block (only possible, and only done, in the main thread)."""
+        global _interrupts
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        outer, _interrupts = _interrupts, self
+        try:
+            yield self
+        finally:
+            _interrupts = outer
+            signal.signal(signal.SIGINT, previous)
+
+    @contextmanager
+    def stoppable(self, stop: Callable[[], None]) -> Iterator[None]:
+        """Inside the block, the first Ctrl+C calls ``stop``."""
+        self._started = True
+        self._stop = stop
+        if self.requested:  # pressed between two runs of a sweep
+            stop()
+        try:
+            yield
+        finally:
+            self._stop = None
+
+    @staticmethod
+    def _note(text: str) -> None:
+        try:
+            os.write(sys.stderr.fileno(), (text + "\n").encode())
+        except (OSError, ValueError):  # no usable stderr: nothing to tell
+            pass
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._started:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested = True
+            later = f"press Ctrl+C {self.FORCE_AFTER} more times to quit without waiting"
+            if self._stop is None:  # training is over: only the files are being written
+                self._note(f"saving the run's files (Ctrl+C); {later}")
+                return
+            self._note(f"stopping (Ctrl+C): the run is saved as stopped and its files written; {later}")
+            self._stop()
+            return
+        self._extra += 1
+        left = self.FORCE_AFTER - self._extra
+        if left > 0:
+            self._note(f"still stopping, saving the run ({left} more Ctrl+C to quit without waiting)")
+            return
+        self._note("lrviz: quit without waiting; the run will show as interrupted")
+        os._exit(EXIT_INTERRUPTED)
+
+
+#: The handler of the command running now (None outside ``main`` or off the main thread).
+_interrupts: Interrupts | None = None
+
+
+def interrupts() -> Interrupts | None:
+    """The Ctrl+C handler of the command running now, if any."""
+    return _interrupts
+
+
 def train_headless(engine: Any, quiet: bool) -> str:
     """Run the engine in a worker thread; Ctrl+C stops it cleanly (the run is saved as stopped)."""
-    engine.start()
+    intr = _interrupts
     with Progress(engine, quiet):
-        try:
-            while not engine.join(0.2):
-                pass
-        except KeyboardInterrupt:
-            print("stopping (Ctrl+C)...", file=sys.stderr)
-            engine.stop()
-            engine.join()
+        if intr is not None:
+            with intr.stoppable(engine.stop):  # before the start: a press in between still stops the run
+                engine.start()
+                engine.join()
+        else:  # called outside main(): the default handler raises KeyboardInterrupt
+            engine.start()
+            try:
+                while not engine.join(0.2):
+                    pass
+            except KeyboardInterrupt:
+                print("stopping (Ctrl+C)...", file=sys.stderr)
+                engine.stop()
+                engine.join()
     return engine.state
+
+
+def _interrupted(engine: Any) -> bool:
+    """Whether the run was stopped by Ctrl+C, or by a KeyboardInterrupt the script raised."""
+    if _interrupts is not None and _interrupts.requested:
+        return True
+    stops = [e for e in engine.events if e.kind == "stop"]
+    return bool(stops) and stops[-1].data.get("reason") == "KeyboardInterrupt"
 
 
 def finish_run(engine: Any, store: Any, out: Path | None, quiet: bool) -> int:
@@ -280,13 +438,17 @@ def finish_run(engine: Any, store: Any, out: Path | None, quiet: bool) -> int:
         _write_outputs(store, engine.run_id, out)
     s = engine.summary()
     if state in ("finished", "stopped"):
-        if not quiet:
+        interrupted = state == "stopped" and _interrupted(engine)
+        if not quiet or interrupted:
             best = s.get("best_loss")
             extra = f", best val loss {s['best_val_loss']:.4g}" if s.get("best_val_loss") is not None else ""
             best_txt = f"{best:.4g}" if best is not None and math.isfinite(best) else "n/a"
-            print(f"run {engine.run_id} {state}: {engine.step} steps, best loss {best_txt}{extra}",
+            stops = [e for e in engine.events if e.kind == "stop"]
+            where = stops[-1].data.get("where") if stops else None
+            why = f" (KeyboardInterrupt raised at {where})" if where else ""
+            print(f"run {engine.run_id} {state}{why}: {engine.step} steps, best loss {best_txt}{extra}",
                   file=sys.stderr)
-        return 0
+        return EXIT_INTERRUPTED if interrupted else 0
     if state == "diverged":
         print(f"lrviz: run {engine.run_id} diverged: {engine.error}", file=sys.stderr)
         return 2
@@ -306,27 +468,79 @@ def _write_outputs(store: Any, run_id: int, out: Path) -> None:
     export_run(store, run_id, out, formats)
 
 
+def load_script(ref: str) -> Any:
+    """The experiment at ``ref`` (a .py file or a built-in example's name); a file that is not a
+    Python script is refused with a message, not imported."""
+    from .experiment import load_experiment
+
+    path = Path(ref)
+    if path.is_file() and path.suffix != ".py":
+        raise ScriptError("not a Python script: lrviz runs an experiment script, a .py file with build_model() "
+                          "and build_data() (see the README, \"Your model: the experiment script\")", ref)
+    return load_experiment(ref)
+
+
+def check_at_steps(texts: Sequence[str], ats: Sequence[Any], steps: int | None) -> None:
+    """Refuse an ``--at`` at or past the last step of a run of known length: it would never apply."""
+    if steps is None:
+        return
+    for text, at in zip(texts, ats):
+        if at.step >= steps:
+            raise ConfigError(f"--at {text!r}: step {at.step} is past the end of the run (steps 0..{steps - 1}), "
+                              "so it would never apply; give a step below --steps")
+
+
+def _note_unapplied(texts: Sequence[str], ats: Sequence[Any], engine: Any) -> None:
+    """After a run of epochs (whose length was not known up front), name the ``--at`` it never reached."""
+    if engine.state != "finished":
+        return
+    for text, at in zip(texts, ats):
+        if at.step >= engine.step:
+            print(f"lrviz: note: --at {text!r} was not applied: the run ended after step {engine.step - 1}",
+                  file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine import TrainingEngine
-    from .experiment import load_experiment
     from .interventions import parse_at
 
-    exp = load_experiment(args.script)
+    exp = load_script(args.script)
     ats = [parse_at(a) for a in args.at]
+    own_ats = list(ats)
     out = check_out_dir(args.out)
     store = open_store(args.store)
     try:
+        store.require_writable()
         origin = None
         if args.fork:
             origin, ats = fork_origin(store, args.fork, args, ats)
             cfg = config_from_args(exp, args, base=store.get_run(origin.run_id).config)
         else:
             cfg = config_from_args(exp, args)
+        check_at_steps(args.at, own_ats, cfg.steps)
         engine = TrainingEngine(exp, cfg, store, interventions=ats, name=args.name, origin=origin)
-        train_headless(engine, args.quiet)
-        return finish_run(engine, store, out, args.quiet)
+        with _serving(engine, store, args):
+            train_headless(engine, args.quiet)
+        status = finish_run(engine, store, out, args.quiet)
+        _note_unapplied(args.at, own_ats, engine)
+        return status
     finally:
         store.close()
+
+
+def _serving(engine: Any, store: Any, args: argparse.Namespace) -> Any:
+    """Serve the run live while it trains (a local socket; also TCP with --listen)."""
+    from .live.serve import serving
+
+    if cfg_pauses(engine) and not args.quiet:
+        engine.on_open.append(lambda run_id: print(
+            f"lrviz: run {run_id} pauses if it diverges; steer it with `lrviz steer {run_id} --rollback --resume` "
+            f"(or --lr X --resume, or --stop)", file=sys.stderr, flush=True))
+    return serving(engine, store, listen=getattr(args, "listen", None), announce=getattr(args, "listen", None) is not None)
+
+
+def cfg_pauses(engine: Any) -> bool:
+    return engine.config.divergence == "pause"
 
 
 def checkpoint_events(store: Any, run_id: int) -> dict[int, str]:
@@ -388,10 +602,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
             cfg.steps, cfg.epochs = args.steps, None
         engine = TrainingEngine(exp, cfg, store, origin=Origin("resume", info.id, Path(points[step]), step))
         print(f"resuming run {info.id} from its checkpoint at step {step}", file=sys.stderr)
-        train_headless(engine, args.quiet)
+        with _serving(engine, store, args):
+            train_headless(engine, args.quiet)
         return finish_run(engine, store, out, args.quiet)
     finally:
         store.close()
+
+
+def replay_origin(store: Any, info: Any) -> Any:
+    """Where a replay of run ``info`` starts: a fork child from its parent's checkpoint at the fork
+    step (as the child did), any other run from step 0 (None)."""
+    from .engine import Origin
+
+    if info.parent_id is None or info.fork_step is None:
+        return None
+    points = checkpoint_events(store, info.parent_id)
+    if info.fork_step not in points:
+        raise ConfigError(f"run {info.id} is a fork of run {info.parent_id} at step {info.fork_step}, and that "
+                          "checkpoint is gone: the fork cannot be replayed")
+    return Origin("fork", info.parent_id, Path(points[info.fork_step]), info.fork_step)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -409,12 +638,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"lrviz: warning: {info.script_path} changed since run {info.id}; the replay may differ",
                   file=sys.stderr)
         cfg = RunConfig.from_dict(info.config)
+        origin = replay_origin(store, info)
+        first = origin.step if origin is not None else 0
         if info.steps:
-            cfg.steps, cfg.epochs = info.steps, None  # exactly as many steps as the original ran
+            cfg.steps, cfg.epochs = first + info.steps, None  # exactly as many steps as the original ran
         events = store.load_events(info.id)
-        engine = TrainingEngine(exp, cfg, store, interventions=from_events(events),
+        engine = TrainingEngine(exp, cfg, store, interventions=from_events(events), origin=origin,
                                 name=f"replay of {info.name}")
-        train_headless(engine, args.quiet)
+        with _serving(engine, store, args):
+            train_headless(engine, args.quiet)
         status = finish_run(engine, store, out, args.quiet)
         original = store.load_steps(info.id)["loss"]
         replayed = store.load_steps(engine.run_id)["loss"]
@@ -439,15 +671,88 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if not runs:
             print(f"no runs in {store.path}")
             return 0
-        print(f"{'id':>4}  {'name':<28} {'status':<11} {'steps':>8} {'best loss':>10} {'final loss':>10}  started")
+        from .live.connection import live_runs
+
+        live = live_runs(store.path)
+        print(f"{'id':>4}  {'name':<28} {'status':<11} {'steps':>8} {'best loss':>10} {'final loss':>10}  "
+              f"{'started':<16}  live")
         for r in runs:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at or r.created_at))
             best = f"{r.best_loss:.4g}" if r.best_loss is not None else "-"
             final = f"{r.final_loss:.4g}" if r.final_loss is not None else "-"
-            print(f"{r.id:>4}  {r.name[:28]:<28} {r.status:<11} {r.steps:>8} {best:>10} {final:>10}  {started}")
+            mark = ""
+            if r.id in live:
+                info = live[r.id]
+                mark = "live" + (f" {info.address}:{info.port}" if info.transport == "tcp" else "")
+            print(f"{r.id:>4}  {r.name[:28]:<28} {r.status:<11} {r.steps:>8} {best:>10} {final:>10}  "
+                  f"{started:<16}  {mark}".rstrip())
         return 0
     finally:
         store.close()
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    """Send each steering flag to a live run, in order; print what each was answered."""
+    from .interventions import check
+    from .live.run import CommandRejected, NotLive
+    from .live.steer import connect_to
+
+    actions = list(args.actions or [])
+    if args.lr_factor is not None:
+        if not any(kind == "rollback" for kind, _ in actions):
+            raise ConfigError("--lr-factor goes with --rollback")
+        actions = [(k, {"lr_factor": args.lr_factor} if k == "rollback" else d) for k, d in actions]
+    if not actions:
+        raise ConfigError("nothing to do: give at least one of --lr, --schedule, --momentum, --weight-decay, "
+                          "--pause, --resume, --step-once, --stop, --checkpoint, --rollback")
+    try:
+        timeout = float(args.timeout)
+    except ValueError:
+        raise ConfigError(f"--timeout must be a number of seconds, not {args.timeout!r}") from None
+    for kind, data in actions:  # refuse a bad value here, before anything is sent
+        if kind in ("set_lr", "set_schedule", "set_hyperparams", "rollback"):
+            check(kind, data)
+    client, label = connect_to(args.run, store_path=args.store, token=args.token)
+    refused = 0
+    try:
+        for kind, data in actions:
+            what = _steer_words(kind, data)
+            try:
+                ack = client.command(kind, data).result(timeout)
+            except CommandRejected as exc:
+                refused += 1
+                print(f"{what}: refused: {exc}")
+                continue
+            except TimeoutError:
+                refused += 1
+                print(f"{what}: no answer within {timeout:g} s (the run may be busy in a long step or validation)")
+                continue
+            except NotLive as exc:
+                print(f"{what}: {exc}")
+                return 1
+            extra = ""
+            if kind == "rollback":
+                d = ack.get("data") or {}
+                extra = f" (restored the checkpoint of step {d.get('to_step')}, lr {d.get('lr', float('nan')):.3g})"
+            elif kind == "checkpoint":
+                extra = f" ({(ack.get('data') or {}).get('path')})"
+            verb = {"pause": "paused before step", "stop": "stops before step", "resume": "resumes at step",
+                    "step_once": "runs step"}.get(kind, "from step")
+            print(f"{what}: accepted: {verb} {ack['step']}{extra}")
+    finally:
+        client.close()
+    print(f"({label})", file=sys.stderr)
+    return 1 if refused else 0
+
+
+def _steer_words(kind: str, data: dict[str, Any]) -> str:
+    if kind == "set_lr":
+        return f"lr {data['lr']}"
+    if kind == "set_schedule":
+        return f"schedule {data['spec']}"
+    if kind == "set_hyperparams":
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data.items())
+    return kind.replace("_", " ")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -547,8 +852,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return command(args, plot=_plot_overlay)
 
 
-HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume, "runs": cmd_runs,
-            "export": cmd_export}
+HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume,
+            "runs": cmd_runs, "export": cmd_export, "steer": cmd_steer}
 
 
 def _app(argv: list[str]) -> int:
@@ -558,6 +863,7 @@ def _app(argv: list[str]) -> int:
     _common(p)
     args = p.parse_args(argv)
     _logging(args.debug)
+    _absolute_paths(args)
     try:
         from lrviz.ui.app import run_app
     except ImportError as exc:
@@ -567,8 +873,66 @@ def _app(argv: list[str]) -> int:
 
 
 def _logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="lrviz: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter(debug))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
+
+
+def _unknown_command(word: str) -> UsageError | None:
+    """A UsageError when ``lrviz WORD`` names neither a command nor a script (a file, or a built-in
+    example), so that a typo says so instead of opening the app."""
+    if word.startswith("-") or os.sep in word or "/" in word or word.endswith(".py") or Path(word).exists():
+        return None
+    from .experiment import examples_dir
+
+    if (examples_dir() / f"{word}.py").is_file():
+        return None
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f" (did you mean `lrviz {close[0]}`?)" if close else ""
+    return UsageError(f"unknown command {word!r}{hint}; the commands are {', '.join(COMMANDS)}, and "
+                      "`lrviz SCRIPT.py` opens the app with a script (see `lrviz --help`)")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Resolve ``--store`` (or its default), ``--out`` and a script path once, against the folder the
+    command was started in."""
+    from .store import RunStore
+
+    if hasattr(args, "store"):
+        args.store = str(RunStore.resolve_path(args.store))
+    if getattr(args, "out", None) is not None:
+        args.out = os.path.abspath(os.path.expanduser(args.out))
+    script = getattr(args, "script", None)
+    if script is not None and Path(script).expanduser().exists():
+        args.script = os.path.abspath(os.path.expanduser(script))
+
+
+_WORD = re.compile(rf"\S{{{ECHO_LIMIT + 1},}}")
+
+
+def clip(text: str) -> str:
+    """``text`` with every word longer than ECHO_LIMIT shortened to its start and end and its length."""
+
+    def short(m: re.Match[str]) -> str:
+        w = m.group(0)
+        return f"{w[:ECHO_LIMIT // 2]}…{w[-20:]} ({len(w):,} characters)"
+
+    return _WORD.sub(short, text)
+
+
+class _LogFormatter(logging.Formatter):
+    """Log lines with the exception's one-line message instead of its traceback (unless --debug)."""
+
+    def __init__(self, debug: bool):
+        super().__init__("lrviz: %(levelname)s: %(message)s")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.debug or not record.exc_info:
+            return clip(super().format(record))
+        exc = record.exc_info[1]
+        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return clip(f"{super().format(plain)}: {exc}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -579,21 +943,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[i - 1] == "--at" and argv[i].startswith("-"):
             argv[i - 1:i + 1] = [f"--at={argv[i]}"]
     debug = "--debug" in argv
+    if argv[:1] == ["worker"]:  # the app's training process (private: stdin/stdout are its pipe)
+        from .live.worker import main as worker_main
+
+        return worker_main(argv[1:])
     try:
-        if argv and argv[0] in HANDLERS:
-            args = build_parser().parse_args(argv)
-            _logging(args.debug)
-            return HANDLERS[args.command](args)
-        if argv and argv[0] in COMMANDS:
-            raise ConfigError(f"`lrviz {argv[0]}` is not available in this version")
+        with Interrupts().installed():
+            if argv and argv[0] in HANDLERS:
+                args = build_parser().parse_args(argv)
+                _logging(args.debug)
+                _absolute_paths(args)
+                return HANDLERS[args.command](args)
+            if argv and argv[0] in COMMANDS:
+                raise ConfigError(f"`lrviz {argv[0]}` is not available in this version")
+            unknown = _unknown_command(argv[0]) if argv else None
+            if unknown is not None:
+                raise unknown
         return _app(argv)
     except LrvizError as exc:
         if debug:
             raise
-        print(f"lrviz: error: {exc}", file=sys.stderr)
+        print(f"lrviz: error: {clip(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
-        return 130
+        print("lrviz: interrupted (Ctrl+C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug of lrviz: still one line, the traceback behind --debug
+        if debug:
+            raise
+        print(f"lrviz: error: internal error in lrviz: {type(exc).__name__}: {clip(str(exc))} "
+              "(please report it; --debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

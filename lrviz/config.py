@@ -53,6 +53,23 @@ def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
     return v
 
 
+#: The seeds torch.manual_seed accepts (NumPy gets the seed modulo 2**32).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _seed(value: Any) -> int:
+    what = f"seed must be a whole number from {SEED_MIN} to {SEED_MAX}, not {value!r}"
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(what)
+    try:
+        seed = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(what) from None
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ConfigError(what)
+    return seed
+
+
 @dataclass
 class RunConfig:
     """Every setting of one training run. ``validated()`` returns a checked copy or raises ConfigError."""
@@ -105,12 +122,7 @@ class RunConfig:
         if c.divergence not in DIVERGENCE_POLICIES:
             raise ConfigError(f"unknown divergence policy {c.divergence!r}; choose one of "
                               f"{', '.join(DIVERGENCE_POLICIES)}")
-        if isinstance(c.seed, bool):
-            raise ConfigError(f"seed must be a whole number, not {c.seed!r}")
-        try:
-            c.seed = int(c.seed)
-        except (TypeError, ValueError):
-            raise ConfigError(f"seed must be a whole number, not {c.seed!r}") from None
+        c.seed = _seed(c.seed)
         if c.device not in DEVICE_CHOICES:
             raise ConfigError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICE_CHOICES)}")
         if c.schedule in ("", "none", "constant"):

@@ -25,14 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import failure
 from . import interventions as iv
-from .checkpoint import capture_rng, restore_rng
+from .checkpoint import (
+    CheckpointInfo,
+    capture_generators,
+    capture_rng,
+    data_generators,
+    restore_generators,
+    restore_rng,
+)
 from .config import RunConfig
 from .devices import resolve_device, to_device
 from .errors import ConfigError, DivergedError, LrvizError, ScriptError
 from .experiment import Experiment, error_from_exception
 from .optim import apply_hyperparams, build_optimizer
 from .records import Event, StepBuffer, ValPoint
+from .states import SETTING_COMMANDS, Command
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,23 @@ TERMINAL_STATES = ("finished", "stopped", "diverged", "failed")
 #: (or per FLUSH_SECONDS, whichever comes first).
 DEVICE_STAGE_STEPS = 256
 FLUSH_SECONDS = 0.1
+#: A change of settings (set LR, schedule, momentum/weight decay) at most this many steps before a
+#: divergence the guard caught is taken as its cause: a roll-back restores a checkpoint from before it.
+CAUSE_STEPS = 500
+#: The events that change a run's settings: one of them may be what led to a divergence.
+_SETTING_EVENTS = ("set_lr", "set_schedule", "set_hyperparams")
+
+
+#: Where a submitted command keeps its Future in the queued data (never recorded).
+_FUTURE = "_future"
+#: Controls act on flags at once (see ``submit``); the queue only carries their acks.
+_CONTROL_FLAGS: dict[str, dict[str, Any]] = {
+    Command.PAUSE: {"_pause_requested": True},
+    Command.RESUME: {"_pause_requested": False, "_step_budget": None},
+    Command.STEP_ONCE: {"_pause_requested": False, "_step_budget": 1},
+    Command.STOP: {"_stop_requested": True},
+}
+_CONTROLS = frozenset(_CONTROL_FLAGS)
 
 
 class _Stop(Exception):
@@ -180,6 +206,9 @@ class TrainingEngine:
         self._pending = sorted(interventions)
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, dict[str, Any]]] = deque()
+        self._closed = False  # set once the run has ended: commands are then refused
+        #: Called with the run's id once it is recorded in the store (e.g. to register its endpoint).
+        self.on_open: list[Any] = []
         self._attention = start_paused
         self._pause_requested = start_paused
         self._stop_requested = False
@@ -199,8 +228,10 @@ class TrainingEngine:
         self._last_ckpt_step = -1
         self._batch_in_epoch = 0
         self._epoch_rng: dict[str, Any] | None = None
-        self._resume_rng: dict[str, Any] | None = None
-        self._resume_skip: int | None = None
+        self._data_gens: dict[str, torch.Generator] = {}  # the training data's own generators
+        self._epoch_data_rng: dict[str, torch.Tensor] | None = None
+        self._resume_iter: tuple[Any, int] | None = None  # (iterator, batches taken) of a continued epoch
+        self._start_step = 0  # the step this engine started at (a fork's or resume's checkpoint step)
         self._time_offset = 0.0
         self.guard: Any = None
         self.detection: Any = None  # the guard's last Detection, until a roll-back or resume
@@ -273,13 +304,8 @@ class TrainingEngine:
 
     def set_hyperparams(self, momentum: float | None = None, weight_decay: float | None = None) -> None:
         """Change momentum (beta1 for Adam-like optimizers) and/or weight decay from the next step on."""
-        data = iv.check("set_hyperparams", {"momentum": momentum, "weight_decay": weight_decay})
-        opt = self.optimizer
-        if opt is not None:
-            g = opt.param_groups[0]
-            if "momentum" in data and "momentum" not in g and "betas" not in g:
-                raise ConfigError(f"{type(opt).__name__} has no momentum to change")
-        self._command("set_hyperparams", data)
+        self._command("set_hyperparams", self._check_hyperparams({"momentum": momentum,
+                                                                  "weight_decay": weight_decay}))
 
     def rollback(self, lr_factor: float = 0.1, checkpoint: str | Path | None = None) -> None:
         """Restore the last good checkpoint's weights and optimizer state and continue with LR x ``lr_factor``.
@@ -312,6 +338,9 @@ class TrainingEngine:
     def _lab_command(self, kind: str, kwargs: dict[str, Any]) -> Future:
         fut: Future = Future()
         with self._cond:
+            if self._closed:
+                fut.set_exception(ConfigError(f"the run has ended ({self.state})"))
+                return fut
             self._commands.append((kind, {"kwargs": kwargs, "future": fut}))
             self._attention = True
             self._cond.notify_all()
@@ -321,10 +350,94 @@ class TrainingEngine:
         """Stop a running range test early (its state is restored as usual)."""
         self._range_cancel = True
 
+    def submit(self, kind: str, data: dict[str, Any] | None = None) -> Future:
+        """Ask for ``kind`` (a :class:`lrviz.states.Command`) from any thread, never blocking.
+
+        The Future's result is the ack ``{"kind", "step", "data"}``: ``step`` is the step at which the
+        command took effect (the first step run with a new setting; the step a pause or stop came
+        before). A command that cannot be applied sets the Future's exception (an LrvizError with
+        the reason) instead. Controls (pause, resume, step once, stop) act at once, as their
+        methods do; their acks follow at the next step boundary.
+        """
+        fut: Future = Future()
+        data = dict(data or {})
+        try:
+            try:
+                cmd = Command(kind)
+            except ValueError:
+                raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            if cmd in SETTING_COMMANDS:
+                if cmd == Command.SET_HYPERPARAMS:
+                    data = self._check_hyperparams(data)
+                else:
+                    data = iv.check(cmd.value, data)
+                    if cmd == Command.SET_SCHEDULE and data["spec"] is not None:
+                        self._check_schedule_usable(data["spec"])
+            elif cmd == Command.SET_PACE:
+                self.set_pace(data.get("steps_per_second"))
+                fut.set_result(self._ack(cmd, {"steps_per_second": self._pace}))
+                return fut
+            elif cmd == Command.CANCEL_RANGE_TEST:
+                self.cancel_range_test()
+                fut.set_result(self._ack(cmd, {}))
+                return fut
+            elif cmd == Command.CHECKPOINT and self._checkpoint_dir is None and self.store is None:
+                raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
+            elif cmd == Command.RANGE_TEST:
+                return self._submit_range_test(data)
+        except LrvizError as exc:
+            fut.set_exception(exc)
+            return fut
+        flags = _CONTROL_FLAGS.get(cmd, {})
+        with self._cond:
+            if self._closed:
+                fut.set_exception(ConfigError(f"the run has ended ({self.state})"))
+                return fut
+            for name, value in flags.items():
+                setattr(self, name, value)
+            if cmd == Command.RESUME:
+                self.detection = None
+            self._commands.append((cmd.value, {**data, _FUTURE: fut}))
+            self._attention = True
+            self._cond.notify_all()
+        return fut
+
+    def _ack(self, kind: str, data: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        return {"kind": str(kind), "step": self.step if step is None else step, "data": data}
+
+    def _submit_range_test(self, kwargs: dict[str, Any]) -> Future:
+        outer: Future = Future()
+        inner = self.range_test(**kwargs)
+
+        def done(f: Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+            else:
+                r = f.result()
+                rows = {"lrs": r.lrs.tolist(), "losses": r.losses.tolist(), "smoothed": r.smoothed.tolist()}
+                outer.set_result(self._ack(Command.RANGE_TEST, {"result": {**r.to_dict(), **rows}}))
+
+        inner.add_done_callback(done)
+        return outer
+
+    def _check_hyperparams(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = iv.check("set_hyperparams", data)
+        opt = self.optimizer
+        if opt is not None:
+            g = opt.param_groups[0]
+            if "momentum" in data and "momentum" not in g and "betas" not in g:
+                raise ConfigError(f"{type(opt).__name__} has no momentum to change")
+        return data
+
     def _command(self, kind: str, data: dict[str, Any]) -> None:
         data = iv.check(kind, data)  # errors reach the caller, in its own thread
         if kind == "set_schedule" and data["spec"] is not None:
             self._check_schedule_usable(data["spec"])
+        if kind == "rollback":
+            # the trouble it answers, as seen now: resume() (the banner's "resume after roll-back")
+            # clears the detection before the training thread gets to this command
+            data["detection"] = self.detection
         with self._cond:
             self._commands.append((kind, data))
             self._attention = True
@@ -338,8 +451,16 @@ class TrainingEngine:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> str:
-        """Prepare and train in the calling thread; return the final state."""
+        """Prepare and train in the calling thread; return the final state.
+
+        The run always ends in a true state: a KeyboardInterrupt ends it as stopped, an ``exit()`` in
+        the script as failed (both re-raised afterwards when run() trains in the main thread).
+        """
         self._t0 = time.perf_counter()
+        # OpenMP's thread count is per thread: a new thread would use every core for each small
+        # matmul and spin-wait on the others, whatever torch.set_num_threads() said in the main thread
+        torch.set_num_threads(torch.get_num_threads())
+        control: BaseException | None = None
         try:
             self.state = "preparing"
             self._prepare()
@@ -358,8 +479,17 @@ class TrainingEngine:
         except DivergedError as exc:
             self.state = "diverged"
             self.error = exc
+            misread = failure.not_the_rate(self)  # e.g. an empty batch: no advice to lower the rate
+            if misread is not None:
+                self._fail(misread)
         except LrvizError as exc:
-            self._fail(exc)
+            overflow = failure.rate_out_of_range(self)  # --lr 1e300: the update itself overflows
+            if overflow is not None:
+                self.state = "diverged"
+                self.error = overflow
+                self._event("diverged", {"message": str(overflow)})
+            else:
+                self._fail(exc)
         except Exception as exc:  # a bug in the user's code we could not place, or ours
             err = error_from_exception(exc, self.experiment.path, "training")
             if err.line is None:
@@ -367,8 +497,17 @@ class TrainingEngine:
                                  "(please report it; --debug shows the traceback)")
                 err.__cause__ = exc
             self._fail(err, exc)
+        except KeyboardInterrupt as exc:  # Ctrl+C while run() trains in the main thread, or the script
+            self.state = "stopped"
+            self._event("stop", failure.interrupt_data(exc, self))
+            control = exc
+        except BaseException as exc:  # exit() in the script
+            self._fail(failure.exit_error(exc, self), exc)
+            control = exc
         finally:
             self._finish()
+        if control is not None and threading.current_thread() is threading.main_thread():
+            raise control
         return self.state
 
     def _fail(self, err: LrvizError, exc: BaseException | None = None) -> None:
@@ -387,6 +526,7 @@ class TrainingEngine:
         model = exp.make_model(cfg.params).to(self.device)
         train, val = exp.make_data(cfg.batch_size, cfg.params)
         self._train_data, self._val_data = train, val
+        self._data_gens = data_generators(train)
         opt = exp.make_optimizer(model, cfg.lr)
         if opt is None:
             opt = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
@@ -423,36 +563,117 @@ class TrainingEngine:
             self._load_origin()
 
     def _load_origin(self) -> None:
-        """Continue from a checkpoint: weights, optimizer, schedule, RNG, step and data position."""
+        """Continue from a checkpoint: weights, optimizer, schedule, RNG, step and data position.
+
+        Everything is read and checked (the data position rebuilt too) before the store is touched,
+        so a checkpoint that is refused leaves its run exactly as it was. A fork given no
+        interventions of its own continues as its parent did: the parent's later interventions are
+        applied at the same steps.
+        """
         from . import checkpoint as ckpt
 
         o = self.origin
         data = ckpt.load(o.checkpoint, map_location=self.device)
-        self._restore_training_state(data)
-        self.step = int(data["step"])
-        self.epoch = int(data["epoch"])
-        self._resume_skip = int(data["batch_in_epoch"])
+        try:
+            per_epoch = len(self._train_data)  # type: ignore[arg-type]
+        except TypeError:
+            per_epoch = None
+        ckpt.check(data, o.checkpoint, step=o.step, groups=len(self.lrs), data_gens=self._data_gens,
+                   batches_per_epoch=per_epoch)
+        self._restore_training_state(data, o.checkpoint)
+        for what, part, key in (("guard", self.guard, "guard"), ("early stopping", self._early, "early_stopping")):
+            if part is not None and data.get(key):
+                try:
+                    part.load_state_dict(data[key])
+                except (LrvizError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                    raise ConfigError(f"checkpoint {o.checkpoint} is damaged: its {what} state cannot be "
+                                      f"restored ({exc})") from None
+        self.step = self._start_step = self._last_ckpt_step = data["step"]
+        self.epoch = data["epoch"]
         self._epoch_rng = data["epoch_rng"]
-        self._resume_rng = data["rng"]
+        drng = data.get("data_rng") or {}
+        self._epoch_data_rng = drng.get("epoch")
+        self._resume_iter = self._rebuild_position(data["batch_in_epoch"], data["rng"], drng.get("now"))
         self._time_offset = float(data.get("time", 0.0))
-        self._last_ckpt_step = self.step
-        if self.guard is not None and data.get("guard"):
-            self.guard.load_state_dict(data["guard"])
-        if self._early is not None and data.get("early_stopping"):
-            self._early.load_state_dict(data["early_stopping"])
-        groups = len(self.lrs)
+        origin = CheckpointInfo(Path(o.checkpoint), self.step, "origin", None)
         if o.kind == "resume" and self.store is not None:
-            self.store.truncate_run(o.run_id, self.step)
-            self.buffer = StepBuffer.from_columns(self.store.load_steps(o.run_id))
-            self.events = self.store.load_events(o.run_id)
-            self.validation = self.store.load_validation(o.run_id)
-            self._writer_start = (len(self.buffer), len(self.events), len(self.validation))
-            if self.buffer.groups != groups:
-                raise ConfigError("the stored run has another number of param groups than the script now builds")
+            origin.seq = self._take_over_stored_run(o)
         else:
-            self.buffer = StepBuffer(groups=groups, capacity=4096, first_step=self.step)
+            self.buffer = StepBuffer(groups=len(self.lrs), capacity=4096, first_step=self.step)
+            if o.kind == "fork" and self.store is not None and not self._pending:
+                self._pending = self._parent_interventions(o)
+        self.checkpoints.append(origin)
 
-    def _restore_training_state(self, data: dict[str, Any]) -> None:
+    def _rebuild_position(self, batches: int, rng: dict[str, Any],
+                          data_now: dict[str, torch.Tensor] | None) -> tuple[Any, int]:
+        """The iterator of the checkpoint's epoch, ``batches`` batches in, with every RNG as it was then."""
+        restore_rng(self._epoch_rng)
+        restore_generators(self._data_gens, self._epoch_data_rng)
+        exp = self.experiment
+        during = f"iterating the training data (epoch {self.epoch + 1})"
+        try:
+            it = iter(self._train_data)
+            for i in range(batches):
+                try:
+                    next(it)
+                except StopIteration:
+                    raise ConfigError(
+                        f"checkpoint {self.origin.checkpoint} continues at batch {batches} of epoch "
+                        f"{self.epoch + 1}, but the training data now has {i} batches an epoch "
+                        "(did build_data change?)") from None
+        except LrvizError:
+            raise
+        except Exception as exc:
+            raise error_from_exception(exc, exp.path, during) from exc
+        restore_rng(rng)
+        restore_generators(self._data_gens, data_now)
+        return it, batches
+
+    @staticmethod
+    def _checkpoint_event_index(events: list[Event], origin: Origin) -> int | None:
+        """The index of the event of ``origin``'s checkpoint in a stored run's events."""
+        name = Path(origin.checkpoint).name
+        for i, e in enumerate(events):
+            if e.kind == "checkpoint" and e.step == origin.step and Path(str(e.data.get("path", ""))).name == name:
+                return i
+        return None
+
+    def _take_over_stored_run(self, o: Origin) -> int:
+        """Resume: keep what the run recorded up to its checkpoint (that checkpoint's event too) and
+        forget the rest. Returns the index of the checkpoint's event."""
+        store = self.store
+        k = self.step
+        steps = store.load_steps(o.run_id, 0, k)
+        buffer = StepBuffer.from_columns(steps)
+        if len(buffer) != k:
+            raise ConfigError(f"run {o.run_id} has {len(buffer)} stored steps, fewer than its checkpoint's "
+                              f"step {k}; resume it from an earlier checkpoint (or fork it)")
+        if len(buffer) and buffer.groups != len(self.lrs):
+            raise ConfigError("the stored run has another number of param groups than the script now builds")
+        events = store.load_events(o.run_id)
+        at = self._checkpoint_event_index(events, o)
+        if at is None:  # no event names the file: keep what came before its step
+            at = sum(1 for e in events if e.step < k) - 1
+        kept = events[:at + 1]
+        validation = [p for p in store.load_validation(o.run_id) if p.step < k]
+        with store.batch():
+            store.truncate_run(o.run_id, k)
+            store.add_events(o.run_id, [e for e in kept if e.step >= k])
+        self.buffer = buffer
+        # in place: the app took these lists when it showed the run, before it started
+        self.events.extend(kept)
+        self.validation.extend(validation)
+        self._writer_start = (len(buffer), len(kept), len(validation))
+        return at
+
+    def _parent_interventions(self, o: Origin) -> list[iv.Intervention]:
+        """The interventions the parent applied after the checkpoint a fork starts from."""
+        events = self.store.load_events(o.run_id)
+        at = self._checkpoint_event_index(events, o)
+        later = events[at + 1:] if at is not None else [e for e in events if e.step > o.step]
+        return [x for x in iv.from_events(later) if x.step >= o.step]
+
+    def _restore_training_state(self, data: dict[str, Any], path: str | Path) -> None:
         """Model, optimizer, LRs and schedule from a checkpoint (not RNG, step or data position)."""
         from .schedules import Schedule
 
@@ -460,7 +681,7 @@ class TrainingEngine:
             self.model.load_state_dict(data["model"])
             self.optimizer.load_state_dict(data["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"the checkpoint does not fit this script's model or optimizer: {exc}") from None
+            raise ConfigError(f"checkpoint {path} does not fit this script's model or optimizer: {exc}") from None
         self.lrs = [float(x) for x in data["lrs"]]
         self._set_group_lrs(self.lrs)
         sched = data.get("schedule")
@@ -490,6 +711,8 @@ class TrainingEngine:
             self._checkpoint_dir = self.store.checkpoint_dir(self.run_id)
         self._writer = StoreWriter(self.store, self.run_id, self, start=self._writer_start)
         self._writer.start()
+        for callback in self.on_open:
+            callback(self.run_id)
 
     # ---- checkpoints, roll-back, the guard ---------------------------------------------------------
     def _checkpoint(self, reason: str) -> Any:
@@ -499,6 +722,7 @@ class TrainingEngine:
         self._flush_device()
         if self._epoch_rng is None:
             self._epoch_rng = capture_rng()
+            self._epoch_data_rng = capture_generators(self._data_gens)
         sched = self.schedule
         buf = self.buffer
         loss = float(buf.view(len(buf) - 1)["loss"][-1]) if buf is not None and len(buf) else None
@@ -509,17 +733,19 @@ class TrainingEngine:
             "lrs": list(self.lrs),
             "schedule": None if sched is None else {"start": self.schedule_start, "state": sched.state_dict()},
             "rng": capture_rng(), "epoch_rng": self._epoch_rng,
+            "data_rng": {"epoch": self._epoch_data_rng or {}, "now": capture_generators(self._data_gens)},
             "guard": self.guard.state_dict() if self.guard is not None else None,
             "early_stopping": self._early.state_dict() if self._early is not None else None,
         }
         path = self._checkpoint_dir / f"step-{self.step:09d}-{reason}.pt"
         ckpt.save(path, payload)
-        info = ckpt.CheckpointInfo(path, self.step, reason, loss)
+        info = ckpt.CheckpointInfo(path, self.step, reason, loss, seq=len(self.events))
         self.checkpoints.append(info)
         self._last_ckpt_step = self.step
         self._event("checkpoint", {"path": str(path), "reason": reason,
                                    "loss": loss if loss is not None and math.isfinite(loss) else None})
-        periodic = [c for c in self.checkpoints if c.reason == "periodic"]
+        keep = self._rollback_targets()
+        periodic = [c for c in self.checkpoints if c.reason == "periodic" and c.seq not in keep]
         for old in periodic[:-self.keep_checkpoints] if self.keep_checkpoints else []:
             try:
                 old.path.unlink()
@@ -528,42 +754,85 @@ class TrainingEngine:
             self.checkpoints.remove(old)
         return info
 
-    def _good_checkpoint(self) -> Any:
-        """The latest checkpoint from before the trouble the guard saw (or before now)."""
-        if self.detection is not None:
-            margin = getattr(getattr(self.guard, "config", None), "oscillation_window", 20)
-            limit = self.detection.step - margin
-        else:
-            limit = self.step
-        usable = [c for c in self.checkpoints if c.path.exists()
-                  and (c.loss is None or math.isfinite(c.loss))]
-        before = [c for c in usable if c.step <= limit]
+    def _rollback_targets(self) -> set[int]:
+        """The ``seq`` of each latest checkpoint before a change of settings of the last CAUSE_STEPS
+        steps: what a roll-back restores if that change leads to a divergence (kept from pruning)."""
+        changes = []
+        for i in range(len(self.events) - 1, -1, -1):
+            e = self.events[i]
+            if e.step < self.step - CAUSE_STEPS:
+                break
+            if e.kind in _SETTING_EVENTS:
+                changes.append(i)
+        out = set()
+        for i in changes:
+            before = [c.seq for c in self.checkpoints if c.seq < i]
+            if before:
+                out.add(before[-1])
+        return out
+
+    def _good_checkpoint(self, det: Any = None) -> CheckpointInfo:
+        """The latest checkpoint from before the trouble the guard saw in ``det`` (or before now).
+
+        Before the trouble means: saved before the guard's detection window, and before the change
+        of settings that led to it (the latest one within CAUSE_STEPS steps before the detection, since
+        the last roll-back). A checkpoint saved at or after the detection is never chosen.
+        """
+        usable = [c for c in self.checkpoints if c.path.exists() and (c.loss is None or math.isfinite(c.loss))]
+        if det is None:
+            if usable:
+                return usable[-1]
+            raise ConfigError("there is no checkpoint to roll back to (checkpoints are kept only for runs "
+                              "saved in a store)")
+        margin = getattr(getattr(self.guard, "config", None), "oscillation_window", 20)
+        limit = max(det.step - margin, self._start_step)
+        cause = self._cause_of(det)
+        before = [c for c in usable if c.step <= limit and (cause is None or c.seq < cause)]
         if before:
             return before[-1]
-        if usable:
-            return usable[0]
-        raise ConfigError("there is no checkpoint to roll back to (checkpoints are kept only for runs "
-                          "saved in a store)")
+        what = f"the change at step {self.events[cause].step} that led to it" if cause is not None else \
+            f"step {limit}"
+        raise ConfigError(f"there is no checkpoint from before the trouble at step {det.step} (before {what}) "
+                          "to roll back to; save checkpoints more often (--checkpoint-every N)")
+
+    def _cause_of(self, det: Any) -> int | None:
+        """The index in ``events`` of the change of settings that led to ``det``, if one did."""
+        events = self.events
+        oldest = det.step - CAUSE_STEPS
+        for i in range(len(events) - 1, -1, -1):
+            e = events[i]
+            if e.kind == "rollback" or e.step < oldest:
+                break
+            if e.kind in _SETTING_EVENTS and e.step <= det.step:
+                return i
+        return None
 
     def _rollback(self, data: dict[str, Any]) -> dict[str, Any]:
         from . import checkpoint as ckpt
 
+        det = data.get("detection", self.detection)
         if data.get("path"):
             path = Path(data["path"])
-            saved = ckpt.load(path, map_location=self.device)
+            info = next((c for c in self.checkpoints if c.path == path), None)
         else:
-            info = self._good_checkpoint()
+            info = self._good_checkpoint(det)
             path = info.path
-            saved = ckpt.load(path, map_location=self.device)
+        saved = ckpt.load(path, map_location=self.device)
+        ckpt.check(saved, path, groups=len(self.lrs))
         self._flush_device()
-        self._restore_training_state(saved)
+        self._restore_training_state(saved, path)
         factor = float(data["lr_factor"])
         new_lr = self.lrs[0] * factor
         self._apply_lr(new_lr)
         if self.guard is not None:
             self.guard.reset()
         self.detection = None
-        return {"lr_factor": factor, "path": str(path), "to_step": int(saved["step"]), "lr": new_lr}
+        if info is not None:  # checkpoints saved after it belong to the abandoned course
+            self.checkpoints = [c for c in self.checkpoints if c.seq <= info.seq]
+        out = {"lr_factor": factor, "path": str(path), "to_step": int(saved["step"]), "lr": new_lr}
+        if data.get("auto"):
+            out["auto"] = True
+        return out
 
     def _on_detection(self, det: Any) -> None:
         """The guard saw divergence or oscillation: stop, pause or roll back, as configured."""
@@ -587,7 +856,10 @@ class TrainingEngine:
             self._auto_rollbacks += 1
             if self._auto_rollbacks > 3:
                 raise DivergedError(f"{det.message}; still diverging after 3 automatic roll-backs")
-            self._apply("rollback", {"lr_factor": 0.1})
+            try:  # marked automatic: a replay or a fork's guard rolls back by itself at the same step
+                self._apply("rollback", {"lr_factor": 0.1, "detection": det, "auto": True})
+            except ConfigError as exc:
+                raise DivergedError(f"{det.message}; cannot roll back: {exc}") from None
         else:
             raise DivergedError(det.message)
 
@@ -596,9 +868,15 @@ class TrainingEngine:
             values = self._probe(self.model)
         except Exception as exc:
             raise error_from_exception(exc, self.experiment.path, "probe()") from exc
+        try:
+            numbers = [(k, float(v)) for k, v in values.items()]
+        except (AttributeError, TypeError, ValueError):
+            exp = self.experiment
+            raise ScriptError(f"probe() returned {failure.clip_repr(values)} at step {step}; it must return a dict of "
+                              "names to numbers, e.g. {'x': 0.5}", str(exp.path), exp.line_of("probe")) from None
         self.probe_steps.append(step)
-        for k, v in values.items():
-            self.probe_values.setdefault(k, []).append(float(v))
+        for k, v in numbers:
+            self.probe_values.setdefault(k, []).append(v)
 
     def _run_range_test(self, data: dict[str, Any], kind: str = "range_test") -> None:
         from .rangetest import confirm_rates, range_test
@@ -608,6 +886,7 @@ class TrainingEngine:
             return
         self._range_cancel = False
         common = {"device": self.device, "should_stop": lambda: self._stop_requested or self._range_cancel}
+        data_order = capture_generators(self._data_gens)  # the test draws batches; training must not notice
         try:
             self._flush_device()
             if kind == "confirm_lr":
@@ -625,6 +904,8 @@ class TrainingEngine:
         except Exception as exc:
             fut.set_exception(error_from_exception(exc, self.experiment.path, "the range test"))
             return
+        finally:
+            restore_generators(self._data_gens, data_order)
         if kind == "confirm_lr":
             w = result.winner
             self._event("range_test", {"suggestion": None if w is None else w.lr, "method": "confirmed",
@@ -636,6 +917,7 @@ class TrainingEngine:
         fut.set_result(result)
 
     def _finish(self) -> None:
+        self._close_commands()
         if self._writer is not None:
             try:
                 self._writer.close(self.state, self.summary(), str(self.error) if self.error else None)
@@ -714,13 +996,44 @@ class TrainingEngine:
 
     def _apply_commands(self, commands: list[tuple[str, dict[str, Any]]]) -> None:
         for kind, data in commands:
+            fut: Future | None = data.pop(_FUTURE, None)
+            if kind in _CONTROLS:  # already acted on; the ack names the step it came before
+                if fut is not None:
+                    fut.set_result(self._ack(kind, {}))
+                continue
             try:
-                self._apply(kind, data)
+                applied = self._apply(kind, data)
             except LrvizError as exc:  # e.g. a plateau schedule without validation data
                 self._event("rejected", {"kind": kind, "message": str(exc)})
+                if fut is not None:
+                    fut.set_exception(exc)
+                continue
+            if fut is not None:
+                fut.set_result(self._ack(kind, applied or {}))
 
-    def _apply(self, kind: str, data: dict[str, Any]) -> None:
+    def _close_commands(self) -> None:
+        """Answer the commands the run ended before applying (a stop is then done; the rest are not)."""
+        with self._cond:
+            self._closed = True
+            left = list(self._commands)
+            self._commands.clear()
+        for kind, data in left:
+            fut = data.get(_FUTURE) or data.get("future")
+            if fut is None or fut.done():
+                continue
+            if kind == Command.STOP:
+                fut.set_result(self._ack(kind, {}))
+            else:
+                fut.set_exception(ConfigError(f"the run ended ({self.state}) before {kind} took effect"))
+
+    def _apply(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply an intervention now (before step ``self.step``); return what was recorded."""
         step = self.step
+        if kind == "checkpoint":
+            if self._checkpoint_dir is None:
+                raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
+            info = self._checkpoint("manual")
+            return {"path": str(info.path), "checkpoint_step": info.step}
         if kind == "set_lr":
             self._apply_lr(data["lr"])
         elif kind == "set_schedule":
@@ -736,8 +1049,9 @@ class TrainingEngine:
             data = self._rollback(data)
         elif kind in ("range_test", "confirm_lr"):
             self._run_range_test(data, kind)
-            return
+            return None
         self._event(kind, dict(data), step)
+        return dict(data)
 
     def _apply_lr(self, lr: float) -> None:
         """Use ``lr`` from the current step on; a running schedule is rescaled to continue from it."""
@@ -800,22 +1114,17 @@ class TrainingEngine:
         t0 = self._t0
         model.train()
         self.state = "running"
-        skip = self._resume_skip
         if self._checkpoint_dir is not None and self._last_ckpt_step != self.step:
             self._checkpoint("start")
         while max_epochs is None or self.epoch < max_epochs:
-            batches = 0
-            if skip is not None:  # continuing from a checkpoint: rebuild the data order of its epoch
-                restore_rng(self._epoch_rng)
-                it = iter(train)
-                for _ in range(skip):
-                    next(it)
-                batches = skip
-                restore_rng(self._resume_rng)
-                skip = self._resume_skip = None
+            if self._resume_iter is not None:  # continuing a checkpoint's epoch (rebuilt by _load_origin)
+                it, batches = self._resume_iter
+                self._resume_iter = None
             else:
+                batches = 0
                 if self._checkpoint_dir is not None:
                     self._epoch_rng = capture_rng()
+                    self._epoch_data_rng = capture_generators(self._data_gens)
                 it = iter(train)
             while True:
                 if self._attention:

@@ -34,7 +34,22 @@ class ConfigError(LrvizError):
 
 
 class StoreError(LrvizError):
-    """The run store cannot be opened or does not hold what was asked for."""
+    """The run store cannot be opened or does not hold what was asked for.
+
+    ``kind`` says why when it is one of the store's conditions: ``"busy"`` (another writer held the
+    lock too long), ``"damaged"`` (not a database, or a malformed one), ``"read-only"`` (it cannot be
+    written); None otherwise.
+    """
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+
+
+class UsageError(LrvizError):
+    """The command line names no known command; exit status 2, as argparse's usage errors."""
+
+    exit_status = 2
 
 
 class DivergedError(LrvizError):

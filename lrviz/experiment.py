@@ -15,7 +15,7 @@ import inspect
 import linecache
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -118,21 +118,30 @@ def _accepted_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str
 
 
 def _is_one_shot(obj: Any) -> bool:
-    try:
-        return iter(obj) is obj
-    except TypeError:
-        return False
+    """An iterator (a generator, ``iter(list)``, ``map``...): empty once consumed."""
+    return isinstance(obj, Iterator)
+
+
+def _is_iterable(obj: Any) -> bool:
+    """What ``iter(obj)`` would accept, decided from the type alone.
+
+    Calling ``iter()`` to find out would start an epoch: a DataLoader then draws its workers' seed
+    from its generator (or the global RNG), and training would see another data order than the
+    script's own loop.
+    """
+    cls = type(obj)
+    if hasattr(cls, "__iter__"):
+        return cls.__iter__ is not None  # type: ignore[attr-defined]
+    return hasattr(cls, "__getitem__")  # the sequence protocol
 
 
 def _check_iterable(obj: Any, path: str, line: int | None, which: str) -> None:
-    try:
-        iter(obj)
-    except TypeError:
+    if not _is_iterable(obj):
         raise ScriptError(
             f"build_data returned {which} of type {type(obj).__name__}, which cannot be iterated; "
             "return a DataLoader or a list of batches (or a (train, val) tuple of them)",
             path, line,
-        ) from None
+        )
     if _is_one_shot(obj):
         raise ScriptError(
             f"build_data returned {which} as a one-shot iterator ({type(obj).__name__}): it would be empty "

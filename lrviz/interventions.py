@@ -94,11 +94,14 @@ def parse_at(text: str) -> Intervention:
 
 
 def from_events(events: list[Any]) -> list[Intervention]:
-    """The interventions recorded in a run's events, in the order they were applied."""
+    """The interventions recorded in a run's events, in the order they were applied (without the
+    guard's automatic roll-backs, which a run with the same settings makes again by itself)."""
     out = []
     for e in events:
         if e.kind not in KINDS:
             continue
+        if e.kind == "rollback" and e.data.get("auto"):
+            continue  # the guard's own roll-back: the same run's guard does it again by itself
         data = dict(e.data)
         if e.kind == "rollback":  # replay restores the very checkpoint the original rolled back to
             data = {"lr_factor": data.get("lr_factor", 0.1), "path": data.get("path")}

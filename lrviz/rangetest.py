@@ -778,22 +778,28 @@ def candidates(s: Suggestions, max_count: int = MAX_CANDIDATES,
                ratio: float = CANDIDATE_RATIO) -> list[tuple[float, str]]:
     """The rates a confirmation tries, lowest first, each with where it came from.
 
-    Every suggestion made (rates within 10% of each other count once, named after the first in
-    :data:`METHODS` order), then rates in the widest gaps between neighbours (log-midpoints,
-    ``"between"``) while a gap is wider than ``ratio`` and there are fewer than ``max_count``.
-    A band of one rate is widened to that rate / ``ratio`` and x ``ratio`` (``"below"``,
-    ``"above"``). Empty when there is no suggestion.
+    Every suggestion made, none above ``minimum_tenth`` (a tenth of the rate at the lowest loss:
+    above it the sweep's loss is close to blowing up, and a rate that wins a short trial there
+    often stalls or diverges later; a suggestion above it is tried at it, under its name), rates within 10% of
+    each other once, named after the first in :data:`METHODS` order; then rates in the widest
+    gaps between neighbours (log-midpoints, ``"between"``) while a gap is wider than ``ratio`` and
+    there are fewer than ``max_count``. A band of one rate gets that rate / ``ratio`` too
+    (``"below"``). Empty when there is no suggestion.
     """
+    if s.minimum_tenth is None:
+        return []
+    top = float(s.minimum_tenth)
     made: list[tuple[float, str]] = []
     for m in METHODS:
         v = getattr(s, m)
-        if v is not None and all(abs(math.log(v / w)) > math.log(1.1) for w, _ in made):
+        if v is None:
+            continue
+        if v > top:
+            v, m = top, "minimum_tenth"
+        if all(abs(math.log(v / w)) > math.log(1.1) for w, _ in made):
             made.append((float(v), m))
-    if not made:
-        return []
     if len(made) == 1:
-        v = made[0][0]
-        made += [(v / ratio, "below"), (v * ratio, "above")]
+        made.append((made[0][0] / ratio, "below"))
     made.sort()
     while len(made) < max_count:
         gaps = [math.log(b[0] / a[0]) for a, b in zip(made, made[1:])]

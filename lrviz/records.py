@@ -56,13 +56,16 @@ class StepBuffer:
         return cols
 
     def reserve_row(self, row: int) -> _Columns:
-        """The arrays, grown so that row ``row`` fits (writer only; the row is published later)."""
+        """The arrays, grown so that row ``row`` fits (writer only; the row is published later).
+
+        Rows from ``n`` up to ``row`` may be staged (filled, not yet published): a growth keeps them.
+        """
         cols = self._cols
         if row >= cols.capacity:
             cap = cols.capacity
             while row >= cap:
                 cap *= 2
-            cols = cols.grown(cap, self.n)
+            cols = cols.grown(cap, min(max(row, self.n), cols.capacity))
             self._cols = cols
         return cols
 
@@ -76,6 +79,18 @@ class StepBuffer:
         cols.grad_norm[i] = grad_norm
         cols.lr[i] = lrs
         self.n = i + 1
+
+    def extend(self, columns: dict[str, np.ndarray]) -> None:
+        """Add a block of rows at once (writer only), e.g. a chunk received from a live run."""
+        k = len(columns["loss"])
+        if not k:
+            return
+        cols = self.reserve_row(self.n + k - 1)
+        i = self.n
+        for name in STEP_COLUMNS:
+            dest = getattr(cols, name)
+            dest[i:i + k] = np.asarray(columns[name]).reshape(dest[i:i + k].shape)
+        self.n = i + k
 
     def view(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Read-only views of rows ``start:stop`` (row indices) as they are published now, plus ``step``."""

@@ -194,8 +194,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(_jsonable(obj), allow_nan=False, separators=(",", ":"))
 
 
-def _loads(text: str | None) -> Any:
-    return json.loads(text) if text else {}
+def _loads(text: str | None, what: str = "a JSON field") -> Any:
+    """Decode a stored JSON field; damaged text is a StoreError (kind 'damaged') naming ``what``."""
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise StoreError(f"{what} is damaged ({exc}); the rest of the store is readable", kind="damaged") from None
 
 
 # --------------------------------------------------------------------------- column codec
@@ -285,9 +291,10 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 def _resolve_path(path: str | os.PathLike | None) -> Path:
-    if path is None:
-        return RunStore.default_path()
-    p = Path(path).expanduser()
+    """The absolute path of the database file: a script that changes the working folder later
+    (``os.chdir``) must not move the store or its checkpoints."""
+    p = RunStore.default_path() if path is None else Path(path).expanduser()
+    p = p.resolve()
     if p.is_dir() or (not p.exists() and p.suffix.lower() not in _DB_SUFFIXES):
         return p / DB_NAME
     return p
@@ -325,27 +332,73 @@ class RunStore:
             raise StoreError(
                 f"the run store {self.path} is a folder; pass a database file or its parent folder"
             )
+        #: True when the store could only be opened for reading (a read-only file or folder): runs can
+        #: be listed and exported, not recorded.
+        self.read_only = False
         try:
-            self._conn = sqlite3.connect(
-                str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise self._translate(exc, "opening it") from exc
-        try:
-            self._setup()
-        except BaseException:
-            self.close()
-            raise
+            self._open("rwc")
+        except StoreError as exc:
+            if exc.kind != "read-only" or not self.path.is_file():
+                raise
+            self._open_read_only(exc)
         try:
             self.mark_interrupted()
-        except StoreError as exc:  # e.g. read-only store, or a writer holding the lock: still readable
-            log.warning("%s", exc)
+        except StoreError as exc:  # read-only, or a writer holding the lock: still readable
+            if exc.kind == "damaged":
+                self.close()
+                raise
+            log.info("%s", exc)
         except BaseException:
             self.close()
             raise
         log.debug("opened run store %s", self.path)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _open(self, mode: str) -> None:
+        """Connect with SQLite URI ``mode`` (rwc, ro) or ``immutable`` and check the schema."""
+        query = "immutable=1" if mode == "immutable" else f"mode={mode}"
+        try:
+            self._conn = sqlite3.connect(
+                f"{self.path.as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._translate(exc, "opening it") from exc
+        try:
+            self._setup(writable=mode == "rwc")
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_read_only(self, why: StoreError) -> None:
+        """Open a store that cannot be written, for reading. A WAL database in a folder that cannot be
+        written opens only as ``immutable`` (SQLite cannot create its ``-shm`` file), which is safe only
+        when no ``-wal`` file holds commits the database file lacks: otherwise ``why`` is raised."""
+        try:
+            self._open("ro")
+        except StoreError:
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise why from None
+            self._open("immutable")
+        self.read_only = True
+        log.info("run store %s opened read-only (%s)", self.path, why)
+
+    def require_writable(self) -> None:
+        """Raise StoreError unless runs can be recorded in this store."""
+        if self.read_only or not (os.access(self.path, os.W_OK) and os.access(self.root, os.W_OK)):
+            raise StoreError(
+                f"the run store {self.path} is read-only (its file or folder cannot be written): its runs "
+                "can be listed and exported, but a new run needs a writable store; pass --store PATH or "
+                "set LRVIZ_HOME to a writable folder",
+                kind="read-only",
+            )
+
+    @staticmethod
+    def resolve_path(path: str | os.PathLike | None = None) -> Path:
+        """The absolute path of the database file that ``RunStore(path)`` opens."""
+        return _resolve_path(path)
 
     @classmethod
     def default_path(cls) -> Path:
@@ -357,7 +410,7 @@ class RunStore:
 
         return Path(platformdirs.user_data_dir("lrviz")) / DB_NAME
 
-    def _setup(self) -> None:
+    def _setup(self, writable: bool = True) -> None:
         with self._op("opening it") as conn:
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
@@ -365,7 +418,7 @@ class RunStore:
                 # delete_run give the space back.
                 conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            if str(mode).lower() != "wal" and writable:  # read-only (immutable) reports 'delete'
                 log.warning("run store %s: journal mode is %s, not WAL (network folder?)", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -420,12 +473,14 @@ class RunStore:
         if "locked" in low or "busy" in low:
             return StoreError(
                 f"the run store {self.path} stayed locked by another writer (another lrviz process?) for "
-                f"{BUSY_TIMEOUT_S:.0f} s while {what}; try again"
+                f"{BUSY_TIMEOUT_S:.0f} s while {what}; try again",
+                kind="busy",
             )
         if "not a database" in low or "malformed" in low or "corrupt" in low:
             return StoreError(
                 f"{self.path} is damaged or not an lrviz run store ({text}) [while {what}]; move the file "
-                "aside (a new store is then created) or set LRVIZ_HOME to another folder"
+                "aside (a new store is then created) or set LRVIZ_HOME to another folder",
+                kind="damaged",
             )
         if (
             "readonly" in low
@@ -436,7 +491,8 @@ class RunStore:
         ):
             return StoreError(
                 f"cannot write the run store {self.path} ({text}) [while {what}]; check the permissions and "
-                "free space of its folder, or set LRVIZ_HOME to a writable folder"
+                "free space of its folder, or set LRVIZ_HOME to a writable folder",
+                kind="read-only",
             )
         return StoreError(f"run store {self.path}: {what} failed: {text}")
 
@@ -591,7 +647,7 @@ class RunStore:
                 sets.append("error=?")
                 args.append(str(error))
             if summary is not None:
-                merged = _loads(row[0])
+                merged = _loads(row[0], f"the summary of run {run_id} in {self.path}")
                 merged.update(_jsonable(summary))
                 sets.append("summary=?")
                 args.append(_dumps(merged))
@@ -610,7 +666,14 @@ class RunStore:
             rows = conn.execute(
                 f"SELECT {_RUN_FIELDS} FROM runs ORDER BY created_at DESC, id DESC"
             ).fetchall()
-        return [self._info(row) for row in rows]
+        out = []
+        for row in rows:
+            try:
+                out.append(self._info(row))
+            except StoreError as exc:  # list the run anyway: one damaged field must not hide the others
+                log.warning("%s", exc)
+                out.append(self._info(row, damaged_ok=True))
+        return out
 
     def get_run(self, ref: int | str) -> RunInfo:
         """The run with this id, or with this name (a string of digits that names no run is taken as
@@ -638,16 +701,24 @@ class RunStore:
             raise self._unknown(ref)
         return self._info(row)
 
-    @staticmethod
-    def _info(row: tuple) -> RunInfo:
+    def _info(self, row: tuple, damaged_ok: bool = False) -> RunInfo:
+        """A RunInfo from a row; a damaged JSON field is a StoreError, or ``{}`` with ``damaged_ok``."""
         (run_id, name, script_path, script_hash, config, device, status, created_at, started_at, ended_at,
          steps, best, final, summary, error, parent_id, fork_step, pid, heartbeat_at) = row  # fmt: skip
+
+        def field(text: str, which: str) -> Any:
+            try:
+                return _loads(text, f"the {which} of run {run_id} in {self.path}")
+            except StoreError:
+                if damaged_ok:
+                    return {}
+                raise
         return RunInfo(
             id=run_id,
             name=name,
             script_path=script_path,
             script_hash=script_hash,
-            config=_loads(config),
+            config=field(config, "config"),
             device=device,
             status=status,
             created_at=created_at,
@@ -656,7 +727,7 @@ class RunStore:
             steps=steps,
             best_loss=best,
             final_loss=final,
-            summary=_loads(summary),
+            summary=field(summary, "summary"),
             error=error,
             parent_id=parent_id,
             fork_step=fork_step,
@@ -881,11 +952,18 @@ class RunStore:
         for chunk_start, n, header, data in rows:
             cols: dict[str, np.ndarray] = {}
             offset = 0
-            for meta in json.loads(header)["cols"]:
-                length = meta["len"]
-                if wanted is None or meta["name"] in wanted:
-                    cols[meta["name"]] = _decode_column(meta, data[offset : offset + length])
-                offset += length
+            try:
+                for meta in json.loads(header)["cols"]:
+                    length = meta["len"]
+                    if wanted is None or meta["name"] in wanted:
+                        cols[meta["name"]] = _decode_column(meta, data[offset : offset + length])
+                    offset += length
+            except (ValueError, KeyError, TypeError, zlib.error) as exc:
+                raise StoreError(
+                    f"the steps {chunk_start}..{chunk_start + n - 1} of run {run_id} in {self.path} are damaged "
+                    f"({type(exc).__name__}: {exc}); the run's other data is readable",
+                    kind="damaged",
+                ) from None
             decoded.append((chunk_start, n, cols))
 
         step = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n, _ in decoded])
@@ -981,7 +1059,8 @@ class RunStore:
             rows = conn.execute(
                 "SELECT step, kind, data, time FROM events WHERE run_id=? ORDER BY step, id", (run_id,)
             ).fetchall()
-        return [Event(step=s, kind=k, data=_loads(d), time=t) for s, k, d, t in rows]
+        return [Event(step=s, kind=k, data=_loads(d, f"an event of run {run_id} in {self.path}"), time=t)
+                for s, k, d, t in rows]
 
     def load_validation(self, run_id: int) -> list[ValPoint]:
         """The run's validation points in step order (a non-finite loss is read back as NaN)."""

@@ -346,10 +346,9 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     1 when the script or a setting is wrong (raised as LrvizError for the caller to print);
     130 when interrupted with Ctrl+C (the rows so far are printed and written).
     """
-    from .cli import Progress, check_out_dir, config_from_args, open_store
-    from .experiment import load_experiment
+    from .cli import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
 
-    exp = load_experiment(args.script)
+    exp = load_script(args.script)
     lrs = parse_lrs(args.lrs)
     target = _target_arg(getattr(args, "target_loss", None))
     ns = argparse.Namespace(**vars(args))
@@ -365,6 +364,11 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     out = check_out_dir(getattr(args, "out", None))
     quiet = bool(getattr(args, "quiet", False))
     store = open_store(getattr(args, "store", None))
+    try:
+        store.require_writable()
+    except BaseException:
+        store.close()
+        raise
     stop = threading.Event()
     current: list[Any] = [None]
     progress: list[Any] = [None]
@@ -372,6 +376,8 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
 
     def on_run(i: int, engine: Any) -> None:
         current[0] = engine
+        if stop.is_set():  # Ctrl+C came after should_stop() was checked for this run
+            engine.stop()
         if not quiet:
             print(f"run {i + 1}/{len(lrs)}: lr {lrs[i]:.3g}", file=sys.stderr, flush=True)
             progress[0] = Progress(engine, quiet).__enter__()
@@ -392,20 +398,30 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
         except BaseException as exc:  # handed to the main thread
             result["error"] = exc
 
+    def stop_all() -> None:
+        stop.set()
+        if current[0] is not None:
+            current[0].stop()
+
     interrupted = False
+    intr = interrupts()
     thread = threading.Thread(target=work, name="lrviz-sweep", daemon=True)
     try:
-        thread.start()
-        try:
-            while thread.is_alive():
-                thread.join(0.2)
-        except KeyboardInterrupt:
-            interrupted = True
-            print("stopping the sweep (Ctrl+C)...", file=sys.stderr)
-            stop.set()
-            if current[0] is not None:
-                current[0].stop()
-            thread.join()
+        if intr is not None:  # Ctrl+C stops the current run and the sweep; more presses are absorbed
+            with intr.stoppable(stop_all):
+                thread.start()
+                thread.join()
+            interrupted = intr.requested
+        else:
+            thread.start()
+            try:
+                while thread.is_alive():
+                    thread.join(0.2)
+            except KeyboardInterrupt:
+                interrupted = True
+                print("stopping the sweep (Ctrl+C)...", file=sys.stderr)
+                stop_all()
+                thread.join()
     finally:
         if progress[0] is not None:
             progress[0].__exit__(None, None, None)

@@ -44,6 +44,17 @@ def _lrviz_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     return home
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: small models train faster so (and the suite shares 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_settings():
     """Start every test with empty lrviz settings (in the temporary config folder)."""

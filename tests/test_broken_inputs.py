@@ -22,12 +22,17 @@ import contextlib
 import io
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from store_events import stored_steps, wait_for_running_steps, wait_until
 
 from lrviz.cli import main
 from lrviz.store import RunStore
@@ -125,12 +130,17 @@ def store(template_store, tmp_path, monkeypatch) -> tuple[Path, Seeded]:
     return dest / "runs.sqlite", seeded
 
 
+#: A message a person reads: no input echoed in full (a 120 KB schedule once was).
+MAX_MESSAGE = 1500
+
+
 def assert_one_clean_message(out: Outcome, status: int) -> str:
     assert out.status == status, f"exit status {out.status}, expected {status}; stderr:\n{out.stderr}"
     assert "Traceback" not in out.stderr, out.stderr
     assert len(out.lines) == 1, f"expected one message on stderr, got:\n{out.stderr}"
     msg = out.lines[0]
     assert msg.startswith("lrviz"), msg
+    assert len(msg) <= MAX_MESSAGE, f"a message of {len(msg)} characters: {msg[:300]}..."
     return msg
 
 
@@ -173,6 +183,14 @@ class ScriptCase:
     status: int = 1
     sub: bool = False
     flags: tuple[str, ...] = ("--quiet",)
+    absent: tuple[str, ...] = ()
+    """Case-insensitive substrings the message must not hold (advice that would mislead)."""
+    name: str = ""
+    """The test id, when the script alone does not tell the case."""
+
+    @property
+    def id(self) -> str:
+        return self.name or self.script.removesuffix(".py")
 
 
 SCRIPT_CASES = [
@@ -252,10 +270,42 @@ SCRIPT_CASES = [
         created="failed",
     ),
     ScriptCase("nan_loss.py", ("diverged", "nan", "step 3"), created="diverged", status=2, sub=True),
+    # a batch of 0 samples gives a NaN mean: the rate is not the cause, so no advice to lower it
+    ScriptCase(
+        "empty_batch.py",
+        ("step 1", "gradient of exactly 0", "empty batch"),
+        lines=("def build_data", "return [(x[:8], y[:8]), (x[8:8]"),
+        created="failed",
+        absent=("too high", "lower"),
+    ),
+    # NaN at step 0 comes before any update: the rate cannot have caused it
+    ScriptCase(
+        "nan_first_batch.py",
+        ("step 0", "before any update", "did not cause"),
+        lines=("loss_fn = nn.MSELoss()",),
+        created="failed",
+        absent=("too high",),
+    ),
+    # a rate beyond float32's range makes torch refuse the update: the run diverged, the script is fine
+    ScriptCase(
+        "ok.py",
+        ("diverged", "1e+300", "float32"),
+        created="diverged",
+        status=2,
+        flags=("--lr", "1e300", "--quiet"),
+        name="lr-1e300-diverges",
+    ),
+    ScriptCase("exit_in_loss.py", ("exit(3)", "step 2", "failed"), lines=("sys.exit(3)",), created="failed", sub=True),
+    ScriptCase(
+        "probe_returns_text.py",
+        ("probe()", "dict", "weight norm"),
+        lines=("def probe", 'return f"weight norm'),
+        created="failed",
+    ),
 ]
 
 
-@pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c.script.removesuffix(".py") for c in SCRIPT_CASES])
+@pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c.id for c in SCRIPT_CASES])
 def test_broken_script(case: ScriptCase, store, capsys):
     path, seeded = store
     script = CORPUS / case.script
@@ -265,6 +315,8 @@ def test_broken_script(case: ScriptCase, store, capsys):
         assert msg.startswith("lrviz: error: ") and script.name in msg, msg
     for needle in case.needles:
         assert needle.lower() in msg.lower(), f"{needle!r} not in: {msg}"
+    for wrong in case.absent:
+        assert wrong.lower() not in msg.lower(), f"{wrong!r} in: {msg}"
     if case.lines:
         wanted = sorted({line_no(script, t) for t in case.lines})
         assert any(f"{script.name}:{n}:" in msg for n in wanted), (
@@ -301,6 +353,7 @@ FLAG_CASES = [
     FlagCase("weight-decay-nan", ("--weight-decay", "nan"), ("weight decay", "nan")),
     FlagCase("device-unknown", ("--device", "tpu"), ("device", "tpu")),
     FlagCase("seed-text", ("--seed", "x"), ("seed", "x")),
+    FlagCase("seed-huge", ("--seed", "1" + "0" * 30), ("seed", "whole number", "18446744073709551615")),
     FlagCase("param-unknown", ("--param", "foo=1"), ("--param", "foo")),
     FlagCase("batch-size-unsupported", ("--batch-size", "8"), ("--batch-size", "batch_size")),
     FlagCase("at-unknown-setting", ("--at", "5:foo=1"), ("--at", "foo")),
@@ -311,11 +364,17 @@ FLAG_CASES = [
     # a bad value inside --at must name the --at it came from (the run also has its own --lr)
     FlagCase("at-bad-lr", ("--at", "2:lr=-1"), ("--at", "learning rate", "-1")),
     FlagCase("at-bad-schedule", ("--at", "2:schedule=Nope"), ("--at", "Nope")),
+    # the run has 3 steps (0..2): an --at at step 3 would be dropped silently
+    FlagCase("at-past-the-end", ("--at", "3:lr=0.1"), ("--at", "past the end", "0..2")),
+    # a 120 KB schedule: the message names the problem and echoes a short piece of it
+    FlagCase("schedule-huge", ("--schedule", "StepLR:step_size=10" + ",x=1" * 30_000), ("StepLR", "x", "characters")),
     FlagCase("unknown-flag", ("--lrr", "0.1"), ("--lrr",), sub=True),
     FlagCase("out-under-a-file", ("--out", "{tmp}/notes.txt/run1"), ("--out", "notes.txt/run1"), sub=True),
     FlagCase("out-is-a-file", ("--out", "{tmp}/notes.txt"), ("--out", "notes.txt")),
     FlagCase("script-missing", ("{corpus}/no_such_script.py",), ("no_such_script.py", "no such file")),
     FlagCase("script-is-a-folder", ("{corpus}",), ("corpus", "cannot read")),
+    # a text file that happens to compile as Python (a comment) used to end in an AttributeError traceback
+    FlagCase("script-not-python", ("{tmp}/todo.txt",), ("todo.txt", "not a Python script")),
 ]
 
 
@@ -323,6 +382,7 @@ FLAG_CASES = [
 def test_bad_flag(case: FlagCase, store, tmp_path, capsys):
     path, seeded = store
     (tmp_path / "notes.txt").write_text("not a folder\n")
+    (tmp_path / "todo.txt").write_text("# todo: try a lower rate\n")
     argv = _fill(case.argv, tmp_path)
     if not case.id.startswith("script-"):
         argv = [str(OK), "--steps", "3", "--quiet", *argv]
@@ -400,3 +460,194 @@ def test_debug_traceback_reaches_the_users_line(store):
         statuses = {r.id: r.status for r in s.list_runs()}
     assert statuses.pop(seeded.id) == "finished"
     assert list(statuses.values()) == ["failed"]
+
+
+# --------------------------------------------------------------------------- commands and stores
+
+
+def run_main(argv: list[str], capsys=None, sub: bool = False) -> Outcome:
+    """``lrviz ARGV`` (any command) in-process, or in a subprocess (``sub``: its log lines show there)."""
+    store = Path(argv[argv.index("--store") + 1]) if "--store" in argv else Path()
+    if sub:
+        p = subprocess.run([sys.executable, "-m", "lrviz", *argv], capture_output=True, text=True, timeout=120)
+        return Outcome(p.returncode, p.stdout, p.stderr, store)
+    capsys.readouterr()
+    status = main(argv)
+    cap = capsys.readouterr()
+    return Outcome(status, cap.out, cap.err, store)
+
+
+@pytest.mark.parametrize("word,hint", [("bogus-command", None), ("rnu", "lrviz run"), ("expotr", "lrviz export")])
+def test_unknown_command_is_a_usage_error(word, hint, capsys, monkeypatch):
+    """argparse's convention: exit status 2, one message; never the app (which used to open, and hang
+    headless)."""
+    import lrviz.cli
+
+    def no_app(argv):  # noqa: ANN001, ANN202
+        raise AssertionError(f"lrviz {word} opened the desktop app")
+
+    monkeypatch.setattr(lrviz.cli, "_app", no_app)
+    out = run_main([word], capsys)
+    msg = assert_one_clean_message(out, 2)
+    assert f"unknown command '{word}'" in msg and "run, replay" in msg, msg
+    if hint:
+        assert f"did you mean `{hint}`" in msg, msg
+
+
+def test_a_script_name_or_an_example_still_opens_the_app(tmp_path, capsys, monkeypatch):
+    import lrviz.cli
+
+    opened = []
+    monkeypatch.setattr(lrviz.cli, "_app", lambda argv: opened.append(argv) or 0)
+    script = tmp_path / "model_without_suffix"
+    script.write_text("# a script\n")
+    for argv in (["regression"], [str(OK)], [str(script)], []):
+        assert run_main(argv, capsys).status == 0
+    assert opened == [["regression"], [str(OK)], [str(script)], []]
+
+
+def _page_of(db: Path, table: str) -> int:
+    with sqlite3.connect(db) as c:
+        page = c.execute("SELECT rootpage FROM sqlite_master WHERE name=?", (table,)).fetchone()[0]
+        size = c.execute("PRAGMA page_size").fetchone()[0]
+    return (page - 1) * size + (100 if page == 1 else 0)
+
+
+def test_runs_of_a_store_whose_run_table_is_damaged(store):
+    """Garbage over the runs table's page: one message (it used to be a warning, then the error)."""
+    path, _ = store
+    with path.open("r+b") as f:
+        f.seek(_page_of(path, "runs") + 8)
+        f.write(b"\xff" * 400)
+    out = run_main(["runs", "--store", str(path)], sub=True)
+    msg = assert_one_clean_message(out, 1)
+    assert "damaged" in msg and str(path) in msg and "move the file aside" in msg, msg
+
+
+def test_runs_lists_a_store_with_one_damaged_run(store, capsys, tmp_path):
+    """A damaged field of one run: the listing still shows every run, with one warning line naming it;
+    reading the damaged parts is one message, never a traceback."""
+    path, seeded = store
+    assert run_lrviz([str(OK), *STEPS, "--quiet"], path, capsys=capsys).status == 0
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE runs SET config='{\"lr\": 0.1', summary='[' WHERE id=?", (seeded.id,))
+        c.execute("UPDATE chunks SET data=zeroblob(length(data)) WHERE run_id=?", (seeded.id,))
+    out = run_main(["runs", "--store", str(path)], sub=True)
+    assert out.status == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert [ln for ln in out.lines if "WARNING" in ln] == out.lines and len(out.lines) == 1, out.stderr
+    assert f"the config of run {seeded.id}" in out.stderr and "damaged" in out.stderr
+    listed = [ln.split()[0] for ln in out.stdout.splitlines()[1:]]
+    assert listed == ["2", str(seeded.id)], out.stdout
+    out = run_main(["export", str(seeded.id), "--store", str(path), "--out", str(tmp_path / "x"),
+                    "--format", "csv"], capsys)
+    msg = assert_one_clean_message(out, 1)
+    assert "damaged" in msg and f"run {seeded.id}" in msg, msg
+
+
+def _read_only_runner(tmp_path: Path):
+    """A way to run ``python -m lrviz`` that cannot write to a 0555 folder or a 0444 file: as this user when
+    it is not root, else as root without CAP_DAC_OVERRIDE (setpriv), else skip."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: no way to make a folder read-only")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    p = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"], capture_output=True)
+    probe.chmod(0o755)
+    if p.returncode == 0:
+        pytest.skip("this machine lets the test user write into a read-only folder")
+
+    def run(*argv: str) -> Outcome:
+        env = dict(os.environ, LRVIZ_HOME=str(tmp_path / "home"))
+        p = subprocess.run([*prefix, sys.executable, "-m", "lrviz", *argv], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=tmp_path)
+        return Outcome(p.returncode, p.stdout, p.stderr, Path())
+
+    return run
+
+
+def test_a_read_only_store_is_listed_and_exported_but_not_written(store, tmp_path):
+    path, seeded = store
+    folder = path.parent
+    for f in folder.glob("runs.sqlite-*"):  # a store closed cleanly: no -wal/-shm, so SQLite needs to create them
+        f.unlink()
+    before = path.read_bytes()
+    run = _read_only_runner(tmp_path)
+    path.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        listed = run("runs", "--store", str(path))
+        exported = run("export", str(seeded.id), "--store", str(path), "--out", str(tmp_path / "exp"),
+                       "--format", "csv,json")
+        refused = run("run", str(OK), *STEPS, "--quiet", "--store", str(path))
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+    assert listed.status == 0 and listed.stderr == "", listed.stderr
+    assert seeded.name in listed.stdout and "finished" in listed.stdout
+    assert exported.status == 0, exported.stderr
+    assert len((tmp_path / "exp" / "metrics.csv").read_text().splitlines()) == 1 + seeded.steps
+    msg = assert_one_clean_message(refused, 1)
+    assert "read-only" in msg and "--store" in msg, msg
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["runs.sqlite", "checkpoints"])
+
+
+def test_a_busy_store_is_a_line_not_a_traceback(store, tmp_path):
+    """Another writer holds the store's lock past the busy timeout while a run trains: the writer's
+    failed flushes are one log line each (no traceback without --debug), it retries, nothing is lost."""
+    path, _ = store
+    code = textwrap.dedent(f"""
+        import sys
+        import lrviz.store
+        lrviz.store.BUSY_TIMEOUT_S = 0.3  # the real 15 s, shortened
+        from lrviz.cli import main
+        sys.exit(main(["run", {str(OK)!r}, "--steps", "10000000", "--quiet", "--store", {str(path)!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        run_id = wait_for_running_steps(path, alive)
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        first = proc.stderr.readline()  # the writer's first failed flush
+        lock.execute("ROLLBACK")
+        lock.close()
+        before = stored_steps(path, run_id)
+        wait_until("the writer catching up", lambda: stored_steps(path, run_id) > before, alive)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "ERROR: writing the run to the store failed; will retry: the run store" in first, first
+    assert "locked" in first and "Traceback" not in first + rest, first + rest
+    assert proc.returncode == 130, rest
+    with RunStore(path) as s:
+        assert s.integrity_ok()
+        info = s.get_run(run_id)
+        steps = s.load_steps(run_id)["step"]
+    assert info.status == "stopped"
+    assert np.array_equal(steps, np.arange(info.steps)) and info.steps > before
+
+
+def test_keyboard_interrupt_raised_in_loss_fn_stops_the_run(store, capsys):
+    """Saved as stopped (not left 'running'), said in one line with the place, exit status 130."""
+    path, seeded = store
+    script = CORPUS / "interrupt_in_loss.py"
+    out = run_lrviz([str(script), *STEPS, "--quiet"], path, sub=True)
+    assert out.status == 130, out.stderr
+    assert "Traceback" not in out.stderr and len(out.lines) == 1, out.stderr
+    where = f"interrupt_in_loss.py:{line_no(script, 'raise KeyboardInterrupt')}"
+    assert "stopped" in out.message and f"KeyboardInterrupt raised at {where}" in out.message, out.message
+    with RunStore(path) as s:
+        assert s.integrity_ok()
+        (run,) = [r for r in s.list_runs() if r.id != seeded.id]
+        assert run.status == "stopped" and run.steps == 2
+        stop = [e for e in s.load_events(run.id) if e.kind == "stop"]
+        assert stop and stop[-1].data == {"reason": "KeyboardInterrupt", "where": where}

@@ -815,15 +815,17 @@ def test_a_dataloaders_own_generator_is_restored_too():
     assert torch.equal(g.get_state(), before)
 
 
-def test_candidates_span_the_band():
+def test_candidates_span_the_band_up_to_a_tenth_of_the_rate_at_the_lowest_loss():
     s = Suggestions(1e-3, 2e-3, 0.1, "valley")
     c = candidates(s)
     assert [src for _, src in c] == ["steepest", "valley", "between", "minimum_tenth"]
     assert c[2][0] == pytest.approx(math.sqrt(2e-3 * 0.1))
     assert candidates(s, max_count=3) == [(1e-3, "steepest"), (2e-3, "valley"), (0.1, "minimum_tenth")]
-    # rates within 10% count once; one rate is widened to a band
-    assert [src for _, src in candidates(Suggestions(1e-2, 1.05e-2, 1e-2, "valley"))] == ["below", "steepest",
-                                                                                          "above"]
+    # a suggestion above minimum_tenth (the edge of the blow-up) is tried at it, named after it
+    assert candidates(Suggestions(1.3, 0.2, 0.15, "valley")) == [(0.15 / math.sqrt(10), "below"),
+                                                                 (0.15, "minimum_tenth")]
+    # rates within 10% count once; one rate gets a lower one to compare with
+    assert [src for _, src in candidates(Suggestions(1e-2, 1.05e-2, 1e-2, "valley"))] == ["below", "steepest"]
     # neighbours at most sqrt(10) apart when there is room
     wide = candidates(Suggestions(1e-5, 1e-4, 1e-3, "valley"), max_count=10)
     assert all(b / a <= math.sqrt(10) * (1 + 1e-9) for (a, _), (b, _) in zip(wide, wide[1:]))
@@ -889,7 +891,7 @@ def _final_smoothed_losses(exp, cfg, rates) -> dict[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["digits_cnn", "classification", "regression"])
+@pytest.mark.parametrize("script", ["digits_cnn", "overfit", "regression"])
 def test_the_confirmed_rate_trains_within_1_5x_of_the_best_rate_of_a_x10_grid(script, one_torch_thread):
     if script == "digits_cnn":
         pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
@@ -925,9 +927,9 @@ def test_torch_lr_finders_steepest_does_not_learn_on_digits_and_the_confirmed_ra
     _ax, steepest = lr_finder.plot(suggest_lr=True)
     ours = find_lr(exp, cfg, confirm=True).suggestions.confirmed
     final = _final_smoothed_losses(exp, cfg, [steepest, ours])
-    start = math.log(10)  # cross-entropy of a guess among 10 classes
-    assert final[steepest] > 0.9 * start, (steepest, final)  # it does not learn
-    assert final[ours] < 0.3 * start, (ours, final)
+    chance = math.log(10)  # the cross-entropy of a guess among 10 classes
+    assert final[steepest] > 0.8 * chance, (steepest, final)  # it hardly learns
+    assert final[ours] < 0.2 * chance, (ours, final)
 
 
 # --------------------------------------------------------------------------- lrviz find-lr

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from store_events import wait_until
 
 from lrviz.errors import StoreError
 from lrviz.store import (
@@ -269,8 +270,7 @@ def test_events_and_validation_round_trip(store: RunStore):
 
 def test_create_list_get_rename(store: RunStore):
     a = new_run(store, config={"lr": np.float64(0.1), "wd": float("inf"), "path": Path("/d")})
-    time.sleep(0.01)
-    b = new_run(store, name="baseline", script_path="/y/cifar.py")
+    b = new_run(store, name="baseline", script_path="/y/cifar.py")  # the same created_at: newest id first
     info = store.get_run(a)
     assert isinstance(info, RunInfo)
     assert info.name == f"mnist #{a}" and info.status == "created" and info.pid == os.getpid()
@@ -415,6 +415,20 @@ def test_directory_and_file_paths(tmp_path: Path):
         assert s.checkpoint_dir(new_run(s)) == tmp_path / "elsewhere" / "checkpoints" / "1"
 
 
+def test_relative_paths_are_made_absolute_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A relative --store (or LRVIZ_HOME) must not record checkpoint paths that depend on the folder a
+    later command runs in, or that a script's os.chdir moves."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LRVIZ_HOME", "home")
+    for ref, want in (("runs", tmp_path / "runs" / "runs.sqlite"), ("sub/../mine.sqlite", tmp_path / "mine.sqlite"),
+                      (None, tmp_path / "home" / "runs.sqlite")):
+        assert RunStore.resolve_path(ref) == want
+        with RunStore(ref) as s:
+            assert s.path == want and s.root == want.parent
+            folder = s.checkpoint_dir(new_run(s))
+        assert folder.is_absolute() and folder.parent == want.parent / "checkpoints"
+
+
 def test_unwritable_path_gives_store_error(tmp_path: Path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -512,26 +526,54 @@ def test_run_with_stale_heartbeat_is_interrupted(tmp_path: Path):
 # --------------------------------------------------------------------------- size and concurrency
 
 
+def training_steps_per_s(steps: int = 200) -> float:
+    """Steps a second of a small bare training loop (the README's 10-64-64-1 MLP at batch 32) here, now."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(32, 10), torch.randn(32, 1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+    return steps / (time.perf_counter() - t0)
+
+
 def test_bytes_per_step_of_a_realistic_run(tmp_path: Path, record_property):
+    """About 13 bytes a step, and the store keeps up with training many times over: appending (in
+    the writer's 0.5 s chunks) is at least 20x faster than a small model trains, measured interleaved
+    on this machine (a busy machine slows both)."""
     n, flush = 100_000, 1000  # 0.5 s flushes at 2000 steps/s
     cols = realistic_steps(n)
+    append_s = 0.0
+    train_rates = []
     with RunStore(tmp_path) as s:
         run = new_run(s)
-        t0 = time.perf_counter()
         for i in range(0, n, flush):
+            if i % (n // 4) == 0:
+                train_rates.append(training_steps_per_s())
+            t0 = time.perf_counter()
             with s.batch():
                 s.append_steps(run, i, {k: v[i : i + flush] for k, v in cols.items()})
                 s.heartbeat(run)
-        rate = n / (time.perf_counter() - t0)
+            append_s += time.perf_counter() - t0
         out = s.load_steps(run)
     for name, a in cols.items():
         assert same_bits(out[name], a)
+    rate = n / append_s
+    train = float(np.median(train_rates))
     per_step = (tmp_path / "runs.sqlite").stat().st_size / n
     record_property("bytes_per_step", round(per_step, 2))
     record_property("append_steps_per_s", round(rate))
-    log.info("store: %.2f bytes/step, %.0f steps/s appended", per_step, rate)
+    log.info("store: %.2f bytes/step, %.0f steps/s appended, %.0f steps/s trained", per_step, rate, train)
     assert per_step <= 32, f"{per_step:.1f} bytes per step"
-    assert rate > 20_000, f"append throughput {rate:.0f} steps/s"
+    assert rate >= 20 * train, f"append throughput {rate:.0f} steps/s, training {train:.0f} steps/s"
 
 
 def test_second_connection_and_subprocess_read_while_writing(tmp_path: Path):
@@ -541,23 +583,23 @@ def test_second_connection_and_subprocess_read_while_writing(tmp_path: Path):
     writer.append_steps(run, 0, {k: v[:1000] for k, v in cols.items()})
     reader = RunStore(tmp_path)
     code = """
-        import sys, time
+        import sys
         from lrviz.store import RunStore
-        t0 = time.perf_counter()
         with RunStore(sys.argv[1]) as s:
             info = s.get_run(int(sys.argv[2]))
             steps = s.load_steps(info.id)
-            print(info.steps, len(steps["loss"]), f"{time.perf_counter() - t0:.3f}")
+            print(info.steps, len(steps["loss"]))
     """
-    with writer.batch():  # a flush in progress: readers see the last committed state, unblocked
+    # A flush in progress: readers see the last committed state, unblocked (a blocked reader would wait
+    # for the lock until this transaction ends, which it does only after the reader has answered).
+    with writer.batch():
         writer.append_steps(run, 1000, {k: v[1000:2000] for k, v in cols.items()})
         writer.heartbeat(run)
         assert reader.get_run(run).steps == 1000
         assert len(reader.load_steps(run)["loss"]) == 1000
         proc = run_python(code, str(tmp_path), str(run))
         assert proc.returncode == 0, proc.stderr
-        steps, loaded, took = proc.stdout.split()
-        assert (int(steps), int(loaded)) == (1000, 1000) and float(took) < 10
+        assert [int(x) for x in proc.stdout.split()] == [1000, 1000]
     assert reader.get_run(run).steps == 2000
     assert same_bits(reader.load_steps(run)["loss"], cols["loss"][:2000])
 
@@ -594,7 +636,7 @@ def test_second_connection_and_subprocess_read_while_writing(tmp_path: Path):
     writer.close()
 
 
-def test_concurrent_writer_and_readers_for_a_second(tmp_path: Path):
+def test_concurrent_writer_and_readers(tmp_path: Path):
     store = RunStore(tmp_path)
     other = RunStore(tmp_path)  # e.g. the run browser's own connection
     run = new_run(store)
@@ -645,7 +687,9 @@ def test_concurrent_writer_and_readers_for_a_second(tmp_path: Path):
     ]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    # until the writer has committed many chunks and both readers have read many times over
+    wait_until("enough concurrent reads and writes", lambda: errors or (written[0] >= 20_000 and len(seen) >= 100),
+               lambda: all(t.is_alive() for t in threads))
     stop.set()
     for t in threads:
         t.join(timeout=10)

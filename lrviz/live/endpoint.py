@@ -1,0 +1,363 @@
+"""The live endpoint: a training process serves its run to any number of clients.
+
+One thread accepts connections; each client gets one thread that authenticates it, answers its
+commands and streams what the run produces (step columns in binary chunks, events, validation,
+state, lab data) from the step it asked for. The training loop never waits on a client: the
+endpoint reads the run's append-only records, ~30 times a second, and hands commands to the run's
+own queue. A client that stops reading is dropped; a wrong token is refused, logged, and the run
+carries on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol
+
+from lrviz.errors import ConfigError, LrvizError
+from lrviz.records import STEP_COLUMNS, Event, ValPoint
+from lrviz.states import Command
+
+from .connection import (
+    ConnectionInfo,
+    parse_listen,
+    remove_quietly,
+    socket_path,
+    write_connection,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    REFUSED,
+    AuthenticationError,
+    ProtocolError,
+    jsonable,
+    new_token,
+    pack_columns,
+    recv_frame,
+    send_frame,
+    server_handshake,
+)
+
+log = logging.getLogger(__name__)
+
+#: How often each client's thread looks for new records (seconds).
+TICK_S = 0.03
+#: A state message goes out at least this often, even when nothing changed (the client's heartbeat).
+HEARTBEAT_S = 1.0
+#: At most this many rows per steps message.
+CHUNK_ROWS = 1 << 16
+#: A client that does not take a message within this time is dropped.
+SEND_TIMEOUT_S = 10.0
+
+
+class LiveSource(Protocol):
+    """What the endpoint serves: a run's records, its state, and a way to submit commands.
+
+    ``buffer``, ``events`` and ``validation`` are read-only to the endpoint and append-only.
+    """
+
+    done: threading.Event
+
+    def describe(self) -> dict[str, Any]: ...
+    def snapshot(self) -> dict[str, Any]: ...
+    def records(self) -> tuple[Any, list[Event], list[ValPoint]]: ...
+    def lab_updates(self, cursor: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def submit(self, kind: str, data: dict[str, Any]) -> Future: ...
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    return {"step": int(e.step), "kind": str(e.kind), "data": jsonable(e.data), "time": float(e.time)}
+
+
+def val_dict(p: ValPoint) -> dict[str, Any]:
+    return jsonable({"step": p.step, "epoch": p.epoch, "loss": p.loss, "accuracy": p.accuracy, "time": p.time})
+
+
+class _Client:
+    """One attached client: its socket, what it has been sent, and acks waiting to go out."""
+
+    def __init__(self, cid: int, sock: socket.socket, peer: str):
+        self.id = cid
+        self.sock = sock
+        self.peer = peer
+        self.name = ""
+        self.subscribed = False
+        self.rows = 0
+        self.n_events = 0
+        self.n_val = 0
+        self.lab: dict[str, Any] = {}
+        self.state: dict[str, Any] | None = None
+        self.state_at = 0.0
+        self.outbox: deque[dict[str, Any]] = deque()
+        self.closed = False
+
+
+class LiveEndpoint:
+    """Serves ``source`` on a Unix socket (default) or on ``listen`` (``HOST:PORT``, TCP).
+
+    ``start()`` listens and returns the :class:`ConnectionInfo`; ``register(path)`` writes it as a
+    connection file (user-only); ``close()`` sends every client the end of the run and removes the
+    file and the socket.
+    """
+
+    def __init__(self, source: LiveSource, *, listen: str | None = None, folder: Path | None = None,
+                 token: str | None = None, tick: float = TICK_S):
+        self.source = source
+        self.listen = listen
+        self.folder = folder
+        self.token = token or new_token()
+        self.tick = tick
+        self.info: ConnectionInfo | None = None
+        self.connection_file: Path | None = None
+        self.refused: list[str] = []
+        self._sock: socket.socket | None = None
+        self._clients: list[_Client] = []
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._ids = itertools.count(1)
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> ConnectionInfo:
+        """Listen; return where (ConfigError when the address cannot be used)."""
+        if self.listen is None and hasattr(socket, "AF_UNIX"):
+            path = socket_path(self.folder)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(path))
+                os.chmod(path, 0o600)
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot open the live endpoint at {path}: {exc.strerror or exc}") from None
+            info = ConnectionInfo("unix", str(path), self.token)
+        else:
+            host, port = parse_listen(self.listen or "127.0.0.1:0")
+            try:
+                sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            except OSError as exc:
+                raise ConfigError(f"--listen {self.listen}: cannot listen there ({exc.strerror or exc})") from None
+            info = ConnectionInfo("tcp", host, self.token, port=sock.getsockname()[1])
+        sock.listen(8)
+        sock.settimeout(0.2)
+        self._sock = sock
+        self.info = info
+        t = threading.Thread(target=self._accept_loop, name="lrviz-live-accept", daemon=True)
+        self._threads.append(t)
+        t.start()
+        return info
+
+    def register(self, path: Path, run_id: int | None = None, store: str | None = None) -> None:
+        """Write the connection file at ``path`` (user-only), naming the run."""
+        assert self.info is not None
+        if run_id is not None:
+            self.info.run_id = run_id
+        if store is not None:
+            self.info.store = store
+        write_connection(path, self.info)
+        self.connection_file = path
+
+    @property
+    def clients(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._clients if not c.closed)
+
+    def close(self, linger: float = 2.0) -> None:
+        """Send the rest and the end to every client (waiting up to ``linger`` s), then shut down."""
+        remove_quietly(self.connection_file)
+        self._closing.set()
+        deadline = time.monotonic() + linger
+        for t in list(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            _close_socket(c.sock)
+        if self._sock is not None:
+            _close_socket(self._sock)
+            self._sock = None
+        if self.info is not None and self.info.transport == "unix":
+            remove_quietly(self.info.address)
+        if self.folder is not None:
+            try:
+                self.folder.rmdir()  # only when no other run uses it
+            except OSError:
+                pass
+
+    # ---- accepting --------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        sock = self._sock
+        while not self._closing.is_set() and sock is not None:
+            try:
+                conn, addr = sock.accept()
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                break
+            peer = _peer_name(addr)
+            cid = next(self._ids)
+            t = threading.Thread(target=self._serve, args=(conn, peer, cid), name=f"lrviz-live-client-{cid}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, sock: socket.socket, peer: str, cid: int) -> None:
+        try:
+            server_handshake(sock, self.token)
+        except (AuthenticationError, OSError, ProtocolError) as exc:
+            msg = f"refused a connection from {peer}: {exc}"
+            self.refused.append(msg)
+            log.warning("%s", msg)
+            try:
+                sock.sendall(REFUSED)
+            except OSError:
+                pass
+            _close_socket(sock)
+            return
+        client = _Client(cid, sock, peer)
+        with self._lock:
+            self._clients.append(client)
+        try:
+            sock.settimeout(SEND_TIMEOUT_S)
+            self._client_loop(client)
+        except (OSError, ProtocolError) as exc:
+            if not client.closed:
+                log.debug("client %s (%s) left: %s", cid, peer, exc)
+        finally:
+            client.closed = True
+            _close_socket(sock)
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+
+    def _client_loop(self, c: _Client) -> None:
+        src = self.source
+        while True:
+            ready, _, _ = select.select([c.sock], [], [], self.tick)
+            if ready:
+                header, payload = recv_frame(c.sock)
+                if not self._handle(c, header, payload):
+                    return
+            if c.subscribed:  # records first: an ack arrives after everything made before it
+                self._push(c)
+            while c.outbox:
+                send_frame(c.sock, c.outbox.popleft())
+            ended = src.done.is_set()
+            if (ended or self._closing.is_set()) and not c.outbox:
+                if c.subscribed:
+                    self._push(c)
+                send_frame(c.sock, {"t": "end", **src.snapshot()})
+                c.closed = True
+                return
+
+    # ---- messages in -----------------------------------------------------------------------------
+    def _handle(self, c: _Client, h: dict[str, Any], payload: bytes) -> bool:
+        t = h["t"]
+        if t == "hello":
+            c.name = str(h.get("client") or "")[:80]
+            c.subscribed = bool(h.get("subscribe", True))
+            c.rows = max(0, int(h.get("since_row") or 0))
+            c.n_events = max(0, int(h.get("since_event") or 0))
+            c.n_val = max(0, int(h.get("since_val") or 0))
+            send_frame(c.sock, {"t": "welcome", "version": PROTOCOL_VERSION, "client_id": c.id,
+                                "run": jsonable(self.source.describe()), "state": jsonable(self.source.snapshot())})
+            return True
+        if t == "cmd":
+            self._command(c, h)
+            return True
+        if t == "bye":
+            return False
+        log.debug("client %s sent an unknown message %r", c.id, t)
+        return True
+
+    def _command(self, c: _Client, h: dict[str, Any]) -> None:
+        cmd_id = h.get("id")
+        kind = str(h.get("kind") or "")
+        data = h.get("data") if isinstance(h.get("data"), dict) else {}
+        base = {"t": "ack", "id": cmd_id, "client": c.id, "client_name": c.name, "kind": kind}
+        try:
+            Command(kind)
+        except ValueError:
+            known = ", ".join(k.value for k in Command)
+            self._broadcast({**base, "ok": False, "reason": f"unknown command {kind!r}; known: {known}"})
+            return
+        try:
+            fut = self.source.submit(kind, dict(data))
+        except LrvizError as exc:
+            self._broadcast({**base, "ok": False, "reason": str(exc)})
+            return
+        fut.add_done_callback(lambda f: self._broadcast(_ack_message(base, f)))
+
+    def _broadcast(self, msg: dict[str, Any]) -> None:
+        """Queue ``msg`` for every attached client (from any thread; cheap)."""
+        with self._lock:
+            for c in self._clients:
+                if not c.closed:
+                    c.outbox.append(msg)
+
+    # ---- records out -----------------------------------------------------------------------------
+    def _push(self, c: _Client) -> None:
+        src = self.source
+        buf, events, validation = src.records()
+        if buf is not None:
+            n = len(buf)
+            while c.rows < n:
+                stop = min(n, c.rows + CHUNK_ROWS)
+                view = buf.view(c.rows, stop)
+                k = len(view["loss"])
+                if k == 0:
+                    break
+                desc, payload = pack_columns({name: view[name] for name in STEP_COLUMNS})
+                send_frame(c.sock, {"t": "steps", "row": c.rows, "first_step": int(buf.first_step),
+                                    "n": k, "cols": desc}, payload)
+                c.rows += k
+        ne = len(events)
+        if ne > c.n_events:
+            send_frame(c.sock, {"t": "events", "start": c.n_events,
+                                "items": [event_dict(e) for e in events[c.n_events:ne]]})
+            c.n_events = ne
+        nv = len(validation)
+        if nv > c.n_val:
+            send_frame(c.sock, {"t": "val", "start": c.n_val,
+                                "items": [val_dict(p) for p in validation[c.n_val:nv]]})
+            c.n_val = nv
+        for msg in src.lab_updates(c.lab):
+            send_frame(c.sock, {"t": "lab", **jsonable(msg)})
+        now = time.monotonic()
+        state = jsonable(src.snapshot())
+        if state != c.state or now - c.state_at >= HEARTBEAT_S:
+            send_frame(c.sock, {"t": "state", **state})
+            c.state, c.state_at = state, now
+
+
+def _ack_message(base: dict[str, Any], fut: Future) -> dict[str, Any]:
+    exc = fut.exception()
+    if exc is not None:
+        reason = str(exc) if isinstance(exc, LrvizError) else f"{type(exc).__name__}: {exc}"
+        return {**base, "ok": False, "reason": reason}
+    return {**base, "ok": True, **jsonable(fut.result())}
+
+
+def _peer_name(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return "a local process"
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+

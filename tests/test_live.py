@@ -1,0 +1,330 @@
+"""The live endpoint in one process: commands acked at the exact step, streams, clients, tokens.
+
+A real engine trains in a thread and serves itself on a real socket; clients attach through the
+same code the app and ``lrviz steer`` use. Nothing waits on the clock: tests wait on acks and on
+the run's own events.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrviz.config import RunConfig
+from lrviz.engine import TrainingEngine
+from lrviz.experiment import load_experiment
+from lrviz.live import protocol
+from lrviz.live.client import LiveClient, NotLive
+from lrviz.live.connection import (
+    ConnectionInfo,
+    connection_path,
+    find_live,
+    live_runs,
+    read_connection,
+    write_connection,
+)
+from lrviz.live.endpoint import LiveEndpoint
+from lrviz.live.run import CommandRejected, LocalRun, RemoteRun
+from lrviz.live.serve import serving
+from lrviz.live.source import EngineSource
+from lrviz.states import Command, RunState
+from lrviz.store import RunStore
+
+SCRIPTS = Path(__file__).parent / "scripts"
+WAIT = 60  # seconds: only a ceiling for a broken test, never a measure
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = RunStore(tmp_path / "runs.sqlite")
+    yield s
+    s.close()
+
+
+def make_engine(store, steps=400, **kw):
+    exp = load_experiment(SCRIPTS / "tiny.py")
+    cfg = RunConfig(**exp.defaults).merged({"steps": steps, "checkpoint_every": kw.pop("checkpoint_every", None)})
+    return TrainingEngine(exp, cfg, store, **kw)
+
+
+@pytest.fixture
+def served(store):
+    """A paused engine served on a Unix socket, and its endpoint; stopped afterwards."""
+    eng = make_engine(store, steps=100_000, start_paused=True)
+    ctx = serving(eng, store)
+    ep = ctx.__enter__()
+    eng.start()
+    yield eng, ep
+    eng.stop()
+    eng.join(WAIT)
+    ctx.__exit__(None, None, None)
+
+
+def attach(ep, **kw) -> RemoteRun:
+    return RemoteRun(ep.info, **kw).connect()
+
+
+def wait_for(pred, run=None, timeout=WAIT):
+    """Wait until ``pred()`` holds, woken by the run's messages (or polling the engine)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        left = deadline - time.monotonic()
+        assert left > 0, "timed out waiting"
+        if run is not None:
+            run.changed.wait(min(left, 0.5))
+            run.changed.clear()
+        else:
+            time.sleep(0.005)
+
+
+def test_set_lr_lands_exactly_at_the_acked_step(served):
+    eng, ep = served
+    run = attach(ep)
+    first = run.set_lr(0.02).result(WAIT)
+    assert first["step"] == 0 and first["data"] == {"lr": 0.02}
+    run.resume().result(WAIT)
+    # let it train, then change the rate while it runs
+    wait_for(lambda: eng.step >= 50)
+    ack = run.set_lr(0.003).result(WAIT)
+    s = ack["step"]
+    assert s >= 50
+    run.pause().result(WAIT)
+    lr = eng.buffer.view()["lr"][:, 0]
+    assert np.all(lr[:s] == 0.02) and lr[s] == 0.003
+    # the event is recorded at the acked step, and the client's copy equals the engine's
+    ev = [e for e in eng.events if e.kind == "set_lr" and e.data["lr"] == 0.003]
+    assert [e.step for e in ev] == [s]
+    wait_for(lambda: len(run.buffer or ()) >= len(eng.buffer), run)
+    mine, theirs = run.buffer.view(), eng.buffer.view()
+    for col in ("loss", "lr", "grad_norm", "time", "epoch", "step"):
+        assert np.array_equal(mine[col], theirs[col]), col
+    run.close()
+
+
+def test_every_command_is_acked_with_its_step_or_refused_with_a_reason(served, store):
+    eng, ep = served
+    run = attach(ep)
+    assert run.pause().result(WAIT)["step"] == 0
+    with pytest.raises(CommandRejected, match="learning rate"):
+        run.set_lr("fast").result(WAIT)
+    with pytest.raises(CommandRejected, match="momentum"):
+        run.set_hyperparams(momentum=1.5).result(WAIT)
+    with pytest.raises(CommandRejected, match="unknown"):
+        run.command("explode").result(WAIT)
+    assert run.step_once().result(WAIT)["step"] == 0
+    wait_for(lambda: eng.step >= 1 and eng.state == "paused")
+    sched = run.set_schedule("StepLR:step_size=10,gamma=0.5").result(WAIT)
+    assert sched["step"] == 1 and sched["data"]["spec"] == "StepLR:step_size=10,gamma=0.5"
+    ck = run.checkpoint().result(WAIT)
+    assert ck["step"] == 1 and Path(ck["data"]["path"]).exists()
+    hp = run.set_hyperparams(weight_decay=0.01).result(WAIT)
+    assert hp["data"] == {"weight_decay": 0.01}
+    rb = run.rollback(lr_factor=0.5).result(WAIT)
+    assert rb["data"]["to_step"] <= 1 and rb["step"] == 1
+    stop = run.stop().result(WAIT)
+    assert stop["step"] == 1
+    run.done.wait(WAIT)
+    assert run.state == RunState.STOPPED
+    assert store.get_run(eng.run_id).status == "stopped"
+    # commands after the end are refused, with the state
+    with pytest.raises((CommandRejected, NotLive)):
+        run.set_lr(0.1).result(WAIT)
+
+
+def test_two_clients_see_every_ack_and_the_same_history(served):
+    eng, ep = served
+    a = attach(ep, name="a")
+    b = attach(ep, name="b")
+    ack = a.set_lr(0.01).result(WAIT)
+    b.set_lr(0.002).result(WAIT)
+    a.resume().result(WAIT)
+    wait_for(lambda: eng.step >= 30)
+    a.pause().result(WAIT)
+    for r in (a, b):
+        wait_for(lambda r=r: len([x for x in r.acks if x.get("kind") in ("set_lr", "resume", "pause")]) >= 4, r)
+    assert [(x["client_name"], x["kind"]) for x in a.acks] == [(x["client_name"], x["kind"]) for x in b.acks]
+    assert {x["client_name"] for x in a.acks} == {"a", "b"}
+    assert ack["step"] == 0
+    a.close()
+    b.close()
+
+
+def test_a_late_client_gets_the_whole_history_then_live(served):
+    eng, ep = served
+    first = attach(ep)
+    first.resume().result(WAIT)
+    wait_for(lambda: eng.step >= 80)
+    first.pause().result(WAIT)
+    late = attach(ep, name="late")
+    n = len(eng.buffer)
+    wait_for(lambda: len(late.buffer or ()) >= n, late)
+    assert np.array_equal(late.buffer.view()["loss"][:n], eng.buffer.view()["loss"][:n])
+    assert [e.kind for e in late.events] == [e.kind for e in eng.events[: len(late.events)]]
+    # resumable from any row: a client asking from row 40 gets rows 40.. only
+    client_rows = []
+    c = LiveClient(ep.info, since_row=40, on_message=lambda h, body: client_rows.append(h.get("row"))
+                   if h["t"] == "steps" else None).connect()
+    wait_for(lambda: bool(client_rows))
+    assert client_rows[0] == 40
+    c.close()
+    first.close()
+    late.close()
+
+
+def test_a_wrong_token_is_refused_and_logged_and_the_run_carries_on(served, caplog):
+    eng, ep = served
+    bad = ConnectionInfo(ep.info.transport, ep.info.address, "0" * 64, port=ep.info.port)
+    with caplog.at_level(logging.WARNING, logger="lrviz.live.endpoint"):
+        with pytest.raises(NotLive, match="refused"):
+            RemoteRun(bad).connect()
+        assert any("wrong token" in r.getMessage() for r in caplog.records)
+    assert ep.refused and "wrong token" in ep.refused[-1]
+    good = attach(ep)
+    assert good.resume().result(WAIT)["kind"] == "resume"
+    wait_for(lambda: eng.step >= 5)
+    assert eng.state == "running"
+    good.close()
+
+
+def test_garbage_before_the_handshake_never_reaches_the_run(served):
+    eng, ep = served
+    s = ep.info.connect()
+    s.recv(len(protocol.MAGIC) + protocol.NONCE_BYTES)
+    s.sendall(b"\x00\x00\x00\x05\x00\x00\x00\x00" + os.urandom(100))  # a frame, not an answer
+    assert s.recv(1) == b"\x00"  # refused
+    s.close()
+    assert not eng.events or all(e.kind != "set_lr" for e in eng.events)
+    assert attach(ep).pause().result(WAIT)["kind"] == "pause"
+
+
+def test_frames_refuse_object_arrays_and_oversized_headers():
+    with pytest.raises(protocol.ProtocolError):
+        protocol.unpack_columns([["x", "|O", [1]]], b"\x00" * 8)
+    with pytest.raises(protocol.ProtocolError):
+        protocol.unpack_columns([["x", "<f8", [4]]], b"\x00" * 8)
+    a, b = socket.socketpair()
+    a.sendall(protocol._FRAME.pack(protocol.MAX_HEADER + 1, 0))
+    with pytest.raises(protocol.ProtocolError, match="too large"):
+        protocol.recv_frame(b)
+    a.close()
+    b.close()
+
+
+def test_connection_file_is_private_registered_and_removed_at_the_end(store):
+    eng = make_engine(store, steps=30)
+    with serving(eng, store) as ep:
+        eng.start()
+        eng.join(WAIT)
+        path = connection_path(store.path, eng.run_id)
+        assert path.exists()
+        assert (path.stat().st_mode & 0o777) == 0o600
+        info = read_connection(path)
+        assert info.run_id == eng.run_id and info.token == ep.token
+        assert find_live(store.path, eng.run_id) is not None
+        assert eng.run_id in live_runs(store.path)
+    assert not path.exists()
+    assert find_live(store.path, eng.run_id) is None
+
+
+def test_a_stale_connection_file_is_ignored_and_removed(store, tmp_path):
+    # a process that has exited: its pid is free (or reused by nobody we could see as alive)
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    path = connection_path(store.path, 7)
+    write_connection(path, ConnectionInfo("unix", str(tmp_path / "gone.sock"), "t", pid=proc.pid))
+    assert find_live(store.path, 7) is None
+    assert not path.exists()
+    assert live_runs(store.path) == {}
+
+
+def test_lab_data_streams_range_test_progress_and_result(served):
+    eng, ep = served
+    run = attach(ep)
+    ack = run.range_test(steps=25, start=1e-5, end=1.0).result(WAIT)
+    assert ack["step"] == 0
+    result = ack["data"]["result"]
+    wait_for(lambda: run.range_test_result is not None and len(run.range_test_progress) >= len(result["lrs"]), run)
+    assert [p[0] for p in run.range_test_progress] == pytest.approx(result["lrs"])
+    run.close()
+
+
+def test_local_and_remote_runs_offer_the_same_interface(served):
+    eng, ep = served
+    local = LocalRun(eng)
+    remote = attach(ep)
+    for r in (local, remote):
+        assert r.pause().result(WAIT)["kind"] == Command.PAUSE
+        with pytest.raises(CommandRejected):
+            r.set_lr(-1).result(WAIT)
+        assert r.state == RunState.PAUSED or r.state == "preparing"
+    assert local.set_lr(0.07).result(WAIT)["step"] == remote.set_lr(0.07).result(WAIT)["step"]
+    remote.close()
+
+
+def test_endpoint_on_tcp_with_listen(store):
+    eng = make_engine(store, steps=100_000, start_paused=True)
+    ep = LiveEndpoint(EngineSource(eng), listen="127.0.0.1:0")
+    info = ep.start()
+    eng.start()
+    try:
+        assert info.transport == "tcp" and info.port
+        run = RemoteRun(ConnectionInfo("tcp", "127.0.0.1", info.token, port=info.port)).connect()
+        assert run.set_lr(0.01).result(WAIT)["step"] == 0
+        run.stop().result(WAIT)
+        run.done.wait(WAIT)
+        assert run.state == "stopped"
+    finally:
+        eng.stop()
+        eng.join(WAIT)
+        ep.close()
+
+
+def test_a_client_that_vanishes_does_not_disturb_the_run(served):
+    eng, ep = served
+    c = attach(ep)
+    c.resume().result(WAIT)
+    c.client._sock.close()  # no bye: the socket just goes
+    other = attach(ep)
+    start = eng.step
+    wait_for(lambda: eng.step >= start + 20)
+    assert other.pause().result(WAIT)["step"] >= start + 20
+    other.close()
+
+
+def test_connection_info_rejects_a_damaged_file(tmp_path):
+    p = tmp_path / "run-1.json"
+    p.write_text("{not json")
+    from lrviz.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="connection file"):
+        read_connection(p)
+    p.write_text('{"transport": "unix"}')
+    with pytest.raises(ConfigError, match="connection file"):
+        read_connection(p)
+
+
+def test_endpoint_adds_no_thread_that_outlives_the_run(store):
+    eng = make_engine(store, steps=20)
+    with serving(eng, store) as ep:
+        eng.start()
+        r = attach(ep)
+        eng.join(WAIT)
+        r.done.wait(WAIT)
+        r.close()
+    deadline = threading.Event()
+    for _ in range(100):
+        names = [t.name for t in threading.enumerate() if t.name.startswith("lrviz-live")]
+        if not names:
+            break
+        deadline.wait(0.05)
+    assert not names, names
