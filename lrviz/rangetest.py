@@ -73,6 +73,9 @@ METHODS = ("steepest", "valley", "minimum_tenth")
 MIN_POINTS = 10
 #: fastai's ``lr_find`` judges the curve without its last points (the blow-up).
 TRIM_END = 5
+#: The batch losses must fall by more than chance (see :func:`_fall_beyond_noise`) for a suggestion.
+FALL_Z = 1.5
+MIN_WINDOW = 3
 #: Steps each candidate rate trains for in a confirmation (``--confirm-steps``).
 CONFIRM_STEPS = 20
 #: Candidate rates of a confirmation: at most this many, and neighbours at most this factor apart.
@@ -361,6 +364,27 @@ def valley_index(y: Sequence[float] | np.ndarray) -> int:
     return end - longest + longest // 3 + longest // 6
 
 
+def _fall_beyond_noise(raw: np.ndarray) -> tuple[float, float]:
+    """How far the batch losses fell, and how far chance alone would make them seem to fall.
+
+    The fall is the mean of the first window of ``k`` losses (k a fifth of them, at least
+    :data:`MIN_WINDOW`) minus the lowest mean of any later window; chance is the noise of one loss
+    (from successive differences, so a trend does not count) times sqrt(2 / k), times
+    ``FALL_Z + sqrt(2 ln M)`` for the M windows the lowest was picked from.
+    """
+    n = raw.size
+    k = max(MIN_WINDOW, n // 5)
+    if n < k + 1:
+        return 0.0, 0.0
+    c = np.concatenate(([0.0], np.cumsum(raw)))
+    means = (c[k:] - c[:-k]) / k
+    fell = float(means[0] - means.min())
+    d = np.diff(raw)
+    sigma = float(np.median(np.abs(d - np.median(d)))) / 0.6745 / math.sqrt(2.0)
+    windows = max(1.0, n / k)
+    return fell, sigma * math.sqrt(2.0 / k) * (FALL_Z + math.sqrt(2.0 * math.log(windows)))
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
@@ -418,11 +442,16 @@ def suggest(
         return none("the learning rate does not increase from step to step, so this is not a "
                     "range-test curve")
     s = smooth(y[:cut], b)[judged]
+    raw = y[judged]
     x = x[judged]
     m = int(np.argmin(s))
     if m < 2:
         return none(f"the loss never fell: its lowest point is at lr {_fmt(x[m])}, at the start of the "
                     "sweep; lower --start")
+    fell, needed = _fall_beyond_noise(raw[: m + 1] if m + 1 >= 2 * MIN_WINDOW else raw)
+    if fell <= needed:
+        return none(f"the loss never fell by more than its noise (by {fell:.2g} in batch losses, chance alone "
+                    f"makes up to {needed:.2g}) before lr {_fmt(x[-1])}; raise --end or --steps")
     steepest = float(x[int(np.argmin(np.gradient(s, np.log10(x))[:m]))])
     k = valley_index(s)
     if k < 0:
