@@ -8,7 +8,8 @@ Writes into OUT_DIR (default ``docs/``):
 - ``screenshot-sweep.png``: a sweep of five rates overlaid, with its table (the highest diverges);
 - ``screenshot-divergence.png``: a divergence caught mid-run, with the banner explaining it;
 - ``screenshot-surface.png``: Rosenbrock's valley with the paths of SGD, SGD with momentum and Adam;
-- ``screenshot-diagnostics.png``: the diagnostics of a small transformer (``tests/scripts/tiny_gpt.py``).
+- ``screenshot-diagnostics.png``: a tiny GPT-like transformer (``bench/tiny_gpt.py``) trained with AdamW,
+  with the Diagnostics panel: the generalization verdict and each layer's update-to-weight ratio.
 
 Uses a temporary run store and settings, never the user's.
 """
@@ -116,7 +117,6 @@ def main() -> int:
     wait(app, lambda: eng.step >= 300)
     lab.use_lr(2.0)
     wait(app, lambda: eng.state == "paused" and eng.detection is not None)
-    w.plots.plots["loss"].setXRange(0, eng.step * 1.3, padding=0)  # room for the markers' labels
     w.lab.show_panel("Diagnostics")
     w.resizeDocks([w.controls_dock, w.lab.docks["Diagnostics"]], [285, 400], Qt.Orientation.Horizontal)
     shot(app, w, out / "screenshot-divergence.png")
@@ -142,13 +142,15 @@ def main() -> int:
     w.shutdown_engine()
     wait(app, lambda: w._end_handled)
 
-    # 5. Diagnostics of a small transformer (dropout on in training): validation below training,
-    #    both falling, and each layer's update ratio.
-    load(app, w, str(Path(__file__).resolve().parents[1] / "tests" / "scripts" / "tiny_gpt.py"))
+    # 5. Diagnostics of a tiny GPT-like transformer trained with AdamW.
+    gpt = Path(__file__).resolve().with_name("tiny_gpt.py")
+    w.load_script(str(gpt))
+    wait(app, lambda: w.experiment is not None and w.experiment.path == gpt and not w._loader.is_alive())
+    settle(app, 0.2)
     layout(w, "Diagnostics")
+    w.resizeDocks([w.notes_dock, w.lab.docks["Diagnostics"]], [110, 600], Qt.Orientation.Vertical)
     assert w.start_run()
-    wait(app, lambda: w._end_handled)
-    settle(app, 1.0)
+    wait(app, lambda: w._end_handled, 600)
     shot(app, w, out / "screenshot-diagnostics.png")
     w.close()
     return 0

@@ -35,6 +35,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -45,15 +46,23 @@ from lrviz.errors import ConfigError
 from lrviz.records import Event, ValPoint
 
 __all__ = [
+    "DEFAULT_SMOOTHING",
     "FORMATS",
     "IMAGE_FORMATS",
+    "MARKED_EVENTS",
+    "FigureSpec",
+    "Marker",
     "atomic_write",
     "describe_run",
+    "event_markers",
+    "event_text",
+    "format_number",
     "export_data",
     "export_engine",
     "export_run",
     "parse_formats",
     "run_record",
+    "smoothing_label",
     "write_metrics_csv",
     "write_run_json",
 ]
@@ -424,6 +433,119 @@ def describe_run(run: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     if config.get("schedule"):
         parts.append(str(config["schedule"]))
     return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------- the figure description
+
+#: Events a plot marks (a line across the plots, a label above them), in the app and in exported files.
+MARKED_EVENTS = ("set_lr", "set_schedule", "set_hyperparams", "lr_reduced", "pause", "diverged", "error",
+                 "stop", "rejected", "rollback", "early_stop", "range_test")
+#: Marked events drawn in the alarm colour.
+ALARM_EVENTS = ("diverged", "error")
+#: A pause this close (in steps) after the last marked pause is not marked: single-stepping pauses every step.
+PAUSE_GAP = 20
+#: The loss smoothing the app starts with: TensorBoard's weight of a debiased exponential moving average.
+DEFAULT_SMOOTHING = 0.6
+
+
+@dataclass
+class Marker:
+    """The mark of the events at one step: their short labels, in order, without repeats."""
+
+    step: int
+    kinds: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return " · ".join(self.texts)
+
+    @property
+    def alarm(self) -> bool:
+        return any(k in ALARM_EVENTS for k in self.kinds)
+
+
+@dataclass
+class FigureSpec:
+    """What a plot of runs shows: one description for the app's live plots and the files exported.
+
+    The app fills it from what is on screen (smoothing slider, log-axis boxes, the steps in view)
+    and hands it to the renderer, so the exported plot is what was seen; headless exports use the
+    app's defaults. ``log_loss`` None chooses a log axis when the losses are positive and span a
+    factor of 50 or more. ``panels`` are drawn top to bottom, sharing the step axis: ``loss``,
+    ``lr``, ``grad`` (gradient norm), ``acc`` (validation accuracy, when recorded).
+    """
+
+    title: str = ""
+    smoothing: float = DEFAULT_SMOOTHING
+    log_loss: bool | None = None
+    log_lr: bool = True
+    log_grad: bool = False
+    panels: tuple[str, ...] = ("loss", "lr")
+    x_range: tuple[float, float] | None = None
+
+
+def format_number(x: Any, digits: int = 3) -> str:
+    """``0.01``, ``3e-4``, ``1.25``: a number short and exact enough for a label (``nan``, ``inf`` as such)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(v):
+        return str(v)
+    if v == 0:
+        return "0"
+    text = f"{v:.{digits}g}"
+    if "e" in text:
+        mant, exp = text.split("e")
+        return f"{mant}e{int(exp)}"
+    return text
+
+
+def event_text(event: Event) -> str:
+    """The short label of a marked event: ``lr 3e-4``, ``CosineAnnealingLR``, ``paused``, ``diverged``..."""
+    d = event.data or {}
+    k = event.kind
+    if k == "set_lr":
+        return f"lr {format_number(d.get('lr', math.nan))}"
+    if k == "set_schedule":
+        spec = d.get("spec")
+        return "no schedule" if not spec else str(spec).split(":")[0].split("+")[0] + (
+            "+…" if "+" in str(spec) else "")
+    if k == "set_hyperparams":
+        parts = [f"{'wd' if key == 'weight_decay' else key} {format_number(v)}" for key, v in d.items()
+                 if key in ("momentum", "weight_decay") and v is not None]
+        return ", ".join(parts) or "hyperparams"
+    if k == "lr_reduced":
+        return f"plateau: lr {format_number(d.get('lr', math.nan))}"
+    return {"pause": "paused", "stop": "stopped", "early_stop": "early stop", "range_test": "range test",
+            "rejected": f"rejected {d.get('kind', '')}".strip()}.get(k, k)
+
+
+def event_markers(events: Iterable[Event]) -> list[Marker]:
+    """The markers a plot of a run draws, by step: the :data:`MARKED_EVENTS`, several at one step
+    sharing a marker, a pause within :data:`PAUSE_GAP` steps after the last marked one left out."""
+    markers: dict[int, Marker] = {}
+    last_pause: int | None = None
+    for e in events:
+        if e.kind not in MARKED_EVENTS:
+            continue
+        step = int(e.step)
+        if e.kind == "pause":
+            if last_pause is not None and step - last_pause < PAUSE_GAP:
+                continue
+            last_pause = step
+        m = markers.setdefault(step, Marker(step))
+        text = event_text(e)
+        m.kinds.append(e.kind)
+        if text not in m.texts:
+            m.texts.append(text)
+    return sorted(markers.values(), key=lambda m: m.step)
+
+
+def smoothing_label(weight: float) -> str:
+    """The legend entry of the smoothed loss: ``smoothed (0.60)``, or ``smoothed (off)``."""
+    return f"smoothed ({weight:.2f})" if weight > 0 else "smoothed (off)"
 
 
 def _short(value: Any) -> str:

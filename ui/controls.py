@@ -172,6 +172,7 @@ class ControlPanel(QScrollArea):
         self.batch_size.setObjectName("batchSizeSpin")
         self.batch_size.setRange(1, 1_000_000)
         self.batch_size.setValue(32)
+        self.batch_size.setGroupSeparatorShown(True)
         self.seed = QSpinBox()
         self.seed.setObjectName("seedSpin")
         self.seed.setRange(0, 2**31 - 1)
@@ -248,16 +249,7 @@ class ControlPanel(QScrollArea):
         else:
             self.length_kind.setCurrentText("epochs")
             self.length.setValue(int(cfg.epochs or 10))
-        self.batch_size.setEnabled(exp.accepts_batch_size)
-        self.batch_size.setToolTip("" if exp.accepts_batch_size else "this script's build_data() takes no batch_size")
-        default_bs = cfg.batch_size
-        if default_bs is None and exp.accepts_batch_size:
-            import inspect
-
-            param = inspect.signature(exp.module.build_data).parameters.get("batch_size")
-            if param is not None and isinstance(param.default, int):
-                default_bs = param.default
-        self.batch_size.setValue(int(default_bs or 32))
+        self._set_batch_size_field(exp, cfg.batch_size)
         self.seed.setValue(int(cfg.seed or 0))
         self.eval_every.setText("" if cfg.eval_every is None else str(cfg.eval_every))
         if cfg.device in [self.device.itemText(i) for i in range(self.device.count())]:
@@ -267,6 +259,29 @@ class ControlPanel(QScrollArea):
         self._build_params(exp.params, self._choices)
         self.config_errors.show_error(None)
         self._update_enabled()
+
+    def _set_batch_size_field(self, exp: Experiment, default: int | None) -> None:
+        """The batch size lrviz passes to ``build_data``; a script whose ``build_data`` takes none
+        batches its data itself, and the field says so instead of showing a number nobody uses."""
+        field = self.batch_size
+        if not exp.accepts_batch_size:
+            field.setRange(0, 0)
+            field.setSpecialValueText("set by the script")
+            field.setValue(0)
+            field.setEnabled(False)
+            field.setToolTip("this script's build_data() takes no batch_size: it batches its data itself")
+            return
+        if default is None:
+            import inspect
+
+            param = inspect.signature(exp.module.build_data).parameters.get("batch_size")
+            if param is not None and isinstance(param.default, int):
+                default = param.default
+        field.setSpecialValueText("")
+        field.setRange(1, 1_000_000)
+        field.setValue(int(default or 32))  # build_data(batch_size) without a default: lrviz passes 32
+        field.setEnabled(not self._running)
+        field.setToolTip("")
 
     def _build_params(self, params: dict[str, Any], choices: dict[str, tuple] | None = None) -> None:
         while self.params_form.rowCount():

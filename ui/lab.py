@@ -105,6 +105,7 @@ class Lab(QObject):
         self._source_key: Any = None
         self._linger = 0
         self._last_state = ""
+        self._script_path: str | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(TICK_MS)
         self._timer.timeout.connect(self._on_tick)
@@ -315,6 +316,11 @@ class Lab(QObject):
         self.fork.refresh()
 
     def _on_script_loaded(self, path: str) -> None:
+        if path and path != self._script_path:
+            if self._script_path is not None and self.engine is None:  # the window forgot the last run
+                self._source, self._source_key = None, None
+                self.diagnostics.forget()  # its "previous" line belongs to the script before
+            self._script_path = path
         self.range_test.update_mode()
         self.sweep.update_mode()
         self.wake()

@@ -5,7 +5,6 @@ Nothing here talks to the main window; the panels reach the app through :class:`
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
+from .axes import ValueAxis
 from .widgets import format_number
 
 if TYPE_CHECKING:
@@ -115,29 +115,11 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 # ---- axes ---------------------------------------------------------------------------------------------
-class LogValueAxis(pg.AxisItem):
-    """An axis with plain numbers; in log mode 1, 2 and 5 of each decade are labelled (0.001, 2e-5)."""
-
-    def __init__(self, orientation: str = "bottom", **kw: Any):
-        super().__init__(orientation, **kw)
-        self.enableAutoSIPrefix(False)
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        if self.logMode:
-            out = []
-            for v in values:
-                x = 10.0 ** v if math.isfinite(v) and abs(v) < 300 else math.nan
-                mant = x / 10.0 ** math.floor(math.log10(x)) if x > 0 else math.nan
-                out.append(format_number(x, 2) if any(abs(mant - m) < 1e-6 for m in (1, 2, 5)) else "")
-            return out
-        return super().tickStrings(values, scale, spacing)
-
-
 def lab_plot(bottom: str, left: str, *, log_x: bool = False, log_y: bool = False,
              min_height: int = 170) -> pg.PlotWidget:
     """A plot widget in the app's style: white, grid, plain-number axes, labelled."""
     theme.configure_pyqtgraph()
-    w = pg.PlotWidget(axisItems={"bottom": LogValueAxis("bottom"), "left": LogValueAxis("left")})
+    w = pg.PlotWidget(axisItems={"bottom": ValueAxis("bottom"), "left": ValueAxis("left")})
     p = w.getPlotItem()
     p.showGrid(x=True, y=True, alpha=theme.GRID_ALPHA)
     p.setLabel("bottom", bottom)

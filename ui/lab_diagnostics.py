@@ -195,6 +195,18 @@ class DiagnosticsPanel(QWidget):
         if self._ticks % LAYER_EVERY_TICKS == 0 or self._layer_steps < 0:
             self._update_layers(source)
 
+    def forget(self) -> None:
+        """Show nothing, and no "previous" line: another script was opened."""
+        if self._previous is not None:
+            self.ratio_plot.getPlotItem().removeItem(self._previous)
+        self._previous, self._previous_label = None, ""
+        self._source, self.report = None, None
+        self._n_val = self._n_rows = self._layer_steps = -1
+        self._clear_layers()
+        for curve in (self.train_curve, self.val_curve, self.gap_curve):
+            curve.setData([], [])
+        self._set_verdict(None, "Start a run with validation data to see how it generalizes.")
+
     def refresh(self) -> None:
         """Recompute everything now (e.g. at the end of a run)."""
         if self._source is not None:

@@ -32,6 +32,7 @@ from . import (
     theme,
 )
 from .lab_common import fmt, form, note_label
+from .widgets import FlowLayout
 
 if TYPE_CHECKING:
     from lrviz.config import RunConfig
@@ -132,11 +133,11 @@ class DivergenceBanner(QFrame):
 
         self.icon = QLabel("⚠")
         self.icon.setObjectName("bannerIcon")
-        self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 22pt; border: none; background: none;")
+        self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 18pt; border: none; background: none;")
         self.icon.setAlignment(Qt.AlignmentFlag.AlignTop)
         self.title = note_label("", theme.FOREGROUND)
         self.title.setObjectName("bannerTitle")
-        self.title.setStyleSheet("border: none; background: none; font-size: 11pt;")
+        self.title.setStyleSheet("border: none; background: none; font-size: 10pt;")
         self.explanation = note_label("", theme.FOREGROUND)
         self.explanation.setObjectName("bannerExplanation")
         self.explanation.setStyleSheet("border: none; background: none; font-size: 9pt;")
@@ -162,15 +163,14 @@ class DivergenceBanner(QFrame):
         text.setSpacing(3)
         text.addWidget(self.title)
         text.addWidget(self.explanation)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.rollback_button)
-        buttons.addWidget(self.resume_button)
-        buttons.addStretch(1)
-        buttons.addWidget(self.dismiss_button)
+        # The buttons wrap onto a second row when the plots are narrow: the banner never widens the window.
+        buttons = FlowLayout(spacing=6)
+        for w in (self.rollback_button, self.resume_button, self.resume_after, self.dismiss_button):
+            buttons.addWidget(w)
         text.addLayout(buttons)
-        text.addWidget(self.resume_after)
         row = QHBoxLayout(self)
-        row.setContentsMargins(10, 6, 10, 6)
+        row.setContentsMargins(8, 4, 8, 4)
+        row.setSpacing(6)
         row.addWidget(self.icon)
         row.addLayout(text, 1)
 
@@ -221,7 +221,7 @@ class DivergenceBanner(QFrame):
         self._awaiting_rollback = False
         self.setStyleSheet(_ALARM_STYLE)
         self.icon.setText("⚠")
-        self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 22pt; border: none; background: none;")
+        self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 18pt; border: none; background: none;")
         what = KIND_TITLES.get(det.kind, det.kind)
         lr = engine.lrs[0] if engine.lrs else None
         self.title.setText(f"<b style='color:{theme.VERMILLION}'>Training paused at step {det.step:,}: {what}.</b> "
@@ -244,7 +244,7 @@ class DivergenceBanner(QFrame):
         self._awaiting_rollback = False
         self.setStyleSheet(_INFO_STYLE)
         self.icon.setText("↶")
-        self.icon.setStyleSheet(f"color: {theme.BLUE}; font-size: 22pt; border: none; background: none;")
+        self.icon.setStyleSheet(f"color: {theme.BLUE}; font-size: 18pt; border: none; background: none;")
         cause = self._last_detection or {}
         to_step = d.get("to_step")
         lr = d.get("lr")

@@ -237,28 +237,34 @@ class SurfacePanel(QWidget):
         scale = "log-spaced contours" if log else "evenly spaced contours"
         self.title.setText(f"<b>{name}</b> · {scale} · ★ minimum")
 
-    def _current_surface(self) -> tuple[Any, dict[str, Any] | None]:
+    def _current_surface(self) -> tuple[Any, dict[str, Any] | None, Any]:
+        """(key, surface, engine whose path to draw): the live or last run's, unless the script
+        loaded since is another one."""
         eng = self.lab.engine
-        if eng is not None:
+        loaded = self.lab.experiment
+        if eng is not None and (self.lab.active() or loaded is None or eng.experiment.path == loaded.path):
             exp = eng.experiment
             params = eng.config.params
-        else:
-            exp = self.lab.experiment
+        else:  # no run, or the last one was of another script: the script loaded now
+            eng = None
+            exp = loaded
             params = self.lab.script_params()
         surface = surface_of(exp, params)
         key = (str(exp.path) if exp is not None else None, id(surface) if surface is not None else None)
-        return key, surface
+        return key, surface, eng
 
     # ---- the timer ---------------------------------------------------------------------------------
     def tick(self) -> None:
-        key, surface = self._current_surface()
+        key, surface, eng = self._current_surface()
         if key != self._surface_key:
             if self._surface_key is not None and key[1] != getattr(self, "_surface_id", None):
                 self.clear_paths()
+                self._engine = None  # the last run's path belongs to the surface before: not kept
+                for item in (self.path, self.point, self.start_mark):
+                    item.setData([], [])
             self._surface_key = key
             self._surface_id = key[1]
             self._show_surface(surface)
-        eng = self.lab.engine
         if eng is not self._engine:
             self._keep_path()
             self._engine = eng

@@ -30,7 +30,6 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
-    QSizePolicy,
     QSlider,
     QStyle,
     QTextBrowser,
@@ -49,7 +48,7 @@ from . import (
 from .controls import ControlPanel
 from .plots import TrainingPlots
 from .trace import RunTrace
-from .widgets import format_number
+from .widgets import ElidedLabel, format_number
 
 if TYPE_CHECKING:
     from lrviz.engine import TrainingEngine
@@ -103,6 +102,18 @@ def _fmt_duration(seconds: float) -> str:
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def export_path(path: str, chosen: str, filters: list[tuple[str, str]]) -> tuple[str, str]:
+    """The file and format a save dialog's answer means: an extension typed in the name wins over
+    the filter picked (``run1.svg`` with the PNG filter is an SVG); otherwise the filter's extension
+    is added (``run1`` with the PDF filter is ``run1.pdf``)."""
+    known = [fmt for _, fmt in filters]
+    typed = Path(path).suffix.lstrip(".").lower()
+    if typed in known:
+        return str(Path(path).with_suffix(f".{typed}")), typed
+    fmt = dict(filters).get(chosen) or known[0]
+    return f"{path}.{fmt}", fmt
 
 
 class MainWindow(QMainWindow):
@@ -218,9 +229,8 @@ class MainWindow(QMainWindow):
             box.toggled.connect(lambda on, p=plot: self.plots.set_log_y(p, on))
             self.log_checks[plot] = box
             bar.addWidget(box)
-        self.view_label = QLabel("")
+        self.view_label = ElidedLabel("")
         self.view_label.setObjectName("viewLabel")
-        self.view_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.view_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         self.view_label.setStyleSheet(f"color: {theme.PURPLE};")
         bar.addWidget(self.view_label, 1)
@@ -536,7 +546,10 @@ class MainWindow(QMainWindow):
             self.scriptLoaded.emit("")
             self._update_actions()
             return
+        previous = self.experiment
         self.experiment = exp
+        if previous is not None and previous.path != exp.path:
+            self._forget_shown_runs()
         self.controls.set_devices(devices)
         self.controls.set_experiment(exp)
         try:
@@ -557,6 +570,22 @@ class MainWindow(QMainWindow):
         self._on_setup_changed()
         self._update_actions()
         self.scriptLoaded.emit(str(exp.path))
+
+    def _forget_shown_runs(self) -> None:
+        """Another script was opened: the plots start empty for it (its last run, overlays and legend
+        belong to the script before). A run still in progress stays shown until it ends."""
+        if self._active() or not self._end_handled:
+            return
+        self.engine = None
+        self._overlay_ids = []
+        self.plots.set_overlays([])
+        self.plots.set_primary(None)
+        self.act_clear_overlays.setEnabled(False)
+        self.view_label.setText("")
+        self.view_label.setToolTip("")
+        self._last_state = ""
+        self._set_state_text("idle")
+        self._clear_run_labels()
 
     def _show_notes(self, exp: Experiment) -> None:
         if notes_html is not None:
@@ -846,8 +875,12 @@ class MainWindow(QMainWindow):
         buf = eng.buffer
         if buf is not None and len(buf):
             n = len(buf)
-            loss = float(buf.view(n - 1, n)["loss"][0])
-            self.loss_label.setText(f"loss {format_number(loss, 4)} · epoch {eng.epoch + 1}")
+            last = buf.view(n - 1, n)
+            # the epoch of the last step taken (the engine's counter moves past the last epoch at the end)
+            epoch = f"epoch {int(last['epoch'][0]) + 1}"
+            if eng.config.epochs:
+                epoch += f" of {eng.config.epochs:,}"
+            self.loss_label.setText(f"loss {format_number(float(last['loss'][0]), 4)} · {epoch}")
         if total:
             self.progress.setValue(int(100 * min(step, total) / total))
             self.progress.setFormat(f"{100 * min(step, total) / total:.0f}%")
@@ -1020,9 +1053,8 @@ class MainWindow(QMainWindow):
         self.plots.refresh(force=True)
         self.act_clear_overlays.setEnabled(bool(ids))
         if ids:
-            self.view_label.setText(("overlaid on the live run: " if live else "comparing: ")
-                                    + ", ".join(f"#{i}" for i in ids))
-            self.view_label.setToolTip(self.view_label.text())
+            runs = ", ".join(f"#{i}" for i in ids)  # short first: the legend names each run
+            self.view_label.setText(f"+{len(ids)} overlaid ({runs})" if live else f"{len(ids)} runs ({runs})")
             if not live:
                 self._set_state_text("viewing")
                 self._clear_run_labels()
@@ -1068,9 +1100,7 @@ class MainWindow(QMainWindow):
         path, chosen = QFileDialog.getSaveFileName(self, caption, start, ";;".join(f for f, _ in filters))
         if not path:
             return None
-        fmt = dict(filters).get(chosen) or Path(path).suffix.lstrip(".").lower() or filters[0][1]
-        if Path(path).suffix.lower() != f".{fmt}":
-            path += f".{fmt}"
+        path, fmt = export_path(path, chosen, filters)
         self._settings.setValue("exportDir", str(Path(path).parent))
         return path, fmt
 
@@ -1084,15 +1114,14 @@ class MainWindow(QMainWindow):
         if target is not None:
             self.export_plot(*target)
 
-    def export_plot(self, path: str, fmt: str) -> bool:
-        """Render the shown runs (primary and overlays, every step) to ``path`` as png, svg or pdf."""
-        try:
-            from lrviz.export import describe_run
+    def plot_description(self) -> tuple[list[Any], Any]:
+        """What the plots show now, as the renderer takes it: the runs (every step, from the engine or
+        the store, in their screen colours) and the :class:`lrviz.export.FigureSpec` (panels, smoothing,
+        log axes, the steps in view, a title)."""
+        from lrviz.export import describe_run
 
-            from . import render
-        except ImportError as exc:
-            self._show_message(QMessageBox.Icon.Warning, "Export unavailable", f"plot export is missing: {exc}")
-            return False
+        from . import render
+
         rec = self._primary_records()
         runs = []
         if rec is not None:
@@ -1100,19 +1129,30 @@ class MainWindow(QMainWindow):
                                        validation=rec["validation"]))
         for item in self.plots.overlays:
             rid = item.trace.run_id
-            try:
-                runs.append(render.RunData.from_store(self.store, rid, label=item.trace.label))
+            try:  # drawn as on screen: in its colour, its events not marked
+                runs.append(render.RunData.from_store(self.store, rid, label=item.trace.label, colour=item.colour,
+                                                      marked=False))
             except LrvizError as exc:
                 self._status(f"run #{rid} left out: {exc}")
-        if not runs:
-            return False
-        if len(runs) > 1:
+        if len(runs) > 1 or rec is None:
             title = "comparison of " + ", ".join(r.label.split(" (")[0] for r in runs)
         else:
-            assert rec is not None
             title = describe_run(rec["run"], rec["config"])
+        return runs, self.plots.figure_spec(title)
+
+    def export_plot(self, path: str, fmt: str) -> bool:
+        """Render what the plots show (the primary run and the overlays, every step; the same panels,
+        smoothing, log axes, markers and steps in view) to ``path`` as png, svg or pdf."""
         try:
-            render.render_run(runs if len(runs) > 1 else runs[0], path, fmt, title=title)
+            from . import render
+        except ImportError as exc:
+            self._show_message(QMessageBox.Icon.Warning, "Export unavailable", f"plot export is missing: {exc}")
+            return False
+        runs, figure = self.plot_description()
+        if not runs:
+            return False
+        try:
+            render.render_run(runs, path, fmt, figure=figure)
         except (LrvizError, OSError) as exc:
             self._show_message(QMessageBox.Icon.Warning, "Export failed", str(exc), _detail_of(exc))
             return False

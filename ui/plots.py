@@ -9,6 +9,7 @@ visible step range (min/max per column, so a one-step spike stays visible at any
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from collections.abc import Sequence
@@ -20,50 +21,19 @@ import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
 from PySide6.QtWidgets import QGraphicsItem, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from lrviz.records import Event
+from lrviz.export import FigureSpec, Marker, event_markers, smoothing_label
 
 from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
+from .axes import PANEL_TITLES, StepAxis, panel_axis
+from .ribbon import EventRibbon
 from .trace import RunTrace
 from .widgets import format_number
 
 AXIS_WIDTH = 64
-#: Events that get a marker (a line across the plots and a label in the ribbon above them).
-MARKED = ("set_lr", "set_schedule", "set_hyperparams", "lr_reduced", "pause", "diverged", "error", "stop",
-          "rejected", "rollback", "early_stop", "range_test")
 RIBBON_ROWS = 2
-
-
-def event_text(e: Event) -> str:
-    """The short label of an event marker (``lr 3e-4``, ``StepLR``, ``paused``...)."""
-    d = e.data or {}
-    k = e.kind
-    if k == "set_lr":
-        return f"lr {format_number(float(d.get('lr', math.nan)))}"
-    if k == "set_schedule":
-        spec = d.get("spec")
-        return "no schedule" if not spec else str(spec).split(":")[0].split("+")[0] + (
-            "+…" if "+" in str(spec) else "")
-    if k == "set_hyperparams":
-        parts = []
-        if "momentum" in d:
-            parts.append(f"momentum {format_number(float(d['momentum']))}")
-        if "weight_decay" in d:
-            parts.append(f"wd {format_number(float(d['weight_decay']))}")
-        return ", ".join(parts) or "hyperparams"
-    if k == "lr_reduced":
-        return f"plateau: lr {format_number(float(d.get('lr', math.nan)))}"
-    if k == "pause":
-        return "paused"
-    if k == "rejected":
-        return f"rejected {d.get('kind', '')}".strip()
-    if k == "early_stop":
-        return "early stop"
-    if k == "range_test":
-        return "range test"
-    return k
 
 
 class _TimedView(pg.GraphicsLayoutWidget):
@@ -103,43 +73,6 @@ def nice_end(lo: float, hi: float) -> float:
     return lo + next(m * decade for m in _ENDS if m * decade >= span)
 
 
-class _ValueAxis(pg.AxisItem):
-    """Y axis with plain numbers (no SI-prefix rescaling); in log mode 0.001, 0.01... not 10⁻³."""
-
-    def __init__(self, orientation: str = "left", **kw: Any):
-        super().__init__(orientation, **kw)
-        self.enableAutoSIPrefix(False)
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        if self.logMode:
-            out = []
-            for v in values:
-                x = 10.0**v if math.isfinite(v) else math.nan
-                mant = x / 10.0 ** math.floor(math.log10(x)) if x > 0 else math.nan
-                # label 1, 2 and 5 of each decade; the other minor ticks stay unlabelled
-                out.append(format_number(x, 2) if any(abs(mant - m) < 1e-6 for m in (1, 2, 5)) else "")
-            return out
-        if values and max(abs(v) for v in values) >= 1e5:
-            return [format_number(v, 3) for v in values]
-        return super().tickStrings(values, scale, spacing)
-
-
-class _StepAxis(pg.AxisItem):
-    """Step ticks without scientific notation: 12k, 1.5M."""
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        out = []
-        for v in values:
-            a = abs(v)
-            if a >= 1e6:
-                out.append(f"{v / 1e6:g}M")
-            elif a >= 1e4:
-                out.append(f"{v / 1e3:g}k")
-            else:
-                out.append(f"{v:g}")
-        return out
-
-
 @dataclass
 class _TraceItems:
     """The plot items of one drawn trace."""
@@ -149,9 +82,9 @@ class _TraceItems:
     curves: dict[str, pg.PlotDataItem] = field(default_factory=dict)
     val_loss: pg.PlotDataItem | None = None
     val_acc: pg.PlotDataItem | None = None
-    markers: dict[int, tuple[list[pg.InfiniteLine], list[str]]] = field(default_factory=dict)
-    n_events: int = 0
-    pause_steps: list[int] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
+    marker_lines: dict[int, list[pg.InfiniteLine]] = field(default_factory=dict)  # by step, one per plot
+    n_events: int = -1
     drawn: dict[str, tuple] = field(default_factory=dict)  # what each curve shows now (skip unchanged)
 
 
@@ -180,6 +113,14 @@ class TrainingPlots(QWidget):
         self.readout.setTextFormat(Qt.TextFormat.RichText)
         self.readout.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.readout.setMinimumHeight(self.readout.fontMetrics().height() + 6)
+        # The legend: a row of its own above the plots, so it never covers a curve, a marker or a title.
+        self.legend = QLabel("")
+        self.legend.setObjectName("plotLegend")
+        self.legend.setFont(font)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        self.legend.setWordWrap(True)
+        self.legend.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self._legend: list[tuple[object, str, str]] = []  # (item, swatch html, name)
         self.view = _TimedView()
         self.view.setObjectName("plotView")
         self.view.ci.setContentsMargins(4, 4, 12, 4)
@@ -188,14 +129,13 @@ class TrainingPlots(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(2)
         lay.addWidget(self.readout)
+        lay.addWidget(self.legend)
         lay.addWidget(self.view, 1)
 
         self.plots: dict[str, pg.PlotItem] = {}
-        labels = {"loss": "loss", "lr": "learning rate", "grad": "gradient norm (L2)",
-                  "acc": "val accuracy (%)"}
         for name in self.PLOTS:
-            p = pg.PlotItem(axisItems={"bottom": _StepAxis("bottom"), "left": _ValueAxis("left")})
-            p.setLabel("left", labels[name])
+            p = pg.PlotItem(axisItems={"bottom": StepAxis("bottom"), "left": panel_axis(name)})
+            p.setLabel("left", PANEL_TITLES[name])
             p.getAxis("left").setWidth(AXIS_WIDTH)
             p.showGrid(x=True, y=True, alpha=theme.GRID_ALPHA)
             p.setClipToView(False)
@@ -217,18 +157,10 @@ class TrainingPlots(QWidget):
         base = self.plots["loss"]
         for name in ("lr", "grad", "acc"):
             self.plots[name].setXLink(base)
-        self.ribbon = self._make_ribbon()
+        self.ribbon = EventRibbon(RIBBON_ROWS, axis_width=AXIS_WIDTH)
         self.ribbon.setXLink(base)
         self.ribbon.getViewBox().sigRangeChangedManually.connect(lambda *_: self._on_manual_range("ribbon"))
         self.plots["lr"].setLogMode(y=True)
-        self.legends = {
-            "loss": self.plots["loss"].addLegend(offset=(-8, 6), labelTextSize="9pt"),
-            "lr": self.plots["lr"].addLegend(offset=(-8, 6), labelTextSize="9pt"),
-        }
-        for leg in self.legends.values():
-            leg.setBrush(pg.mkBrush(255, 255, 255, 210))
-            leg.setPen(pg.mkPen(200, 200, 200))
-        self.legends["lr"].setVisible(False)  # only with several param groups
         self._shown: list[str] = []
         self._show_accuracy = False
         self._relayout()
@@ -266,26 +198,6 @@ class TrainingPlots(QWidget):
         self.last_refresh_s = 0.0
 
     # ---- layout -----------------------------------------------------------------------------
-    def _make_ribbon(self) -> pg.PlotItem:
-        """A thin strip above the plots holding the markers' labels, so they never cover data."""
-        r = pg.PlotItem(axisItems={"left": _ValueAxis("left")})
-        r.hideAxis("bottom")
-        ax = r.getAxis("left")
-        ax.setWidth(AXIS_WIDTH)
-        ax.setStyle(showValues=False, tickLength=0)
-        ax.setPen(pg.mkPen(None))
-        ax.setLabel("events", color=theme.GREY)
-        r.setMenuEnabled(False)
-        r.hideButtons()
-        vb = r.getViewBox()
-        vb.setMouseEnabled(x=True, y=False)
-        vb.setYRange(0, RIBBON_ROWS, padding=0)
-        vb.enableAutoRange(x=False, y=False)
-        vb.setDefaultPadding(0)
-        r.setMaximumHeight(16 * RIBBON_ROWS + 6)
-        r.setMinimumHeight(16 * RIBBON_ROWS + 6)
-        return r
-
     def _relayout(self) -> None:
         """Place the ribbon and the plots once; later only show or hide the accuracy plot.
 
@@ -368,8 +280,8 @@ class TrainingPlots(QWidget):
         else:
             self._make_overlay_items(items)
 
-    def _curve(self, plot: str, name: str | None, p: Any, z: float = 0.0) -> pg.PlotDataItem:
-        c = pg.PlotDataItem(pen=p, name=name, connect="finite")
+    def _curve(self, plot: str, p: Any, z: float = 0.0) -> pg.PlotDataItem:
+        c = pg.PlotDataItem(pen=p, connect="finite")
         c.setZValue(z)
         self.plots[plot].addItem(c)
         return c
@@ -377,16 +289,19 @@ class TrainingPlots(QWidget):
     def _make_primary_items(self, items: _TraceItems) -> None:
         tr = items.trace
         c = items.curves
-        c["loss"] = self._curve("loss", "train loss", theme.pen(theme.LOSS_RAW, 1, alpha=130), 1)
-        c["loss_smooth"] = self._curve("loss", self._smooth_name(), theme.pen(theme.LOSS_SMOOTH, 1), 2)
+        c["loss"] = self._curve("loss", theme.pen(theme.LOSS_RAW, 1, alpha=130), 1)
+        c["loss_smooth"] = self._curve("loss", theme.pen(theme.LOSS_SMOOTH, 1), 2)
         items.val_loss = pg.PlotDataItem(pen=theme.pen(theme.VAL_LOSS, 1), symbol="o", symbolSize=5,
-                                         symbolBrush=theme.VAL_LOSS, symbolPen=None, name="validation loss")
+                                         symbolBrush=theme.VAL_LOSS, symbolPen=None)
         items.val_loss.setZValue(3)
         self.plots["loss"].addItem(items.val_loss)
+        self._legend_add(c["loss"], "train loss", theme.LOSS_RAW)
+        self._legend_add(c["loss_smooth"], smoothing_label(self._smoothing), theme.LOSS_SMOOTH)
+        self._legend_add(items.val_loss, "validation loss", theme.VAL_LOSS, "-●-")
         items.val_acc = pg.PlotDataItem(pen=theme.pen(theme.ACCURACY, 1), symbol="o", symbolSize=5,
                                         symbolBrush=theme.ACCURACY, symbolPen=None)
         self.plots["acc"].addItem(items.val_acc)
-        c["grad_norm"] = self._curve("grad", None, theme.pen(theme.GRAD_NORM, 1), 1)
+        c["grad_norm"] = self._curve("grad", theme.pen(theme.GRAD_NORM, 1), 1)
         self._ensure_lr_curves(items, max(1, tr.groups))
 
     def _ensure_lr_curves(self, items: _TraceItems, groups: int) -> None:
@@ -394,23 +309,20 @@ class TrainingPlots(QWidget):
         for g in range(have, groups):
             if items.colour is None:
                 colour = theme.LR_GROUPS[g % len(theme.LR_GROUPS)]
-                name = "learning rate" if groups == 1 else f"group {g}"
-                if g == 1:  # now several groups: name the first one too
-                    first = items.curves["lr0"]
-                    self.legends["lr"].removeItem(first)
-                    self.legends["lr"].addItem(first, "group 0")
-                items.curves[f"lr{g}"] = self._curve("lr", name if groups > 1 or g else None,
-                                                     theme.pen(colour, 1), 2)
-                self.legends["lr"].setVisible(groups > 1)
+                items.curves[f"lr{g}"] = self._curve("lr", theme.pen(colour, 1), 2)
+                if g == 1:  # now several groups: the legend names each
+                    self._legend_add(items.curves["lr0"], "lr group 0", theme.LR_GROUPS[0])
+                if g >= 1:
+                    self._legend_add(items.curves[f"lr{g}"], f"lr group {g}", colour)
             elif g == 0:
-                items.curves["lr0"] = self._curve("lr", None, theme.pen(items.colour, 1), 2)
+                items.curves["lr0"] = self._curve("lr", theme.pen(items.colour, 1), 2)
 
     def _make_overlay_items(self, items: _TraceItems) -> None:
         col = items.colour
         assert col is not None
-        label = items.trace.label
         c = items.curves
-        c["loss_smooth"] = self._curve("loss", label, theme.pen(col, 1), 4)
+        c["loss_smooth"] = self._curve("loss", theme.pen(col, 1), 4)
+        self._legend_add(c["loss_smooth"], items.trace.label, col)
         items.val_loss = pg.PlotDataItem(pen=theme.pen(col, 1, dashed=True), symbol="t", symbolSize=6,
                                          symbolBrush=col, symbolPen=None)
         items.val_loss.setZValue(4)
@@ -418,29 +330,51 @@ class TrainingPlots(QWidget):
         items.val_acc = pg.PlotDataItem(pen=theme.pen(col, 1), symbol="t", symbolSize=6, symbolBrush=col,
                                         symbolPen=None)
         self.plots["acc"].addItem(items.val_acc)
-        c["grad_norm"] = self._curve("grad", None, theme.pen(col, 1, alpha=200), 3)
+        c["grad_norm"] = self._curve("grad", theme.pen(col, 1, alpha=200), 3)
         self._ensure_lr_curves(items, 1)
 
     def _remove_items(self, items: _TraceItems) -> None:
         for name, curve in items.curves.items():
             plot = "loss" if name.startswith("loss") else "lr" if name.startswith("lr") else "grad"
             self.plots[plot].removeItem(curve)
-            for leg in self.legends.values():
-                leg.removeItem(curve)
+            self._legend_remove(curve)
         for item, plot in ((items.val_loss, "loss"), (items.val_acc, "acc")):
             if item is not None:
                 self.plots[plot].removeItem(item)
-                for leg in self.legends.values():
-                    leg.removeItem(item)
-        for lines, _ in items.markers.values():
+                self._legend_remove(item)
+        for lines in items.marker_lines.values():
             for line, plot in zip(lines, self.PLOTS):
                 self.plots[plot].removeItem(line)
-            if len(lines) > len(self.PLOTS):
-                self.ribbon.removeItem(lines[-1])
-        items.markers.clear()
+        items.marker_lines.clear()
+        items.markers = []
+        if items is self.primary:
+            self.ribbon.set_markers([])
 
-    def _smooth_name(self) -> str:
-        return f"smoothed ({self._smoothing:.2f})" if self._smoothing > 0 else "smoothed (off)"
+    # ---- the legend ------------------------------------------------------------------------------
+    def _legend_add(self, item: object, name: str, colour: str, swatch: str = "━━") -> None:
+        self._legend = [e for e in self._legend if e[0] is not item]
+        self._legend.append((item, f"<span style='color:{colour}'>{swatch}</span>", name))
+        self._show_legend()
+
+    def _legend_remove(self, item: object) -> None:
+        kept = [e for e in self._legend if e[0] is not item]
+        if len(kept) != len(self._legend):
+            self._legend = kept
+            self._show_legend()
+
+    def _legend_rename(self, item: object, name: str) -> None:
+        self._legend = [(i, sw, name if i is item else n) for i, sw, n in self._legend]
+        self._show_legend()
+
+    def _show_legend(self) -> None:
+        entries = [f"<span style='white-space:nowrap'>{sw}&nbsp;{html.escape(name)}</span>"
+                   for _, sw, name in self._legend]
+        self.legend.setText(" &nbsp; ".join(entries))
+        self.legend.setVisible(bool(entries))
+
+    def legend_texts(self) -> list[str]:
+        """The legend's entries as shown."""
+        return [name for _, _, name in self._legend] if self.legend.isVisibleTo(self) else []
 
     # ---- settings ------------------------------------------------------------------------------
     def set_smoothing(self, weight: float) -> None:
@@ -453,9 +387,7 @@ class TrainingPlots(QWidget):
             items.trace.set_smoothing(weight)
             items.drawn.pop("loss_smooth", None)
         if self.primary is not None:
-            curve = self.primary.curves["loss_smooth"]
-            self.legends["loss"].removeItem(curve)
-            self.legends["loss"].addItem(curve, self._smooth_name())
+            self._legend_rename(self.primary.curves["loss_smooth"], smoothing_label(weight))
         self._dirty = True
 
     @property
@@ -468,6 +400,14 @@ class TrainingPlots(QWidget):
         self._auto_y[plot] = True
         self._dirty = True
         self._kick.start()
+
+    def figure_spec(self, title: str = "") -> FigureSpec:
+        """What the plots show, as an exported figure should show it: the panels, the loss smoothing,
+        the log axes and, once zoomed or panned, the steps in view."""
+        x_range = None if self._follow else tuple(self.plots["loss"].getViewBox().viewRange()[0])
+        return FigureSpec(title=title, smoothing=self._smoothing, log_loss=self.log_y("loss"),
+                          log_lr=self.log_y("lr"), log_grad=self.log_y("grad"), panels=tuple(self._shown),
+                          x_range=x_range)
 
     def log_y(self, plot: str) -> bool:
         return bool(self.plots[plot].ctrl.logYCheck.isChecked())
@@ -647,54 +587,37 @@ class TrainingPlots(QWidget):
 
     # ---- markers ---------------------------------------------------------------------------------
     def _update_markers(self, items: _TraceItems) -> None:
+        """Mark the run's events (see :func:`lrviz.export.event_markers`, shared with exported figures):
+        a line at each marker's step across every plot, its label in the ribbon."""
         events = items.trace.events
         n = len(events)
         if n == items.n_events:
             return
-        for e in list(events[items.n_events:n]):
-            if e.kind not in MARKED:
-                continue
-            if e.kind == "pause":
-                # Single-stepping pauses at every step: mark a pause only when none is close.
-                if items.pause_steps and e.step - items.pause_steps[-1] < 20:
-                    continue
-                items.pause_steps.append(e.step)
-            self._add_marker(items, e)
         items.n_events = n
-
-    def _add_marker(self, items: _TraceItems, e: Event) -> None:
-        """A line at the event's step across every plot, and its label in the ribbon."""
-        text = event_text(e)
-        colour, dashed = theme.EVENT_STYLE.get(e.kind, (theme.GREY, True))
-        if e.step in items.markers:  # several events at one step share a marker: "lr 0.1 · StepLR"
-            lines, texts = items.markers[e.step]
-            if text not in texts:
-                texts.append(text)
-                label = lines[-1]
-                label.setText(" · ".join(texts))
-                if e.kind in ("diverged", "error"):
-                    label.setColor(colour)
-            return
-        lines: list[Any] = []
-        for name in self.PLOTS:
-            line = pg.InfiniteLine(pos=e.step, angle=90, movable=False,
-                                   pen=theme.pen(colour, 1, alpha=200, dashed=dashed))
-            line.setZValue(5)
-            self.plots[name].addItem(line, ignoreBounds=True)
-            lines.append(line)
-        row = RIBBON_ROWS - 0.5 - (len(items.markers) % RIBBON_ROWS)
-        label = pg.TextItem(text, color=colour, anchor=(0, 0.5))
-        label.setPos(e.step, row)
-        label.setToolTip(f"step {e.step}: {e.kind} {e.data}")
-        self.ribbon.addItem(label, ignoreBounds=True)
-        lines.append(label)
-        items.markers[e.step] = (lines, [text])
+        items.markers = event_markers(list(events[:n]))
+        styled = []
+        for m in items.markers:
+            colour, dashed = theme.EVENT_STYLE.get(m.kinds[0], (theme.GREY, True))
+            if m.alarm:
+                colour, dashed = theme.VERMILLION, False
+            lines = items.marker_lines.get(m.step)
+            if lines is None:
+                lines = items.marker_lines[m.step] = []
+                for name in self.PLOTS:
+                    line = pg.InfiniteLine(pos=m.step, angle=90, movable=False)
+                    line.setZValue(5)
+                    self.plots[name].addItem(line, ignoreBounds=True)
+                    lines.append(line)
+            for line in lines:
+                line.setPen(theme.pen(colour, 1, alpha=200, dashed=dashed))
+            styled.append((m, colour))
+        self.ribbon.set_markers(styled)
 
     def marker_texts(self) -> dict[int, str]:
         """The primary run's marker labels by step (for tests and screenshots)."""
         if self.primary is None:
             return {}
-        return {s: " · ".join(t) for s, (_, t) in self.primary.markers.items()}
+        return {m.step: m.text for m in self.primary.markers}
 
     # ---- crosshair --------------------------------------------------------------------------------
     def _on_mouse_moved(self, args: tuple[QPointF]) -> None:

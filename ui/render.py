@@ -2,25 +2,28 @@
 
 Entry points
 ------------
-``render_run(data, path, fmt=None, *, title=None, kind="both", size=(1200, 800), loss_log=None) -> Path``
+``render_run(data, path, fmt=None, *, title=None, kind="both", size=(1200, 800), loss_log=None, figure=None)``
     Draw ``data`` (one :class:`RunData` or a sequence of them, overlaid) and write it to ``path``
-    through :func:`lrviz.export.atomic_write`. ``fmt`` is ``"png"``, ``"svg"`` or ``"pdf"``
-    (default: the suffix of ``path``). ``kind`` is ``"loss"`` (training loss, raw and smoothed,
-    with validation points), ``"lr"`` (learning rate per parameter group on a log axis) or
-    ``"both"`` (the two stacked, sharing the step axis). ``size`` is the figure in pixels
-    (the PNG's size; SVG and PDF have the same layout at 96 dpi, i.e. 12.5 x 8.3 in by default);
-    fonts scale with it. ``loss_log`` puts the loss on a log axis: ``None`` chooses it when the
-    finite losses are all positive and span a factor of 50 or more. Returns ``path``.
-``render_bytes(data, fmt, *, title=None, kind="both", size=(1200, 800), loss_log=None) -> bytes``
+    through :func:`lrviz.export.atomic_write`; returns ``path``. ``fmt`` is ``"png"``, ``"svg"``
+    or ``"pdf"`` (default: the suffix of ``path``). What is drawn is described by ``figure``, a
+    :class:`lrviz.export.FigureSpec` -- the same description the app's live plots follow, so an
+    export from the app is what was on screen: its panels (loss, learning rate, gradient norm,
+    validation accuracy), its loss smoothing, its log axes, the steps in view. Without one, ``kind``
+    picks the panels (``"loss"``, ``"lr"`` or ``"both"``), ``loss_log`` the loss axis (``None``:
+    log when the finite losses are positive and span a factor of 50 or more) and ``title`` the
+    title, with the app's defaults for the rest. ``size`` is the figure in pixels (the PNG's size;
+    SVG and PDF have the same layout at 96 dpi, i.e. 12.5 x 8.3 in by default); fonts scale with it.
+``render_bytes(data, fmt, *, ...)``
     The same file content, in memory.
 
-What is drawn: vertical markers with short labels at interventions and incidents (``set_lr``,
-``set_schedule``, ``set_hyperparams``, ``lr_reduced``, ``pause``, ``stop``, ``diverged``,
-``error``); a legend; the title (wrapped to fit) over the plots; the smoothed loss is a debiased
-exponential moving average over about 1 % of the steps (at least 5, at most 1000). Several runs
-get distinct colour-blind-safe colours (Okabe-Ito). Long histories are reduced before drawing to
-the minimum and maximum of each pixel column (peak decimation), so files stay small and a
-one-step spike stays visible.
+What is drawn, as in the app: the training loss per batch and smoothed (TensorBoard's debiased
+exponential moving average, :class:`lrviz.decimate.EmaSmoother`, with the figure's weight), the
+validation points, the learning rate per parameter group, a legend row, and a marker at every
+event of :func:`lrviz.export.event_markers` (a line across the panels, its label in a strip above
+them laid out by :mod:`lrviz.ui.ribbon`, so labels never collide). A run whose ``colour`` is None
+is drawn in the app's colours for the shown run; the others (overlays) as their smoothed loss in
+their colour, Okabe-Ito by default. Long histories are reduced to the minimum and maximum of each
+pixel column (peak decimation), so files stay small and a one-step spike stays visible.
 
 Needs a ``QApplication``; one is created when none exists (on Linux without a display, with the
 ``offscreen`` platform). Call from the GUI thread.
@@ -28,6 +31,7 @@ Needs a ``QApplication``; one is created when none exists (on Linux without a di
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import math
@@ -45,17 +49,23 @@ from PySide6.QtGui import QColor, QFont, QFontMetrics, QImage, QPageSize, QPaint
 from PySide6.QtSvg import QSvgGenerator
 from PySide6.QtWidgets import QApplication, QSizePolicy
 
+from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError
-from lrviz.export import atomic_write
+from lrviz.export import FigureSpec, atomic_write, event_markers, format_number, smoothing_label
 from lrviz.records import Event, ValPoint
+
+from . import theme
+from .axes import PANEL_TITLES, StepAxis, ValueAxis, panel_axis
+from .ribbon import EventRibbon
 
 __all__ = [
     "KINDS",
     "PALETTE",
+    "PANELS",
     "RENDER_FORMATS",
     "RunData",
-    "ema",
     "ensure_app",
+    "figure_spec",
     "peak_decimate",
     "render_bytes",
     "render_run",
@@ -65,21 +75,13 @@ log = logging.getLogger(__name__)
 
 RENDER_FORMATS = ("png", "svg", "pdf")
 KINDS = ("loss", "lr", "both")
+PANELS = ("loss", "lr", "grad", "acc")
 #: Okabe-Ito: distinguishable with the common colour-vision deficiencies (yellow left out: too pale).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
-_SINGLE_TRAIN = "#0072B2"
-_SINGLE_VAL = "#D55E00"
-_SINGLE_LR = ("#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#000000")
 _TEXT = "#222222"
 _AXIS = "#444444"
-_MARKER = "#555555"
-_ALARM = "#C00000"
-#: Event kinds drawn as markers, with their short labels.
-_MARKED = ("set_lr", "set_schedule", "set_hyperparams", "lr_reduced", "pause", "stop", "diverged", "error")
-_ALARM_KINDS = ("diverged", "error")
-_MAX_PAUSES = 20  # more pause markers than this (single-stepping) are left out
-_MAX_LABELS = 16  # more markers than this are drawn without labels (but diverged/error keep theirs)
 _DPI = 96.0
+_KIND_PANELS = {"loss": ("loss",), "lr": ("lr",), "both": ("loss", "lr")}
 
 _app: QApplication | None = None
 
@@ -90,16 +92,19 @@ class RunData:
 
     ``steps`` is a dict like ``StepBuffer.view()`` / ``RunStore.load_steps()`` (``step``,
     ``loss``, ``lr`` of shape (n, groups)...); ``events`` and ``validation`` as the engine and
-    the store give them.
+    the store give them. ``colour`` None draws the run as the app draws the run it shows (several
+    such runs get palette colours); a colour draws it as an overlay. ``marked`` draws its events.
     """
 
     label: str
     steps: Mapping[str, np.ndarray]
     events: list[Event] = field(default_factory=list)
     validation: list[ValPoint] = field(default_factory=list)
+    colour: str | None = None
+    marked: bool = True
 
     @classmethod
-    def from_store(cls, store: Any, run_ref: int | str, label: str | None = None) -> RunData:
+    def from_store(cls, store: Any, run_ref: int | str, label: str | None = None, **kw: Any) -> RunData:
         """Load a stored run (by id or name); the label defaults to the run's name."""
         info = store.get_run(run_ref)
         return cls(
@@ -107,6 +112,7 @@ class RunData:
             steps=store.load_steps(info.id),
             events=store.load_events(info.id),
             validation=store.load_validation(info.id),
+            **kw,
         )
 
 
@@ -161,98 +167,7 @@ def peak_decimate(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, 
     return xs, ys
 
 
-def ema(values: np.ndarray, span: float) -> np.ndarray:
-    """Debiased exponential moving average (``alpha = 2 / (span + 1)``) over the finite values.
-
-    Non-finite entries are skipped (they stay NaN in the result). Vectorised in blocks, so a
-    million values take milliseconds.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    out = np.full(v.shape, np.nan)
-    finite = np.isfinite(v)
-    x = v[finite]
-    n = len(x)
-    if n == 0:
-        return out
-    alpha = 2.0 / (max(1.0, float(span)) + 1.0)
-    decay = 1.0 - alpha
-    if decay <= 0.0:
-        out[finite] = x
-        return out
-    # Within a block of b values: s_j = decay**(j+1) * s_prev + alpha * sum_i decay**(j-i) x_i.
-    # b is chosen so that decay**-b stays below 1e6 (no loss of precision).
-    b = int(max(1, min(4096, math.floor(math.log(1e6) / -math.log(decay)))))
-    nb = math.ceil(n / b)
-    padded = np.zeros(nb * b)
-    padded[:n] = x
-    blocks = padded.reshape(nb, b)
-    j = np.arange(b)
-    inv = decay ** (-j.astype(np.float64))
-    pw = decay ** (j + 1.0)
-    local = alpha * np.cumsum(blocks * inv, axis=1) / inv  # each block started from 0
-    carry = np.empty(nb)
-    prev = 0.0
-    last_pw = pw[-1]
-    for k in range(nb):  # one scalar recurrence per block
-        carry[k] = prev
-        prev = local[k, -1] + last_pw * prev
-    smooth = (local + carry[:, None] * pw).ravel()[:n]
-    smooth /= 1.0 - decay ** np.arange(1, n + 1, dtype=np.float64)  # debias the start
-    out[finite] = smooth
-    return out
-
-
-def _smoothing_span(n: int) -> int:
-    return int(min(1000, max(5, round(n / 100))))
-
-
 # --------------------------------------------------------------------------- drawing helpers
-
-
-class _StepAxis(pg.AxisItem):
-    """Step ticks as whole numbers, thousands as ``k`` and millions as ``M``."""
-
-    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        out = []
-        for v in values:
-            v = v * scale
-            a = abs(v)
-            if a >= 1e6:
-                out.append(f"{v / 1e6:g}M")
-            elif a >= 1e4:
-                out.append(f"{v / 1e3:g}k")
-            else:
-                out.append(f"{v:.0f}" if float(v).is_integer() or spacing >= 1 else f"{v:g}")
-        return out
-
-
-class _LogAxis(pg.AxisItem):
-    """Log-axis ticks as plain numbers between 0.001 and 1000, else as ``2e-5``; no SI scaling."""
-
-    def logTickValues(self, minVal: float, maxVal: float, size: float, stdTicks: list) -> list:  # noqa: N802, N803
-        """pyqtgraph's ticks, without minor ticks that repeat a major one (their labels would print twice)."""
-        levels = super().logTickValues(minVal, maxVal, size, stdTicks)
-        seen: set[float] = set()
-        out = []
-        for spacing, values in levels:
-            kept = [v for v in values if round(float(v), 9) not in seen]
-            seen.update(round(float(v), 9) for v in kept)
-            out.append((spacing, kept))
-        return out
-
-    def logTickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:  # noqa: N802
-        out = []
-        for v in values:
-            x = 10.0 ** float(v) * scale
-            mantissa = x / 10.0 ** math.floor(math.log10(abs(x))) if x else 0.0
-            if round(mantissa, 6) not in (1.0, 2.0, 5.0):  # minor ticks 3, 4, 6...: unlabelled
-                out.append("")
-            elif 1e-3 <= abs(x) < 1e4:
-                out.append(f"{x:.3g}")
-            else:
-                mantissa, exponent = f"{x:.2e}".split("e")
-                out.append(f"{float(mantissa):g}e{int(exponent)}")
-        return out
 
 
 def _font(px: int, bold: bool = False) -> QFont:
@@ -287,50 +202,6 @@ def _wrap_title(title: str, font: QFont, width: int) -> str:
     return "<br>".join(html.escape(line) for line in fitted)
 
 
-def _event_label(event: Event) -> str:
-    data = event.data or {}
-    kind = event.kind
-    if kind == "set_lr":
-        return f"lr → {_num(data.get('lr'))}"
-    if kind == "set_schedule":
-        spec = data.get("spec")
-        if not spec:
-            return "schedule off"
-        name = str(spec).split(":", 1)[0].split("+")[-1]
-        return f"schedule: {name}" if "+" not in str(spec) else f"schedule: warmup+{name}"
-    if kind == "set_hyperparams":
-        parts = [f"{'wd' if k == 'weight_decay' else k}={_num(v)}" for k, v in data.items() if v is not None]
-        return ", ".join(parts) or "hyperparameters"
-    if kind == "lr_reduced":
-        return f"plateau: lr → {_num(data.get('lr'))}"
-    if kind == "stop":
-        return "stopped"
-    return kind
-
-
-def _num(value: Any) -> str:
-    try:
-        return f"{float(value):.3g}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _markers(events: Sequence[Event]) -> list[Event]:
-    """The events worth a marker, one per (step, kind); pauses left out when there are many."""
-    seen: set[tuple[int, str]] = set()
-    chosen: list[Event] = []
-    pauses = sum(1 for e in events if e.kind == "pause")
-    for e in events:
-        if e.kind not in _MARKED or (e.kind == "pause" and pauses > _MAX_PAUSES):
-            continue
-        key = (int(e.step), e.kind)
-        if key in seen:
-            continue
-        seen.add(key)
-        chosen.append(e)
-    return chosen
-
-
 def _lr_matrix(steps: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     lr = steps.get("lr")
     if lr is None:
@@ -358,20 +229,19 @@ def _positive(y: np.ndarray) -> np.ndarray:
 
 
 class _Figure:
-    """A GraphicsLayoutWidget with the title and one or two plots, ready to be painted."""
+    """The title, legend row, event strip and panels a :class:`FigureSpec` describes, ready to be painted."""
 
-    def __init__(self, runs: Sequence[RunData], *, title: str | None, kind: str, size: tuple[int, int],
-                 loss_log: bool | None):
+    def __init__(self, runs: Sequence[RunData], spec: FigureSpec, size: tuple[int, int]):
         self.width, self.height = int(size[0]), int(size[1])
         base = max(9.0, min(self.width, self.height * 1.5) / 75.0)  # 16 px at 1200 x 800
         self.tick_px = round(base * 0.82)
         self.label_px = round(base * 0.95)
         self.legend_px = round(base * 0.82)
-        self.marker_px = round(base * 0.72)
+        self.marker_px = round(base * 0.8)
         self.title_px = round(base * 1.1)
         self.runs = list(runs)
-        self.single = len(self.runs) == 1
-        self.kind = kind
+        self.spec = spec
+        self.colours = self._run_colours()
         self.bins = max(50, self.width)
 
         win = pg.GraphicsLayoutWidget()
@@ -383,14 +253,14 @@ class _Figure:
         win.resize(self.width, self.height)
         pad = round(base * 0.6)
         win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
-        win.ci.setSpacing(round(base * 0.5))
+        win.ci.setSpacing(round(base * 0.3))
         self.win = win
 
         self.legend: list[tuple[pg.PlotDataItem, str]] = []
         row = 0
-        if title:
+        if spec.title:
             font = _font(self.title_px, bold=True)
-            text = _wrap_title(title, font, self.width - 4 * pad)
+            text = _wrap_title(spec.title, font, self.width - 4 * pad)
             label = win.addLabel(text, row=row, col=0, size=f"{self.title_px}px", color=_TEXT, bold=True)
             label.item.setFont(font)
             lines = text.count("<br>") + 1
@@ -399,31 +269,51 @@ class _Figure:
             row += 1
         legend_row = row
         row += 1
-        self.plots: list[pg.PlotItem] = []
-        if kind in ("loss", "both"):
-            self.loss_plot = self._add_plot(row, "training loss")
+        self.markers = [(i, m) for i, r in enumerate(self.runs) if r.marked for m in event_markers(r.events)]
+        self.ribbon: EventRibbon | None = None
+        if self.markers:
+            self.ribbon = EventRibbon(2, row_px=round(self.marker_px * 1.45), axis_width=round(self.tick_px * 4.6),
+                                      font=_font(self.marker_px))
+            win.addItem(self.ribbon, row=row, col=0)
             row += 1
-            self._draw_loss(self.loss_plot, loss_log)
-        if kind in ("lr", "both"):
-            self.lr_plot = self._add_plot(row, "learning rate")
-            self.lr_plot.setLogMode(x=False, y=True)
-            self._draw_lr(self.lr_plot)
-            if kind == "both":
-                self.lr_plot.setXLink(self.loss_plot)
-                win.ci.layout.setRowStretchFactor(row - 1, 3)
-                win.ci.layout.setRowStretchFactor(row, 2)
-                self.loss_plot.getAxis("bottom").setLabel("")
-        for i, plot in enumerate(self.plots):
-            self._draw_markers(plot, labels=(i == 0))
+        panels = [p for p in spec.panels if p in PANELS and (p != "acc" or self._has_accuracy())] or ["loss"]
+        stretch = {"loss": 5, "lr": 3, "grad": 3, "acc": 3}
+        self.plots: dict[str, pg.PlotItem] = {}
+        for k, name in enumerate(panels):
+            plot = self._add_plot(row, name, last=k == len(panels) - 1)
+            win.ci.layout.setRowStretchFactor(row, stretch[name])
+            row += 1
+            getattr(self, f"_draw_{name}")(plot)
+        first = self.plots[panels[0]]
+        for plot in self.plots.values():
+            if plot is not first:
+                plot.setXLink(first)
+        if self.ribbon is not None:
+            self.ribbon.setXLink(first)
+            self._draw_markers()
         self._add_legend(legend_row, self.width - 4 * pad)
         if not any(len(r.steps.get("loss", ())) for r in self.runs):
-            self._no_data(self.plots[0])
+            self._no_data(first)
+
+    # ---- colours ----
+
+    def _run_colours(self) -> list[str | None]:
+        """Each run's colour: None for the one run drawn as the app draws the run it shows."""
+        plain = [i for i, r in enumerate(self.runs) if r.colour is None]
+        if len(plain) == 1:
+            return [r.colour for r in self.runs]
+        used = {r.colour for r in self.runs if r.colour}
+        free = [c for c in PALETTE if c not in used] or list(PALETTE)
+        it = iter(free * (len(plain) // len(free) + 1))
+        return [r.colour or next(it) for r in self.runs]
+
+    def _has_accuracy(self) -> bool:
+        return any(p.accuracy is not None for r in self.runs for p in r.validation)
 
     # ---- layout ----
 
-    def _add_plot(self, row: int, ylabel: str) -> pg.PlotItem:
-        axes: dict[str, pg.AxisItem] = {"bottom": _StepAxis("bottom"), "left": _LogAxis("left")}
-        plot = self.win.addPlot(row=row, col=0, axisItems=axes)
+    def _add_plot(self, row: int, name: str, last: bool) -> pg.PlotItem:
+        plot = self.win.addPlot(row=row, col=0, axisItems={"bottom": StepAxis("bottom"), "left": panel_axis(name)})
         plot.setMenuEnabled(False)
         plot.hideButtons()
         plot.setClipToView(False)
@@ -433,19 +323,23 @@ class _Figure:
         plot.showAxis("right")
         tick_font = _font(self.tick_px)
         style = {"font-size": f"{self.label_px}px", "color": _TEXT}
-        for name in ("left", "bottom", "top", "right"):
-            axis = plot.getAxis(name)
+        for side in ("left", "bottom", "top", "right"):
+            axis = plot.getAxis(side)
             axis.setPen(pg.mkPen(_AXIS, width=1))
             axis.setTextPen(pg.mkPen(_TEXT))
             axis.enableAutoSIPrefix(False)
-            axis.setStyle(tickFont=tick_font, tickLength=-round(self.tick_px * 0.45), tickTextOffset=round(self.tick_px * 0.4))
-            if name in ("top", "right"):
+            axis.setStyle(tickFont=tick_font, tickLength=-round(self.tick_px * 0.45),
+                          tickTextOffset=round(self.tick_px * 0.4))
+            if side in ("top", "right") or (side == "bottom" and not last):
                 axis.setStyle(showValues=False)
+        if not last:
+            plot.getAxis("bottom").setHeight(round(self.tick_px * 0.5))
         plot.getAxis("left").setWidth(round(self.tick_px * 4.6))
-        plot.setLabel("left", ylabel, **style)
-        plot.setLabel("bottom", "step (optimizer updates)", **style)
+        plot.setLabel("left", PANEL_TITLES[name], **style)
+        if last:
+            plot.setLabel("bottom", "step (optimizer updates)", **style)
         plot.vb.setDefaultPadding(0.015)
-        self.plots.append(plot)
+        self.plots[name] = plot
         return plot
 
     def _curve(self, plot: pg.PlotItem, x: np.ndarray, y: np.ndarray, *, name: str | None = None,
@@ -457,109 +351,116 @@ class _Figure:
             self.legend.append((item, name))
         return item
 
-    # ---- content ----
+    def _points(self, plot: pg.PlotItem, x: np.ndarray, y: np.ndarray, colour: str, primary: bool,
+                name: str | None) -> None:
+        if not len(x):
+            return
+        item = pg.PlotDataItem(
+            x, y, pen=pg.mkPen(colour, width=1.4, style=Qt.PenStyle.SolidLine if primary else Qt.PenStyle.DashLine),
+            symbol="o" if primary else "t", symbolSize=max(6, round(self.tick_px * 0.6)),
+            symbolBrush=pg.mkBrush(colour), symbolPen=pg.mkPen("w", width=1), connect="finite", antialias=True)
+        plot.addItem(item)
+        if name:
+            self.legend.append((item, name))
 
-    def _draw_loss(self, plot: pg.PlotItem, loss_log: bool | None) -> None:
+    # ---- panels ----
+
+    def _draw_loss(self, plot: pg.PlotItem) -> None:
         all_loss = [np.asarray(r.steps.get("loss", np.empty(0)), dtype=np.float64) for r in self.runs]
         all_val = [np.array([p.loss for p in r.validation], dtype=np.float64) for r in self.runs]
-        if loss_log is None:
+        log = self.spec.log_loss
+        if log is None:
             values = np.concatenate([*all_loss, *all_val]) if self.runs else np.empty(0)
             values = values[np.isfinite(values)]
-            loss_log = bool(values.size and values.min() > 0 and values.max() / values.min() >= 50)
-        if loss_log:
+            log = bool(values.size and values.min() > 0 and values.max() / values.min() >= 50)
+        if log:
             plot.setLogMode(x=False, y=True)
-        for i, (run, loss) in enumerate(zip(self.runs, all_loss)):
-            n = len(loss)
-            x = _x_of(run.steps, n)
-            y = _positive(loss) if loss_log else loss
-            colour = _SINGLE_TRAIN if self.single else PALETTE[i % len(PALETTE)]
-            if n:
-                span = _smoothing_span(n)
-                raw_name = "training loss (per batch)" if self.single else None
-                self._curve(plot, x, y, name=raw_name, pen=pg.mkPen(_color(colour, 80 if self.single else 55), width=1))
-                smooth_name = f"smoothed (EMA, ~{span} steps)" if self.single else run.label
-                self._curve(plot, x, ema(y, span), name=smooth_name, pen=pg.mkPen(colour, width=2.2))
-            if run.validation:
+        weight = min(max(float(self.spec.smoothing), 0.0), 0.999)
+        for run, colour, loss, val in zip(self.runs, self.colours, all_loss, all_val):
+            x = _x_of(run.steps, len(loss))
+            smooth = EmaSmoother(weight).extend(loss)  # as the app smooths it
+            if log:
+                loss, smooth, val = _positive(loss), _positive(smooth), _positive(val)
+            if colour is None:
+                if len(loss):
+                    self._curve(plot, x, loss, name="train loss", pen=pg.mkPen(_color(theme.LOSS_RAW, 130), width=1))
+                    self._curve(plot, x, smooth, name=smoothing_label(weight), pen=pg.mkPen(theme.LOSS_SMOOTH, width=2.2))
                 vx = np.array([p.step for p in run.validation], dtype=np.float64)
-                vy = all_val[i]
-                if loss_log:
-                    vy = _positive(vy)
-                vcolour = _SINGLE_VAL if self.single else colour
-                item = pg.PlotDataItem(
-                    vx, vy,
-                    pen=pg.mkPen(vcolour, width=1.4, style=Qt.PenStyle.DashLine),
-                    symbol="o", symbolSize=max(6, round(self.tick_px * 0.6)), symbolBrush=pg.mkBrush(vcolour),
-                    symbolPen=pg.mkPen("w", width=1), connect="finite", antialias=True,
-                )
-                plot.addItem(item)
-                self.legend.append((item, "validation loss" if self.single else f"{run.label} · validation"))
+                self._points(plot, vx, val, theme.VAL_LOSS, True, "validation loss")
+            else:
+                if len(loss):
+                    self._curve(plot, x, smooth, name=run.label, pen=pg.mkPen(colour, width=2.2))
+                vx = np.array([p.step for p in run.validation], dtype=np.float64)
+                self._points(plot, vx, val, colour, False, None)
 
     def _draw_lr(self, plot: pg.PlotItem) -> None:
-        styles = (Qt.PenStyle.SolidLine, Qt.PenStyle.DashLine, Qt.PenStyle.DotLine, Qt.PenStyle.DashDotLine)
-        for i, run in enumerate(self.runs):
+        plot.setLogMode(x=False, y=bool(self.spec.log_lr))
+        for run, colour in zip(self.runs, self.colours):
             n = _rows(run.steps)
             lr = _lr_matrix(run.steps, n)
             x = _x_of(run.steps, n)
-            groups = lr.shape[1]
+            groups = lr.shape[1] if colour is None else min(1, lr.shape[1])
             for g in range(groups):
-                if self.single:  # colours apart from the loss plot's blue and vermillion
-                    colour = _SINGLE_LR[g % len(_SINGLE_LR)]
-                    style = Qt.PenStyle.SolidLine
-                    name = "learning rate" if groups == 1 else f"learning rate · group {g}"
-                else:
-                    colour = PALETTE[i % len(PALETTE)]
-                    style = styles[g % len(styles)]
-                    if g == 0:  # the run's own entry; in "both" its loss curve already has it
-                        name = None if self.kind == "both" else run.label
-                    else:
-                        name = f"{run.label} · lr group {g}"
-                self._curve(plot, x, _positive(lr[:, g]), name=name, pen=pg.mkPen(colour, width=2.0, style=style))
+                c = theme.LR_GROUPS[g % len(theme.LR_GROUPS)] if colour is None else colour
+                name = f"lr group {g}" if colour is None and lr.shape[1] > 1 else None
+                y = _positive(lr[:, g]) if self.spec.log_lr else lr[:, g]
+                self._curve(plot, x, y, name=name, pen=pg.mkPen(c, width=2.0))
 
-    def _draw_markers(self, plot: pg.PlotItem, labels: bool) -> None:
-        per_run = [_markers(r.events) for r in self.runs]
-        total = sum(len(m) for m in per_run)
-        slots = (0.96, 0.78, 0.60)
-        k = 0
-        for i, markers in enumerate(per_run):
-            base = _MARKER if self.single else PALETTE[i % len(PALETTE)]
-            for e in markers:
-                alarm = e.kind in _ALARM_KINDS
-                colour = _ALARM if alarm else base
-                pen = pg.mkPen(_color(colour, 200), width=1.3, style=Qt.PenStyle.DashLine)
-                text = _event_label(e)
-                show = labels and (total <= _MAX_LABELS or alarm)
-                line = pg.InfiniteLine(
-                    pos=float(e.step), angle=90, pen=pen, movable=False,
-                    label=text if show else None,
-                    labelOpts={
-                        "position": slots[k % len(slots)],
-                        "color": colour,
-                        "fill": pg.mkBrush(255, 255, 255, 215),
-                        "rotateAxis": (1, 0),
-                        "anchors": [(1, 1), (1, 1)],
-                    } if show else None,
-                )
-                if show and line.label is not None:
-                    line.label.setFont(_font(self.marker_px))
-                    k += 1
+    def _draw_grad(self, plot: pg.PlotItem) -> None:
+        plot.setLogMode(x=False, y=bool(self.spec.log_grad))
+        for run, colour in zip(self.runs, self.colours):
+            g = np.asarray(run.steps.get("grad_norm", np.empty(0)), dtype=np.float64)
+            y = _positive(g) if self.spec.log_grad else g
+            c = _color(theme.GRAD_NORM) if colour is None else _color(colour, 200)
+            self._curve(plot, _x_of(run.steps, len(g)), y, pen=pg.mkPen(c, width=1.4))
+
+    def _draw_acc(self, plot: pg.PlotItem) -> None:
+        for run, colour in zip(self.runs, self.colours):
+            pts = [p for p in run.validation if p.accuracy is not None]
+            x = np.array([p.step for p in pts], dtype=np.float64)
+            y = np.array([100.0 * p.accuracy for p in pts], dtype=np.float64)
+            self._points(plot, x, y, theme.ACCURACY if colour is None else colour, colour is None, None)
+
+    def _draw_markers(self) -> None:
+        """A line across every panel at each marker, its label in the strip above (as in the app)."""
+        assert self.ribbon is not None
+        styled = []
+        for i, m in self.markers:
+            own = self.colours[i]
+            colour, dashed = theme.EVENT_STYLE.get(m.kinds[0], (theme.GREY, True)) if own is None else (own, True)
+            if m.alarm:
+                colour, dashed = theme.VERMILLION, False
+            for plot in self.plots.values():
+                pen = pg.mkPen(_color(colour, 200), width=1.3,
+                               style=Qt.PenStyle.DashLine if dashed else Qt.PenStyle.SolidLine)
+                line = pg.InfiniteLine(pos=float(m.step), angle=90, pen=pen, movable=False)
                 line.setZValue(-5)
                 plot.addItem(line, ignoreBounds=True)
+            styled.append((m, colour))
+        self.ribbon.set_markers(styled)
 
     def _set_x_range(self) -> None:
-        """Steps from the first to the last of all runs, with a 1 % margin."""
-        lo, hi = math.inf, -math.inf
-        for run in self.runs:
-            x = _x_of(run.steps, _rows(run.steps))
-            if len(x):
-                lo, hi = min(lo, float(x[0])), max(hi, float(x[-1]))
-            for p in run.validation:
-                lo, hi = min(lo, float(p.step)), max(hi, float(p.step))
-        if not math.isfinite(lo):
+        """The steps in view on screen, else from the first to the last of all runs (1 % margin)."""
+        if self.spec.x_range is not None:
+            lo, hi = (float(v) for v in self.spec.x_range)
+            pad = 0.0
+        else:
+            lo, hi = math.inf, -math.inf
+            for run in self.runs:
+                x = _x_of(run.steps, _rows(run.steps))
+                if len(x):
+                    lo, hi = min(lo, float(x[0])), max(hi, float(x[-1]))
+                for p in run.validation:
+                    lo, hi = min(lo, float(p.step)), max(hi, float(p.step))
+            pad = 0.01
+        if not math.isfinite(lo) or not math.isfinite(hi):
             return
         if hi <= lo:
             hi = lo + 1.0
-        for plot in self.plots:
-            plot.setXRange(lo, hi, padding=0.01)
+        for plot in self.plots.values():
+            plot.setXRange(lo, hi, padding=pad)
+            if self.spec.x_range is not None:
+                plot.vb.setAutoVisible(y=True)  # each y axis fits what is in view, as on screen
 
     def _add_legend(self, row: int, width: int) -> None:
         """One legend for the figure, in a row under the title, wrapped into columns that fit."""
@@ -618,10 +519,12 @@ class _Figure:
             app.processEvents()
         # After the layout: linked views align their ranges by on-screen geometry.
         self._set_x_range()
-        for plot in self.plots:
+        for plot in self.plots.values():
             plot.vb.updateAutoRange()
         for _ in range(2):
             app.processEvents()
+        if self.ribbon is not None:
+            self.ribbon.relayout()
 
     def paint(self, painter: QPainter) -> None:
         target = QRectF(0, 0, self.width, self.height)
@@ -685,6 +588,17 @@ def _encode(fig: Any, fmt: str, w: int, h: int, doc_title: str) -> bytes:
     return bytes(buf.data())
 
 
+def figure_spec(*, title: str | None = None, kind: str = "both", loss_log: bool | None = None,
+                figure: FigureSpec | None = None) -> FigureSpec:
+    """The description to draw: ``figure`` as given (``title``, when given, replacing its title), else
+    the app's defaults with the panels of ``kind`` and the loss axis of ``loss_log``."""
+    if figure is not None:
+        return figure if title is None else dataclasses.replace(figure, title=title)
+    if kind not in KINDS:
+        raise ConfigError(f"unknown plot kind {kind!r}; choose loss, lr or both")
+    return FigureSpec(title=title or "", panels=_KIND_PANELS[kind], log_loss=loss_log)
+
+
 def render_bytes(
     data: RunData | Sequence[RunData],
     fmt: str,
@@ -693,22 +607,22 @@ def render_bytes(
     kind: str = "both",
     size: tuple[int, int] = (1200, 800),
     loss_log: bool | None = None,
+    figure: FigureSpec | None = None,
 ) -> bytes:
     """The plot file's content (see the module docstring for the arguments)."""
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in RENDER_FORMATS:
         raise ConfigError(f"unknown plot format {fmt!r}; choose png, svg or pdf")
-    if kind not in KINDS:
-        raise ConfigError(f"unknown plot kind {kind!r}; choose loss, lr or both")
+    spec = figure_spec(title=title, kind=kind, loss_log=loss_log, figure=figure)
     w, h = int(size[0]), int(size[1])
     if w < 200 or h < 150:
         raise ConfigError(f"a plot must be at least 200 x 150 pixels, not {w} x {h}")
     runs = _normalise(data)
     ensure_app()
-    fig = _Figure(runs, title=title, kind=kind, size=(w, h), loss_log=loss_log)
+    fig = _Figure(runs, spec, size=(w, h))
     try:
         fig.settle()
-        return _encode(fig, fmt, w, h, title or "lrviz plot")
+        return _encode(fig, fmt, w, h, spec.title or "lrviz plot")
     finally:
         fig.close()
 
@@ -722,6 +636,7 @@ def render_run(
     kind: str = "both",
     size: tuple[int, int] = (1200, 800),
     loss_log: bool | None = None,
+    figure: FigureSpec | None = None,
 ) -> Path:
     """Draw ``data`` and write it to ``path`` atomically (see the module docstring); returns ``path``.
 
@@ -732,7 +647,7 @@ def render_run(
         fmt = target.suffix.lower().lstrip(".")
         if not fmt:
             raise ConfigError(f"cannot tell the plot format of {target}: give png, svg or pdf")
-    content = render_bytes(data, fmt, title=title, kind=kind, size=size, loss_log=loss_log)
+    content = render_bytes(data, fmt, title=title, kind=kind, size=size, loss_log=loss_log, figure=figure)
     return atomic_write(target, content)
 
 
@@ -776,13 +691,13 @@ class _RangeTestFigure:
         lines = [title] if title else []
         if s.best is not None:
             lo, hi = s.band() or (s.best, s.best)
-            lines.append(f"suggested learning rate {_num(s.best)} ({_RT_METHODS[s.chosen][0]}) · band "
-                         f"{_num(lo)} – {_num(hi)}")
+            lines.append(f"suggested learning rate {format_number(s.best)} ({_RT_METHODS[s.chosen][0]}) · band "
+                         f"{format_number(lo)} – {format_number(hi)}")
         else:
             lines.append(f"no suggestion: {s.reason or 'the curve cannot be judged'}")
         done = len(lrs)
         lines.append(f"stopped: {result.stop_reason} ({done} of {result.steps} steps)" if result.stop_reason
-                     else f"ran all {result.steps} steps from {_num(result.start)} to {_num(result.end)}")
+                     else f"ran all {result.steps} steps from {format_number(result.start)} to {format_number(result.end)}")
         for k, text in enumerate(lines):
             bold = k == 0 and bool(title)
             px = title_px if bold else label_px
@@ -795,7 +710,7 @@ class _RangeTestFigure:
             label.setMaximumHeight(round(px * 1.6))
             row += 1
 
-        axes: dict[str, pg.AxisItem] = {"bottom": _LogAxis("bottom"), "left": _LogAxis("left")}
+        axes: dict[str, pg.AxisItem] = {"bottom": ValueAxis("bottom"), "left": ValueAxis("left")}
         plot = win.addPlot(row=row + 1, col=0, axisItems=axes)
         plot.setMenuEnabled(False)
         plot.hideButtons()
@@ -851,8 +766,9 @@ class _RangeTestFigure:
                 chosen = m == s.chosen or (s.chosen == "confirmed" and v == s.confirmed)
                 if chosen:
                     colour = _RT_CHOSEN
-                text = f"{name} {_num(v)}" + (" (confirmed)" if chosen and s.chosen == "confirmed" and m != "confirmed"
-                                              else " (chosen)" if chosen else "")
+                text = f"{name} {format_number(v)}" + (
+                    " (confirmed)" if chosen and s.chosen == "confirmed" and m != "confirmed"
+                    else " (chosen)" if chosen else "")
                 right = span[1] > span[0] and (math.log10(v) - span[0]) / (span[1] - span[0]) > 0.55
                 anchor = (1.04, 0.5) if right else (-0.04, 0.5)
                 pen = pg.mkPen(colour, width=3.2 if chosen else 1.6,

@@ -39,7 +39,6 @@ from PySide6.QtWidgets import (
     QApplication,
     QHBoxLayout,
     QHeaderView,
-    QLabel,
     QLineEdit,
     QMenu,
     QMessageBox,
@@ -51,6 +50,8 @@ from PySide6.QtWidgets import (
 )
 
 from lrviz.errors import LrvizError
+
+from .widgets import ElidedLabel
 
 __all__ = ["COLUMNS", "RunBrowser", "RunTableModel", "format_duration", "format_loss"]
 
@@ -394,7 +395,11 @@ class RunBrowser(QWidget):
         self.rename_button = self._button(self.rename_action)
         self.delete_button = self._button(self.delete_action)
         self.refresh_button = self._button(self.refresh_action)
-        self.count_label = QLabel(self)
+        # "12 runs · 3 selected" grows as runs come and go: it must not widen the dock (and move the
+        # buttons under the mouse); it ends in "…" instead, the whole text in its tooltip.
+        self.count_label = ElidedLabel("", self)
+        self.count_label.setMinimumWidth(self.count_label.fontMetrics().horizontalAdvance("9 runs"))
+        self.count_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
         top = QHBoxLayout()
         top.addWidget(self.filter_edit, 1)
@@ -402,8 +407,7 @@ class RunBrowser(QWidget):
         buttons = QHBoxLayout()
         for b in (self.open_button, self.overlay_button, self.rename_button, self.delete_button):
             buttons.addWidget(b)
-        buttons.addStretch(1)
-        buttons.addWidget(self.count_label)
+        buttons.addWidget(self.count_label, 1)  # takes the room left, text at its right end
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)

@@ -30,6 +30,7 @@ from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
+from .axes import StepAxis, ValueAxis
 from .widgets import ErrorLabel, ValidatedLineEdit, breakable, format_number
 
 #: Arguments lrviz only accepts at one value: not worth a field.
@@ -218,6 +219,17 @@ class ArgsForm(QWidget):
         return None
 
 
+def preview_y_range(values: np.ndarray) -> tuple[float, float]:
+    """The rate axis of the preview: from 0 (a rate's natural floor) to a little above the highest
+    rate, so a constant rate is a flat line near the top, never centred on an axis around it."""
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    bottom = min(0.0, float(finite.min())) if finite.size else 0.0
+    if top <= bottom:
+        top = bottom + (abs(bottom) or 1e-3)
+    return bottom, top + 0.12 * (top - bottom)
+
+
 class ScheduleEditor(QWidget):
     """Pick a schedule, fill its arguments (or type the spec), preview it, apply it.
 
@@ -244,7 +256,8 @@ class ScheduleEditor(QWidget):
         self.doc.setWordWrap(True)
         self.doc.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.doc.setStyleSheet(f"color: {theme.GREY}; font-size: 8pt;")
-        self.preview = pg.PlotWidget(background=theme.BACKGROUND)
+        self.preview = pg.PlotWidget(background=theme.BACKGROUND,
+                                     axisItems={"left": ValueAxis("left"), "bottom": StepAxis("bottom")})
         self.preview.setObjectName("schedulePreview")
         self.preview.setFixedHeight(105)
         self.preview.setMenuEnabled(False)
@@ -408,7 +421,9 @@ class ScheduleEditor(QWidget):
             self.spec_edit.set_error(str(exc))
             self._preview_curve.setData([], [])
             return
-        self._preview_curve.setData(t.astype(np.float64) + self._start_step, values)
+        x = t.astype(np.float64) + self._start_step
+        self._preview_curve.setData(x, values)
+        self.preview.setRange(xRange=(x[0], max(x[-1], x[0] + 1)), yRange=preview_y_range(values), padding=0)
 
     def preview_values(self) -> np.ndarray:
         """The preview's learning rates of group 0 (for tests)."""

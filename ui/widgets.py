@@ -6,10 +6,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QPoint, QRect, QSize, Qt, Signal
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
+    QLayout,
+    QLayoutItem,
     QLineEdit,
     QPushButton,
     QSizePolicy,
@@ -20,6 +22,7 @@ from PySide6.QtWidgets import (
 
 from lrviz.config import parse_lr
 from lrviz.errors import ConfigError, LrvizError
+from lrviz.export import format_number  # noqa: F401  (the UI formats numbers as the core does)
 
 from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
@@ -31,19 +34,6 @@ def breakable(text: str) -> str:
     """``text`` with zero-width spaces after ``, : + ;`` so a word-wrapped label can break long specs."""
     for ch in ",:+;":
         text = text.replace(ch, ch + "\u200b")
-    return text
-
-
-def format_number(x: float, digits: int = 3) -> str:
-    """A short, exact-enough text for a rate or loss: ``0.01``, ``3e-04``, ``1.25``."""
-    if x is None or not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    text = f"{x:.{digits}g}"
-    if "e" in text:
-        mant, exp = text.split("e")
-        return f"{mant}e{int(exp)}"
     return text
 
 
@@ -297,3 +287,97 @@ class LrControl(QWidget):
 
     def show_error(self, message: str | None) -> None:
         self.edit.set_error(message)
+
+
+class FlowLayout(QLayout):
+    """Widgets in a row that wraps onto more rows when the space is too narrow (Qt's flow layout).
+
+    Its minimum width is that of its widest widget, so a row of buttons never makes a window wider.
+    """
+
+    def __init__(self, parent: QWidget | None = None, spacing: int = 6):
+        super().__init__(parent)
+        self._items: list[QLayoutItem] = []
+        self._spacing = spacing
+        self.setContentsMargins(0, 0, 0, 0)
+
+    def addItem(self, item: QLayoutItem) -> None:  # noqa: N802
+        self._items.append(item)
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def itemAt(self, index: int) -> QLayoutItem | None:  # noqa: N802
+        return self._items[index] if 0 <= index < len(self._items) else None
+
+    def takeAt(self, index: int) -> QLayoutItem | None:  # noqa: N802
+        return self._items.pop(index) if 0 <= index < len(self._items) else None
+
+    def expandingDirections(self) -> Qt.Orientation:  # noqa: N802
+        return Qt.Orientation(0)
+
+    def hasHeightForWidth(self) -> bool:  # noqa: N802
+        return True
+
+    def heightForWidth(self, width: int) -> int:  # noqa: N802
+        return self._place(QRect(0, 0, width, 0), move=False)
+
+    def setGeometry(self, rect: QRect) -> None:  # noqa: N802
+        super().setGeometry(rect)
+        self._place(rect, move=True)
+
+    def sizeHint(self) -> QSize:  # noqa: N802
+        shown = [i for i in self._items if not i.isEmpty()]
+        width = sum(i.sizeHint().width() for i in shown) + self._spacing * max(0, len(shown) - 1)
+        height = max((i.sizeHint().height() for i in shown), default=0)
+        m = self.contentsMargins()
+        return QSize(width + m.left() + m.right(), height + m.top() + m.bottom())
+
+    def minimumSize(self) -> QSize:  # noqa: N802
+        size = QSize()
+        for item in self._items:
+            if not item.isEmpty():
+                size = size.expandedTo(item.minimumSize())
+        m = self.contentsMargins()
+        return size + QSize(m.left() + m.right(), m.top() + m.bottom())
+
+    def _place(self, rect: QRect, move: bool) -> int:
+        m = self.contentsMargins()
+        area = rect.adjusted(m.left(), m.top(), -m.right(), -m.bottom())
+        x, y, line = area.x(), area.y(), 0
+        for item in self._items:
+            if item.isEmpty():
+                continue
+            hint = item.sizeHint()
+            if x > area.x() and x + hint.width() > area.right() + 1:
+                x, y, line = area.x(), y + line + self._spacing, 0
+            if move:
+                item.setGeometry(QRect(QPoint(x, y), hint))
+            x += hint.width() + self._spacing
+            line = max(line, hint.height())
+        return y + line - rect.y() + m.bottom()
+
+
+class ElidedLabel(QLabel):
+    """A one-line label that ends in "…" where its text does not fit, instead of widening its panel
+    or being cut mid-letter; the whole text is its tooltip."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None):
+        super().__init__(text, parent)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setTextFormat(Qt.TextFormat.PlainText)
+
+    def setText(self, text: str) -> None:  # noqa: N802
+        super().setText(text)
+        self.setToolTip(text)
+
+    def shown_text(self) -> str:
+        """The text as drawn."""
+        return self.fontMetrics().elidedText(self.text(), Qt.TextElideMode.ElideRight, self.contentsRect().width())
+
+    def paintEvent(self, event: Any) -> None:  # noqa: N802
+        from PySide6.QtGui import QPainter
+
+        painter = QPainter(self)
+        self.style().drawItemText(painter, self.contentsRect(), int(self.alignment()), self.palette(),
+                                  self.isEnabled(), self.shown_text(), self.foregroundRole())

@@ -120,3 +120,46 @@ def open_script(qtbot, window: MainWindow, monkeypatch: pytest.MonkeyPatch):
             assert loaded == ""
 
     return open_
+
+
+def _drawn_tick_labels(axis) -> list[str]:
+    from PySide6.QtGui import QImage, QPainter
+
+    image = QImage(8, 8, QImage.Format.Format_ARGB32)
+    painter = QPainter(image)
+    try:
+        specs = axis.generateDrawSpecs(painter)
+    finally:
+        painter.end()
+    return [text for _, _, text in specs[2] if text] if specs else []
+
+
+@pytest.fixture
+def tick_labels():
+    """``tick_labels(axis)``: the tick labels a pyqtgraph AxisItem draws now (from its own draw specs)."""
+    return _drawn_tick_labels
+
+
+@pytest.fixture
+def stored_run(window):
+    """``stored_run(loss, lr=..., grad_norm=..., events=(), validation=(), name=...)``: a finished run
+    with exactly these series, written into the window's store; its id."""
+    import numpy as np
+
+    def add(loss, lr=0.1, grad_norm=1.0, events=(), validation=(), name="crafted", script="/x/crafted.py"):
+        store = window.store
+        loss = np.asarray(loss, dtype=np.float64)
+        n = len(loss)
+        lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), (n,)).reshape(n, 1).copy()
+        run_id = store.create_run(script_path=script, script_hash="h", config={"lr": float(lr[0, 0]),
+                                  "optimizer": "sgd"}, device="cpu", name=name)
+        store.append_steps(run_id, 0, {
+            "epoch": np.zeros(n, np.int32), "time": np.arange(n) * 0.01, "loss": loss,
+            "grad_norm": np.broadcast_to(np.asarray(grad_norm, np.float32), (n,)).copy(), "lr": lr})
+        store.add_events(run_id, list(events))
+        store.add_validation(run_id, list(validation))
+        store.set_status(run_id, "running")
+        store.set_status(run_id, "finished", summary={"steps": n})
+        return run_id
+
+    return add

@@ -168,7 +168,7 @@ def test_overlay_two_runs(qtbot, window, make_script, open_script):
         {o.trace.run_id for o in plots.overlays} == {first, second}
     colours = {o.colour for o in plots.overlays}
     assert len(colours) == 2
-    legend = [label.text for _, label in plots.legends["loss"].items]
+    legend = plots.legend_texts()
     assert any(f"#{first}" in t for t in legend) and any(f"#{second}" in t for t in legend)
     for o in plots.overlays:
         x, y = o.curves["loss_smooth"].getData()
