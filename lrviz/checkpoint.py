@@ -213,3 +213,107 @@ def check(data: Mapping[str, Any], path: str | Path, *, step: int | None = None,
                 raise bad(f"'data_rng' ({name})", f"is not a generator state ({type(exc).__name__}: {exc})") from None
             finally:
                 g.set_state(keep)
+
+
+# ---- the checkpoints of one run: keeping, pruning, choosing one to roll back to ----------------------
+#: A change of settings (set LR, schedule, momentum/weight decay) at most this many steps before a
+#: divergence the guard caught is taken as its cause: a roll-back restores a checkpoint from before it.
+CAUSE_STEPS = 500
+#: The events that change a run's settings: one of them may be what led to a divergence.
+SETTING_EVENTS = ("set_lr", "set_schedule", "set_hyperparams")
+
+
+class Checkpoints:
+    """The checkpoints a run keeps (oldest first) in ``folder``: saved, pruned, and chosen for roll-backs.
+
+    ``keep`` periodic checkpoints are kept, plus the one before each recent change of settings (what
+    a roll-back restores if that change leads to a divergence) and every other kind.
+    """
+
+    def __init__(self, folder: Path | None, keep: int = 5):
+        self.folder = folder
+        self.keep = keep
+        self.items: list[CheckpointInfo] = []
+        self.last_step = -1
+
+    def add(self, info: CheckpointInfo) -> None:
+        self.items.append(info)
+        self.last_step = info.step
+
+    def save(self, payload: dict[str, Any], reason: str, loss: float | None, events: list[Any]) -> CheckpointInfo:
+        """Write ``payload`` as the checkpoint of its step; prune old periodic ones."""
+        assert self.folder is not None
+        step = int(payload["step"])
+        path = self.folder / f"step-{step:09d}-{reason}.pt"
+        save(path, payload)
+        info = CheckpointInfo(path, step, reason, loss, seq=len(events))
+        self.add(info)
+        return info
+
+    def prune(self, events: list[Any], step: int) -> None:
+        keep = self.rollback_targets(events, step)
+        periodic = [c for c in self.items if c.reason == "periodic" and c.seq not in keep]
+        for old in periodic[:-self.keep] if self.keep else []:
+            try:
+                old.path.unlink()
+            except OSError:
+                pass
+            self.items.remove(old)
+
+    def rollback_targets(self, events: list[Any], step: int) -> set[int]:
+        """The ``seq`` of each latest checkpoint before a change of settings of the last CAUSE_STEPS
+        steps: what a roll-back restores if that change leads to a divergence (kept from pruning)."""
+        changes = []
+        for i in range(len(events) - 1, -1, -1):
+            e = events[i]
+            if e.step < step - CAUSE_STEPS:
+                break
+            if e.kind in SETTING_EVENTS:
+                changes.append(i)
+        out = set()
+        for i in changes:
+            before = [c.seq for c in self.items if c.seq < i]
+            if before:
+                out.add(before[-1])
+        return out
+
+    def good(self, det: Any, events: list[Any], *, margin: int, start_step: int) -> CheckpointInfo:
+        """The latest checkpoint from before the trouble the guard saw in ``det`` (or the latest one).
+
+        Before the trouble means: saved before the guard's detection window (``margin`` steps), and
+        before the change of settings that led to it (the latest one within CAUSE_STEPS steps before
+        the detection, since the last roll-back). One saved at or after the detection is never chosen.
+        """
+        usable = [c for c in self.items if c.path.exists() and (c.loss is None or math.isfinite(c.loss))]
+        if det is None:
+            if usable:
+                return usable[-1]
+            raise ConfigError("there is no checkpoint to roll back to (checkpoints are kept only for runs "
+                              "saved in a store)")
+        limit = max(det.step - margin, start_step)
+        cause = cause_of(det, events)
+        before = [c for c in usable if c.step <= limit and (cause is None or c.seq < cause)]
+        if before:
+            return before[-1]
+        what = f"the change at step {events[cause].step} that led to it" if cause is not None else f"step {limit}"
+        raise ConfigError(f"there is no checkpoint from before the trouble at step {det.step} (before {what}) "
+                          "to roll back to; save checkpoints more often (--checkpoint-every N)")
+
+    def forget_after(self, info: CheckpointInfo) -> None:
+        """After a roll-back to ``info``: the checkpoints saved later belong to the abandoned course."""
+        self.items = [c for c in self.items if c.seq <= info.seq]
+
+    def find(self, path: Path) -> CheckpointInfo | None:
+        return next((c for c in self.items if c.path == path), None)
+
+
+def cause_of(det: Any, events: list[Any]) -> int | None:
+    """The index in ``events`` of the change of settings that led to ``det``, if one did."""
+    oldest = det.step - CAUSE_STEPS
+    for i in range(len(events) - 1, -1, -1):
+        e = events[i]
+        if e.kind == "rollback" or e.step < oldest:
+            break
+        if e.kind in SETTING_EVENTS and e.step <= det.step:
+            return i
+    return None

@@ -1,7 +1,7 @@
 """The command line: the desktop app, and the same engine headless.
 
-``lrviz`` / ``lrviz SCRIPT.py`` open the app; ``run``, ``replay``, ``runs`` and ``export`` work
-headless. This module is the one composition root: it imports the Qt layer lazily, only for the
+``lrviz`` / ``lrviz SCRIPT.py`` open the app; ``run``, ``replay``, ``runs``, ``export``, ``import`` and
+the others work headless. This module is the one composition root: it imports the Qt layer lazily, only for the
 app and for plot images.
 
 Exit status: 0 finished, 1 the script or a setting was wrong, 2 the run diverged (or the command is
@@ -32,7 +32,7 @@ from .errors import ConfigError, LrvizError, ScriptError, UsageError
 
 log = logging.getLogger("lrviz")
 
-COMMANDS = ("run", "replay", "resume", "runs", "export", "find-lr", "sweep", "steer")
+COMMANDS = ("run", "replay", "resume", "runs", "export", "import", "find-lr", "sweep", "steer")
 PROGRESS_EVERY = 2.0
 #: Exit status of a command stopped with Ctrl+C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
@@ -194,7 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a stored run's data and plots")
     p.add_argument("run", help="run id or name")
     p.add_argument("--out", metavar="DIR", default=".", help="output folder (default: .)")
-    p.add_argument("--format", default="png,csv,json", help="comma-separated: png,svg,pdf,csv,json")
+    p.add_argument("--format", default="png,csv,json", help="comma-separated: png,svg,pdf,csv,json,tb "
+                   "(tb: a TensorBoard event file; needs the tensorboard package)")
+    _common(p)
+
+    p = sub.add_parser("import", help="read TensorBoard scalar logs into the store as read-only runs",
+                       description="Import TensorBoard scalar logs: one read-only run per folder of event files "
+                       "under DIR (as TensorBoard's --logdir). One tag becomes the loss, the learning-rate tags "
+                       "the LR, every other scalar tag an extra series. Needs the tensorboard package.")
+    p.add_argument("dir", metavar="DIR", help="a TensorBoard log folder (or one event file)")
+    p.add_argument("--name", help="name of the run (of several: NAME/subfolder); default: the folder's name")
+    p.add_argument("--loss", metavar="TAG", help="the tag of the training loss (default: guessed, and said)")
+    p.add_argument("--lr", metavar="TAG[,TAG...]", help="the learning-rate tag(s), one per parameter group "
+                   "(default: the tags named like lr or learning_rate)")
+    p.add_argument("--partial", action="store_true", help="import a damaged event file up to the damage "
+                   "(a writer killed while writing leaves a cut record at the end)")
     _common(p)
     return parser
 
@@ -565,6 +579,7 @@ def fork_origin(store: Any, ref: str, args: argparse.Namespace, ats: list[Any]) 
     except ValueError:
         raise ConfigError(f"--fork {ref!r}: {step_text!r} is not a step number") from None
     parent = store.get_run(run_ref)
+    parent.require_trainable("forked")
     points = checkpoint_events(store, parent.id)
     if step not in points:
         have = ", ".join(str(k) for k in sorted(points)) or "none (run it with --checkpoint-every N)"
@@ -589,6 +604,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     try:
         info = store.get_run(args.run)
+        info.require_trainable("resumed")
         if info.status in ("running", "paused"):
             raise ConfigError(f"run {info.id} is {info.status} in another process; stop it there first")
         points = checkpoint_events(store, info.id)
@@ -633,6 +649,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     try:
         info = store.get_run(args.run)
+        info.require_trainable("replayed")
         exp = load_experiment(info.script_path)
         if exp.source_hash != info.script_hash:
             print(f"lrviz: warning: {info.script_path} changed since run {info.id}; the replay may differ",
@@ -680,7 +697,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at or r.created_at))
             best = f"{r.best_loss:.4g}" if r.best_loss is not None else "-"
             final = f"{r.final_loss:.4g}" if r.final_loss is not None else "-"
-            mark = ""
+            mark = "imported" if r.kind == "imported" else ""
             if r.id in live:
                 info = live[r.id]
                 mark = "live" + (f" {info.address}:{info.port}" if info.transport == "tcp" else "")
@@ -771,6 +788,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         store.close()
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .tensorboard import import_logs
+
+    lr = [t.strip() for t in args.lr.split(",") if t.strip()] if args.lr is not None else None
+    store = open_store(args.store)
+    try:
+        made, notes = import_logs(store, os.path.abspath(os.path.expanduser(args.dir)), name=args.name,
+                                  loss=args.loss, lr=lr, partial=args.partial)
+    finally:
+        store.close()
+    for note in notes:
+        print(f"lrviz: note: skipped {note}", file=sys.stderr)
+    for m in made:
+        steps = m.steps
+        span = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps"
+        print(f"imported run {m.run_id} '{m.name}' from {m.folder} "
+              f"({m.files} event file{'s' if m.files != 1 else ''}): {len(steps):,} steps ({span})")
+        also = f" (also like a loss: {', '.join(m.other_loss_tags)}; choose with --loss TAG)" if m.other_loss_tags else ""
+        print(f"  loss  <- {m.loss_tag!r}{also}")
+        print(f"  lr    <- {', '.join(repr(t) for t in m.lr_tags)}" if m.lr_tags
+              else "  lr    <- no learning-rate tag (name one with --lr TAG)")
+        if m.scalar_tags:
+            print(f"  extra scalar series: {', '.join(m.scalar_tags)}")
+        if m.replaced:
+            print(f"  {m.replaced} points were logged again at a step already logged: the last one is kept")
+        if m.damage:
+            print(f"  --partial: {m.damage}; what comes before it was imported")
+    return 0
+
+
 def cmd_find_lr(args: argparse.Namespace) -> int:
     import json
 
@@ -853,7 +900,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume,
-            "runs": cmd_runs, "export": cmd_export, "steer": cmd_steer}
+            "runs": cmd_runs, "export": cmd_export, "import": cmd_import, "steer": cmd_steer}
 
 
 def _app(argv: list[str]) -> int:

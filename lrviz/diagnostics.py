@@ -69,13 +69,17 @@ class GapReport:
 
 
 def run_generalization(steps: np.ndarray, losses: np.ndarray, validation: Sequence[Any],
-                       has_validation: bool = True) -> dict[str, Any]:
+                       has_validation: bool | None = None) -> dict[str, Any]:
     """The ``generalization`` entry of a run's summary from its step columns and validation points
-    (objects with ``step`` and ``loss``); says so when the script has no validation data."""
-    if not has_validation and not validation:
+    (objects with ``step`` and ``loss``); says so when the script has no validation data
+    (``has_validation`` False) or none was recorded."""
+    if not validation and has_validation is False:
         return {"verdict": "not enough data", "points": 0,
                 "explanation": "the script's build_data() returns no validation data, so generalization "
                                "cannot be judged (return (train, val) to see it)"}
+    if not validation and has_validation is None:
+        return {"verdict": "not enough data", "points": 0,
+                "explanation": "no validation losses were recorded, so generalization cannot be judged"}
     vs = np.fromiter((p.step for p in validation), dtype=np.int64, count=len(validation))
     vl = np.fromiter((p.loss for p in validation), dtype=np.float64, count=len(validation))
     return generalization(steps, losses, vs, vl).summary()

@@ -1,25 +1,31 @@
-"""Full-fidelity export of a run: ``metrics.csv``, ``run.json`` and plots, written atomically.
+"""Full-fidelity export of a run: ``metrics.csv``, ``run.json``, plots and a TensorBoard event file,
+written atomically.
 
 Files
 -----
 ``metrics.csv``
     One row per step: ``step,epoch,time,lr,loss,grad_norm``, then ``lr_1, lr_2, ...`` for the
     extra parameter groups (``lr`` is group 0), then any other stored per-step column, then
-    ``val_loss,val_accuracy``, filled on the row of the step a validation point was taken after
-    and empty elsewhere (a validation point whose step has no row, or a second point at one step,
-    gets a row of its own holding only ``step`` and the validation columns). Floats are written
+    ``val_loss,val_accuracy``, then one column per extra scalar series (in name order). The
+    validation and scalar columns are filled on the row of the step a point was taken at and empty
+    elsewhere (a point whose step has no row, or a second point of a series at one step, gets a row
+    of its own holding only ``step`` and those columns). A repeated column name is made unique as
+    pandas reads it (``val_loss.1``); a name holding a comma or a quote is quoted. Floats are written
     in their shortest form that reads back to the very same value (``0.05`` stays ``0.05``;
     float32 columns such as ``grad_norm`` in their float32 shortest form); NaN is ``nan``,
     infinities ``inf`` and ``-inf`` (Python's ``float()``, NumPy and pandas read all of these).
 ``run.json``
-    Pretty-printed JSON: ``format``, ``run`` (name, script, status, times...), ``config``,
-    ``summary``, ``events`` (``{step, kind, data, time}``) and ``validation``
-    (``{step, epoch, loss, accuracy, time}``). JSON has no NaN or infinity: non-finite floats
-    are written as ``null``.
+    Pretty-printed JSON: ``format``, ``run`` (name, script, status, times, ``kind``...), ``config``,
+    ``summary``, ``events`` (``{step, kind, data, time}``), ``validation``
+    (``{step, epoch, loss, accuracy, time}``) and ``scalars`` (``{name: {step: [...], value: [...],
+    time: [...]}}``). JSON has no NaN or infinity: non-finite floats are written as ``null``.
 ``loss.<fmt>``, ``lr.<fmt>``
     Plots of the training loss (raw and smoothed, with validation points) and of the learning
     rate, drawn by :mod:`lrviz.ui.render` (PNG, SVG or PDF). That module needs Qt; it is imported
     only when a plot is asked for, so this module (the core) never imports Qt.
+``events.out.tfevents.*.lrviz`` (format ``tb``)
+    The run for TensorBoard: its tags are the CSV's columns, plus the smoothed loss and the events
+    as text (see :mod:`lrviz.tensorboard`; needs the ``tensorboard`` package).
 
 Every file goes through :func:`atomic_write`: it is written under a temporary name in the same
 folder and moved into place, so a failed or interrupted export never leaves a partial file.
@@ -53,6 +59,7 @@ __all__ = [
     "FigureSpec",
     "Marker",
     "atomic_write",
+    "column_names",
     "describe_run",
     "event_markers",
     "event_text",
@@ -70,10 +77,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Every format :func:`export_run` writes, in the order files are written.
-FORMATS = ("csv", "json", "png", "svg", "pdf")
+FORMATS = ("csv", "json", "png", "svg", "pdf", "tb")
 #: The formats that are plots (drawn with Qt).
 IMAGE_FORMATS = ("png", "svg", "pdf")
 DEFAULT_FORMATS = ("png", "csv", "json")
+_FORMAT_LIST = "png, svg, pdf, csv, json, tb"
 #: The format version of ``run.json``.
 RUN_JSON_FORMAT = "lrviz-run/1"
 
@@ -234,48 +242,119 @@ def _step_columns(steps: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.n
     return names, cols, step
 
 
+class _SparseColumns:
+    """CSV columns that hold values at some steps only (validation, extra scalars).
+
+    Each point goes on the row of its step; a point whose step has no row, or a second point of a
+    series at one step, goes on a row of its own (``step`` and the sparse columns only), after the
+    row of that step. Points of several series at one such step share that row.
+    """
+
+    def __init__(self, step: np.ndarray):
+        self.step = step
+        self.names: list[str] = []
+        #: per series: (rows, one text list per column of the series), rows increasing
+        self.groups: list[tuple[np.ndarray, list[list[str]], int]] = []
+        self.extra: dict[tuple[int, int], dict[int, str]] = {}  # (step, k-th at it) -> column -> text
+
+    def add(self, names: Sequence[str], steps: Sequence[int] | np.ndarray, texts: Sequence[Sequence[str]]) -> None:
+        """A series of points at ``steps`` (in step order) with the text of each of its columns."""
+        first = len(self.names)
+        self.names.extend(names)
+        ps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        n = len(self.step)
+        rows = np.searchsorted(self.step, ps)
+        on_row = np.zeros(len(ps), bool)
+        if n:
+            on_row = (rows < n) & (self.step[np.minimum(rows, n - 1)] == ps)
+        idx = np.flatnonzero(on_row)
+        _, firsts = np.unique(rows[idx], return_index=True)  # the first point of the series at each row
+        placed = idx[np.sort(firsts)]
+        self.groups.append((rows[placed], [[col[i] for i in placed.tolist()] for col in texts], first))
+        rest = np.ones(len(ps), bool)
+        rest[placed] = False
+        seen: dict[int, int] = {}
+        for i in np.flatnonzero(rest).tolist():
+            s = int(ps[i])
+            k = seen.get(s, 0)
+            seen[s] = k + 1
+            cells = self.extra.setdefault((s, k), {})
+            for j, col in enumerate(texts):
+                cells[first + j] = col[i]
+
+    def cells(self, lo: int, hi: int) -> list[list[str]]:
+        """The text of every sparse column on rows ``lo:hi``."""
+        out = [[""] * (hi - lo) for _ in self.names]
+        for rows, texts, first in self.groups:
+            i0, i1 = np.searchsorted(rows, [lo, hi])
+            for j, col in enumerate(texts):
+                cells = out[first + j]
+                for r, text in zip(rows[i0:i1].tolist(), col[i0:i1]):
+                    cells[r - lo] = text
+        return out
+
+    def extra_lines(self, n_train: int) -> list[tuple[int, str]]:
+        """(step, line) of the rows of their own, in step order."""
+        empty_train = "," * (n_train - 1)
+        return [(s, f"{s}{empty_train}" + "".join("," + cells.get(j, "") for j in range(len(self.names))))
+                for (s, _), cells in sorted(self.extra.items())]
+
+
+def _csv_field(text: str) -> str:
+    """``text`` as one CSV field: quoted (quotes doubled) when it holds a comma, a quote or a line break."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Column names made unique the way pandas reads repeats: ``val_loss``, ``val_loss.1``..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        out.append(name if k == 0 else f"{name}.{k}")
+    return out
+
+
+def column_names(step_names: Sequence[str], scalar_names: Iterable[str]) -> list[str]:
+    """The header of ``metrics.csv``: the step columns, ``val_loss``, ``val_accuracy``, then the extra
+    scalar series in name order, a repeated name made unique as pandas reads it (``loss.1``)."""
+    return _unique([*step_names, "val_loss", "val_accuracy", *sorted(scalar_names)])
+
+
 def write_metrics_csv(
-    path: str | os.PathLike[str], steps: Mapping[str, np.ndarray], validation: Sequence[ValPoint] = ()
+    path: str | os.PathLike[str],
+    steps: Mapping[str, np.ndarray],
+    validation: Sequence[ValPoint] = (),
+    scalars: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> Path:
-    """Write the per-step series and validation points as ``metrics.csv`` (see the module docstring).
+    """Write the per-step series, validation points and extra scalar series as ``metrics.csv`` (see the
+    module docstring).
 
     ``steps`` is a dict like ``StepBuffer.view()`` or ``RunStore.load_steps()``: ``step`` (int64),
     ``epoch``, ``time``, ``loss``, ``grad_norm`` and ``lr`` of shape (n, groups), with steps in
-    increasing order. Written atomically; returns ``path``.
+    increasing order. ``scalars`` is like ``RunStore.load_scalars()``: name -> (steps, values, ...), in
+    step order; each is a column, empty where it was not logged. Written atomically; returns ``path``.
     """
     names, cols, step = _step_columns(steps)
     n = len(step)
-    val_names = ["val_loss", "val_accuracy"]
-    header = ",".join(names + val_names) + "\n"
-    empty_train = "," * (len(names) - 1)  # a validation-only row: step, then empty training fields
-
-    # Validation points go on the row of their step; the others get rows of their own.
-    val_loss = {}
-    val_acc = {}
-    extra: list[tuple[int, str]] = []  # (step, line) in step order
-    rows = np.searchsorted(step, [int(p.step) for p in validation]) if len(validation) else []
-    for p, row in zip(validation, rows):
-        row = int(row)
-        if row < n and int(step[row]) == int(p.step) and row not in val_loss:
-            val_loss[row] = _val_text(p.loss)
-            val_acc[row] = _val_text(p.accuracy)
-        else:
-            line = f"{int(p.step)}{empty_train},{_val_text(p.loss)},{_val_text(p.accuracy)}\n"
-            extra.append((int(p.step), line))
-    extra.sort(key=lambda item: item[0])
+    sparse = _SparseColumns(step)
+    sparse.add(["val_loss", "val_accuracy"], [int(p.step) for p in validation],
+               [[_val_text(p.loss) for p in validation], [_val_text(p.accuracy) for p in validation]])
+    for name, series in sorted((scalars or {}).items()):
+        sparse.add([name], series[0], [_format_column(np.asarray(series[1], dtype=np.float64))])
+    header = ",".join(map(_csv_field, column_names(names, scalars or {}))) + "\n"
+    extra = sparse.extra_lines(len(names))
 
     def write(fh: IO[bytes]) -> None:
-        fh.write(header.encode("ascii"))
+        fh.write(header.encode("utf-8"))
         pending = 0  # next index in `extra`
         for lo in range(0, n, _CHUNK_ROWS):
             hi = min(n, lo + _CHUNK_ROWS)
             texts = [_format_column(c[lo:hi]) for c in cols]
-            vl = [""] * (hi - lo)
-            va = [""] * (hi - lo)
-            for row in (r for r in val_loss if lo <= r < hi):
-                vl[row - lo] = val_loss[row]
-                va[row - lo] = val_acc[row]
-            lines = list(map(",".join, zip(*texts, vl, va)))
+            lines = list(map(",".join, zip(*texts, *sparse.cells(lo, hi))))
             last_step = int(step[hi - 1])
             inserts = []
             while pending < len(extra) and (extra[pending][0] <= last_step or hi == n):
@@ -284,10 +363,10 @@ def write_metrics_csv(
             if inserts:
                 chunk_steps = step[lo:hi]
                 for s, line in reversed(inserts):  # from the end, so positions stay valid
-                    lines.insert(int(np.searchsorted(chunk_steps, s, side="right")), line.rstrip("\n"))
-            fh.write(("\n".join(lines) + "\n").encode("ascii"))
+                    lines.insert(int(np.searchsorted(chunk_steps, s, side="right")), line)
+            fh.write(("\n".join(lines) + "\n").encode("utf-8"))
         for _, line in extra[pending:]:  # only when there are no step rows at all
-            fh.write(line.encode("ascii"))
+            fh.write((line + "\n").encode("utf-8"))
 
     return atomic_write(path, write)
 
@@ -328,8 +407,10 @@ def write_run_json(
     events: Iterable[Event],
     validation: Iterable[ValPoint],
     summary: Mapping[str, Any],
+    scalars: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> Path:
-    """Write ``run.json``: the run, its config, summary, events and validation points.
+    """Write ``run.json``: the run, its config, summary, events, validation points and extra scalar
+    series (``{name: {"step": [...], "value": [...], "time": [...]}}``, ``time`` when given).
 
     Pretty-printed (indent 2, keys in the order given). Non-finite floats are written as
     ``null``; NumPy values, tuples and paths as their plain JSON form. Written atomically.
@@ -344,6 +425,10 @@ def write_run_json(
             {"step": p.step, "epoch": p.epoch, "loss": p.loss, "accuracy": p.accuracy, "time": p.time}
             for p in validation
         ],
+        "scalars": {
+            name: dict(zip(("step", "value", "time"), (np.asarray(a).tolist() for a in series)))
+            for name, series in sorted((scalars or {}).items())
+        },
     }
     text = json.dumps(_json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write(path, text)
@@ -366,11 +451,11 @@ def parse_formats(formats: str | Iterable[str] | None) -> tuple[str, ...]:
         if not fmt:
             continue
         if fmt not in FORMATS:
-            raise ConfigError(f"unknown export format {str(item).strip()!r}; choose from png, svg, pdf, csv, json")
+            raise ConfigError(f"unknown export format {str(item).strip()!r}; choose from {_FORMAT_LIST}")
         if fmt not in out:
             out.append(fmt)
     if not out:
-        raise ConfigError("no export format given; choose from png, svg, pdf, csv, json")
+        raise ConfigError(f"no export format given; choose from {_FORMAT_LIST}")
     return tuple(out)
 
 
@@ -403,6 +488,7 @@ def run_record(info: Any) -> dict[str, Any]:
         "error": info.error,
         "parent_id": info.parent_id,
         "fork_step": info.fork_step,
+        "kind": getattr(info, "kind", "lrviz"),
     }
 
 
@@ -577,16 +663,22 @@ def export_data(
     summary: Mapping[str, Any],
     formats: str | Iterable[str] | None = DEFAULT_FORMATS,
     title: str | None = None,
+    scalars: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> list[Path]:
     """Write the export files of one run held in memory into ``out_dir`` (created when missing).
 
-    ``csv`` writes ``metrics.csv``, ``json`` ``run.json``, and each image format ``loss.<fmt>``
-    and ``lr.<fmt>``. ``title`` defaults to :func:`describe_run`. Formats are checked, and Qt is
-    imported, before anything is written. Returns the paths written, in that order.
+    ``csv`` writes ``metrics.csv``, ``json`` ``run.json``, each image format ``loss.<fmt>``
+    and ``lr.<fmt>``, and ``tb`` a TensorBoard event file (:mod:`lrviz.tensorboard`). ``title``
+    defaults to :func:`describe_run`. Formats are checked, and Qt and TensorBoard imported, before
+    anything is written. Returns the paths written, in that order.
     """
     fmts = parse_formats(formats)
     images = [f for f in fmts if f in IMAGE_FORMATS]
     render = _load_render() if images else None
+    if "tb" in fmts:
+        from lrviz import tensorboard
+
+        tensorboard.require()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -594,12 +686,11 @@ def export_data(
         raise _write_error(out, exc) from exc
     written: list[Path] = []
     if "csv" in fmts:
-        written.append(write_metrics_csv(out / "metrics.csv", steps, validation))
+        written.append(write_metrics_csv(out / "metrics.csv", steps, validation, scalars))
     if "json" in fmts:
         written.append(
-            write_run_json(
-                out / "run.json", run=run, config=config, events=events, validation=validation, summary=summary
-            )
+            write_run_json(out / "run.json", run=run, config=config, events=events, validation=validation,
+                           summary=summary, scalars=scalars)
         )
     if render is not None:
         label = str(run.get("name") or Path(str(run.get("script_path") or "run")).stem)
@@ -608,6 +699,9 @@ def export_data(
         for fmt in images:
             for kind in ("loss", "lr"):
                 written.append(render.render_run(data, out / f"{kind}.{fmt}", fmt, title=text, kind=kind))
+    if "tb" in fmts:
+        written.append(tensorboard.write_events(out, run=run, steps=steps, events=events, validation=validation,
+                                                scalars=scalars))
     log.info("exported %s to %s", ", ".join(p.name for p in written), out)
     return written
 
@@ -621,13 +715,18 @@ def export_run(
 ) -> list[Path]:
     """Export a stored run (by id or name) into ``out_dir``; the paths written.
 
-    Formats: any of png, svg, pdf, csv, json (a list or ``"png,csv"``). Raises
-    :class:`ConfigError` for an unknown format, a folder that cannot be written, or a plot
-    format when Qt cannot be imported; :class:`~lrviz.errors.StoreError` for an unknown run.
+    Formats: any of png, svg, pdf, csv, json, tb (a list or ``"png,csv"``). Raises
+    :class:`ConfigError` for an unknown format, a folder that cannot be written, a plot
+    format when Qt cannot be imported, or ``tb`` without the tensorboard package;
+    :class:`~lrviz.errors.StoreError` for an unknown run.
     """
     fmts = parse_formats(formats)
     if any(f in IMAGE_FORMATS for f in fmts):
         _load_render()  # fail before reading the run
+    if "tb" in fmts:
+        from lrviz import tensorboard
+
+        tensorboard.require()
     info = store.get_run(run_ref)
     return export_data(
         out_dir,
@@ -639,6 +738,7 @@ def export_run(
         summary=info.summary,
         formats=fmts,
         title=title,
+        scalars=store.load_scalars(info.id, times=True),
     )
 
 

@@ -1,16 +1,22 @@
 """The run store: an embedded SQLite database of training runs, their per-step series,
-validation points and events.
+validation points, events and extra scalar series.
 
 One file (``runs.sqlite``, WAL journal) shared by the threads of one process and by several
 processes (the app and the CLI). Checkpoints of run ``N`` live beside it in ``checkpoints/N/``.
+Its parts: this module, :class:`RunStore` (every public method one transaction on the shared
+connection); :mod:`lrviz.store_schema`, the schema as migration steps; :mod:`lrviz.store_codec`, how
+JSON fields and the compressed column chunks are encoded. The module is long because the class is:
+splitting the transactions of one connection across files would hide what each one touches.
 
-Per-step series are stored as *chunks*: one row per ``append_steps`` call, each column a
-zlib-compressed blob (bytes transposed by significance, optionally delta-coded first) described by
-a small JSON header, so reads give back exactly the stored dtype, shape and bits.
+Per-step series are stored as chunks: one row per ``append_steps`` call. Extra scalar series (any
+named value logged at some steps: ``val_accuracy``, a TensorBoard tag) are chunks of
+``step``/``value``/``time`` columns; a series logged a few points at a time is folded into chunks of
+up to :data:`SCALAR_CHUNK` points.
 
-JSON fields (run ``config`` and ``summary``, event ``data``) accept numpy scalars and arrays, tuples,
-paths and tensors; non-finite floats are stored as the strings ``"nan"``, ``"inf"`` and ``"-inf"``
-(``float()`` reads them back); other objects are stored as ``str(obj)``.
+The schema is versioned (``PRAGMA user_version``): a store written by an older lrviz is upgraded when
+it is opened, one migration step per transaction; a store that cannot be written is upgraded in a
+private temporary copy, for reading. A store written by a newer lrviz opens read-only when its schema
+says this version can still read it, and is refused otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import shutil
 import sqlite3
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,13 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from lrviz.errors import StoreError
+from lrviz.errors import ConfigError, StoreError
 from lrviz.records import Event, ValPoint
+from lrviz.store_codec import dumps, jsonable, loads, loss_stats, pack, unpack
+from lrviz.store_schema import MIGRATIONS, SCHEMA_VERSION, Migration, statements
 
 __all__ = [
+    "MIGRATIONS",
+    "RUN_KINDS",
     "RUN_STATUSES",
+    "SCHEMA_VERSION",
     "TERMINAL_STATUSES",
     "Event",
+    "Migration",
     "RunInfo",
     "RunStore",
     "ValPoint",
@@ -53,11 +64,16 @@ TERMINAL_STATUSES = frozenset({"finished", "stopped", "diverged", "failed", "int
 STALE_AFTER_S = 60.0
 #: How long a connection waits for another writer's lock before giving up.
 BUSY_TIMEOUT_S = 15.0
-SCHEMA_VERSION = 1
 DB_NAME = "runs.sqlite"
 LOSS_COLUMN = "loss"
+#: Who made a run: 'lrviz' trained it, 'tracked' is a user's own loop (``lrviz.track``), 'imported' came
+#: from another tool's logs (TensorBoard) and is read-only: it cannot be resumed, forked or replayed.
+RUN_KINDS = ("lrviz", "tracked", "imported")
+#: The fields of a live endpoint kept in a run's row (never its token).
+ENDPOINT_FIELDS = ("transport", "address", "port", "pid", "hostname")
+#: A scalar series logged a few points at a time is folded into chunks of up to this many points.
+SCALAR_CHUNK = 4096
 _DB_SUFFIXES = (".sqlite", ".sqlite3", ".db")
-_ZLEVEL = 6
 
 #: Columns (dtype, shape after the step axis) returned empty for a run without steps.
 EMPTY_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -69,63 +85,13 @@ EMPTY_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "lr": ("<f8", (1,)),
 }
 
-_SCHEMA = """
-CREATE TABLE runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    script_path TEXT NOT NULL,
-    script_hash TEXT NOT NULL,
-    config TEXT NOT NULL,
-    device TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    ended_at REAL,
-    heartbeat_at REAL,
-    steps INTEGER NOT NULL DEFAULT 0,
-    best_loss REAL,
-    final_loss REAL,
-    summary TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    parent_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
-    fork_step INTEGER,
-    pid INTEGER
-);
-CREATE INDEX runs_name ON runs(name);
-CREATE TABLE chunks (
-    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    start_step INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    loss_min REAL,
-    loss_last REAL,
-    header TEXT NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE UNIQUE INDEX chunks_run_start ON chunks(run_id, start_step);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    step INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    data TEXT NOT NULL,
-    time REAL NOT NULL
-);
-CREATE INDEX events_run ON events(run_id, step);
-CREATE TABLE validation (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    step INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    loss REAL,
-    accuracy REAL,
-    time REAL NOT NULL
-);
-CREATE INDEX validation_run ON validation(run_id, step);
-"""
 
-_RUN_FIELDS = (
-    "id, name, script_path, script_hash, config, device, status, created_at, started_at, ended_at, "
-    "steps, best_loss, final_loss, summary, error, parent_id, fork_step, pid, heartbeat_at"
+#: A run's figures (stored steps, best and last finite loss) from its chunks.
+_RECOUNT_RUN = (
+    "UPDATE runs SET steps=(SELECT COALESCE(SUM(n), 0) FROM chunks WHERE run_id=:r), "
+    "best_loss=(SELECT MIN(loss_min) FROM chunks WHERE run_id=:r), "
+    "final_loss=(SELECT loss_last FROM chunks WHERE run_id=:r AND loss_last IS NOT NULL "
+    "ORDER BY start_step DESC LIMIT 1) WHERE id=:r"
 )
 
 
@@ -156,109 +122,24 @@ class RunInfo:
     pid: int | None
     heartbeat_at: float | None = None
     """Wall-clock time of the run's last heartbeat (or status change), if any."""
+    kind: str = "lrviz"
+    """Who made the run: one of :data:`RUN_KINDS`."""
+    endpoint: dict | None = None
+    """Where the run is served live while it trains (:data:`ENDPOINT_FIELDS`, never the token), else None."""
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the run is a record of another tool's (imported): it can be viewed, not trained on."""
+        return self.kind == "imported"
 
-# --------------------------------------------------------------------------- JSON
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON types (see the module docstring for the conversions)."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((_jsonable(v) for v in obj), key=repr)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    tolist = getattr(obj, "tolist", None)  # numpy arrays, torch tensors
-    if callable(tolist):
-        try:
-            return _jsonable(tolist())
-        except Exception:  # noqa: BLE001 - fall back to the text form below
-            pass
-    return str(obj)
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), allow_nan=False, separators=(",", ":"))
-
-
-def _loads(text: str | None, what: str = "a JSON field") -> Any:
-    """Decode a stored JSON field; damaged text is a StoreError (kind 'damaged') naming ``what``."""
-    if not text:
-        return {}
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise StoreError(f"{what} is damaged ({exc}); the rest of the store is readable", kind="damaged") from None
-
-
-# --------------------------------------------------------------------------- column codec
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _shuffle(raw: np.ndarray, itemsize: int) -> bytes:
-    """Bytes grouped by position within the item (all first bytes, then all second bytes...)."""
-    return raw.view(np.uint8).reshape(-1, itemsize).T.tobytes()
-
-
-def _unshuffle(buf: bytes, itemsize: int) -> np.ndarray:
-    return np.ascontiguousarray(np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T)
-
-
-def _encode_column(name: str, arr: np.ndarray) -> tuple[dict, bytes]:
-    """The smallest of: shuffled bytes, or shuffled deltas of the bit patterns along the step axis."""
-    a = np.ascontiguousarray(arr)
-    if a.dtype.kind not in "biufc":
-        raise StoreError(f"step column {name!r} has dtype {a.dtype}; only numeric columns can be stored")
-    size = a.dtype.itemsize
-    best = zlib.compress(_shuffle(a, size), _ZLEVEL)
-    enc = "s"
-    if size in _UINT and a.shape[0] > 1:
-        u = a.view(_UINT[size])
-        d = u.copy()
-        np.subtract(u[1:], u[:-1], out=d[1:])  # wraps modulo 2**bits: exactly reversible
-        packed = zlib.compress(_shuffle(d, size), _ZLEVEL)
-        if len(packed) < len(best):
-            best, enc = packed, "ds"
-    meta = {"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "enc": enc, "len": len(best)}
-    return meta, best
-
-
-def _decode_column(meta: dict, payload: bytes) -> np.ndarray:
-    dtype = np.dtype(meta["dtype"])
-    shape = tuple(meta["shape"])
-    raw = _unshuffle(zlib.decompress(payload), dtype.itemsize)
-    if meta["enc"] == "ds":
-        u = raw.view(_UINT[dtype.itemsize]).reshape(shape)
-        u = np.cumsum(u, axis=0, dtype=u.dtype)
-        return u.view(dtype).reshape(shape)
-    if meta["enc"] != "s":
-        raise StoreError(f"unknown column encoding {meta['enc']!r}; the store was written by a newer lrviz")
-    return raw.view(dtype).reshape(shape)
-
-
-def _loss_stats(loss: np.ndarray | None) -> tuple[float | None, float | None]:
-    """(lowest, last) finite value of a loss column, or None when it has none."""
-    if loss is None:
-        return None, None
-    values = np.asarray(loss, dtype=np.float64).ravel()
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return None, None
-    return float(finite.min()), float(finite[-1])
+    def require_trainable(self, action: str) -> None:
+        """Raise ConfigError when the run cannot be ``action`` ('resumed', 'forked', 'replayed')."""
+        if self.read_only:
+            raise ConfigError(
+                f"run {self.id} ({self.name}) was imported from {self.script_path} and is read-only: it "
+                f"cannot be {action}, since lrviz has neither its script nor its checkpoints; it can be "
+                "listed, viewed, overlaid and exported"
+            )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -332,9 +213,11 @@ class RunStore:
             raise StoreError(
                 f"the run store {self.path} is a folder; pass a database file or its parent folder"
             )
-        #: True when the store could only be opened for reading (a read-only file or folder): runs can
-        #: be listed and exported, not recorded.
+        #: True when the store could only be opened for reading (a read-only file or folder, or one written
+        #: by a newer lrviz): runs can be listed and exported, not recorded.
         self.read_only = False
+        #: Why the store is read-only (None when it is not): the end of the message that refuses a write.
+        self.read_only_reason: str | None = None
         try:
             self._open("rwc")
         except StoreError as exc:
@@ -356,13 +239,10 @@ class RunStore:
     # ------------------------------------------------------------------ lifecycle
 
     def _open(self, mode: str) -> None:
-        """Connect with SQLite URI ``mode`` (rwc, ro) or ``immutable`` and check the schema."""
+        """Connect with SQLite URI ``mode`` (rwc, ro) or ``immutable``; check and upgrade the schema."""
         query = "immutable=1" if mode == "immutable" else f"mode={mode}"
         try:
-            self._conn = sqlite3.connect(
-                f"{self.path.as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                check_same_thread=False,
-            )
+            self._conn = self._connect(f"{self.path.as_uri()}?{query}")
         except sqlite3.Error as exc:
             raise self._translate(exc, "opening it") from exc
         try:
@@ -371,10 +251,17 @@ class RunStore:
             self.close()
             raise
 
+    @staticmethod
+    def _connect(uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        return conn
+
     def _open_read_only(self, why: StoreError) -> None:
         """Open a store that cannot be written, for reading. A WAL database in a folder that cannot be
         written opens only as ``immutable`` (SQLite cannot create its ``-shm`` file), which is safe only
         when no ``-wal`` file holds commits the database file lacks: otherwise ``why`` is raised."""
+        self._set_read_only("its file or folder cannot be written")
         try:
             self._open("ro")
         except StoreError:
@@ -382,18 +269,26 @@ class RunStore:
             if wal.exists() and wal.stat().st_size > 0:
                 raise why from None
             self._open("immutable")
-        self.read_only = True
         log.info("run store %s opened read-only (%s)", self.path, why)
+
+    def _set_read_only(self, reason: str) -> None:
+        self.read_only = True
+        self.read_only_reason = reason
 
     def require_writable(self) -> None:
         """Raise StoreError unless runs can be recorded in this store."""
-        if self.read_only or not (os.access(self.path, os.W_OK) and os.access(self.root, os.W_OK)):
-            raise StoreError(
-                f"the run store {self.path} is read-only (its file or folder cannot be written): its runs "
-                "can be listed and exported, but a new run needs a writable store; pass --store PATH or "
-                "set LRVIZ_HOME to a writable folder",
-                kind="read-only",
-            )
+        if not self.read_only and not (os.access(self.path, os.W_OK) and os.access(self.root, os.W_OK)):
+            self._set_read_only("its file or folder cannot be written")
+        if self.read_only:
+            raise self._read_only_error()
+
+    def _read_only_error(self) -> StoreError:
+        return StoreError(
+            f"the run store {self.path} is read-only ({self.read_only_reason}): its runs can be listed and "
+            "exported, but a new run needs a writable store; pass --store PATH or set LRVIZ_HOME to a "
+            "writable folder",
+            kind="read-only",
+        )
 
     @staticmethod
     def resolve_path(path: str | os.PathLike | None = None) -> Path:
@@ -422,29 +317,88 @@ class RunStore:
                 log.warning("run store %s: journal mode is %s, not WAL (network folder?)", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:  # new (or foreign) file: create the schema under the write lock
-                with self.batch():
-                    version = conn.execute("PRAGMA user_version").fetchone()[0]
-                    if version == 0:
-                        self._create_schema(conn)
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the run store {self.path} was written by a newer lrviz (schema {version}, "
-                    f"this one reads {SCHEMA_VERSION}); upgrade lrviz or use another store"
-                )
+            version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            self._open_newer(version)
+        elif version < SCHEMA_VERSION:
+            if writable:
+                self._migrate()
+            else:
+                self._migrate_copy(version)
 
-    def _create_schema(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+    def schema_version(self) -> int:
+        """The version of the schema of the open file (0: a new, empty file)."""
+        with self._op("reading the schema version") as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _open_newer(self, version: int) -> None:
+        """A store written by a newer lrviz: read-only when its schema says this version can still read
+        it (the newer steps only added things), refused otherwise."""
+        with self._op("reading the schema of a newer store") as conn:
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key='readable_from'").fetchone()
+                readable_from = int(row[0]) if row is not None else version
+            except (sqlite3.OperationalError, ValueError):  # no meta table, or a damaged value
+                readable_from = version
+        if readable_from > SCHEMA_VERSION:
             raise StoreError(
-                f"{self.path} is an SQLite database but not an lrviz run store; "
-                "pass another path or set LRVIZ_HOME to another folder"
+                f"the run store {self.path} was written by a newer lrviz (schema {version}; this one knows "
+                f"{SCHEMA_VERSION} and cannot read it); upgrade lrviz, or use another store: pass --store PATH "
+                "or set LRVIZ_HOME to another folder"
             )
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
+        self._set_read_only(f"it was written by a newer lrviz, schema {version}; this one writes {SCHEMA_VERSION}: "
+                            "upgrade lrviz to record runs in it")
+        log.info("run store %s: schema %s is newer than %s; opened read-only", self.path, version, SCHEMA_VERSION)
+
+    def _migrate(self) -> None:
+        """Run the migrations the file lacks, each in its own transaction under the write lock (another
+        process may be upgrading the same file: each step re-reads the version once it holds the lock)."""
+        while True:
+            with self._op("upgrading the schema") as conn, self.batch():
+                version = self.schema_version()
+                if version >= SCHEMA_VERSION:
+                    return
+                if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise StoreError(
+                        f"{self.path} is an SQLite database but not an lrviz run store; "
+                        "pass another path or set LRVIZ_HOME to another folder"
+                    )
+                self._apply(conn, MIGRATIONS[version])
+            if version:
+                log.info("run store %s: upgraded the schema from version %s to %s (%s)", self.path, version,
+                         version + 1, MIGRATIONS[version].what)
+            else:
+                log.info("created run store %s", self.path)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, step: Migration) -> None:
+        if callable(step.apply):
+            step.apply(conn)
+        else:
+            for statement in statements(step.apply):
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        log.info("created run store %s", self.path)
+        if step.breaks_readers:
+            conn.execute("UPDATE meta SET value=? WHERE key='readable_from'", (str(step.version),))
+        conn.execute(f"PRAGMA user_version={step.version}")
+
+    def _migrate_copy(self, version: int) -> None:
+        """A store written by an older lrviz that cannot be written: read a private temporary copy of it
+        (SQLite deletes it when the connection closes), upgraded; the file itself stays as it is."""
+        if version == 0:
+            raise StoreError(f"{self.path} is not an lrviz run store (no schema) and cannot be written; "
+                             "pass another path or set LRVIZ_HOME to another folder")
+        with self._op("copying an older store to read it") as conn:
+            copy = self._connect("file:?mode=rwc")  # "": a temporary database on disk, private to this connection
+            try:
+                conn.backup(copy)
+            except BaseException:
+                copy.close()
+                raise
+        self.close()
+        self._conn = copy
+        self._set_read_only(f"its file or folder cannot be written; it was written by an older lrviz (schema "
+                            f"{version}) and is read through an upgraded temporary copy")
+        self._migrate()
 
     def close(self) -> None:
         """Close the connection (pending WAL content is folded into the database file)."""
@@ -541,6 +495,8 @@ class RunStore:
 
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise self._read_only_error()
         with self._op(what) as conn, self.batch():
             yield conn
 
@@ -593,26 +549,30 @@ class RunStore:
         name: str | None = None,
         parent_id: int | None = None,
         fork_step: int | None = None,
+        kind: str = "lrviz",
     ) -> int:
         """Add a run in status 'created' owned by this process; its id. The default name is
-        ``"<script stem> #<id>"``."""
+        ``"<script stem> #<id>"``. ``kind``: one of :data:`RUN_KINDS`."""
+        if kind not in RUN_KINDS:
+            raise StoreError(f"unknown run kind {kind!r}; one of {', '.join(RUN_KINDS)}")
         now = time.time()
         with self._write("creating a run") as conn:
             if parent_id is not None:
                 self._check_run(conn, _run_id(parent_id))
             cur = conn.execute(
                 "INSERT INTO runs (name, script_path, script_hash, config, device, status, created_at, "
-                "summary, parent_id, fork_step, pid) VALUES (?, ?, ?, ?, ?, 'created', ?, '{}', ?, ?, ?)",
+                "summary, parent_id, fork_step, pid, kind) VALUES (?, ?, ?, ?, ?, 'created', ?, '{}', ?, ?, ?, ?)",
                 (
                     name or "",
                     str(script_path),
                     str(script_hash),
-                    _dumps(config or {}),
+                    dumps(config or {}),
                     str(device),
                     now,
                     None if parent_id is None else int(parent_id),
                     None if fork_step is None else int(fork_step),
                     os.getpid(),
+                    kind,
                 ),
             )
             run_id = int(cur.lastrowid)
@@ -622,11 +582,13 @@ class RunStore:
         return run_id
 
     def set_status(
-        self, run_id: int, status: str, *, error: str | None = None, summary: dict | None = None
+        self, run_id: int, status: str, *, error: str | None = None, summary: dict | None = None,
+        started_at: float | None = None, ended_at: float | None = None,
     ) -> None:
         """Change a run's status. 'running' records ``started_at`` (first time only), this process
         as the run's pid, and clears ``ended_at``; terminal statuses record ``ended_at``. ``error``
-        replaces the stored error when given; ``summary`` is merged into the stored summary."""
+        replaces the stored error when given; ``summary`` is merged into the stored summary.
+        ``started_at``/``ended_at`` record those times instead of now (an imported run's)."""
         if status not in RUN_STATUSES:
             raise StoreError(f"unknown run status {status!r}; one of {', '.join(RUN_STATUSES)}")
         run_id = _run_id(run_id)
@@ -642,16 +604,32 @@ class RunStore:
                 args += [now, os.getpid()]
             elif status in TERMINAL_STATUSES:
                 sets.append("ended_at=?")
-                args.append(now)
+                args.append(now if ended_at is None else float(ended_at))
+            if started_at is not None:
+                sets.append("started_at=?")
+                args.append(float(started_at))
             if error is not None:
                 sets.append("error=?")
                 args.append(str(error))
             if summary is not None:
-                merged = _loads(row[0], f"the summary of run {run_id} in {self.path}")
-                merged.update(_jsonable(summary))
+                merged = loads(row[0], f"the summary of run {run_id} in {self.path}")
+                merged.update(jsonable(summary))
                 sets.append("summary=?")
-                args.append(_dumps(merged))
+                args.append(dumps(merged))
             conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id=?", (*args, run_id))
+
+    def set_endpoint(self, run_id: int, info: Any) -> None:
+        """Record where the run is served live (a :class:`lrviz.live.connection.ConnectionInfo` or a
+        mapping: only :data:`ENDPOINT_FIELDS` are kept, never the token), or None when it no longer is."""
+        run_id = _run_id(run_id)
+        if info is None:
+            text = None
+        else:
+            data = info if isinstance(info, Mapping) else getattr(info, "to_dict", lambda: vars(info))()
+            text = dumps({k: data.get(k) for k in ENDPOINT_FIELDS})
+        with self._write("recording a run's endpoint") as conn:
+            if conn.execute("UPDATE runs SET endpoint=? WHERE id=?", (text, run_id)).rowcount == 0:
+                raise self._unknown(run_id)
 
     def heartbeat(self, run_id: int) -> None:
         """Record that the run's process is alive (call at least every 60 s while running or paused)."""
@@ -663,9 +641,7 @@ class RunStore:
     def list_runs(self) -> list[RunInfo]:
         """Every run, newest first."""
         with self._op("listing runs") as conn:
-            rows = conn.execute(
-                f"SELECT {_RUN_FIELDS} FROM runs ORDER BY created_at DESC, id DESC"
-            ).fetchall()
+            rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC, id DESC").fetchall()
         out = []
         for row in rows:
             try:
@@ -680,11 +656,9 @@ class RunStore:
         an id; ``"#12"`` too)."""
         with self._op("reading a run") as conn:
             if isinstance(ref, str):
-                rows = conn.execute(
-                    f"SELECT {_RUN_FIELDS} FROM runs WHERE name=? ORDER BY id", (ref,)
-                ).fetchall()
+                rows = conn.execute("SELECT * FROM runs WHERE name=? ORDER BY id", (ref,)).fetchall()
                 if len(rows) > 1:
-                    ids = ", ".join(str(r[0]) for r in rows)
+                    ids = ", ".join(str(r["id"]) for r in rows)
                     raise StoreError(
                         f"several runs are named '{ref}' in {self.path} (ids {ids}); give the id"
                     )
@@ -696,44 +670,31 @@ class RunStore:
                 run_id = int(text)
             else:
                 run_id = _run_id(ref)
-            row = conn.execute(f"SELECT {_RUN_FIELDS} FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = conn.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise self._unknown(ref)
         return self._info(row)
 
-    def _info(self, row: tuple, damaged_ok: bool = False) -> RunInfo:
-        """A RunInfo from a row; a damaged JSON field is a StoreError, or ``{}`` with ``damaged_ok``."""
-        (run_id, name, script_path, script_hash, config, device, status, created_at, started_at, ended_at,
-         steps, best, final, summary, error, parent_id, fork_step, pid, heartbeat_at) = row  # fmt: skip
+    #: RunInfo fields that are JSON in the row, with what they are when empty.
+    _JSON_FIELDS = {"config": dict, "summary": dict, "endpoint": lambda: None}
 
-        def field(text: str, which: str) -> Any:
+    def _info(self, row: sqlite3.Row, damaged_ok: bool = False) -> RunInfo:
+        """A RunInfo from a row of ``runs`` (read by column name, so columns a newer schema added are
+        ignored); a damaged JSON field is a StoreError, or empty with ``damaged_ok``."""
+        values = {key: row[key] for key in row.keys() if key in RunInfo.__dataclass_fields__}
+        for key, empty in self._JSON_FIELDS.items():
+            text = values.get(key)
+            if not text:
+                values[key] = empty()
+                continue
             try:
-                return _loads(text, f"the {which} of run {run_id} in {self.path}")
+                values[key] = loads(text, f"the {key} of run {values['id']} in {self.path}")
             except StoreError:
-                if damaged_ok:
-                    return {}
-                raise
-        return RunInfo(
-            id=run_id,
-            name=name,
-            script_path=script_path,
-            script_hash=script_hash,
-            config=field(config, "config"),
-            device=device,
-            status=status,
-            created_at=created_at,
-            started_at=started_at,
-            ended_at=ended_at,
-            steps=steps,
-            best_loss=best,
-            final_loss=final,
-            summary=field(summary, "summary"),
-            error=error,
-            parent_id=parent_id,
-            fork_step=fork_step,
-            pid=pid,
-            heartbeat_at=heartbeat_at,
-        )
+                if not damaged_ok:
+                    raise
+                values[key] = empty()
+        values["kind"] = values.get("kind") or "lrviz"  # a run recorded before kinds existed
+        return RunInfo(**values)
 
     def rename_run(self, run_id: int, name: str) -> None:
         """Give a run another name (names may repeat; look-up by an ambiguous name then fails)."""
@@ -750,7 +711,7 @@ class RunStore:
         from it keep their data and lose their parent."""
         run_id = _run_id(run_id)
         with self._write("deleting a run") as conn:
-            for table in ("chunks", "events", "validation"):
+            for table in ("chunks", "events", "validation", "scalars"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
             if conn.execute("DELETE FROM runs WHERE id=?", (run_id,)).rowcount == 0:
                 raise self._unknown(run_id)
@@ -798,8 +759,10 @@ class RunStore:
 
     def append_steps(self, run_id: int, start_step: int, columns: Mapping[str, np.ndarray]) -> None:
         """Store one chunk: steps ``start_step .. start_step+n-1``, every array with first
-        dimension ``n``. Appending again at an already stored start step replaces that chunk; a
-        chunk overlapping others otherwise is refused. A ``step`` column, if given, must match."""
+        dimension ``n``. A ``step`` column, if given, must start at ``start_step`` and increase: steps
+        that are not every integer (an imported log's) are stored with the chunk and read back as they
+        were. Appending again at an already stored start step replaces that chunk; a chunk
+        overlapping others otherwise is refused."""
         run_id = _run_id(run_id)
         start = int(start_step)
         if start < 0:
@@ -820,58 +783,48 @@ class RunStore:
         if not n:
             return
         step_col = arrays.pop("step", None)
-        if step_col is not None and not np.array_equal(step_col, np.arange(start, start + n)):
-            raise StoreError(f"the 'step' column does not run {start}..{start + n - 1}")
         if not arrays:
             return
-        metas: list[dict] = []
-        payloads: list[bytes] = []
-        for name, a in arrays.items():
-            meta, payload = _encode_column(name, a)
-            metas.append(meta)
-            payloads.append(payload)
-        header = json.dumps({"n": n, "cols": metas}, separators=(",", ":"))
-        blob = b"".join(payloads)
-        loss_min, loss_last = _loss_stats(arrays.get(LOSS_COLUMN))
+        stop = start + n
+        if step_col is not None:
+            steps = np.asarray(step_col)
+            if (steps.ndim != 1 or steps.dtype.kind not in "iu" or int(steps[0]) != start
+                    or (n > 1 and not bool(np.all(steps[1:] > steps[:-1])))):
+                raise StoreError(f"the 'step' column must be whole numbers that start at {start} and increase")
+            stop = int(steps[-1]) + 1
+            if stop != start + n:  # not every integer: the chunk keeps its steps
+                arrays = {"step": steps.astype(np.int64), **arrays}
+        header, blob = pack(n, arrays)
+        loss_min, loss_last = loss_stats(arrays.get(LOSS_COLUMN))
 
         with self._write("storing steps") as conn:
             self._check_run(conn, run_id)
-            end = start + n
             prev = conn.execute(
-                "SELECT start_step, n FROM chunks WHERE run_id=? AND start_step<? ORDER BY start_step DESC LIMIT 1",
+                "SELECT start_step, stop_step FROM chunks WHERE run_id=? AND start_step<? "
+                "ORDER BY start_step DESC LIMIT 1",
                 (run_id, start),
             ).fetchone()
             nxt = conn.execute(
                 "SELECT start_step FROM chunks WHERE run_id=? AND start_step>? AND start_step<? LIMIT 1",
-                (run_id, start, end),
+                (run_id, start, stop),
             ).fetchone()
-            if (prev and prev[0] + prev[1] > start) or nxt:
-                other = (
-                    f"{prev[0]}..{prev[0] + prev[1] - 1}"
-                    if prev and prev[0] + prev[1] > start
-                    else f"{nxt[0]}.."
-                )
+            if (prev and prev[1] > start) or nxt:
+                other = f"{prev[0]}..{prev[1] - 1}" if prev and prev[1] > start else f"{nxt[0]}.."
                 raise StoreError(
-                    f"run {run_id}: steps {start}..{end - 1} overlap stored steps {other}; "
+                    f"run {run_id}: steps {start}..{stop - 1} overlap stored steps {other}; "
                     "steps are appended once each"
                 )
             replaced = conn.execute(
                 "DELETE FROM chunks WHERE run_id=? AND start_step=?", (run_id, start)
             ).rowcount
             conn.execute(
-                "INSERT INTO chunks (run_id, start_step, n, loss_min, loss_last, header, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, start, n, loss_min, loss_last, header, blob),
+                "INSERT INTO chunks (run_id, start_step, stop_step, n, loss_min, loss_last, header, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, start, stop, n, loss_min, loss_last, header, blob),
             )
             last = conn.execute("SELECT MAX(start_step) FROM chunks WHERE run_id=?", (run_id,)).fetchone()[0]
             if replaced or last != start:  # rare: recompute the run's figures from all chunks
-                conn.execute(
-                    "UPDATE runs SET steps=(SELECT COALESCE(SUM(n), 0) FROM chunks WHERE run_id=:r), "
-                    "best_loss=(SELECT MIN(loss_min) FROM chunks WHERE run_id=:r), "
-                    "final_loss=(SELECT loss_last FROM chunks WHERE run_id=:r AND loss_last IS NOT NULL "
-                    "ORDER BY start_step DESC LIMIT 1) WHERE id=:r",
-                    {"r": run_id},
-                )
+                conn.execute(_RECOUNT_RUN, {"r": run_id})
             else:
                 conn.execute(
                     "UPDATE runs SET steps=steps+?, "
@@ -882,32 +835,24 @@ class RunStore:
 
     def truncate_run(self, run_id: int, from_step: int) -> None:
         """Forget everything a run recorded from ``from_step`` on (steps, events, validation points
-        measured after later updates), so it can resume from a checkpoint taken at that step."""
+        and scalars measured after later updates), so it can resume from a checkpoint taken at that step."""
         run_id = _run_id(run_id)
         k = int(from_step)
-        keep = self.load_steps(run_id, 0, k)
         with self.batch(), self._write("truncating the run") as conn:
             self._check_run(conn, run_id)
             straddle = conn.execute(
-                "SELECT start_step FROM chunks WHERE run_id=? AND start_step<? AND start_step+n>? ",
-                (run_id, k, k)).fetchone()
+                "SELECT start_step FROM chunks WHERE run_id=? AND start_step<? AND stop_step>?", (run_id, k, k)
+            ).fetchone()
+            part = None if straddle is None else self.load_steps(run_id, straddle[0], k)
             conn.execute("DELETE FROM chunks WHERE run_id=? AND start_step>=?", (run_id, k))
-            conn.execute("DELETE FROM events WHERE run_id=? AND step>=?", (run_id, k))
-            conn.execute("DELETE FROM validation WHERE run_id=? AND step>=?", (run_id, k))
             if straddle is not None:
-                s0 = int(straddle[0])
-                conn.execute("DELETE FROM chunks WHERE run_id=? AND start_step=?", (run_id, s0))
-            conn.execute(
-                "UPDATE runs SET steps=(SELECT COALESCE(SUM(n), 0) FROM chunks WHERE run_id=:r), "
-                "best_loss=(SELECT MIN(loss_min) FROM chunks WHERE run_id=:r), "
-                "final_loss=(SELECT loss_last FROM chunks WHERE run_id=:r AND loss_last IS NOT NULL "
-                "ORDER BY start_step DESC LIMIT 1) WHERE id=:r",
-                {"r": run_id},
-            )
-            if straddle is not None:
-                lo = np.searchsorted(keep["step"], s0)
-                part = {name: a[lo:] for name, a in keep.items() if name != "step"}
-                self.append_steps(run_id, s0, part)
+                conn.execute("DELETE FROM chunks WHERE run_id=? AND start_step=?", (run_id, straddle[0]))
+            for table in ("events", "validation"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id=? AND step>=?", (run_id, k))
+            conn.execute(_RECOUNT_RUN, {"r": run_id})
+            if part is not None:
+                self.append_steps(run_id, straddle[0], part)
+            self._truncate_scalars(conn, run_id, k)
 
     def load_steps(
         self, run_id: int, start: int = 0, stop: int | None = None, *, columns: Iterable[str] | None = None
@@ -927,20 +872,13 @@ class RunStore:
                 first = conn.execute(
                     "SELECT MAX(start_step) FROM chunks WHERE run_id=? AND start_step<=?", (run_id, start)
                 ).fetchone()[0]
-                lo = start if first is None else first
-                if stop is None:
-                    rows = conn.execute(
-                        "SELECT start_step, n, header, data FROM chunks WHERE run_id=? AND start_step>=? "
-                        "ORDER BY start_step",
-                        (run_id, lo),
-                    ).fetchall()
-                else:
-                    rows = conn.execute(
-                        "SELECT start_step, n, header, data FROM chunks WHERE run_id=? AND start_step>=? "
-                        "AND start_step<? ORDER BY start_step",
-                        (run_id, lo, int(stop)),
-                    ).fetchall()
-                rows = [r for r in rows if r[0] + r[1] > start]
+                sql = "SELECT start_step, stop_step, n, header, data FROM chunks WHERE run_id=? AND start_step>=?"
+                args: tuple = (run_id, start if first is None else first)
+                if stop is not None:
+                    sql += " AND start_step<?"
+                    args += (int(stop),)
+                rows = [r for r in conn.execute(sql + " ORDER BY start_step", args).fetchall()
+                        if r["stop_step"] > start]
             if not rows:
                 any_chunk = conn.execute(
                     "SELECT header FROM chunks WHERE run_id=? ORDER BY start_step DESC LIMIT 1", (run_id,)
@@ -948,25 +886,16 @@ class RunStore:
         if not rows:
             return self._empty(None if any_chunk is None else json.loads(any_chunk[0]), wanted)
 
-        decoded: list[tuple[int, int, dict[str, np.ndarray]]] = []
-        for chunk_start, n, header, data in rows:
-            cols: dict[str, np.ndarray] = {}
-            offset = 0
-            try:
-                for meta in json.loads(header)["cols"]:
-                    length = meta["len"]
-                    if wanted is None or meta["name"] in wanted:
-                        cols[meta["name"]] = _decode_column(meta, data[offset : offset + length])
-                    offset += length
-            except (ValueError, KeyError, TypeError, zlib.error) as exc:
-                raise StoreError(
-                    f"the steps {chunk_start}..{chunk_start + n - 1} of run {run_id} in {self.path} are damaged "
-                    f"({type(exc).__name__}: {exc}); the run's other data is readable",
-                    kind="damaged",
-                ) from None
-            decoded.append((chunk_start, n, cols))
+        decode = None if wanted is None else wanted | {"step"}
+        decoded: list[tuple[np.ndarray, int, dict[str, np.ndarray]]] = []
+        for chunk_start, chunk_stop, n, header, data in rows:
+            what = f"the steps {chunk_start}..{chunk_stop - 1} of run {run_id} in {self.path} are damaged"
+            cols = unpack(header, data, what, decode)
+            steps = cols.pop("step", None)
+            decoded.append((np.arange(chunk_start, chunk_start + n, dtype=np.int64) if steps is None else steps,
+                            n, cols))
 
-        step = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n, _ in decoded])
+        step = np.concatenate([steps for steps, _, _ in decoded])
         lo_i = int(np.searchsorted(step, start, side="left"))
         hi_i = len(step) if stop is None else int(np.searchsorted(step, int(stop), side="left"))
         out: dict[str, np.ndarray] = {"step": step[lo_i:hi_i]}
@@ -980,7 +909,7 @@ class RunStore:
         return out
 
     @staticmethod
-    def _concat(name: str, decoded: list[tuple[int, int, dict[str, np.ndarray]]], total: int) -> np.ndarray:
+    def _concat(name: str, decoded: list[tuple[np.ndarray, int, dict[str, np.ndarray]]], total: int) -> np.ndarray:
         parts = [cols.get(name) for _, _, cols in decoded]
         present = [p for p in parts if p is not None]
         trails = {p.shape[1:] for p in present}
@@ -1007,7 +936,7 @@ class RunStore:
             spec = dict(EMPTY_COLUMNS)
         else:
             spec = {"step": EMPTY_COLUMNS["step"]}
-            spec.update({m["name"]: (m["dtype"], tuple(m["shape"][1:])) for m in header["cols"]})
+            spec.update({m["name"]: (m["dtype"], tuple(m["shape"][1:])) for m in header["cols"] if m["name"] != "step"})
         return {
             name: np.empty((0, *trail), dtype=np.dtype(dt))
             for name, (dt, trail) in spec.items()
@@ -1019,7 +948,7 @@ class RunStore:
     def add_events(self, run_id: int, events: Iterable[Event]) -> None:
         """Store events (anything with ``step``, ``kind``, ``data`` and ``time``)."""
         run_id = _run_id(run_id)
-        rows = [(run_id, int(e.step), str(e.kind), _dumps(e.data or {}), float(e.time)) for e in events]
+        rows = [(run_id, int(e.step), str(e.kind), dumps(e.data or {}), float(e.time)) for e in events]
         if not rows:
             return
         with self._write("storing events") as conn:
@@ -1059,7 +988,7 @@ class RunStore:
             rows = conn.execute(
                 "SELECT step, kind, data, time FROM events WHERE run_id=? ORDER BY step, id", (run_id,)
             ).fetchall()
-        return [Event(step=s, kind=k, data=_loads(d, f"an event of run {run_id} in {self.path}"), time=t)
+        return [Event(step=s, kind=k, data=loads(d, f"an event of run {run_id} in {self.path}"), time=t)
                 for s, k, d, t in rows]
 
     def load_validation(self, run_id: int) -> list[ValPoint]:
@@ -1075,3 +1004,130 @@ class RunStore:
             ValPoint(step=s, epoch=e, loss=math.nan if loss is None else loss, accuracy=acc, time=t)
             for s, e, loss, acc, t in rows
         ]
+
+    # ------------------------------------------------------------------ extra scalar series
+
+    def add_scalars(
+        self, run_id: int, name: str, steps: Iterable[int], values: Iterable[float],
+        times: Iterable[float] | None = None,
+    ) -> None:
+        """Store points of the scalar series ``name`` (any name: ``val_accuracy``, a TensorBoard tag):
+        ``values[i]`` logged at step ``steps[i]``, ``times[i]`` seconds after the run started (as the
+        ``time`` of its steps, events and validation points; default: now).
+
+        Sparse series (a point every N steps, a few at a time) are the common case: points that follow
+        the series' last stored step are folded into its last chunk while it holds fewer than
+        :data:`SCALAR_CHUNK` points, so one call per logged point stays compact. A dense series of a
+        million points takes about 6 bytes a point."""
+        run_id = _run_id(run_id)
+        if not isinstance(name, str) or not name.strip():
+            raise StoreError(f"a scalar series needs a name (a non-empty string), not {name!r}")
+        cols = self._scalar_columns(name, steps, values, times)
+        if not len(cols["step"]):
+            return
+        with self._write("storing scalars") as conn:
+            row = conn.execute("SELECT COALESCE(started_at, created_at) FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise self._unknown(run_id)
+            if times is None:
+                cols["time"][:] = time.time() - row[0]
+            last = conn.execute(
+                "SELECT id, last_step, n, header, data FROM scalars WHERE run_id=? AND name=? ORDER BY id DESC LIMIT 1",
+                (run_id, name),
+            ).fetchone()
+            into = None
+            if (last is not None and last["n"] < SCALAR_CHUNK
+                    and int(cols["step"].min()) >= last["last_step"]):  # extend the last chunk, in place
+                old = unpack(last["header"], last["data"], self._scalars_what(run_id, name))
+                cols = {k: np.concatenate((old[k], cols[k])) for k in cols}
+                into = last["id"]
+            for i in range(0, len(cols["step"]), SCALAR_CHUNK):
+                self._put_scalars(conn, run_id, name, {k: v[i:i + SCALAR_CHUNK] for k, v in cols.items()}, into)
+                into = None
+
+    @staticmethod
+    def _scalar_columns(name: str, steps: Any, values: Any, times: Any) -> dict[str, np.ndarray]:
+        """The step (int64), value and time (float64) columns of scalar points, checked."""
+        try:
+            s = np.asarray(steps)
+            v = np.asarray(values, dtype=np.float64)
+            t = np.zeros(len(v)) if times is None else np.asarray(times, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"scalar series {name!r}: values and times must be numbers ({exc})") from None
+        if s.ndim != 1 or v.ndim != 1 or t.ndim != 1 or not len(s) == len(v) == len(t):
+            raise StoreError(f"scalar series {name!r}: steps, values and times must be 1-D and of one length "
+                             f"(got {s.shape}, {v.shape}, {t.shape})")
+        if s.dtype.kind == "f" and bool(np.all(s == np.round(s))):
+            s = s.astype(np.int64)
+        if len(s) and s.dtype.kind not in "iu":
+            raise StoreError(f"scalar series {name!r}: steps must be whole numbers, not {s.dtype}")
+        return {"step": s.astype(np.int64), "value": v, "time": t}
+
+    @staticmethod
+    def _put_scalars(
+        conn: sqlite3.Connection, run_id: int, name: str, cols: dict[str, np.ndarray], row_id: int | None = None
+    ) -> None:
+        """Store a chunk of scalar points as a new row, or in place of row ``row_id``. Rows are read in
+        id order, so points logged at one step come back in the order they were logged."""
+        header, blob = pack(len(cols["step"]), cols)
+        conn.execute(
+            "INSERT OR REPLACE INTO scalars (id, run_id, name, first_step, last_step, n, header, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row_id, run_id, name, int(cols["step"].min()), int(cols["step"].max()), len(cols["step"]), header,
+             blob),
+        )
+
+    def _scalars_what(self, run_id: int, name: str) -> str:
+        return f"the scalar series {name!r} of run {run_id} in {self.path} is damaged"
+
+    def _truncate_scalars(self, conn: sqlite3.Connection, run_id: int, k: int) -> None:
+        """Forget the scalar points of a run from step ``k`` on."""
+        rows = conn.execute(
+            "SELECT id, name, first_step, header, data FROM scalars WHERE run_id=? AND last_step>=?", (run_id, k)
+        ).fetchall()
+        for row in rows:
+            if row["first_step"] < k:
+                cols = unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"]))
+                keep = cols["step"] < k
+                self._put_scalars(conn, run_id, row["name"], {c: a[keep] for c, a in cols.items()}, row["id"])
+            else:
+                conn.execute("DELETE FROM scalars WHERE id=?", (row["id"],))
+
+    def load_scalars(
+        self, run_id: int, names: Iterable[str] | None = None, *, times: bool = False
+    ) -> dict[str, tuple[np.ndarray, ...]]:
+        """The run's scalar series by name (sorted): ``(steps, values)`` in step order (points logged at
+        one step in the order stored), or ``(steps, values, times)`` with ``times``. ``names`` limits
+        which are read; a name the run never logged is left out."""
+        run_id = _run_id(run_id)
+        sql = "SELECT name, header, data FROM scalars WHERE run_id=?"
+        args: list[Any] = [run_id]
+        if names is not None:
+            wanted = sorted({str(n) for n in names})
+            if not wanted:
+                return {}
+            sql += f" AND name IN ({', '.join('?' * len(wanted))})"
+            args += wanted
+        with self._op("reading scalars") as conn:
+            self._check_run(conn, run_id)
+            rows = conn.execute(sql + " ORDER BY name, id", args).fetchall()
+        parts: dict[str, list[dict[str, np.ndarray]]] = {}
+        for row in rows:
+            parts.setdefault(row["name"], []).append(
+                unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"])))
+        out: dict[str, tuple[np.ndarray, ...]] = {}
+        for name, chunks in parts.items():
+            cols = {k: np.concatenate([c[k] for c in chunks]) for k in ("step", "value", "time")}
+            if len(cols["step"]) > 1 and not bool(np.all(cols["step"][1:] >= cols["step"][:-1])):
+                order = np.argsort(cols["step"], kind="stable")
+                cols = {k: a[order] for k, a in cols.items()}
+            out[name] = (cols["step"], cols["value"], cols["time"]) if times else (cols["step"], cols["value"])
+        return out
+
+    def scalar_names(self, run_id: int) -> list[str]:
+        """The names of the run's scalar series, sorted."""
+        run_id = _run_id(run_id)
+        with self._op("reading scalar names") as conn:
+            self._check_run(conn, run_id)
+            return [r[0] for r in conn.execute(
+                "SELECT DISTINCT name FROM scalars WHERE run_id=? ORDER BY name", (run_id,)).fetchall()]

@@ -270,11 +270,11 @@ def test_device_staging_records_the_same_values_as_host_path(tiny):
 def test_device_staging_keeps_the_rows_staged_when_the_buffer_grows(tiny, monkeypatch, tmp_path):
     """An epochs-based run starts with room for 4096 rows; staged in blocks of 100 (never flushed by
     time), rows 4000-4095 are still on the 'device' when row 4096 makes the buffer grow."""
-    import lrviz.engine as engine_module
+    import lrviz.staging as staging_module
     from lrviz.store import RunStore
 
-    monkeypatch.setattr(engine_module, "DEVICE_STAGE_STEPS", 100)
-    monkeypatch.setattr(engine_module, "FLUSH_SECONDS", float("inf"))
+    monkeypatch.setattr(staging_module, "STAGE_STEPS", 100)
+    monkeypatch.setattr(staging_module, "FLUSH_SECONDS", float("inf"))
     cfg = RunConfig(lr=0.01, epochs=130, seed=2, eval_every=None, params={"val": False})  # 4160 steps
     host = TrainingEngine(tiny, cfg, stage_on_device=False)
     run_to_end(host, 120)

@@ -95,6 +95,27 @@ def test_csv_validation_rows(tmp_path: Path):
     assert [int(r[0]) for r in rows] == sorted(int(r[0]) for r in rows)
 
 
+def test_csv_extra_scalar_columns(tmp_path: Path):
+    """A column per extra scalar series, empty where it was not logged; points off the step rows (or a
+    second at a step) on rows of their own, shared by the series logged there; unique, quoted names."""
+    steps = make_steps(30)
+    scalars = {
+        "val/top5": (np.array([9, 19, 19, 40]), np.array([0.5, 0.625, 0.75, 0.875])),
+        "a, b": (np.array([4, 40]), np.array([1.5, -2.0])),
+        "val_loss": (np.array([29]), np.array([0.25])),  # clashes with the validation column
+    }
+    vals = [ValPoint(19, 1, 0.125, None, 2.0)]
+    header, rows = read_csv(write_metrics_csv(tmp_path / "m.csv", steps, vals, scalars))
+    assert header[-5:] == ["val_loss", "val_accuracy", "a, b", "val/top5", "val_loss.1"]
+    top5, ab, vl = header.index("val/top5"), header.index("a, b"), header.index("val_loss")
+    assert [r[0] for r in rows] == [str(s) for s in range(20)] + ["19"] + [str(s) for s in range(20, 30)] + ["40"]
+    assert rows[9][top5] == "0.5" and rows[19][top5] == "0.625" and rows[19][vl] == "0.125"
+    assert rows[20][top5] == "0.75" and rows[20][1:top5 - 1] == [""] * (top5 - 2)  # the second point at 19
+    assert rows[4][ab] == "1.5" and rows[30][header.index("val_loss.1")] == "0.25"
+    assert rows[-1][ab] == "-2.0" and rows[-1][top5] == "0.875"  # off the steps: one row for both
+    assert sum(1 for r in rows for c in (top5, ab) if r[c]) == 6
+
+
 def test_csv_of_stored_steps_starting_late(tmp_path: Path):
     steps = dict(make_steps(20))
     steps["step"] = steps["step"] + 100
@@ -259,6 +280,7 @@ def stored_run(tmp_path: Path):
     store.append_steps(run_id, 0, {k: v for k, v in steps.items() if k != "step"})
     store.add_events(run_id, [Event(60, "set_lr", {"lr": 0.01}, 1.0)])
     store.add_validation(run_id, [ValPoint(59, 5, 0.5, 0.75, 1.0), ValPoint(119, 11, 0.25, 0.875, 2.0)])
+    store.add_scalars(run_id, "val/top5", [59, 119], [0.5, math.nan], [1.0, 2.0])
     store.set_status(run_id, "finished", summary={"best_loss": 0.1, "final_val_loss": math.nan})
     yield store, run_id, steps
     store.close()
@@ -274,7 +296,9 @@ def test_export_run_csv_and_json(stored_run, tmp_path: Path):
     assert float(rows[7][header.index("loss")]) == steps["loss"][7]
     assert rows[59][header.index("val_loss")] == "0.5"
     doc = json.loads((out / "run.json").read_text())
-    assert doc["run"]["id"] == run_id and doc["run"]["name"] == "first try"
+    assert doc["scalars"] == {"val/top5": {"step": [59, 119], "value": [0.5, None], "time": [1.0, 2.0]}}
+    assert [r[header.index("val/top5")] for r in rows[58:60]] == ["", "0.5"]
+    assert doc["run"]["id"] == run_id and doc["run"]["name"] == "first try" and doc["run"]["kind"] == "lrviz"
     assert doc["run"]["script"] == "mnist_mlp.py" and doc["run"]["status"] == "finished"
     assert doc["config"]["lr"] == 0.05
     assert doc["events"][0]["kind"] == "set_lr"
@@ -286,7 +310,7 @@ def test_export_unknown_format(stored_run, tmp_path: Path):
     store, run_id, _ = stored_run
     with pytest.raises(ConfigError) as info:
         export_run(store, run_id, tmp_path / "o", formats=["csv", "gif"])
-    assert "png, svg, pdf, csv, json" in str(info.value) and "gif" in str(info.value)
+    assert "png, svg, pdf, csv, json, tb" in str(info.value) and "gif" in str(info.value)
     assert not (tmp_path / "o").exists()
 
 

@@ -168,14 +168,15 @@ def spec_for(script: Path, store: Path, **config) -> dict:
 
 def test_a_worker_describes_a_script_and_reports_a_broken_one(worker, tmp_path):
     exp = worker.inspect(SCRIPTS / "tiny.py").result(WAIT)
-    assert exp["defaults"]["lr"] == 0.05 and exp["params"] == {"val": True, "n": 512}
-    assert exp["accepts_batch_size"] is True and exp["surfaces"] == {}
+    assert exp.defaults["lr"] == 0.05 and exp.params == {"val": True, "n": 512}
+    assert exp.accepts_batch_size is True and exp.surfaces == {} and exp.surface() is None
     bad = tmp_path / "bad.py"
     bad.write_text("import torch\n\ndef build_model(:\n    pass\n")
     with pytest.raises(Exception, match=r"bad.py:3: syntax error"):
         worker.inspect(bad).result(WAIT)
-    surf = worker.inspect("surface_saddle").result(WAIT)["surfaces"]
-    assert surf["default"] == "saddle" and len(surf["by_name"]["saddle"]["z"]) == 120
+    info = worker.inspect("surface_saddle").result(WAIT)
+    assert info.surfaces["default"] == "saddle" and len(info.surface()["z"]) == 120
+    assert info.surface({"surface": "rosenbrock"})["name"] == "Rosenbrock's valley"
 
 
 def test_a_script_hung_in_build_data_is_stopped_from_the_app(worker, tmp_path):
@@ -229,3 +230,23 @@ def test_a_script_that_fails_to_load_is_reported_with_its_line(worker, tmp_path)
     assert run.done.wait(WAIT)
     assert run.state == RunState.FAILED
     assert "broken.py:6: build_data returned" in run.error
+
+
+def test_a_worker_pool_keeps_one_warm_worker_and_hands_it_over(tmp_path):
+    from lrviz.live.child import WorkerPool
+
+    pool = WorkerPool(log_dir=tmp_path, env=ENV)
+    try:
+        spare = pool.spare()
+        assert pool.inspect(SCRIPTS / "tiny.py").result(WAIT).name == "tiny"
+        assert pool.spare() is spare  # inspecting does not use it up
+        run = pool.start_run(spec_for(SCRIPTS / "tiny.py", tmp_path, steps=20))
+        assert run.worker is spare
+        assert run.done.wait(WAIT) and run.state == RunState.FINISHED and len(run.buffer) == 20
+        nxt = pool.spare()
+        assert nxt is not spare and nxt.ready.result(WAIT)["devices"][:2] == ["auto", "cpu"]
+    finally:
+        pool.close()
+        for w in (pool._spare,):
+            if w is not None:
+                w.signal(signal.SIGKILL)

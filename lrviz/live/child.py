@@ -148,8 +148,12 @@ class WorkerProcess:
 
     # ---- requests --------------------------------------------------------------------------------------
     def inspect(self, script: str | os.PathLike) -> Future:
-        """A Future of the script's description (see :func:`lrviz.live.worker.describe_experiment`)."""
-        return self._request({"op": "inspect", "script": str(script)})
+        """A Future of the script's :class:`~lrviz.scriptinfo.ScriptInfo` (or of its WorkerError)."""
+        from lrviz.scriptinfo import ScriptInfo
+
+        out: Future = Future()
+        _chain(self._request({"op": "inspect", "script": str(script)}), out, ScriptInfo.from_dict)
+        return out
 
     def train(self, spec: dict[str, Any]) -> Future:
         """Start the run ``spec`` describes; a Future of the endpoint's ConnectionInfo."""
@@ -398,17 +402,78 @@ def fix_store_row(store_path: str, run_id: int, state: str, message: str) -> Non
         log.exception("could not record how run %s ended", run_id)
 
 
-def _chain(src: Future, dst: Future) -> None:
+def _chain(src: Future, dst: Future, convert: Any = None) -> None:
     def done(f: Future) -> None:
         if dst.done():
             return
         exc = f.exception()
         if exc is not None:
             dst.set_exception(exc)
-        else:
-            dst.set_result(f.result())
+            return
+        try:
+            dst.set_result(convert(f.result()) if convert is not None else f.result())
+        except Exception as err:  # noqa: BLE001 - a malformed answer is the caller's error to show
+            dst.set_exception(WorkerError(f"the training process answered something unexpected: {err}"))
 
     src.add_done_callback(done)
 
 
-__all__ = ["ChildRun", "CommandRejected", "WorkerError", "WorkerProcess", "describe_exit", "fix_store_row"]
+class WorkerPool:
+    """Keeps one warm worker ready (torch already imported), so Start and Open take no import time.
+
+    ``inspect`` asks the spare (it stays the spare); ``take`` hands the spare over for a run and
+    starts the next one in the background. ``close`` ends the spare (runs keep their workers).
+    """
+
+    def __init__(self, *, log_dir: str | os.PathLike | None = None, python: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.log_dir = log_dir
+        self.python = python
+        self.env = env
+        self._spare: WorkerProcess | None = None
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _new(self) -> WorkerProcess:
+        return WorkerProcess(log_dir=self.log_dir, python=self.python, env=self.env).start()
+
+    def spare(self) -> WorkerProcess:
+        """The warm worker (started now if there is none, or the last one died)."""
+        with self._lock:
+            w = self._spare
+            if w is None or w.exited.is_set() or w.busy:
+                w = self._spare = self._new()
+            return w
+
+    def warm(self) -> None:
+        """Start the spare now (e.g. at app start, before anyone asks)."""
+        self.spare()
+
+    def inspect(self, script: str | os.PathLike) -> Future:
+        return self.spare().inspect(script)
+
+    def take(self) -> WorkerProcess:
+        """A worker for one run; a new spare starts warming at once."""
+        with self._lock:
+            w = self._spare
+            self._spare = None
+        if w is None or w.exited.is_set():
+            w = self._new()
+        if not self.closed:
+            threading.Thread(target=self.warm, name="lrviz-worker-warm", daemon=True).start()
+        return w
+
+    def start_run(self, spec: dict[str, Any], *, name: str = "app") -> ChildRun:
+        """Train ``spec`` in a worker of its own, followed live."""
+        return ChildRun(self.take(), spec, name=name).start()
+
+    def close(self) -> None:
+        self.closed = True
+        with self._lock:
+            w, self._spare = self._spare, None
+        if w is not None:
+            w.close()
+
+
+__all__ = ["ChildRun", "CommandRejected", "WorkerError", "WorkerPool", "WorkerProcess", "describe_exit",
+           "fix_store_row"]

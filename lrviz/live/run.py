@@ -49,6 +49,8 @@ class Run:
     probe_steps: list[int]
     probe_values: dict[str, list[float]]
     range_test_progress: list[tuple[float, float]]
+    #: The last range test's result as plain values (suggestions, lrs, losses, smoothed), once it ended.
+    range_test_result: dict[str, Any] | None = None
     done: threading.Event
 
     # ---- commands -------------------------------------------------------------------------------------
@@ -84,7 +86,15 @@ class Run:
         return self.command(Command.CHECKPOINT)
 
     def range_test(self, **kwargs: Any) -> Future:
-        return self.command(Command.RANGE_TEST, **kwargs)
+        """Run the LR range test on the run's current weights; the ack's ``data["result"]`` holds it."""
+        fut = self.command(Command.RANGE_TEST, **kwargs)
+
+        def keep(f: Future) -> None:
+            if f.exception() is None:
+                self.range_test_result = (f.result().get("data") or {}).get("result")
+
+        fut.add_done_callback(keep)
+        return fut
 
     def cancel_range_test(self) -> Future:
         return self.command(Command.CANCEL_RANGE_TEST)

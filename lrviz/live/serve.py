@@ -16,7 +16,7 @@ from typing import Any
 
 from .connection import connection_path, live_dir
 from .endpoint import LiveEndpoint
-from .source import EngineSource
+from .source import RunSource
 
 
 @contextmanager
@@ -24,7 +24,7 @@ def serving(engine: Any, store: Any, *, listen: str | None = None, announce: boo
     """Serve ``engine`` while the block runs. ``announce`` prints where, for ``--listen``."""
     store_path = str(store.path) if store is not None else None
     folder = live_dir(store_path) if store_path else None
-    endpoint = LiveEndpoint(EngineSource(engine, store_path=store_path), listen=listen, folder=folder)
+    endpoint = LiveEndpoint(RunSource(engine, store_path=store_path), listen=listen, folder=folder)
     info = endpoint.start()
 
     def opened(run_id: int) -> None:
@@ -38,6 +38,19 @@ def serving(engine: Any, store: Any, *, listen: str | None = None, announce: boo
         yield endpoint
     finally:
         endpoint.close()
+
+
+def serve_recorded(run: Any, store: Any, *, listen: str | None = None, announce: bool = False) -> LiveEndpoint:
+    """Serve a run whose store row already exists (``lrviz.track``); the caller closes the endpoint."""
+    store_path = str(store.path) if store is not None else None
+    endpoint = LiveEndpoint(RunSource(run, store_path=store_path), listen=listen,
+                            folder=live_dir(store_path) if store_path else None)
+    info = endpoint.start()
+    if store_path is not None and run.run_id is not None:
+        endpoint.register(connection_path(store_path, run.run_id), run.run_id, store_path)
+    if announce:
+        print(how_to_connect(info, run.run_id), file=sys.stderr, flush=True)
+    return endpoint
 
 
 def how_to_connect(info: Any, run_id: int | None) -> str:

@@ -1,4 +1,8 @@
-"""What a training engine offers its live endpoint: records, state, lab data, and commands."""
+"""What a run offers its live endpoint: records, state, lab data, and commands.
+
+:class:`RunSource` serves anything that trains and records like :class:`lrviz.engine.TrainingEngine`
+(the engine itself, a :class:`lrviz.track.TrackedRun`): a recorder's lists, a ``control``, ``submit``.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from lrviz.states import is_terminal
 LAYERS_EVERY_S = 0.5
 
 
-class EngineSource:
-    """Serves a :class:`lrviz.engine.TrainingEngine` (see :class:`lrviz.live.endpoint.LiveSource`)."""
+class RunSource:
+    """Serves a run (see :class:`lrviz.live.endpoint.LiveSource`)."""
 
     def __init__(self, engine: Any, *, store_path: str | None = None):
         self.engine = engine
@@ -25,6 +29,9 @@ class EngineSource:
 
     def describe(self) -> dict[str, Any]:
         eng = self.engine
+        own = getattr(eng, "describe_live", None)
+        if own is not None:
+            return {**own(), "store": self.store_path}
         exp = eng.experiment
         return {
             "kind": "engine", "pid": os.getpid(), "run_id": eng.run_id, "name": eng.name or exp.name,
@@ -36,13 +43,13 @@ class EngineSource:
         eng = self.engine
         det = eng.detection
         out: dict[str, Any] = {
-            "state": str(eng.state), "step": eng.step, "epoch": eng.epoch, "total_steps": eng.total_steps,
+            "state": str(eng.state), "step": eng.steps_done, "epoch": eng.epoch, "total_steps": eng.total_steps,
             "lrs": list(eng.lrs), "run_id": eng.run_id, "device": str(eng.device) if eng.device else None,
             "detection": det.to_dict() if det is not None else None,
-            "pause_requested": bool(eng._pause_requested), "pace": eng._pace,
+            "pause_requested": bool(eng.control.pause_requested), "pace": eng.control.pace,
             "groups": eng.buffer.groups if eng.buffer is not None else None,
         }
-        if eng.error is not None:
+        if eng.error:
             out["error"] = str(eng.error)
             out["error_detail"] = eng.error_detail
         if is_terminal(eng.state) and eng.done.is_set():
@@ -95,3 +102,7 @@ class EngineSource:
 
 def _plain(v: Any) -> Any:
     return v.tolist() if isinstance(v, np.ndarray) else v
+
+
+#: The name it had when only the engine served.
+EngineSource = RunSource

@@ -1,0 +1,180 @@
+"""Recording a step without waiting on the device: the flat-gradient norm and device staging.
+
+:class:`GradNorm` measures the gradient norm of every step with one dot product. :class:`Staging`
+keeps each step's loss and squared gradient norm on the device (an accelerator) and copies them to
+the step buffer in one transfer per ``STAGE_STEPS`` steps (or per ``FLUSH_SECONDS``), so a GPU run
+never syncs the host per step; on the CPU it reads each row at once and writes them in blocks.
+Shared by the engine and ``lrviz.track``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+#: On an accelerator, losses stay on the device and are copied in one transfer per this many steps
+#: (or per FLUSH_SECONDS of the run's time, whichever comes first).
+STAGE_STEPS = 256
+FLUSH_SECONDS = 0.1
+
+
+class GradNorm:
+    """Gradient norm per step, cheaply.
+
+    After a first ordinary step shows every parameter receives a gradient, the gradients are bound
+    as views into one flat buffer (``flat``): zeroing is one kernel and the squared norm one dot
+    product. Otherwise it falls back to a foreach norm over the gradients there are.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.flat: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        self.decided = False
+
+    def squared(self) -> torch.Tensor:
+        """The squared norm of all gradients (a 0-d tensor on the parameters' device)."""
+        flat = self.flat
+        if flat is not None:
+            for p, g in zip(self.params, self.views):
+                if p.grad is not g:  # the script replaced a gradient: bind it again
+                    self._rebind(p, g)
+            return torch.dot(flat, flat)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not self.decided:
+            self.decided = True
+            self._try_bind()
+        if not grads:
+            return torch.zeros((), device=self.params[0].device if self.params else None)
+        norms = torch._foreach_norm(grads)
+        return torch.stack(norms).square().sum()
+
+    def _rebind(self, p: torch.nn.Parameter, view: torch.Tensor) -> None:
+        if p.grad is not None:
+            view.copy_(p.grad)
+        else:
+            view.zero_()
+        p.grad = view
+
+    def _try_bind(self) -> None:
+        ps = self.params
+        if not ps or any(p.grad is None or p.grad.is_sparse for p in ps):
+            return
+        if len({(p.dtype, p.device) for p in ps}) != 1:
+            return
+        flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        views, off = [], 0
+        for p in ps:
+            v = flat[off:off + p.numel()].view_as(p)
+            v.copy_(p.grad)
+            p.grad = v
+            views.append(v)
+            off += p.numel()
+        self.flat, self.views = flat, views
+
+
+class Staging:
+    """Writes steps into a :class:`~lrviz.records.StepBuffer` in blocks: a few rows at a time on the
+    host, or staged on the device.
+
+    ``record_host`` takes the loss and squared gradient norm as tensors, reads them (one host sync:
+    the CPU path) and returns ``(loss, grad_norm)`` floats; the row waits in a Python list and the
+    block is written at once every ``HOST_ROWS`` rows or FLUSH_SECONDS (a per-row NumPy write costs
+    more than the rest of the bookkeeping together). ``stage`` keeps them on the device and returns
+    None; the rows appear at the next flush, which returns ``(first_step, losses, grad_norms)`` as
+    NumPy arrays for the caller to check. Call :meth:`flush` before anything reads the buffer's last
+    rows from the training thread (a checkpoint, a pause, validation, the end).
+    """
+
+    #: Rows read on the host are written to the buffer this many at a time (or per FLUSH_SECONDS).
+    HOST_ROWS = 64
+
+    def __init__(self, buffer: Any, device: torch.device | None, on_host: bool):
+        self.buffer = buffer
+        self.on_host = on_host
+        self.staged = 0
+        self.last_flush = 0.0
+        self._rows: list[tuple[int, float, float, float, Sequence[float]]] = []
+        self._loss: torch.Tensor | None = None
+        self._gn: torch.Tensor | None = None
+        if not on_host:
+            dtype = torch.float32 if device is not None and device.type == "mps" else torch.float64  # no f64 on MPS
+            self._loss = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
+            self._gn = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
+
+    def record_host(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
+                    lrs: Sequence[float]) -> tuple[float, float]:
+        """Read the row now (one host sync: the CPU path); its loss and gradient norm (None: not measured).
+
+        ``lrs`` is kept as given until the block is written: pass a list nobody changes in place.
+        """
+        lf = loss.item()
+        gn = math.sqrt(gn2.item()) if gn2 is not None else math.nan
+        rows = self._rows
+        rows.append((epoch, now, lf, gn, lrs))
+        if len(rows) >= self.HOST_ROWS or now - self.last_flush >= FLUSH_SECONDS:
+            self._write_rows(now)
+        return lf, gn
+
+    def _write_rows(self, now: float) -> None:
+        rows = self._rows
+        k = len(rows)
+        if not k:
+            return
+        buf = self.buffer
+        n = buf.n
+        cols = buf.reserve_row(n + k - 1)
+        epoch, times, loss, gn, lrs = zip(*rows)
+        cols.epoch[n:n + k] = epoch
+        cols.time[n:n + k] = times
+        cols.loss[n:n + k] = loss
+        cols.grad_norm[n:n + k] = gn
+        cols.lr[n:n + k] = lrs
+        rows.clear()
+        self.last_flush = now
+        buf.n = n + k
+
+    def stage(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
+              lrs: Sequence[float]) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Keep the row's loss on the device; flush when the stage is full or FLUSH_SECONDS passed."""
+        j = self.staged
+        buf = self.buffer
+        row = buf.n + j
+        cols = buf.reserve_row(row)
+        cols.epoch[row] = epoch
+        cols.time[row] = now
+        cols.lr[row] = lrs
+        self._loss[j] = loss.detach()
+        if gn2 is not None:
+            self._gn[j] = gn2.detach()
+        else:
+            self._gn[j] = math.nan
+        self.staged = j + 1
+        if self.staged >= STAGE_STEPS or now - self.last_flush >= FLUSH_SECONDS:
+            return self.flush(now)
+        return None
+
+    def flush(self, now: float) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Publish every row recorded so far; staged rows come from the device in one transfer
+        (returned for the caller to check; rows read on the host were checked as they came)."""
+        if self._rows:
+            self._write_rows(now)
+        j = self.staged
+        if not j or self._loss is None:
+            return None
+        host = torch.stack((self._loss[:j], self._gn[:j])).cpu().numpy()  # one transfer
+        buf = self.buffer
+        n = buf.n
+        cols = buf.reserve_row(n + j - 1)
+        loss = host[0]
+        gn = np.sqrt(host[1])
+        cols.loss[n:n + j] = loss
+        cols.grad_norm[n:n + j] = gn
+        self.staged = 0
+        self.last_flush = now
+        buf.n = n + j
+        return buf.first_step + n, loss, gn

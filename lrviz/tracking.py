@@ -1,0 +1,495 @@
+"""``lrviz.track``: record and steer a training loop you already have, in two lines.
+
+::
+
+    import lrviz
+    with lrviz.track(optimizer, model=model, name="resnet lr 0.1") as run:
+        for batch in loader:
+            loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
+            run.step(loss)            # records the loss and the LR each group used; applies steering
+            if run.should_stop:
+                break
+        run.log(val_loss=v)           # validation (val_loss, val_accuracy) or any other scalar
+
+One stored run per ``track``, live while it trains: the app's run browser shows it (Watch), and
+``lrviz steer RUN --lr 0.01`` changes its rate at the next step. A pre-step hook on the optimizer
+reads the rates each group really used (and, once lrviz has set the rate or a schedule, writes
+lrviz's rates just before each step, so a torch scheduler of the loop no longer moves them: the
+override is recorded as an event). On a GPU the losses stay on the device and are copied once per
+flush (no host sync per step). An error inside lrviz never stops the training: it is printed once,
+the run is marked, and ``step`` becomes a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import interventions as iv
+from .control import RunControl, Stopped, ack
+from .errors import ConfigError, LrvizError
+from .optim import apply_hyperparams
+from .rates import RateControl
+from .recorder import RunRecorder
+from .records import StepBuffer, ValPoint
+from .staging import FLUSH_SECONDS, Staging
+from .states import SETTING_COMMANDS, Command, RunState
+
+__all__ = ["StopTraining", "TrackedRun", "track"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT = object()
+_INF = math.inf
+_NAN = math.nan
+_perf = time.perf_counter
+_HOST_ROWS = Staging.HOST_ROWS
+_FLUSH_S = FLUSH_SECONDS
+
+
+class StopTraining(Exception):
+    """Raised by ``run.step`` when the run was asked to stop and ``track(..., on_stop="raise")``."""
+
+
+def track(optimizer: Any, *, model: Any = None, name: str | None = None, store: Any = _DEFAULT,
+          listen: str | None | bool = _DEFAULT, config: dict[str, Any] | None = None, steps: int | None = None,
+          grad_norm: bool = False, on_stop: str = "flag", quiet: bool = False) -> TrackedRun:
+    """Record (and serve, to steer it live) the training loop that steps ``optimizer``.
+
+    ``store``: a :class:`lrviz.store.RunStore`, a path, or None for no store (default: the default
+    store, as ``lrviz run`` uses). ``listen``: ``HOST:PORT`` to serve over TCP as well, False for no
+    endpoint (default: a local socket when there is a store). ``config``: settings to keep with the
+    run. ``steps``: the planned number of steps (for progress). ``grad_norm``: also record the
+    gradient norm (costs a norm over every gradient per step). ``on_stop``: ``"flag"`` sets
+    ``should_stop`` when the run is stopped from outside; ``"raise"`` raises :class:`StopTraining`.
+    """
+    return TrackedRun(optimizer, model=model, name=name, store=store, listen=listen, config=config, steps=steps,
+                      grad_norm=grad_norm, on_stop=on_stop, quiet=quiet).start()
+
+
+class TrackedRun:
+    """One tracked run (see :func:`track`). Use it as a context manager, or call :meth:`finish`."""
+
+    def __init__(self, optimizer: Any, *, model: Any = None, name: str | None = None, store: Any = _DEFAULT,
+                 listen: str | None | bool = _DEFAULT, config: dict[str, Any] | None = None,
+                 steps: int | None = None, grad_norm: bool = False, on_stop: str = "flag", quiet: bool = False):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"lrviz.track needs a torch.optim.Optimizer, not {type(optimizer).__name__} "
+                              "(pass the optimizer your loop steps)")
+        if on_stop not in ("flag", "raise"):
+            raise ConfigError(f"on_stop must be 'flag' or 'raise', not {on_stop!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
+        self.optimizer = optimizer
+        self.model = model
+        self.name = name
+        self.quiet = quiet
+        self.on_stop = on_stop
+        self.total_steps = steps
+        self.settings = dict(config or {})
+        self.store = _open_store(store)
+        self._own_store = self.store is not None and not hasattr(store, "create_run")
+        self.listen = listen
+        self.rec = RunRecorder(self.store)
+        self.control = RunControl()
+        self.rates = RateControl(optimizer)
+        self.overridden = False  # lrviz set the rate or a schedule: it holds from then on
+        self.step_index = 0
+        self.epoch = 0
+        self.error: str | None = None
+        self.error_detail = ""
+        self.detection = None
+        self.layer_probe = None
+        self.done = threading.Event()
+        self.should_stop = False
+        self.script_path = _main_script()
+        self._grad_norm = grad_norm
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._used: list[float] | None = None
+        self._gn2: torch.Tensor | None = None
+        self._staging: Staging | None = None
+        self._endpoint: Any = None
+        self._hook: Any = None
+        self._off = False
+        self._finished = False
+        self._fast = False  # step() may take its short path (set by start, cleared by finish/_broken)
+        self._rows: list[Any] = []
+        self._warned: set[str] = set()
+
+    # ---- the attributes a live endpoint reads (as of an engine) ----------------------------------------
+    state = property(lambda self: self.rec.state)
+    run_id = property(lambda self: self.rec.run_id)
+    buffer = property(lambda self: self.rec.buffer)
+    events = property(lambda self: self.rec.events)
+    validation = property(lambda self: self.rec.validation)
+    probe_steps = property(lambda self: self.rec.probe_steps)
+    probe_values = property(lambda self: self.rec.probe_values)
+    range_test_progress = property(lambda self: self.rec.range_test_progress)
+
+    @property
+    def steps_done(self) -> int:
+        """The number of steps recorded (the index of the next one)."""
+        return self.step_index
+
+    @property
+    def lrs(self) -> list[float]:
+        return self.rates.lrs
+
+    @property
+    def device(self) -> str | None:
+        return str(self._params[0].device) if self._params else None
+
+    def describe_live(self) -> dict[str, Any]:
+        return {"kind": "tracked", "pid": os.getpid(), "run_id": self.run_id, "name": self.name or "",
+                "script_path": self.script_path, "script_name": Path(self.script_path).stem,
+                "config": self._config(), "has_surface": False}
+
+    def summary(self) -> dict[str, Any]:
+        out = self.rec.summary(self.step_index)
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> TrackedRun:
+        groups = len(self.optimizer.param_groups)
+        self.rec.buffer = StepBuffer(groups=groups, capacity=4096)
+        dev = self._params[0].device if self._params else torch.device("cpu")
+        self._staging = Staging(self.rec.buffer, dev, on_host=dev.type == "cpu")
+        self._rows = self._staging._rows
+        self._fast = self._staging.on_host and not self._grad_norm
+        self._hook = self.optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self.rec.state = RunState.RUNNING
+        self.rec.t0 = time.perf_counter()
+        if self.store is not None:
+            self.rec.open(script_path=self.script_path, script_hash=_hash_of(self.script_path),
+                          config=self._config(), device=self.device or "cpu", name=self.name)
+        if self.listen is not False and (self.store is not None or isinstance(self.listen, str)):
+            self._serve()
+        return self
+
+    def __enter__(self) -> TrackedRun:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, StopTraining):
+            self.finish()
+            return isinstance(exc, StopTraining)  # a stop asked from outside ends the block quietly
+        if isinstance(exc, KeyboardInterrupt):
+            self.finish(RunState.STOPPED)
+        else:
+            self.error = f"the training loop raised {type(exc).__name__}: {exc}"
+            self.error_detail = "".join(traceback.format_exception(exc_type, exc, tb))
+            self.finish(RunState.FAILED)
+        return False
+
+    def finish(self, state: str | None = None) -> None:
+        """End the run (finished, or stopped when it was stopped from outside); save everything."""
+        if self._finished:
+            return
+        self._finished = True
+        self._fast = False
+        if self._hook is not None:
+            self._hook.remove()
+        final = state or (RunState.STOPPED if self.should_stop else RunState.FINISHED)
+        try:
+            self._flush()
+            self.rec.state = final
+            if final == RunState.STOPPED:
+                self.rec.event("stop", {}, self.step_index)
+            elif final == RunState.FAILED and self.error:
+                self.rec.event("error", {"message": self.error}, self.step_index)
+            self.control.close(str(final), self.step_index)
+            self.rec.close(self.summary(), self.error)
+        except Exception as exc:  # noqa: BLE001 - never turn the end of the user's training into a crash
+            self._broken(exc)
+        finally:
+            self.done.set()
+            if self._endpoint is not None:
+                self._endpoint.close()
+            if self._own_store:
+                self.store.close()
+
+    # ---- in the loop -----------------------------------------------------------------------------------
+    def step(self, loss: Any) -> None:
+        """Record one step (its loss, and the LR each group used); apply steering; block while paused."""
+        if self._fast:  # the common case, kept to a few attribute reads: a CPU loss, no gradient norm
+            try:
+                lf = loss.item()
+                if -_INF < lf < _INF:
+                    used = self._used
+                    self._used = None
+                    rows = self._rows
+                    now = _perf() - self.rec.t0
+                    rows.append((self.epoch, now, lf, _NAN, used if used is not None else self.rates.lrs))
+                    if len(rows) >= _HOST_ROWS or now - self._staging.last_flush >= _FLUSH_S:
+                        self._staging.flush(now)
+                    self.step_index += 1
+                    if self.control.attention:
+                        self._attend()
+                    return
+            except Stopped:
+                self._stopped()
+                return
+            except Exception:  # noqa: BLE001 - not a plain scalar tensor: the careful path says why
+                pass
+        self._step_slow(loss)
+
+    def _step_slow(self, loss: Any) -> None:
+        if self._off or self._finished:
+            if self._finished:
+                self._warn_once("finished", "lrviz: run.step() after the run finished is ignored")
+            return
+        try:
+            step = self.step_index
+            now = _perf() - self.rec.t0
+            lrs = self._used if self._used is not None else self.rates.lrs
+            self._used = None
+            gn2 = self._gn2
+            self._gn2 = None
+            if not isinstance(loss, torch.Tensor):
+                loss = torch.tensor(float(loss), dtype=torch.float64)
+            elif loss.numel() != 1:
+                raise ConfigError(f"run.step() takes the batch's loss, a scalar; got a tensor of shape "
+                                  f"{list(loss.shape)}")
+            staging = self._staging
+            if staging.on_host:
+                lf, _ = staging.record_host(self.epoch, now, loss, gn2, lrs)
+                if not math.isfinite(lf):
+                    self._nonfinite(step, lf)
+            else:
+                flushed = staging.stage(self.epoch, now, loss, gn2, lrs)
+                if flushed is not None:
+                    self._check(flushed)
+            self.step_index = step + 1
+            if self.control.attention:
+                self._attend()
+        except Stopped:
+            self._stopped()
+        except ConfigError as exc:
+            self._warn_once("input", f"lrviz: {exc}")
+        except Exception as exc:  # noqa: BLE001 - lrviz must never break the user's training
+            self._broken(exc)
+
+    def _attend(self) -> None:
+        self.control.attend(self._apply, lambda: self.step_index, on_pause=self._on_pause,
+                            on_resume=self._on_resume, on_reject=self._on_reject)
+
+    def _stopped(self) -> None:
+        self.should_stop = True
+        if self.on_stop == "raise":
+            raise StopTraining(f"run {self.run_id} was stopped from outside at step {self.step_index}")
+
+    def log(self, step: int | None = None, **scalars: Any) -> None:
+        """Record ``val_loss`` / ``val_accuracy`` as a validation point, at the last step done (or ``step``)."""
+        if self._off:
+            return
+        try:
+            at = (self.step_index - 1) if step is None else int(step)
+            if "val_loss" in scalars:
+                acc = scalars.get("val_accuracy")
+                self._flush()
+                self.rec.validation.append(ValPoint(at, self.epoch, float(scalars["val_loss"]),
+                                                    None if acc is None else float(acc), self.rec.clock()))
+                if self.rates.observe_validation(float(scalars["val_loss"]), self.step_index):
+                    self.rec.event("lr_reduced", {"lr": self.rates.lrs[0], "val_loss": float(scalars["val_loss"])},
+                                   self.step_index)
+            other = {k: v for k, v in scalars.items() if k not in ("val_loss", "val_accuracy")}
+            for k, v in other.items():
+                self.rec.add_scalar(k, at, float(v))
+        except Exception as exc:  # noqa: BLE001
+            self._broken(exc)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next steps belong to (recorded with each step)."""
+        self.epoch = int(epoch)
+
+    # ---- steering, from any thread -----------------------------------------------------------------------
+    def submit(self, kind: str, data: dict[str, Any] | None = None) -> Future:
+        """Ask for a command (see :meth:`lrviz.engine.TrainingEngine.submit`); applied at the next ``step``."""
+        fut: Future = Future()
+        data = dict(data or {})
+        try:
+            try:
+                cmd = Command(kind)
+            except ValueError:
+                raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            if cmd in (Command.RANGE_TEST, Command.CANCEL_RANGE_TEST, Command.ROLLBACK, Command.CHECKPOINT):
+                raise ConfigError(f"{cmd.value} needs lrviz's own runner (`lrviz run`); a tracked loop "
+                                  "can be paused, stopped and have its rate, schedule, momentum and weight decay set")
+            if cmd == Command.SET_PACE:
+                pace = self.control.set_pace(data.get("steps_per_second"))
+                fut.set_result(ack(cmd, self.step_index, {"steps_per_second": pace}))
+                return fut
+            if cmd in SETTING_COMMANDS:
+                data = iv.check(cmd.value, data)
+                if cmd == Command.SET_HYPERPARAMS:
+                    g = self.optimizer.param_groups[0]
+                    if "momentum" in data and "momentum" not in g and "betas" not in g:
+                        raise ConfigError(f"{type(self.optimizer).__name__} has no momentum to change")
+        except LrvizError as exc:
+            fut.set_exception(exc)
+            return fut
+        return self.control.enqueue(cmd.value, data, fut, state=lambda: str(self.state))
+
+    def pause(self) -> Future:
+        return self.submit(Command.PAUSE)
+
+    def resume(self) -> Future:
+        return self.submit(Command.RESUME)
+
+    def stop(self) -> Future:
+        return self.submit(Command.STOP)
+
+    def set_lr(self, lr: float) -> Future:
+        return self.submit(Command.SET_LR, {"lr": lr})
+
+    def set_schedule(self, spec: str | None) -> Future:
+        return self.submit(Command.SET_SCHEDULE, {"spec": spec})
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Just before each optimizer.step(): lrviz's rates when it holds them; note what is used."""
+        if not (self.control.attention or self.overridden or self._grad_norm):
+            self._used = [g["lr"] for g in optimizer.param_groups]
+            return
+        try:
+            if self.control.attention:  # a new rate/schedule/momentum takes effect in this very step
+                self.control.apply_settings(self._apply, self.step_index, self._on_reject)
+            if self.overridden:  # whatever the loop's own scheduler wrote since
+                self.rates.write(self.rates.at_step(self.step_index))
+            self._used = [float(g["lr"]) for g in optimizer.param_groups]
+            if self._grad_norm:
+                grads = [p.grad for p in self._params if p.grad is not None]
+                if grads:
+                    self._gn2 = torch.stack(torch._foreach_norm(grads)).square().sum()
+        except Exception as exc:  # noqa: BLE001
+            self._broken(exc)
+
+    def _apply(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        step = self.step_index
+        if kind in ("set_lr", "set_schedule"):
+            if not self.overridden:
+                self.rates.lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+            self.overridden = True
+            if kind == "set_lr":
+                self.rates.set_lr(data["lr"], step)
+            else:
+                self.rates.set_schedule(data["spec"], step, has_validation=True)
+        elif kind == "set_hyperparams":
+            apply_hyperparams(self.optimizer, data.get("momentum"), data.get("weight_decay"))
+        self.rec.event(kind, dict(data), step)
+        return dict(data)
+
+    def _on_pause(self) -> None:
+        self._flush()
+        self.rec.state = RunState.PAUSED
+        self.rec.event("pause", {}, self.step_index)
+
+    def _on_resume(self) -> None:
+        self.rec.state = RunState.RUNNING
+        self.rec.event("resume", {}, self.step_index)
+
+    def _on_reject(self, kind: str, exc: LrvizError) -> None:
+        self.rec.event("rejected", {"kind": kind, "message": str(exc)}, self.step_index)
+
+    def _flush(self) -> None:
+        if self._staging is not None:
+            flushed = self._staging.flush(self.rec.clock())
+            if flushed is not None:
+                self._check(flushed)
+
+    def _check(self, flushed: Any) -> None:
+        first, loss, _ = flushed
+        bad = [i for i, v in enumerate(loss.tolist()) if not math.isfinite(v)]
+        if bad:
+            self._nonfinite(first + bad[0], float(loss[bad[0]]))
+
+    def _nonfinite(self, step: int, value: float) -> None:
+        if "nonfinite" in self._warned:
+            return
+        self._warn_once("nonfinite", f"lrviz: the loss became {value} at step {step} (recorded; lrviz keeps "
+                        "recording, your loop decides what to do)")
+        self.rec.event("warning", {"kind": "nonfinite", "message": f"the loss became {value} at step {step}",
+                                   "value": str(value)}, step)
+
+    def _broken(self, exc: BaseException) -> None:
+        """An error inside lrviz: say it once, mark the run, stop recording; training goes on."""
+        if self._off:
+            return
+        self._off = True
+        self._fast = False
+        self.error = f"lrviz stopped recording: {type(exc).__name__}: {exc}"
+        self.error_detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        print(f"lrviz: warning: {self.error} (your training continues; the run is marked failed)", file=sys.stderr)
+        log.debug("%s", self.error_detail)
+        try:
+            if self.rec.writer is not None:
+                self.rec.state = RunState.FAILED
+                self.rec.close(self.summary(), self.error)
+        except Exception:  # noqa: BLE001
+            pass
+        self.done.set()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if not self.quiet:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _config(self) -> dict[str, Any]:
+        opt = self.optimizer
+        g = opt.param_groups[0]
+        out = {"optimizer": type(opt).__name__, "lr": float(g["lr"]), "param_groups": len(opt.param_groups)}
+        for key in ("momentum", "weight_decay", "betas"):
+            if key in g:
+                out[key] = g[key]
+        if self.total_steps:
+            out["steps"] = self.total_steps
+        out.update(self.settings)
+        return out
+
+    def _serve(self) -> None:
+        from .live.serve import serve_recorded
+
+        listen = self.listen if isinstance(self.listen, str) else None
+        self._endpoint = serve_recorded(self, self.store, listen=listen, announce=listen is not None and not self.quiet)
+
+
+def _open_store(store: Any) -> Any:
+    if store is None:
+        return None
+    from .store import RunStore
+
+    if store is _DEFAULT:
+        return RunStore(None)
+    if hasattr(store, "create_run"):
+        return store
+    return RunStore(store)
+
+
+def _main_script() -> str:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return os.path.abspath(path) if path else "<interactive>"
+
+
+def _hash_of(path: str) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""

@@ -1,0 +1,221 @@
+"""lrviz.track in a plain training loop: recorded, served, steered at the exact step; never in the way."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrviz
+from lrviz.cli import main
+from lrviz.errors import ConfigError
+from lrviz.live.connection import find_live
+from lrviz.live.run import RemoteRun
+from lrviz.store import RunStore
+
+WAIT = 60
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 4, generator=g)
+    y = x.sum(1, keepdim=True) * 0.5
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    return model, x, y
+
+
+def train_steps(run, model, opt, x, y, steps, on_step=None, scheduler=None):
+    done = 0
+    for i in range(steps):
+        b = slice((i * 32) % 256, (i * 32) % 256 + 32)
+        loss = nn.functional.mse_loss(model(x[b]), y[b])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        run.step(loss)
+        done += 1
+        if on_step is not None:
+            on_step(i)
+        if run.should_stop:
+            break
+    return done
+
+
+def test_track_records_loss_and_the_lr_each_group_used(tmp_path):
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    losses = []
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        with lrviz.track(opt, model=model, store=store, name="plain") as run:
+            train_steps(run, model, opt, x, y, 30, on_step=lambda i: losses.append(None), scheduler=sched)
+        info = store.get_run(run.run_id)
+        assert info.status == "finished" and info.steps == 30 and info.name == "plain"
+        cols = store.load_steps(run.run_id)
+    lr = cols["lr"][:, 0]
+    # the rate each step *used*: 0.05 for steps 0-9, 0.025 for 10-19 (the scheduler steps after the update)
+    assert np.allclose(lr[:10], 0.05) and np.allclose(lr[10:20], 0.025) and np.allclose(lr[20:], 0.0125)
+    assert np.all(np.isfinite(cols["loss"])) and cols["loss"][-1] < cols["loss"][0]
+
+
+def test_lrviz_steer_sets_the_lr_of_a_tracked_loop_at_the_acked_step(tmp_path, capsys):
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    store_path = tmp_path / "runs.sqlite"
+    steered = threading.Event()
+    said = {}
+
+    def steer_from_outside(run_id):
+        assert main(["steer", str(run_id), "--lr", "0.01", "--store", str(store_path)]) == 0
+        said["out"] = capsys.readouterr().out
+        steered.set()
+
+    with lrviz.track(opt, model=model, store=str(store_path)) as run:
+        assert find_live(store_path, run.run_id) is not None
+        t = threading.Thread(target=steer_from_outside, args=(run.run_id,))
+        t.start()
+        for i in range(100_000):
+            loss = nn.functional.mse_loss(model(x[:32]), y[:32])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.step(loss)
+            if steered.is_set() and i > run.steps_done - 50 and run.steps_done > 0:
+                # train a while after the change, then end
+                if run.steps_done > int(said["out"].split("from step")[1].split()[0]) + 20:
+                    break
+        t.join()
+    step = int(said["out"].split("from step")[1].split()[0])
+    with RunStore(store_path) as store:
+        lr = store.load_steps(run.run_id)["lr"][:, 0]
+        events = store.load_events(run.run_id)
+    assert lr[step - 1] == 0.05 and np.all(lr[step:] == 0.01)
+    assert [e.step for e in events if e.kind == "set_lr"] == [step]
+    assert opt.param_groups[0]["lr"] == 0.01
+    assert find_live(store_path, run.run_id) is None
+
+
+def test_a_paused_tracked_loop_blocks_and_a_stop_ends_it(tmp_path):
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with lrviz.track(opt, store=tmp_path / "runs.sqlite") as run:
+        remote = RemoteRun(run._endpoint.info).connect()
+        result = {}
+
+        def loop():
+            result["steps"] = train_steps(run, model, opt, x, y, 1_000_000)
+
+        t = threading.Thread(target=loop)
+        t.start()
+        paused_at = remote.pause().result(WAIT)["step"]
+        time.sleep(0.05)
+        assert run.steps_done == paused_at  # blocked in run.step: no step while paused
+        assert run.state == "paused"
+        remote.resume().result(WAIT)
+        while run.steps_done < paused_at + 10:
+            time.sleep(0.001)
+        stop = remote.stop().result(WAIT)["step"]
+        t.join(WAIT)
+        assert not t.is_alive() and run.should_stop
+        assert result["steps"] == stop
+        remote.close()
+    assert run.state == "stopped"
+
+
+def test_a_torch_scheduler_works_until_lrviz_overrides_the_rate(tmp_path):
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    with lrviz.track(opt, store=None) as run:
+        train_steps(run, model, opt, x, y, 5, scheduler=sched)
+        fut = run.set_lr(0.02)
+        train_steps(run, model, opt, x, y, 5, scheduler=sched)  # the scheduler keeps stepping
+        assert fut.result(WAIT)["step"] == 5
+    lr = run.buffer.view()["lr"][:, 0]
+    assert np.allclose(lr[:5], [0.1 * 0.9 ** k for k in range(5)])
+    assert np.all(lr[5:] == 0.02)  # lrviz's rate holds against the scheduler
+    assert [e.kind for e in run.events] == ["set_lr"]
+
+
+def test_a_schedule_from_lrviz_runs_in_a_tracked_loop():
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lrviz.track(opt, store=None) as run:
+        fut = run.set_schedule("StepLR:step_size=2,gamma=0.5")
+        train_steps(run, model, opt, x, y, 7)  # it lands just before the first optimizer step
+        assert fut.result(WAIT)["step"] == 0
+    lr = run.buffer.view()["lr"][:, 0]
+    assert list(lr) == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
+
+
+def test_validation_and_other_scalars_are_logged(tmp_path):
+    model, x, y = problem()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        with lrviz.track(opt, store=store) as run:
+            train_steps(run, model, opt, x, y, 10)
+            run.log(val_loss=0.5, val_accuracy=0.75)
+            train_steps(run, model, opt, x, y, 10)
+            run.log(val_loss=0.25)
+        val = store.load_validation(run.run_id)
+    assert [(p.step, p.loss, p.accuracy) for p in val] == [(9, 0.5, 0.75), (19, 0.25, None)]
+
+
+def test_bad_input_gets_one_clear_message_and_never_breaks_the_loop():
+    model, x, y = problem()
+    with pytest.raises(ConfigError, match="torch.optim.Optimizer"):
+        lrviz.track(model, store=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lrviz.track(opt, store=None) as run:
+            train_steps(run, model, opt, x, y, 3)
+            run.step(float("nan"))
+            run.step(torch.tensor(float("inf")))
+            run.step(torch.ones(3))  # not a scalar
+        run.step(1.0)  # after the end
+        run.step(1.0)
+    texts = [str(w.message) for w in caught]
+    assert sum("became nan" in t for t in texts) == 1  # said once
+    assert sum("scalar" in t for t in texts) == 1
+    assert sum("after the run finished" in t for t in texts) == 1
+    assert run.steps_done == 5
+    assert [e.kind for e in run.events].count("warning") == 1
+
+
+def test_an_error_inside_lrviz_is_printed_once_and_training_goes_on(capsys):
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with lrviz.track(opt, store=None) as run:
+        run.rates.at_step = None  # an lrviz bug, in the pre-step hook
+        run.overridden = True
+        n = train_steps(run, model, opt, x, y, 20)
+    assert n == 20
+    err = capsys.readouterr().err
+    assert err.count("lrviz: warning: lrviz stopped recording") == 1
+    assert run.error and "your training continues" in err
+
+
+def test_track_without_a_store_serves_nothing_and_keeps_the_records():
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with lrviz.track(opt, store=None) as run:
+        train_steps(run, model, opt, x, y, 12)
+    assert run._endpoint is None and run.run_id is None
+    assert len(run.buffer) == 12 and run.state == "finished"
