@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import RunConfig, parse_lr
 from .errors import ConfigError
+from .rangecurve import smooth
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def parse_lrs(text: str) -> list[float]:
 # ---- the sweep -----------------------------------------------------------------------------------------
 def smoothed(losses: Sequence[float] | np.ndarray, beta: float = SMOOTH_BETA) -> np.ndarray:
     """Debiased exponential moving average of ``losses`` (non-finite from the first non-finite value on)."""
-    from .rangetest import smooth
-
     return smooth(losses, beta)
 
 
@@ -128,13 +127,17 @@ def first_at_or_below(steps: np.ndarray, smooth_loss: np.ndarray, target: float 
 
 
 @dataclass
-class _Outcome:
+class Outcome:
+    """A finished sweep run: its row, and its steps and smoothed losses (for ``steps_to_target``)."""
+
     row: SweepRow
     steps: np.ndarray
     smooth: np.ndarray
 
 
-def _outcome(lr: float, engine: Any) -> _Outcome:
+def outcome(lr: float, engine: Any) -> Outcome:
+    """The row of a run that trained at ``lr`` and ended: ``engine`` is a TrainingEngine or any
+    :class:`lrviz.live.run.Run` (its ``buffer``, ``validation``, ``state``, ``step``, ``run_id``)."""
     buf = engine.buffer
     if buf is not None and len(buf):
         v = buf.view()
@@ -149,16 +152,17 @@ def _outcome(lr: float, engine: Any) -> _Outcome:
     finite_vals = [x for x in vals if math.isfinite(x)]
     diverged = engine.state == "diverged" or (final is not None and not math.isfinite(final))
     row = SweepRow(
-        lr=lr, run_id=engine.run_id, state=engine.state, steps=int(engine.step),
+        lr=lr, run_id=engine.run_id, state=str(engine.state), steps=int(engine.step),
         final_loss=final, best_loss=float(finite.min()) if finite.size else None,
         final_val_loss=float(vals[-1]) if vals else None,
         best_val_loss=float(min(finite_vals)) if finite_vals else None,
         steps_to_target=None, diverged=diverged,
     )
-    return _Outcome(row, steps, smoothed(loss))
+    return Outcome(row, steps, smoothed(loss))
 
 
-def _sweep_config(config: RunConfig, lr: float) -> RunConfig:
+def sweep_config(config: RunConfig, lr: float) -> RunConfig:
+    """The configuration of the sweep's run at ``lr``."""
     over: dict[str, Any] = {"lr": lr}
     # a sweep measures each rate as given: a divergence ends that run (the sweep goes on) rather than
     # pausing it (nobody to resume) or rolling back to a lower rate
@@ -204,26 +208,36 @@ def run_sweep(
             raise ConfigError(f"target loss must be a number, not {target_loss!r}") from None
         if not math.isfinite(target_loss):
             raise ConfigError(f"target loss must be a finite number, not {target_loss!r}")
-    _sweep_config(config, rates[0]).validated()  # a bad setting fails before any training
-    outcomes: list[_Outcome] = []
+    sweep_config(config, rates[0]).validated()  # a bad setting fails before any training
+    outcomes: list[Outcome] = []
     for i, lr in enumerate(rates):
         if should_stop():
             break
-        engine = TrainingEngine(experiment, _sweep_config(config, lr), store, name=f"sweep lr={lr:.3g}")
+        engine = TrainingEngine(experiment, sweep_config(config, lr), store, name=run_name(lr))
         if on_run is not None:
             on_run(i, engine)
         engine.run()
         if engine.state == "failed" and engine.step == 0 and engine.error is not None:
             raise engine.error
-        out = _outcome(lr, engine)
+        out = outcome(lr, engine)
         del engine  # keep only the numbers, not every run's model
         log.info("sweep %d/%d lr=%g: %s after %d steps", i + 1, len(rates), lr, out.row.state, out.row.steps)
         if target_loss is not None:
-            out.row.steps_to_target = first_at_or_below(out.steps, out.smooth, target_loss)
-            out.row.target_loss = target_loss
+            with_target([out], target_loss)
         outcomes.append(out)
         if on_done is not None:
             on_done(i, out.row)
+    return with_target(outcomes, target_loss)
+
+
+def run_name(lr: float) -> str:
+    """The stored name of the sweep's run at ``lr``."""
+    return f"sweep lr={lr:.3g}"
+
+
+def with_target(outcomes: Sequence[Outcome], target_loss: float | None) -> list[SweepRow]:
+    """The rows, each with the sweep's target and its ``steps_to_target``. ``target_loss`` None:
+    1.1 x the best final smoothed training loss of the runs that neither diverged nor failed."""
     target = target_loss
     if target is None:
         target = default_target([o.smooth[-1] for o in outcomes
