@@ -299,8 +299,8 @@ class TrainingEngine:
                 return fut
             elif cmd == Command.CHECKPOINT and self._ckpts.folder is None and self.store is None:
                 raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
-            elif cmd == Command.RANGE_TEST:
-                return self._submit_range_test(data)
+            elif cmd in (Command.RANGE_TEST, Command.CONFIRM_LR):
+                return self._submit_lab(cmd, data)
         except LrvizError as exc:
             fut.set_exception(exc)
             return fut
@@ -308,8 +308,9 @@ class TrainingEngine:
             self.detection = None
         return self.control.enqueue(cmd.value, data, fut, state=lambda: str(self.state))
 
-    def _submit_range_test(self, kwargs: dict[str, Any]) -> Future:
-        """A range test whose ack carries the result as plain values (for a remote client)."""
+    def _submit_lab(self, cmd: Command, kwargs: dict[str, Any]) -> Future:
+        """A range test or a confirmation whose ack carries its outcome as plain values (for a remote
+        client): ``{"result": ...}`` (RangeTestResult.to_dict with its rows) or ``{"confirmation": ...}``."""
         outer: Future = Future()
 
         def done(f: Future) -> None:
@@ -318,10 +319,17 @@ class TrainingEngine:
                 outer.set_exception(exc)
                 return
             r = f.result()
+            if cmd == Command.CONFIRM_LR:
+                outer.set_result(ack(cmd, self.step, {"confirmation": r.to_dict()}))
+                return
             rows = {"lrs": r.lrs.tolist(), "losses": r.losses.tolist(), "smoothed": r.smoothed.tolist()}
-            outer.set_result(ack(Command.RANGE_TEST, self.step, {"result": {**r.to_dict(), **rows}}))
+            outer.set_result(ack(cmd, self.step, {"result": {**r.to_dict(), **rows}}))
 
-        self.range_test(**kwargs).add_done_callback(done)
+        if cmd == Command.CONFIRM_LR:  # rates travel as [lr, source] pairs (JSON has no tuples)
+            kwargs["rates"] = [tuple(r) if isinstance(r, list) else r for r in kwargs.get("rates") or ()]
+            self.confirm_lr(**kwargs).add_done_callback(done)
+        else:
+            self.range_test(**kwargs).add_done_callback(done)
         return outer
 
     def _checked(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,8 @@ class Command(_Name):
     STOP = "stop"
     CHECKPOINT = "checkpoint"
     RANGE_TEST = "range_test"
+    #: Train a few candidate rates from the current weights for a short while; the ack names the winner.
+    CONFIRM_LR = "confirm_lr"
     CANCEL_RANGE_TEST = "cancel_range_test"
     SET_PACE = "set_pace"
 

@@ -328,3 +328,44 @@ def test_endpoint_adds_no_thread_that_outlives_the_run(store):
             break
         deadline.wait(0.05)
     assert not names, names
+
+
+def test_a_confirmation_over_the_channel_names_the_winner_and_restores_the_weights(served):
+    from lrviz.rangecurve import Confirmation, RangeTestResult
+
+    eng, ep = served
+    run = attach(ep)
+    ack = run.range_test(steps=60, start=1e-4, end=3.0, confirm=False).result(WAIT)
+    result = RangeTestResult.from_dict(ack["data"]["result"])
+    assert result.suggestions.best is not None, result.suggestions.reason
+    before = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    rates = [(result.suggestions.minimum_tenth, "minimum_tenth"), (result.suggestions.minimum_tenth / 100, "below")]
+    ack = run.confirm_lr(rates, steps=8).result(WAIT)
+    assert ack["kind"] == Command.CONFIRM_LR and ack["step"] == 0
+    c = Confirmation.from_dict(ack["data"]["confirmation"])
+    assert [(t.lr, t.source) for t in c.trials] == [(float(a), b) for a, b in rates]
+    assert c.steps == 8 and all(len(t.losses) <= 8 for t in c.trials) and c.reason
+    assert c.winner is None or c.winner.lr in {lr for lr, _ in rates}
+    assert all(np.array_equal(v.numpy(), before[k].numpy()) for k, v in eng.model.state_dict().items())
+    with pytest.raises(CommandRejected, match="no learning rates"):
+        run.confirm_lr([], steps=8).result(WAIT)
+    run.close()
+
+
+def test_a_range_test_result_travels_as_plain_values_and_back(served):
+    from lrviz.rangecurve import RangeTestResult
+
+    eng, ep = served
+    run = attach(ep)
+    ack = run.range_test(steps=40, start=1e-4, end=10.0, confirm=True, confirm_steps=4).result(WAIT)
+    got = RangeTestResult.from_dict(ack["data"]["result"])
+    direct = LocalRun(eng).range_test(steps=40, start=1e-4, end=10.0, confirm=True, confirm_steps=4).result(WAIT)
+    same = RangeTestResult.from_dict(direct["data"]["result"])  # the same weights: the same test
+    np.testing.assert_array_equal(got.lrs, same.lrs)
+    np.testing.assert_array_equal(got.losses, same.losses)  # non-finite losses included ("inf" as JSON)
+    assert got.suggestions == same.suggestions and got.stop_reason == same.stop_reason
+    assert (got.confirmation is None) == (same.confirmation is None)
+    if got.confirmation is not None:
+        assert got.confirmation.reason == same.confirmation.reason
+        assert [t.lr for t in got.confirmation.trials] == [t.lr for t in same.confirmation.trials]
+    run.close()

@@ -96,7 +96,14 @@ class Run:
         fut.add_done_callback(keep)
         return fut
 
+    def confirm_lr(self, rates: list[tuple[float, str]] | list[float], **kwargs: Any) -> Future:
+        """Train each of ``rates`` a short while from the run's current weights (``steps``,
+        ``stop_factor``) and restore them; the ack's ``data["confirmation"]`` names the winner."""
+        return self.command(Command.CONFIRM_LR, rates=[list(r) if isinstance(r, tuple) else r for r in rates],
+                            **kwargs)
+
     def cancel_range_test(self) -> Future:
+        """Stop a range test or a confirmation early."""
         return self.command(Command.CANCEL_RANGE_TEST)
 
     def set_pace(self, steps_per_second: float | None) -> Future:
