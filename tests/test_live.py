@@ -369,3 +369,15 @@ def test_a_range_test_result_travels_as_plain_values_and_back(served):
         assert got.confirmation.reason == same.confirmation.reason
         assert [t.lr for t in got.confirmation.trials] == [t.lr for t in same.confirmation.trials]
     run.close()
+
+
+def test_a_local_run_shows_the_engines_numbers_as_they_change(store):
+    # Before: Run's class defaults (step = 0, buffer = None, run_id = None) hid the engine's values.
+    eng = make_engine(store, steps=120)
+    run = LocalRun(eng)
+    eng.start()
+    assert eng.done.wait(WAIT)
+    assert run.step == eng.step == 120 and run.total_steps == eng.total_steps == 120
+    assert run.run_id == eng.run_id is not None and run.buffer is eng.buffer and len(run.buffer) == 120
+    assert run.epoch == eng.epoch and run.error_detail == eng.error_detail
+    assert run.summary()["steps"] == 120 and run.is_terminal

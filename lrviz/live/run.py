@@ -150,11 +150,6 @@ class LocalRun(Run):
         self.script_path = str(engine.experiment.path)
         self.name = engine.name or engine.experiment.name
 
-    def __getattr__(self, name: str) -> Any:  # state fields read through to the engine
-        if name in _ENGINE_FIELDS:
-            return getattr(self.engine, name)
-        raise AttributeError(name)
-
     @property
     def state(self) -> str:  # type: ignore[override]
         return str(self.engine.state)
@@ -187,8 +182,15 @@ class LocalRun(Run):
         return self.engine.summary()
 
 
-_ENGINE_FIELDS = frozenset({"run_id", "step", "epoch", "total_steps", "lrs", "error_detail", "buffer", "events",
-                            "validation", "probe_steps", "probe_values", "range_test_progress"})
+def _engine_field(name: str) -> property:
+    return property(lambda self: getattr(self.engine, name), doc=f"The engine's ``{name}``, now.")
+
+
+# Read through to the engine. Properties, not __getattr__: Run's class defaults (step = 0, buffer =
+# None...) would be found first, and a LocalRun would never show the engine's values.
+for _name in ("run_id", "step", "epoch", "total_steps", "lrs", "error_detail", "buffer", "events", "validation",
+              "probe_steps", "probe_values", "range_test_progress"):
+    setattr(LocalRun, _name, _engine_field(_name))
 
 
 def _rejections_as(fut: Future) -> Future:
