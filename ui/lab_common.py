@@ -1,30 +1,32 @@
-"""Shared pieces of the learning-rate lab panels: axes, colours, a background worker, slow motion.
+"""Shared pieces of the learning-rate lab panels: the panel base class, axes, colours, and the
+answers of commands sent to runs, handed to the GUI thread.
 
 Nothing here talks to the main window; the panels reach the app through :class:`lrviz.ui.lab.Lab`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt
 from PySide6.QtWidgets import QFormLayout, QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
+from lrviz.states import is_terminal
+
+from . import theme
 from .axes import ValueAxis
 from .widgets import format_number
 
 if TYPE_CHECKING:
-    from lrviz.experiment import Experiment
+    from lrviz.live.run import Run
+    from lrviz.scriptinfo import ScriptInfo
 
-#: Engine states after which the engine thread has ended (or is about to).
-TERMINAL = ("finished", "stopped", "diverged", "failed")
+    from .lab import Lab
+
 #: Colours of runs drawn side by side in a lab panel (Okabe-Ito, no yellow).
 RUN_COLOURS = (theme.BLUE, theme.ORANGE, theme.GREEN, theme.PURPLE, theme.BLACK, theme.VERMILLION,
                theme.SKY_BLUE)
@@ -140,72 +142,98 @@ def add_legend(plot: pg.PlotWidget, corner: str = "top-right") -> pg.LegendItem:
     return leg
 
 
-# ---- a background job ------------------------------------------------------------------------------
-class Worker:
-    """Runs ``fn(should_stop)`` in a daemon ``threading.Thread``; the GUI polls ``done``/``result``/``error``.
+# ---- the panel ---------------------------------------------------------------------------------------
+class LabPanel(QWidget):
+    """A lab panel: built as ``cls(lab)`` from :data:`lrviz.ui.lab.PANELS`, shown in a dock, and told
+    what happens by the lab. Every method has a default, so a panel overrides only what it needs.
 
-    Nothing is called back into Qt: the panel's timer reads the outcome on the GUI thread.
+    ``tick(run)`` is called by the window's redraw timer (at most 30 times a second) with the run the
+    window shows (or None): draw what is new since the last tick, cheaply when nothing is.
     """
 
-    def __init__(self, name: str, fn: Callable[[Callable[[], bool]], Any]):
-        self._fn = fn
-        self._cancel = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+    def __init__(self, lab: Lab, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.lab = lab
 
-    def start(self) -> None:
-        self.thread.start()
+    def tick(self, run: Run | None) -> None:
+        """Redraw what changed (called every frame)."""
 
-    def _run(self) -> None:
-        try:
-            self.result = self._fn(self._cancel.is_set)
-        except BaseException as exc:  # handed to the GUI thread as a message
-            self.error = exc
+    def busy(self) -> bool:
+        """Whether the panel has work of its own running (a range test, a sweep)."""
+        return False
 
-    def cancel(self) -> None:
-        self._cancel.set()
+    def run_changed(self, run: Run | None) -> None:
+        """The window shows another run (or none), or the run it shows has ended."""
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
+    def script_changed(self, info: ScriptInfo | None) -> None:
+        """Another script was loaded (or the same one again)."""
 
-    @property
-    def done(self) -> bool:
-        return not self.thread.is_alive() and self.thread.ident is not None
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self.thread.ident is None:
-            return True
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
+    def shutdown(self, timeout: float) -> None:
+        """The window closes: stop what the panel started, waiting at most ``timeout`` seconds."""
 
 
-def surface_of(exp: Experiment | None, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The 2-D surface a script describes (``SURFACES[params['surface']]`` when that knob is set,
-    else ``SURFACE``), or None when it has none or no ``probe``."""
-    if exp is None or not callable(getattr(exp.module, "probe", None)):
+def is_live(run: Run | None) -> bool:
+    """Whether ``run`` can still take commands (it has not ended)."""
+    return run is not None and not run.done.is_set() and not is_terminal(run.state)
+
+
+# ---- answers of commands -------------------------------------------------------------------------------
+class Answers:
+    """Futures of commands sent to runs, answered on the GUI thread.
+
+    A Future completes in a network or process thread; :meth:`poll` (called from a panel's tick, on
+    the GUI thread) hands each completed one to its ``then(ack)`` or, when it was refused or the run
+    could not take it, to ``refused(reason)``. Nothing is called from another thread.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Future, Callable[[dict[str, Any]], None], Callable[[str], None] | None]] = []
+
+    def add(self, fut: Future, then: Callable[[dict[str, Any]], None],
+            refused: Callable[[str], None] | None = None) -> Future:
+        self._waiting.append((fut, then, refused))
+        return fut
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def poll(self) -> None:
+        if not self._waiting:
+            return
+        done = [w for w in self._waiting if w[0].done()]
+        if not done:
+            return
+        self._waiting = [w for w in self._waiting if not w[0].done()]
+        for fut, then, refused in done:
+            exc = None if fut.cancelled() else fut.exception()
+            if fut.cancelled():
+                if refused is not None:
+                    refused("cancelled")
+            elif exc is not None:
+                if refused is not None:
+                    refused(str(exc) or type(exc).__name__)
+            else:
+                then(fut.result())
+
+
+def surface_for(info: ScriptInfo | None, run: Run | None = None,
+                params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The sampled 2-D surface (see :meth:`lrviz.scriptinfo.ScriptInfo.surface`) to draw: that of
+    ``run``'s knobs when it is a run of the script ``info`` describes, else of ``params``."""
+    if info is None:
         return None
-    surfaces = getattr(exp.module, "SURFACES", None)
-    merged = dict(exp.params)
-    merged.update(params or {})
-    name = merged.get("surface")
-    if isinstance(surfaces, dict) and name in surfaces:
-        surface = surfaces[name]
-    else:
-        surface = getattr(exp.module, "SURFACE", None)
-    if not isinstance(surface, dict) or not callable(surface.get("fn")):
-        return None
-    return surface
+    if run is not None:
+        if not same_script(run.script_path, info.path):
+            return None
+        params = dict((run.config or {}).get("params") or {})
+    return info.surface(params)
 
 
-def param_choices(exp: Experiment | None) -> dict[str, tuple[str, ...]]:
-    """The script's ``PARAM_CHOICES`` (knob name -> allowed values), checked; {} when absent."""
-    raw = getattr(exp.module, "PARAM_CHOICES", None) if exp is not None else None
-    if not isinstance(raw, dict):
-        return {}
-    out: dict[str, tuple[str, ...]] = {}
-    for k, v in raw.items():
-        if isinstance(k, str) and isinstance(v, (list, tuple)) and v:
-            out[k] = tuple(v)
-    return out
+def same_script(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two script paths name the same file."""
+    if not a or not b:
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return str(a) == str(b)

@@ -1,7 +1,7 @@
 """The diagnostics panel: is the run generalizing, and how big is each layer's step?
 
 - Train vs validation loss with the generalization gap, and the verdict of
-  :func:`lrviz.diagnostics.generalization` (overfitting, underfitting, ok) in words.
+  :func:`lrviz.generalization.generalization` (overfitting, underfitting, ok) in words.
 - Per layer, the update-to-weight ratio ``log10(||dw|| / ||w||)`` with a reference line at -3
   (updates of 1/1000 of the weights per step): this is the *effective* step. With SGD it follows the
   learning rate times the gradient; with Adam it is about the learning rate whatever the gradient.
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import math
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -26,18 +27,20 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.diagnostics import UPDATE_RATIO_REFERENCE, GapReport, generalization
 from lrviz.errors import LrvizError
+from lrviz.generalization import UPDATE_RATIO_REFERENCE, GapReport, generalization
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
-from .lab_common import RUN_COLOURS, fmt, lab_plot, note_label, scroll_column
+from . import theme
+from .lab_common import RUN_COLOURS, LabPanel, fmt, lab_plot, note_label, same_script, scroll_column
 from .widgets import ValidatedLineEdit, parse_float_in, parse_int_at_least
 
 if TYPE_CHECKING:
+    from lrviz.live.run import Run
+    from lrviz.scriptinfo import ScriptInfo
+
     from .lab import Lab
+
+log = logging.getLogger(__name__)
 
 VERDICT_COLOURS = {"overfitting": theme.VERMILLION, "underfitting": theme.ORANGE, "ok": theme.GREEN,
                    "not enough data": theme.GREY}
@@ -69,6 +72,49 @@ def key_table(entries: list[str], columns: int, tail: str = "") -> str:
     return "<table cellspacing='0' cellpadding='0'>" + "".join(rows) + "</table>" if rows else ""
 
 
+class RunData:
+    """Diagnostics data of the run the window shows (live or just ended), read through its Run."""
+
+    def __init__(self, run: Run):
+        from .lab_surface import run_label
+
+        self.run = run
+        self.has_validation = True
+        self.label = "previous: " + run_label(run.config or {})
+
+    @property
+    def validation(self) -> list[Any]:
+        return self.run.validation
+
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        buf = self.run.buffer
+        if buf is None or not len(buf):
+            return np.zeros(0, np.int64), np.zeros(0)
+        v = buf.view()
+        return np.asarray(v["step"]), np.asarray(v["loss"])
+
+    def layers(self) -> dict[str, Any] | None:
+        return self.run.layers()
+
+
+class StoredData:
+    """Diagnostics data of a stored run (no per-layer statistics: they are not stored)."""
+
+    def __init__(self, store: Any, run_id: int):
+        self.run_id = run_id
+        data = store.load_steps(run_id)
+        self._steps = np.asarray(data.get("step", np.zeros(0, np.int64)))
+        self._loss = np.asarray(data.get("loss", np.zeros(0)))
+        self.validation = store.load_validation(run_id)
+        self.has_validation = bool(self.validation)
+
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._steps, self._loss
+
+    def layers(self) -> dict[str, Any] | None:
+        return None
+
+
 def _parse_factor(text: str) -> float:
     v = parse_float_in(0.0, 1.0, "factor")(text)
     if not 0 < v < 1:
@@ -78,15 +124,16 @@ def _parse_factor(text: str) -> float:
     return v
 
 
-class DiagnosticsPanel(QWidget):
+class DiagnosticsPanel(LabPanel):
     """Generalization gap and verdict, per-layer update ratios and gradient norms of the shown run."""
 
     def __init__(self, lab: Lab, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__(lab, parent)
         self.setObjectName("diagnosticsPanel")
-        self.lab = lab
         self.report: GapReport | None = None
         self._source: Any = None
+        self._source_key: Any = None
+        self._script: Any = None
         self._n_val = -1
         self._n_rows = -1
         self._layer_steps = -1
@@ -177,12 +224,32 @@ class DiagnosticsPanel(QWidget):
         self.show_biases.toggled.connect(self._on_biases_toggled)
         self._set_verdict(None)
 
-    def busy(self) -> bool:
-        return False
-
     # ---- the timer ----------------------------------------------------------------------------------
-    def tick(self, source: Any) -> None:
-        """Update from ``source`` (the live engine, or a stored run's data; see :meth:`Lab.diagnostics_source`)."""
+    def source_for(self, run: Run | None) -> Any:
+        """What the panel shows: the window's run, else the stored run its plots show (read once)."""
+        key: Any = None
+        if run is not None:
+            key = ("run", id(run))
+        else:
+            rid = self.lab.shown_run_id()
+            if rid is not None and self.lab.store is not None:
+                key = ("stored", rid)
+        if key != self._source_key:
+            self._source_key = key
+            self._next = None
+            if key is not None and key[0] == "run":
+                self._next = RunData(run)  # type: ignore[arg-type]
+            elif key is not None:
+                try:
+                    self._next = StoredData(self.lab.store, key[1])
+                except LrvizError as exc:
+                    log.warning("cannot read run #%s for diagnostics: %s", key[1], exc)
+            return self._next
+        return self._source
+
+    def tick(self, run: Run | None = None) -> None:
+        """Update from the run the window shows (or the stored run it shows)."""
+        source = self.source_for(run)
         self._ticks += 1
         if source is not self._source:
             self._keep_previous(self._source)
@@ -194,6 +261,19 @@ class DiagnosticsPanel(QWidget):
         self._update_gap(source)
         if self._ticks % LAYER_EVERY_TICKS == 0 or self._layer_steps < 0:
             self._update_layers(source)
+
+    def run_changed(self, run: Run | None) -> None:
+        if run is not None and run.is_terminal:
+            self.refresh()  # the run's last numbers
+
+    def script_changed(self, info: ScriptInfo | None) -> None:
+        path = info.path if info is not None else None
+        if self._script is not None and path is not None and not same_script(path, self._script) \
+                and self.lab.run is None:  # the window forgot the last run: its line belongs to the script before
+            self._source_key = None
+            self.forget()
+        if path is not None:
+            self._script = path
 
     def forget(self) -> None:
         """Show nothing, and no "previous" line: another script was opened."""

@@ -3,7 +3,8 @@
 Fork makes a new child run from a checkpoint (weights, optimizer, schedule, random state and data
 position restored exactly), optionally with another learning rate or schedule from that step on;
 its curve is drawn live over its parent's. Resume continues a stopped or interrupted run from its
-last checkpoint, as the same run.
+last checkpoint, as the same run. Either is a run in a worker process of its own, started with a
+spec whose ``origin`` names the run and checkpoint (see :func:`lrviz.live.serve.build_engine`).
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.config import parse_lr
+from lrviz.config import RunConfig, parse_lr
 from lrviz.errors import ConfigError, LrvizError
+from lrviz.states import EventKind, RunState
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
-from .lab_common import fmt, form, note_label
+from . import theme
+from .lab_common import LabPanel, fmt, form, note_label
 from .widgets import ErrorLabel, ValidatedLineEdit
 
 if TYPE_CHECKING:
+    from lrviz.live.child import ChildRun
+    from lrviz.live.run import Run
+
     from .lab import Lab
 
-RESUMABLE = ("stopped", "interrupted", "failed", "diverged", "created")
+RESUMABLE = (RunState.STOPPED, RunState.INTERRUPTED, RunState.FAILED, RunState.DIVERGED, RunState.CREATED)
 STEP_ROLE = Qt.ItemDataRole.UserRole + 1
 PATH_ROLE = Qt.ItemDataRole.UserRole + 2
 
@@ -45,7 +47,7 @@ def checkpoints_of(store: Any, run_id: int) -> list[tuple[int, str, str, float |
     """``(step, path, reason, loss)`` of a stored run's checkpoints whose files still exist, by step."""
     out: dict[int, tuple[int, str, str, float | None]] = {}
     for e in store.load_events(run_id):
-        if e.kind != "checkpoint":
+        if e.kind != EventKind.CHECKPOINT:
             continue
         path = str((e.data or {}).get("path", ""))
         if path and Path(path).exists():
@@ -61,13 +63,14 @@ def _parse_schedule(text: str) -> str:
     return str(parse_schedule(text))
 
 
-class ForkPanel(QWidget):
+class ForkPanel(LabPanel):
     """Pick a stored run and a checkpoint; fork with a new LR/schedule, or resume the run."""
 
     def __init__(self, lab: Lab, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__(lab, parent)
         self.setObjectName("forkPanel")
-        self.lab = lab
+        #: The run the last Fork or Resume started.
+        self.started: ChildRun | None = None
         self.run_combo = QComboBox()
         self.run_combo.setObjectName("forkRun")
         self.run_combo.setToolTip("a stored run (selecting one in Runs picks it here too)")
@@ -212,24 +215,20 @@ class ForkPanel(QWidget):
             tip = f"run #{info.id} is {info.status}; only stopped or interrupted runs are resumed (fork it instead)"
         self.resume_button.setToolTip(tip)
 
-    def update_mode(self) -> None:
-        self._update_buttons()
+    def run_changed(self, run: Run | None) -> None:
+        if run is None or run.is_terminal:  # a run that ended may have new checkpoints to fork from
+            self.refresh()
+        else:
+            self._update_buttons()
 
     # ---- fork and resume ---------------------------------------------------------------------------
-    def _experiment(self, info: Any) -> Any:
-        from lrviz.experiment import load_experiment
-
-        exp = self.lab.experiment
-        if exp is None or str(exp.path) != str(Path(info.script_path).resolve()):
-            exp = load_experiment(info.script_path)
-        return exp
+    def _spec(self, info: Any, origin: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """A spec for a run of the stored run's script, with its settings and the app's run options."""
+        cfg = self.lab.options.apply(RunConfig.from_dict(dict(info.config)))
+        return self.lab.run_spec(cfg, script=info.script_path, origin=origin, **extra)
 
     def fork(self) -> bool:
         """Fork the picked run from the picked checkpoint (the Fork button); False when refused."""
-        from lrviz.config import RunConfig
-        from lrviz.engine import Origin, TrainingEngine
-        from lrviz.interventions import Intervention, check
-
         info = getattr(self, "_info", None)
         item = self.checkpoints.currentItem()
         if info is None or item is None:
@@ -240,27 +239,22 @@ class ForkPanel(QWidget):
         step, path = int(item.data(STEP_ROLE)), str(item.data(PATH_ROLE))
         try:
             lr = self.lr.value()
-            spec = self.schedule.value()
-            exp = self._experiment(info)
-            cfg = self.lab.app_config(RunConfig.from_dict(dict(info.config)))
-            cfg.pace = self.lab.run_pace(exp, cfg.params)
+            schedule = self.schedule.value()
             extra = []
-            if spec is not None:
-                extra.append(Intervention(step, "set_schedule", check("set_schedule", {"spec": spec})))
+            if schedule is not None:
+                extra.append([step, EventKind.SET_SCHEDULE.value, {"spec": schedule}])
             if lr is not None:
-                extra.append(Intervention(step, "set_lr", check("set_lr", {"lr": lr})))
+                extra.append([step, EventKind.SET_LR.value, {"lr": lr}])
             change = ", ".join(x for x in (f"lr {fmt(lr)}" if lr is not None else "",
-                                           spec.split(':')[0] if spec else "") if x)
+                                           schedule.split(':')[0] if schedule else "") if x)
             name = f"fork of #{info.id} at {step}" + (f" ({change})" if change else "")
-            eng = TrainingEngine(exp, cfg, self.lab.store, origin=Origin("fork", info.id, Path(path), step),
-                                 interventions=extra, name=name, **self.lab.engine_kwargs())
+            spec = self._spec(info, {"kind": "fork", "run_id": info.id, "checkpoint": path, "step": step},
+                              name=name, interventions=extra)
+            self.started = self.lab.start_run(spec)
         except (LrvizError, OSError) as exc:
             self.errors.show_error(str(exc))
             return False
         self.errors.show_error(None)
-        label = f"fork of #{info.id} at step {step:,}" + (f" ({change})" if change else "")
-        if not self.lab.start_engine(eng, label):
-            return False
         self.lab.overlay([info.id])
         self.info.setText(f"Forked run #{info.id} at step {step:,}" + (f" with {change}" if change else "")
                           + f"; the parent is drawn in <span style='color:{theme.ORANGE}'>orange</span>.")
@@ -269,9 +263,6 @@ class ForkPanel(QWidget):
 
     def resume(self) -> bool:
         """Continue the picked run from its last checkpoint (the Resume button); False when refused."""
-        from lrviz.config import RunConfig
-        from lrviz.engine import Origin, TrainingEngine
-
         info = getattr(self, "_info", None)
         if info is None or self.checkpoints.count() == 0:
             return False
@@ -283,17 +274,13 @@ class ForkPanel(QWidget):
         try:
             if info.status not in RESUMABLE:
                 raise ConfigError(f"run #{info.id} is {info.status}; fork it instead")
-            exp = self._experiment(info)
-            cfg = self.lab.app_config(RunConfig.from_dict(dict(info.config)))
-            cfg.pace = self.lab.run_pace(exp, cfg.params)
-            eng = TrainingEngine(exp, cfg, self.lab.store, origin=Origin("resume", info.id, Path(path), step),
-                                 **self.lab.engine_kwargs())
+            spec = self._spec(info, {"kind": "resume", "run_id": info.id, "checkpoint": path, "step": step},
+                              name=info.name or None)
+            self.started = self.lab.start_run(spec)
         except (LrvizError, OSError) as exc:
             self.errors.show_error(str(exc))
             return False
         self.errors.show_error(None)
-        if not self.lab.start_engine(eng, f"#{info.id} resumed at step {step:,}"):
-            return False
         self.info.setText(f"Resuming run #{info.id} from its checkpoint at step {step:,}.")
         self._update_buttons()
         return True

@@ -1,10 +1,13 @@
 """The divergence guard in the app: its run options, and the banner that explains what it caught.
 
 App runs use ``divergence='pause'``: when the guard sees the loss explode, oscillate with growing
-swings, the gradient norm spike or a NaN, the engine pauses and :class:`DivergenceBanner` (above the
+swings, the gradient norm spike or a NaN, the run pauses and :class:`DivergenceBanner` (above the
 plots, not a modal) says what happened and why, in words, with two buttons: roll back to the last
-good checkpoint with the rate divided by 10, or resume anyway. With "automatic roll-back" the
-engine does that by itself (``divergence='rollback'``) and the banner reports each roll-back.
+good checkpoint with the rate divided by 10, or resume anyway. With "automatic roll-back" the run
+does that by itself (``divergence='rollback'``) and the banner reports each roll-back.
+
+The banner reads the run through the :class:`~lrviz.live.run.Run` interface (``detection``,
+``events``, ``config``) and steers it with commands: a roll-back's ack says what was restored.
 """
 
 from __future__ import annotations
@@ -25,17 +28,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.errors import LrvizError
+from lrviz.states import EventKind, RunState
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
-from .lab_common import fmt, form, note_label
+from . import theme
+from .lab_common import Answers, fmt, form, is_live, note_label
 from .widgets import FlowLayout
 
 if TYPE_CHECKING:
     from lrviz.config import RunConfig
+    from lrviz.live.run import Run
 
     from .lab import Lab
 
@@ -107,8 +108,8 @@ class RunOptions(QGroupBox):
         cfg.early_stopping = self.early_stopping.value() or None
         return cfg.validated()
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Extra arguments of the app's TrainingEngine."""
+    def engine_options(self) -> dict[str, Any]:
+        """The ``engine`` options of an app run's spec (per-layer statistics)."""
         return {"layer_stats_every": self.layer_stats.value() or None}
 
     def set_running(self, running: bool) -> None:
@@ -124,12 +125,13 @@ class DivergenceBanner(QFrame):
         self.setObjectName("divergenceBanner")
         self.lab = lab
         self.mode = ""  # "", "detection", "rolled_back", "auto"
-        self._engine: Any = None
+        self.answers = Answers()
+        self._run: Any = None
         self._key: Any = None
         self._n_events = 0
         self._first_step = 0
         self._last_detection: dict[str, Any] | None = None
-        self._awaiting_rollback = False
+        self._reported: set[tuple[int, Any]] = set()  # roll-backs shown: (step, restored step)
 
         self.icon = QLabel("⚠")
         self.icon.setObjectName("bannerIcon")
@@ -180,97 +182,106 @@ class DivergenceBanner(QFrame):
         self.hide()
 
     # ---- the timer ----------------------------------------------------------------------------------
-    def tick(self, engine: Any) -> None:
-        """Follow the engine: show a detection while it is paused by one; report roll-backs."""
-        if engine is not self._engine:
-            self._engine = engine
-            self._n_events = 0
-            self._key = None
-            self._last_detection = None
-            self._awaiting_rollback = False
-            origin = getattr(engine, "origin", None)
-            self._first_step = int(origin.step) if origin is not None else 0
-            self._hide()
-        if engine is None:
+    def tick(self, run: Run | None) -> None:
+        """Follow the run: show a detection while it is paused by one; report roll-backs."""
+        if run is not self._run:
+            self._follow(run)
+        self.answers.poll()
+        if run is None:
             return
-        events = engine.events
+        events = run.events
         n = len(events)
         for e in list(events[self._n_events:n]):
-            if e.step < self._first_step and e.kind in ("diverged", "rollback"):
-                continue  # the history of a resumed run
-            if e.kind == "diverged":
+            if e.step < self._first_step and e.kind in (EventKind.DIVERGED, EventKind.ROLLBACK):
+                continue  # history: from before the run was resumed or attached to
+            if e.kind == EventKind.DIVERGED:
                 self._last_detection = dict(e.data or {})
-            elif e.kind == "rollback":
-                self._on_rollback_event(e, engine)
+            elif e.kind == EventKind.ROLLBACK:
+                self._show_rollback(e.step, dict(e.data or {}), run)
         self._n_events = n
-        det = engine.detection
-        if engine.state == "paused" and det is not None and engine.config.divergence == "pause":
-            key = (det.step, det.kind)
+        det = run.detection
+        paused = run.state == RunState.PAUSED
+        if paused and det is not None and (run.config or {}).get("divergence") == "pause":
+            key = (det.get("step"), det.get("kind"))
             if key != self._key:
                 self._key = key
-                self._show_detection(det, engine)
-        elif self.mode == "detection" and (det is None or engine.state != "paused"):
-            if not self._awaiting_rollback:
-                self._hide()
-        if self.mode in ("rolled_back",) and engine.state != "paused":
+                self._show_detection(det, run)
+        elif self.mode == "detection" and (det is None or not paused) and not self.answers:
+            self._hide()
+        if self.mode == "rolled_back" and not paused and not run.pause_requested:
             self.resume_button.hide()
 
+    def _follow(self, run: Run | None) -> None:
+        """Start following another run: what it did before now (or before its resume) is history."""
+        self._run = run
+        self._key = None
+        self._last_detection = None
+        self._reported = set()
+        self._n_events = 0
+        origin = (getattr(run, "spec", None) or {}).get("origin") if run is not None else None
+        self._first_step = max(int(run.step) if run is not None else 0, int(origin["step"]) if origin else 0)
+        self._hide()
+
     # ---- showing ------------------------------------------------------------------------------------
-    def _show_detection(self, det: Any, engine: Any) -> None:
+    def _show_detection(self, det: dict[str, Any], run: Run) -> None:
         self.mode = "detection"
-        self._awaiting_rollback = False
         self.setStyleSheet(_ALARM_STYLE)
         self.icon.setText("⚠")
         self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 18pt; border: none; background: none;")
-        what = KIND_TITLES.get(det.kind, det.kind)
-        lr = engine.lrs[0] if engine.lrs else None
-        self.title.setText(f"<b style='color:{theme.VERMILLION}'>Training paused at step {det.step:,}: {what}.</b> "
-                           f"{html.escape(det.message)}" + (f" (learning rate {fmt(lr)})" if lr else ""))
-        self.explanation.setText(html.escape(det.explanation))
-        have = [c for c in engine.checkpoints if c.path.exists()]
-        self.rollback_button.setEnabled(bool(have))
+        kind = str(det.get("kind") or "")
+        what = KIND_TITLES.get(kind, kind)
+        lr = run.lrs[0] if run.lrs else None
+        self.title.setText(f"<b style='color:{theme.VERMILLION}'>Training paused at step {int(det['step']):,}: "
+                           f"{what}.</b> {html.escape(str(det.get('message') or ''))}"
+                           + (f" (learning rate {fmt(lr)})" if lr else ""))
+        self.explanation.setText(html.escape(str(det.get("explanation") or "")))
+        self.explanation.setVisible(True)
+        have = any(e.kind == EventKind.CHECKPOINT for e in list(run.events))
+        self.rollback_button.setEnabled(have)
         self.rollback_button.setToolTip("" if have else "no checkpoint to roll back to (runs keep them only "
                                         "when saved in a run store)")
         self.rollback_button.setVisible(True)
         self.resume_after.setVisible(True)
         self.resume_button.setText("Resume anyway")
+        self.resume_button.setEnabled(True)
         self.resume_button.setVisible(True)
         self.dismiss_button.setVisible(False)
         self.show()
 
-    def _on_rollback_event(self, e: Any, engine: Any) -> None:
-        d = e.data or {}
-        auto = engine.config.divergence == "rollback" and not self._awaiting_rollback
-        self._awaiting_rollback = False
+    def _show_rollback(self, step: int, d: dict[str, Any], run: Run) -> None:
+        """Say what a roll-back restored (from its ack, or from its event when another client or the
+        automatic policy rolled back); each roll-back once."""
+        key = (int(step), d.get("to_step"))
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        auto = bool(d.get("auto"))
         self.setStyleSheet(_INFO_STYLE)
         self.icon.setText("↶")
         self.icon.setStyleSheet(f"color: {theme.BLUE}; font-size: 18pt; border: none; background: none;")
         cause = self._last_detection or {}
-        to_step = d.get("to_step")
         lr = d.get("lr")
         if isinstance(lr, (int, float)):
             self.lab.show_lr(float(lr))
-        restored = (f"restored the checkpoint of step {to_step:,}" if isinstance(to_step, int)
-                    else "restored the last good checkpoint")
+        restored = restored_text(d)
         if auto:
             self.mode = "auto"
             msg = cause.get("message") or "the guard caught a divergence"
-            self.title.setText(f"<b style='color:{theme.BLUE}'>Automatic roll-back at step {e.step:,}:</b> "
-                               f"{html.escape(str(msg))}; {restored} and lowered the learning rate to "
-                               f"<b>{fmt(lr)}</b>.")
+            self.title.setText(f"<b style='color:{theme.BLUE}'>Automatic roll-back at step {step:,}:</b> "
+                               f"{html.escape(str(msg))}; {restored}.")
         else:
             self.mode = "rolled_back"
-            paused = engine.state == "paused" and not self.resume_after.isChecked()
+            paused = run.state == RunState.PAUSED and not self.resume_after.isChecked()
             tail = " Still paused: press Resume to continue." if paused else " Training goes on."
-            self.title.setText(f"<b style='color:{theme.BLUE}'>Rolled back at step {e.step:,}:</b> {restored} "
-                               f"(weights, optimizer, schedule); the learning rate is now <b>{fmt(lr)}</b>."
-                               + tail)
+            self.title.setText(f"<b style='color:{theme.BLUE}'>Rolled back at step {step:,}:</b> {restored} "
+                               "(weights, optimizer, schedule)." + tail)
         self.explanation.setText(html.escape(str(cause.get("explanation") or "")))
         self.explanation.setVisible(bool(cause.get("explanation")))
         self.rollback_button.setVisible(False)
         self.resume_after.setVisible(False)
-        paused = engine.state == "paused" or engine._pause_requested
+        paused = run.state == RunState.PAUSED or run.pause_requested
         self.resume_button.setText("Resume")
+        self.resume_button.setEnabled(True)
         self.resume_button.setVisible(self.mode == "rolled_back" and paused)
         self.dismiss_button.setVisible(True)
         self.show()
@@ -282,30 +293,34 @@ class DivergenceBanner(QFrame):
 
     # ---- buttons ------------------------------------------------------------------------------------
     def _on_rollback(self) -> None:
-        eng = self.lab.engine
-        if eng is None or not self.lab.active():
+        run = self.lab.run
+        if not is_live(run):
             return
-        try:
-            eng.rollback(ROLLBACK_FACTOR)
-        except LrvizError as exc:
-            self.lab.status(f"cannot roll back: {exc}")
-            return
-        self._awaiting_rollback = True
-        if self.resume_after.isChecked():
-            self.lab.resume()
+        resume = self.resume_after.isChecked()
+        self.answers.add(run.rollback(ROLLBACK_FACTOR), lambda ack: self._rolled_back(ack, run),
+                         self._rollback_refused)
+        if resume:
+            self.answers.add(run.resume(), lambda ack: None, lambda why: self.lab.status(f"cannot resume: {why}"))
         self.rollback_button.setEnabled(False)
-        self.resume_button.setEnabled(True)
         self.title.setText(self.title.text() + " <i>Rolling back…</i>")
         self.lab.status("rolling back to the last good checkpoint with the learning rate / 10")
-        self.lab.refresh_actions()
-        self.lab.wake()
+
+    def _rolled_back(self, ack: dict[str, Any], run: Run) -> None:
+        self.lab.status(f"rolled back: {restored_text(ack.get('data') or {})}")
+        if run is self._run:
+            self._show_rollback(int(ack["step"]), dict(ack.get("data") or {}), run)
+
+    def _rollback_refused(self, reason: str) -> None:
+        self.lab.status(f"cannot roll back: {reason}")
+        self.title.setText(self.title.text().replace(" <i>Rolling back…</i>", "")
+                           + f" <b>Cannot roll back:</b> {html.escape(reason)}")
+        self.rollback_button.setEnabled(False)
 
     def _on_resume(self) -> None:
-        eng = self.lab.engine
-        if eng is not None and self.lab.active():
-            self.lab.resume()
-            self.lab.status("resumed")
-            self.lab.refresh_actions()
+        run = self.lab.run
+        if is_live(run):
+            self.answers.add(run.resume(), lambda ack: self.lab.status(f"resumed at step {ack['step']:,}"),
+                             lambda why: self.lab.status(f"cannot resume: {why}"))
         if self.mode == "rolled_back":
             self.resume_button.hide()
         else:
@@ -313,3 +328,10 @@ class DivergenceBanner(QFrame):
 
     def _on_dismiss(self) -> None:
         self._hide()
+
+
+def restored_text(d: dict[str, Any]) -> str:
+    """What a roll-back restored, from its ack's or event's data: ``restored step 1,200, lr 0.005``."""
+    to_step, lr = d.get("to_step"), d.get("lr")
+    where = f"restored step {to_step:,}" if isinstance(to_step, int) else "restored the last good checkpoint"
+    return where + (f", lr {fmt(float(lr))}" if isinstance(lr, (int, float)) else "")

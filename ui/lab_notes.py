@@ -14,10 +14,9 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from . import theme
-from .lab_common import param_choices
 
 if TYPE_CHECKING:
-    from lrviz.experiment import Experiment
+    from lrviz.scriptinfo import ScriptInfo
 
 _ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*•])\s+(.*)$")
 _CODE = re.compile(r"`([^`]+)`")
@@ -83,11 +82,12 @@ def doc_html(doc: str) -> str:
     return "".join(out)
 
 
-def notes_html(exp: Experiment) -> str:
-    """The whole notes panel for ``exp``: its docstring, its knobs (with their choices), its defaults."""
+def notes_html(exp: ScriptInfo) -> str:
+    """The whole notes panel for a script (as the worker described it): its docstring, its knobs
+    (with their choices), its defaults."""
     doc = exp.doc or "This script has no docstring. Add one at the top of the file to note what to try."
     body = doc_html(doc)
-    choices = param_choices(exp)
+    choices = getattr(exp, "param_choices", None) or {}
     knobs = ""
     if exp.params:
         rows = []

@@ -1,14 +1,16 @@
 """The LR range test panel: sweep the rate up exponentially, watch the loss, pick a rate in one click.
 
-With a live run (running or paused) the test runs inside the engine on the run's current weights,
-which are restored exactly afterwards (``engine.range_test``). With nothing running it builds a
-fresh model from the script (``find_lr``) in a background thread. Either way the curve is drawn
-live from the panel's timer; nothing touches a widget off the GUI thread.
+With a live run (running or paused) the test runs in that run, on its current weights, which are
+restored exactly afterwards (``run.range_test``). With nothing running it starts a run of its own
+on a fresh model from the script: a child process started paused (``window.start_run(spec,
+show=False)``, not stored: it never trains, so it is not listed), tests it, and stops it. Either way
+the curve is drawn from ``run.range_test_progress`` as it comes, and the result arrives in the
+command's ack; the panel's tick hands both to the widgets on the GUI thread.
 
-Confirmation (``lrviz.rangetest.confirm_rates``) trains a few rates from the suggestion band from
+Confirmation (:func:`lrviz.rangetest.confirm_rates`) trains a few rates from the suggestion band from
 the same weights for a short while and picks the one whose loss fell most: after the test when it
-costs less than the test (or always, or never), or on its own with "Confirm" (``engine.confirm_lr``
-on a live run, ``confirm_experiment`` on a fresh model).
+costs less than the test (or always, or never), or on its own with "Confirm" (``run.confirm_lr``, on
+the live run or on a fresh model again).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import html
 import math
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,11 +35,10 @@ from PySide6.QtWidgets import (
 )
 
 from lrviz.errors import ConfigError, LrvizError
-from lrviz.rangetest import (
+from lrviz.rangecurve import (
     CONFIRM_STEPS,
     METHODS,
     Confirmation,
-    RangeTestProgress,
     RangeTestResult,
     Suggestions,
     adopt,
@@ -45,14 +47,13 @@ from lrviz.rangetest import (
     smooth,
 )
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
-from .lab_common import TERMINAL, Worker, fmt, form, lab_plot, note_label, scroll_column
+from . import theme
+from .lab_common import LabPanel, fmt, form, is_live, lab_plot, note_label, scroll_column
 from .widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
 
 if TYPE_CHECKING:
+    from lrviz.live.run import Run
+
     from .lab import Lab
 
 #: How each suggestion method is named on the plot and in the method list.
@@ -74,18 +75,6 @@ CHOSEN_COLOUR = theme.VERMILLION
 BETA = 0.98
 
 
-class _ConfirmProgress:
-    """Where a running confirmation is (written by its thread, read by the panel's timer)."""
-
-    def __init__(self) -> None:
-        self.trial = -1
-        self.step = -1
-        self.lr = math.nan
-
-    def record(self, trial: int, step: int, lr: float, _loss: float) -> None:
-        self.lr, self.step, self.trial = lr, step, trial
-
-
 def _parse_positive(what: str):  # noqa: ANN202 - returns a parser
     def parse(text: str) -> float:
         try:
@@ -99,23 +88,22 @@ def _parse_positive(what: str):  # noqa: ANN202 - returns a parser
     return parse
 
 
-class RangeTestPanel(QWidget):
-    """Settings, Run/Cancel, the live curve with the suggestions, and "Use this LR"."""
+class RangeTestPanel(LabPanel):
+    """Settings, Run/Cancel, the live curve with the suggestions, Confirm, and "Use this LR"."""
 
     def __init__(self, lab: Lab, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__(lab, parent)
         self.setObjectName("rangeTestPanel")
-        self.lab = lab
         self.result: RangeTestResult | None = None
         self.suggestions: Suggestions | None = None
-        self._worker: Worker | None = None
-        self._progress: RangeTestProgress | None = None
+        #: The run the test (or confirmation) runs in, while it runs.
+        self.target: Run | None = None
+        #: A run of the panel's own (a fresh model), stopped once the test has ended.
+        self.own: Run | None = None
         self._future: Future | None = None
-        self._engine: Any = None
-        self._engine_list: Any = None  # the engine's progress list before this test (to tell them apart)
+        self._old_points: tuple[Any, int] = (None, 0)  # the run's progress list before this test, its length
         self._drawn = -1
         self._job = ""  # "range test" or "confirmation" while one runs
-        self._confirming: _ConfirmProgress | None = None
         self._items: list[Any] = []
         self.lines: dict[str, pg.InfiniteLine] = {}
         self.band: pg.LinearRegionItem | None = None
@@ -234,31 +222,33 @@ class RangeTestPanel(QWidget):
 
     # ---- state ------------------------------------------------------------------------------------
     def busy(self) -> bool:
-        """Whether a range test is running."""
-        return self._worker is not None or self._future is not None
+        """Whether a range test or a confirmation is running."""
+        return self._future is not None
 
     def update_mode(self) -> None:
         """Say where the next test runs: on the live run's weights, or on a fresh model."""
         if self.busy():
             return
-        eng = self.lab.engine
-        if self.lab.active() and eng is not None:
-            self.mode_label.setText(f"Runs on the live run's current weights at step {eng.step:,}, "
-                                    "which are restored exactly afterwards.")
-        elif self.lab.experiment is not None:
-            self.mode_label.setText(f"Runs on a fresh model from {self.lab.experiment.path.name} "
-                                    "(the settings in Controls).")
+        run = self.lab.run
+        info = self.lab.script_info
+        if is_live(run):
+            text = (f"Runs on the live run's current weights at step {run.step:,}, which are restored "
+                    "exactly afterwards.")
+        elif info is not None:
+            text = f"Runs on a fresh model from {Path(info.path).name} (the settings in Controls)."
         else:
-            self.mode_label.setText("Load a script first.")
+            text = "Load a script first."
+        if self.mode_label.text() != text:
+            self.mode_label.setText(text)
         self._update_buttons()
 
     def _update_buttons(self) -> None:
         busy = self.busy()
-        self.run_button.setEnabled(not busy and self.lab.experiment is not None)
+        ready = self.lab.script_info is not None or is_live(self.lab.run)
+        self.run_button.setEnabled(not busy and ready)
         self.cancel_button.setEnabled(busy)
         r = self.result
-        self.confirm_button.setEnabled(not busy and r is not None and r.suggestions.reason is None
-                                       and self.lab.experiment is not None)
+        self.confirm_button.setEnabled(not busy and ready and r is not None and r.suggestions.reason is None)
         s = self.suggestions
         self.use_button.setEnabled(not busy and s is not None and s.best is not None)
         if s is not None and s.best is not None:
@@ -282,20 +272,9 @@ class RangeTestPanel(QWidget):
         return kw
 
     # ---- running ------------------------------------------------------------------------------------
-    def _live_engine(self) -> Any:
-        """The engine of the live run a test would use (None: a fresh model)."""
-        eng = self.lab.engine
-        if self.lab.active() and eng is not None and eng.state in ("running", "paused", "preparing"):
-            return eng
-        return None
-
     def run_test(self) -> bool:
         """Start a range test (the Run button); False when refused (the reason is shown)."""
         if self.busy():
-            return False
-        exp = self.lab.experiment
-        if exp is None:
-            self.errors.show_error("load a script first")
             return False
         try:
             kw = self._settings()
@@ -304,17 +283,7 @@ class RangeTestPanel(QWidget):
             return False
         self.errors.show_error(None)
         self._clear()
-        self._confirming = _ConfirmProgress()
-        kw["on_confirm_step"] = self._confirming.record
-
-        def fresh(cfg: Any) -> Callable[[Callable[[], bool]], RangeTestResult]:
-            from lrviz.rangetest import find_lr
-
-            progress = RangeTestProgress(kw["steps"], BETA)
-            self._progress = progress
-            return lambda should_stop: find_lr(exp, cfg, on_step=progress.record, should_stop=should_stop, **kw)
-
-        if not self._launch("range test", lambda eng: eng.range_test(**kw), fresh):
+        if not self._launch("range test", lambda run: run.range_test(**kw)):
             return False
         self.stop_label.setText("running…")
         return True
@@ -323,55 +292,46 @@ class RangeTestPanel(QWidget):
         """Confirm the suggestions of the test shown (the Confirm button): train the candidate rates
         from the same weights for a short while; False when refused (the reason is shown)."""
         r = self.result
-        exp = self.lab.experiment
-        if self.busy() or r is None or r.suggestions.reason is not None or exp is None:
+        if self.busy() or r is None or r.suggestions.reason is not None:
             return False
         if not self.confirm_steps.is_valid():
             self.errors.show_error(self.confirm_steps.error() or "invalid confirmation steps")
             return False
-        kw = {"steps": self.confirm_steps.value(), "stop_factor": r.stop_factor}
+        steps = self.confirm_steps.value()
         rates = candidates(r.suggestions)
-        progress = _ConfirmProgress()
-
-        def fresh(cfg: Any) -> Callable[[Callable[[], bool]], Confirmation]:
-            from lrviz.rangetest import confirm_experiment
-
-            return lambda should_stop: confirm_experiment(exp, cfg, rates, should_stop=should_stop,
-                                                          on_step=progress.record, **kw)
-
-        self._progress = None  # the curve stays as it is
-        if not self._launch("confirmation", lambda eng: eng.confirm_lr(rates=rates, on_step=progress.record, **kw),
-                            fresh):
+        if not self._launch("confirmation",
+                            lambda run: run.confirm_lr(rates, steps=steps, stop_factor=r.stop_factor)):
             return False
         self.errors.show_error(None)
-        self._confirming = progress
-        self.confirm_label.setText(f"confirming {len(rates)} rates for {kw['steps']} steps each…")
+        self.confirm_label.setText(f"confirming {len(rates)} rates for {steps} steps each…")
         return True
 
-    def _launch(self, job: str, live: Callable[[Any], Future], fresh: Callable[[Any], Callable[..., Any]]) -> bool:
-        """Run ``job`` ("range test" or "confirmation") inside the live run's engine (``live(engine)``
-        returns its Future), or on a fresh model in a worker thread (``fresh(config)`` returns the
-        work); False (the reason shown) when the settings are wrong."""
-        verb = "Testing" if job == "range test" else "Confirming on"
-        eng = self._live_engine()
-        if eng is not None:
-            self._engine = eng
-            self._engine_list = eng.range_test_progress
-            self._future = live(eng)
-            self.mode_label.setText(f"{'Testing' if job == 'range test' else 'Confirming'} on the live run's "
-                                    f"weights at step {eng.step:,} "
-                                    "(training waits; the weights are restored afterwards)…")
+    def _launch(self, job: str, send: Callable[[Run], Future]) -> bool:
+        """Run ``job`` ("range test" or "confirmation") in the live run (``send(run)`` returns the
+        Future of its ack), or in a run of the panel's own on a fresh model; False (the reason
+        shown) when the settings are wrong."""
+        run = self.lab.run
+        own = None
+        if is_live(run):
+            text = (f"{'Testing' if job == 'range test' else 'Confirming'} on the live run's weights at step "
+                    f"{run.step:,} (training waits; the weights are restored afterwards)…")
         else:
             try:
                 cfg = self.lab.run_config()
+                # a fresh model, paused before its first step; not stored: it never trains
+                spec = self.lab.run_spec(cfg, start_paused=True, store=None, name=f"{job} (fresh model)")
+                run = own = self.lab.start_run(spec, show=False)
             except LrvizError as exc:
                 self.errors.show_error(f"cannot start: {exc}")
                 return False
-            self._worker = Worker(f"lrviz-{job.replace(' ', '-')}", fresh(cfg))
-            self._worker.start()
-            exp = self.lab.experiment
-            self.mode_label.setText(f"{verb} a fresh model from {exp.path.name} ({cfg.optimizer}, "
-                                    f"seed {cfg.seed})…")
+            verb = "Testing" if job == "range test" else "Confirming on"
+            text = f"{verb} a fresh model from {Path(spec['script']).name} ({cfg.optimizer}, seed {cfg.seed})…"
+        assert run is not None
+        self.target, self.own = run, own
+        points = run.range_test_progress
+        self._old_points = (points, len(points))
+        self._future = send(run)
+        self.mode_label.setText(text)
         self._job = job
         self._update_buttons()
         self.lab.wake()
@@ -379,17 +339,19 @@ class RangeTestPanel(QWidget):
 
     def cancel(self) -> None:
         """Stop the running test early (its partial curve and suggestions are kept)."""
-        if self._worker is not None:
-            self._worker.cancel()
-        if self._future is not None:
-            if not self._future.cancel() and self._engine is not None:
-                self._engine.cancel_range_test()
+        if self._future is None or self.target is None:
+            return
+        if self.own is not None:
+            self.own.stop()  # the test sees the stop, ends with what it has, and the run ends
+        else:
+            self.target.cancel_range_test()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancel and wait for the background thread (when the window closes)."""
+        """Cancel, and stop the panel's own run (when the window closes)."""
         self.cancel()
-        if self._worker is not None:
-            self._worker.join(timeout)
+        if self.own is not None:
+            self.own.stop()
+            self.own.done.wait(timeout)
 
     def _on_run(self) -> None:
         self.run_test()
@@ -402,54 +364,50 @@ class RangeTestPanel(QWidget):
         self.stop_label.setText("cancelling…")
 
     # ---- the timer ----------------------------------------------------------------------------------
-    def tick(self) -> None:
-        """Draw new points of a running test; take its result when it has ended."""
-        self._show_confirming()
-        if self._worker is not None:
-            if self._progress is not None:
-                v = self._progress.view()
-                self._draw_curve(v["lr"], v["loss"], v["smoothed"])
-            if self._worker.done:
-                worker, self._worker = self._worker, None
-                worker.join()
-                if worker.error is not None:
-                    self._failed(worker.error)
-                else:
-                    self._finished(worker.result)
-        elif self._future is not None:
-            fut = self._future
-            eng = self._engine
-            data = eng.range_test_progress if eng is not None else []
-            if data is not self._engine_list and data:
-                pts = list(data)
-                lrs = np.array([a for a, _ in pts], dtype=np.float64)
-                losses = np.array([b for _, b in pts], dtype=np.float64)
-                self._draw_curve(lrs, losses, smooth(losses, BETA))
-            if fut.done():
-                self._future = None
-                self._engine = None
-                if fut.cancelled():
-                    self.stop_label.setText("cancelled before it started")
-                    self._update_buttons()
-                elif fut.exception() is not None:
-                    self._failed(fut.exception())
-                else:
-                    self._finished(fut.result())
-            elif eng is not None and eng.state in TERMINAL and not eng.is_alive:
-                fut.cancel()
-                self._future = None
-                self._engine = None
-                self.stop_label.setText(f"the run ended before the {self._job or 'test'} could run")
-                self._update_buttons()
-        else:
-            self.update_mode()
+    def run_changed(self, run: Run | None) -> None:
+        self.update_mode()
 
-    def _show_confirming(self) -> None:
-        """Say which rate a running confirmation is training."""
-        c = self._confirming
-        if c is None or c.trial < 0 or not self.busy():
+    def script_changed(self, info: Any) -> None:
+        self.update_mode()
+
+    def tick(self, run: Run | None = None) -> None:
+        """Draw new points of a running test; take its result when its ack has come."""
+        fut = self._future
+        if fut is None:
+            self.update_mode()
             return
-        self.confirm_label.setText(f"confirming: rate {c.trial + 1} (lr {fmt(c.lr)}), step {c.step + 1}…")
+        target = self.target
+        assert target is not None
+        points = target.range_test_progress
+        old, old_n = self._old_points
+        if self._job == "range test" and points and (points is not old or old_n == 0):
+            pts = list(points)
+            lrs = np.array([a for a, _ in pts], dtype=np.float64)
+            losses = np.array([b for _, b in pts], dtype=np.float64)
+            self._draw_curve(lrs, losses, smooth(losses, BETA))
+        if not fut.done():
+            return
+        self._future = None
+        own, self.own, self.target = self.own, None, None
+        if own is not None and not own.done.is_set():
+            own.stop()  # the fresh model has served its purpose
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled():
+            exc = LrvizError("cancelled before it started")
+        if exc is not None:
+            error = own.error if own is not None and own.error else str(exc)  # why the fresh model failed
+            self._failed(error)
+            return
+        data = fut.result().get("data") or {}
+        try:
+            if self._job == "confirmation":
+                result: RangeTestResult | Confirmation = Confirmation.from_dict(data["confirmation"])
+            else:
+                result = RangeTestResult.from_dict(data["result"])
+        except (KeyError, TypeError, ValueError) as err:
+            self._failed(f"the run answered something unexpected ({err!r})")
+            return
+        self._finished(result)
 
     def _draw_curve(self, lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray) -> None:
         n = len(lrs)
@@ -468,7 +426,7 @@ class RangeTestPanel(QWidget):
         if span is not None:
             self.plot.getPlotItem().setYRange(*span, padding=0)
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException | str) -> None:
         job, self._job = self._job or "range test", ""
         if job == "range test":
             self.stop_label.setText("")

@@ -1,11 +1,13 @@
 """The 2-D surface view: a loss surface as a contour map, and the optimizer's path across it, live.
 
 For scripts that define ``SURFACE`` (or ``SURFACES`` and a ``surface`` knob) and ``probe(model)``:
-the function is drawn over its ``xlim`` x ``ylim`` as a shaded map with contour lines (log-spaced
-levels when ``log_levels``), its minima marked; the engine records ``probe`` every step, and the
-path of the point is drawn from ``engine.probe_values`` as it trains, the current point
-highlighted. Paths of earlier runs stay, faintly, so SGD, momentum and Adam can be compared. These
-runs take thousands of steps a second, so the panel offers slow motion (the engine's ``pace``).
+the worker that loaded the script sampled the function on a grid over its ``xlim`` x ``ylim``
+(:attr:`lrviz.scriptinfo.ScriptInfo.surfaces`), drawn here as a shaded map with contour lines
+(log-spaced levels when ``log_levels``), its minima marked; the run records ``probe`` every step,
+and the path of the point is drawn from ``run.probe_steps``/``run.probe_values`` as it trains, the
+current point highlighted. Paths of earlier runs stay, faintly, so SGD, momentum and Adam can be
+compared. These runs take thousands of steps a second, so the panel offers slow motion
+(``run.set_pace``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyqtgraph as pg
-import torch
 from PySide6.QtCore import QRectF
 from PySide6.QtWidgets import (
     QComboBox,
@@ -27,16 +28,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
-from .lab_common import add_legend, fmt, lab_plot, note_label, surface_of
+from lrviz.examples import example_paths
+
+from . import theme
+from .lab_common import LabPanel, add_legend, fmt, lab_plot, note_label, same_script, surface_for
 
 if TYPE_CHECKING:
+    from lrviz.live.run import Run
+
     from .lab import Lab
 
-GRID = 220
 LEVELS = 14
 MAX_KEPT = 6
 #: Pace choices: label and steps per second (None: full speed).
@@ -60,15 +61,13 @@ class KeptPath:
     end: Any = None
 
 
-def surface_grid(surface: dict[str, Any], n: int = GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``xs`` (n,), ``ys`` (n,) and ``z`` (n, n) with ``z[j, i] = fn(xs[i], ys[j])``."""
-    (x0, x1), (y0, y1) = surface["xlim"], surface["ylim"]
-    xs = torch.linspace(float(x0), float(x1), n, dtype=torch.float64)
-    ys = torch.linspace(float(y0), float(y1), n, dtype=torch.float64)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    with torch.no_grad():
-        z = surface["fn"](xx, yy)
-    return xs.numpy(), ys.numpy(), np.asarray(z.detach().cpu().numpy(), dtype=np.float64)
+def surface_grid(surface: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``xs`` (n,), ``ys`` (m,) and ``z`` (m, n) with ``z[j, i] = fn(xs[i], ys[j])``, as the worker
+    sampled them (NaN where the function was not finite)."""
+    xs = np.asarray(surface["xs"], dtype=np.float64)
+    ys = np.asarray(surface["ys"], dtype=np.float64)
+    z = np.array([[math.nan if v is None else v for v in row] for row in surface["z"]], dtype=np.float64)
+    return xs, ys, z
 
 
 def contour_levels(z: np.ndarray, log_levels: bool, count: int = LEVELS) -> np.ndarray:
@@ -83,25 +82,37 @@ def contour_levels(z: np.ndarray, log_levels: bool, count: int = LEVELS) -> np.n
 
 
 def run_label(cfg: Any) -> str:
-    """A short name of a run's optimizer settings: ``sgd lr 0.001``, ``sgd m0.9 lr 1e-3``, ``adam lr 0.05``."""
-    name = str(getattr(cfg, "optimizer", "?"))
-    mom = float(getattr(cfg, "momentum", 0.0) or 0.0)
+    """A short name of a run's optimizer settings (its config, a dict or a RunConfig):
+    ``sgd lr 0.001``, ``sgd m0.9 lr 1e-3``, ``adam lr 0.05``."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    name = str(get("optimizer", "?"))
+    mom = float(get("momentum", 0.0) or 0.0)
     if mom and name == "sgd":
         name += f" m{fmt(mom, 2)}"
-    return f"{name} lr {fmt(float(getattr(cfg, 'lr', math.nan)))}"
+    return f"{name} lr {fmt(float(get('lr', math.nan) or math.nan))}"
 
 
-class SurfacePanel(QWidget):
+def loss_at(run: Run, step: int) -> float | None:
+    """The training loss the run recorded at ``step`` (None when it has not arrived)."""
+    buf = run.buffer
+    if buf is None or not len(buf):
+        return None
+    row = int(step) - int(buf.first_step)
+    if not 0 <= row < len(buf):
+        return None
+    return float(buf.view(row, row + 1)["loss"][0])
+
+
+class SurfacePanel(LabPanel):
     """The contour map, the live path, kept paths, pace and a readout."""
 
     def __init__(self, lab: Lab, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__(lab, parent)
         self.setObjectName("surfacePanel")
-        self.lab = lab
         self.surface: dict[str, Any] | None = None
         self.kept: list[KeptPath] = []
         self._surface_key: Any = None
-        self._engine: Any = None
+        self._run: Any = None
         self._drawn = -1
         self._isos: list[Any] = []
         self._label = ""
@@ -175,15 +186,10 @@ class SurfacePanel(QWidget):
         self.open_button.clicked.connect(self._on_open_example)
         self._show_surface(None)
 
-    def busy(self) -> bool:
-        return False
-
     def _fill_examples(self) -> None:
         try:
-            from lrviz.experiment import example_paths
-
             paths = [p for p in example_paths() if p.stem.startswith("surface_")]
-        except Exception:  # examples missing: the picker stays empty
+        except (OSError, ModuleNotFoundError):  # examples missing: the picker stays empty
             paths = []
         for p in paths:
             self.examples.addItem(p.stem.replace("surface_", "surface: "), str(p))
@@ -238,91 +244,83 @@ class SurfacePanel(QWidget):
         self.title.setText(f"<b>{name}</b> · {scale} · ★ minimum")
 
     def _current_surface(self) -> tuple[Any, dict[str, Any] | None, Any]:
-        """(key, surface, engine whose path to draw): the live or last run's, unless the script
-        loaded since is another one."""
-        eng = self.lab.engine
-        loaded = self.lab.experiment
-        if eng is not None and (self.lab.active() or loaded is None or eng.experiment.path == loaded.path):
-            exp = eng.experiment
-            params = eng.config.params
-        else:  # no run, or the last one was of another script: the script loaded now
-            eng = None
-            exp = loaded
-            params = self.lab.script_params()
-        surface = surface_of(exp, params)
-        key = (str(exp.path) if exp is not None else None, id(surface) if surface is not None else None)
-        return key, surface, eng
+        """(key, surface, run whose path to draw): the live or last run's, unless the script loaded
+        since is another one."""
+        run = self.lab.run
+        info = self.lab.script_info
+        if run is not None and info is not None and same_script(run.script_path, info.path):
+            surface = surface_for(info, run)
+        else:  # no run, or the last one was of another script: the script loaded now, its knobs as set
+            run = None
+            surface = surface_for(info, params=self.lab.script_params()) if info is not None else None
+        key = (str(info.path) if info is not None else None, surface.get("name") if surface is not None else None)
+        return key, surface, run
 
     # ---- the timer ---------------------------------------------------------------------------------
-    def tick(self) -> None:
-        key, surface, eng = self._current_surface()
+    def tick(self, run: Run | None = None) -> None:
+        key, surface, drawn = self._current_surface()
         if key != self._surface_key:
-            if self._surface_key is not None and key[1] != getattr(self, "_surface_id", None):
+            if self._surface_key is not None and key[1] != self._surface_key[1]:
                 self.clear_paths()
-                self._engine = None  # the last run's path belongs to the surface before: not kept
+                self._run = None  # the last run's path belongs to the surface before: not kept
                 for item in (self.path, self.point, self.start_mark):
                     item.setData([], [])
             self._surface_key = key
-            self._surface_id = key[1]
             self._show_surface(surface)
-        if eng is not self._engine:
+        if drawn is not self._run:
             self._keep_path()
-            self._engine = eng
+            self._run = drawn
             self._drawn = -1
-            self._label = run_label(eng.config) if eng is not None else ""
+            self._label = run_label(drawn.config) if drawn is not None else ""
             self.path.setData([], [])
             self.point.setData([], [])
             self.start_mark.setData([], [])
-            if eng is not None:
+            if drawn is not None:
                 self._set_legend_name(self.path, f"this run: {self._label}")
-        if eng is None or self.surface is None:
+        if drawn is None or self.surface is None:
             return
-        self._draw_live(eng)
+        self._draw_live(drawn)
 
-    def _draw_live(self, eng: Any) -> None:
-        xs = eng.probe_values.get("x")
-        ys = eng.probe_values.get("y")
+    def _path_of(self, run: Run) -> tuple[np.ndarray, np.ndarray]:
+        """The run's path so far (at most MAX_POINTS of it, keeping its shape and its end exactly)."""
+        xs, ys = run.probe_values.get("x"), run.probe_values.get("y")
         if not xs or not ys:
-            return
-        n = min(len(xs), len(ys))
-        if n == self._drawn:
-            return
-        self._drawn = n
-        x = np.asarray(xs[:n], dtype=np.float64)
-        y = np.asarray(ys[:n], dtype=np.float64)
-        if n > MAX_POINTS:  # keep the shape and the end exactly
-            idx = np.unique(np.concatenate((np.linspace(0, n - 1, MAX_POINTS).astype(np.int64), [n - 1])))
-            x, y = x[idx], y[idx]
-        self.path.setData(x, y, connect="finite")
-        self.start_mark.setData([x[0]], [y[0]])
-        self.point.setData([x[-1]], [y[-1]])
-        f = self._value_at(float(x[-1]), float(y[-1]))
-        steps = eng.probe_steps
-        step = steps[n - 1] if len(steps) >= n else n - 1
-        self.readout.setText(f"<b>step {step:,}</b> · point ({fmt(float(x[-1]), 4)}, {fmt(float(y[-1]), 4)}) · "
-                             f"f = {fmt(f, 4)} · <span style='color:{LIVE_COLOUR}'>{self._label}</span>")
-
-    def _value_at(self, x: float, y: float) -> float:
-        if self.surface is None or not (math.isfinite(x) and math.isfinite(y)):
-            return math.nan
-        with torch.no_grad():
-            v = self.surface["fn"](torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
-        return float(v)
-
-    def _keep_path(self) -> None:
-        """Keep the path of the run drawn so far as a faint line (when it has one)."""
-        eng = self._engine
-        if eng is None or self.surface is None:
-            return
-        xs, ys = eng.probe_values.get("x"), eng.probe_values.get("y")
-        if not xs or not ys or len(xs) < 2:
-            return
+            return np.zeros(0), np.zeros(0)
         n = min(len(xs), len(ys))
         x = np.asarray(xs[:n], dtype=np.float64)
         y = np.asarray(ys[:n], dtype=np.float64)
         if n > MAX_POINTS:
             idx = np.unique(np.concatenate((np.linspace(0, n - 1, MAX_POINTS).astype(np.int64), [n - 1])))
             x, y = x[idx], y[idx]
+        return x, y
+
+    def _draw_live(self, run: Run) -> None:
+        xs = run.probe_values.get("x")
+        n = len(xs) if xs else 0
+        if n == self._drawn or n == 0:
+            return
+        self._drawn = n
+        x, y = self._path_of(run)
+        if not len(x):
+            return
+        self.path.setData(x, y, connect="finite")
+        self.start_mark.setData([x[0]], [y[0]])
+        self.point.setData([x[-1]], [y[-1]])
+        steps = run.probe_steps
+        step = steps[n - 1] if len(steps) >= n else n - 1
+        loss = loss_at(run, step)
+        tail = f" · loss {fmt(loss, 4)}" if loss is not None else ""
+        self.readout.setText(f"<b>step {step:,}</b> · point ({fmt(float(x[-1]), 4)}, {fmt(float(y[-1]), 4)})"
+                             f"{tail} · <span style='color:{LIVE_COLOUR}'>{self._label}</span>")
+
+    def _keep_path(self) -> None:
+        """Keep the path of the run drawn so far as a faint line (when it has one)."""
+        run = self._run
+        if run is None or self.surface is None:
+            return
+        x, y = self._path_of(run)
+        if len(x) < 2:
+            return
         used = {k.colour for k in self.kept}
         colour = next((c for c in KEPT_COLOURS if c not in used), KEPT_COLOURS[len(self.kept) % len(KEPT_COLOURS)])
         kept = KeptPath(self._label, x, y, colour)
@@ -355,6 +353,9 @@ class SurfacePanel(QWidget):
         self.legend.addItem(item, name)
 
     # ---- controls ----------------------------------------------------------------------------------
+    def run_changed(self, run: Run | None) -> None:
+        self.pace.setEnabled(self.surface is not None)
+
     def _on_pace(self, _index: int) -> None:
         rate = self.pace.currentData()
         self.lab.set_pace(rate)

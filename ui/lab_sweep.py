@@ -1,9 +1,11 @@
 """The sweep panel: the same experiment at several learning rates, one after another, overlaid live.
 
-The runs go through :func:`lrviz.sweep.run_sweep` in a background thread, saved in the app's run
-store; the panel's timer reads the running engine's buffer and the finished rows. The table says
-how each rate did: final and best losses, the steps it took to reach a common target loss (the
-speed of convergence) and whether it diverged. Selecting rows highlights their curves.
+Each rate is a child run (``window.start_run(spec, show=False)``, saved in the app's run store),
+started when the one before has ended; the panel's tick reads the running member's
+:class:`~lrviz.live.run.Run` and, once it has ended, its row (:func:`lrviz.sweep.outcome`, as
+``lrviz sweep`` computes it). The table says how each rate did: final and best losses, the steps it
+took to reach a common target loss (the speed of convergence) and whether it diverged. Selecting
+rows highlights their curves; Stop stops the member that is training and starts no other.
 """
 
 from __future__ import annotations
@@ -30,17 +32,28 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from lrviz.config import RunConfig
+from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError, LrvizError
-from lrviz.sweep import SMOOTH_BETA, SweepRow, parse_lrs, smoothed
-
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
+from lrviz.states import RunState
+from lrviz.sweep import (
+    SMOOTH_BETA,
+    Outcome,
+    SweepRow,
+    outcome,
+    parse_lrs,
+    run_name,
+    sweep_config,
+    with_target,
 )
-from .lab_common import RUN_COLOURS, Worker, fmt, form, lab_plot, note_label
+
+from . import theme
+from .lab_common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label
 from .widgets import ErrorLabel, ValidatedLineEdit
 
 if TYPE_CHECKING:
+    from lrviz.live.run import Run
+
     from .lab import Lab
 
 COLUMNS = ("lr", "state", "final", "best", "final val", "best val", "to target", "diverged")
@@ -69,35 +82,37 @@ def _parse_target(text: str) -> float:
 
 
 @dataclass
-class _Run:
-    """One rate of the sweep, as drawn."""
+class _Member:
+    """One rate of the sweep, as drawn: its run while it trains, its numbers once it has ended."""
 
     index: int
     lr: float
     colour: str
-    engine: Any = None
+    run: Run | None = None
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     smooth: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rows: int = 0
+    smoother: EmaSmoother = field(default_factory=lambda: EmaSmoother(SMOOTH_BETA))
     curve: Any = None
     end_mark: Any = None
+    outcome: Outcome | None = None
     row: SweepRow | None = None
 
 
-class SweepPanel(QWidget):
+class SweepPanel(LabPanel):
     """LR list, steps, target; Run/Stop; the runs overlaid live; the results table."""
 
     def __init__(self, lab: Lab, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__(lab, parent)
         self.setObjectName("sweepPanel")
-        self.lab = lab
-        self.runs: list[_Run] = []
+        self.runs: list[_Member] = []
         self.rows: list[SweepRow] = []
         self.target: float | None = None
-        self._worker: Worker | None = None
-        self._live: list[tuple[int, Any]] = []  # (index, engine) handed over by the worker thread
-        self._done: list[tuple[int, SweepRow]] = []
-        self._current: Any = None
+        self._config: RunConfig | None = None
+        self._target_asked: float | None = None
+        self._waiting: list[_Member] = []  # members not started yet, in order
+        self._current: _Member | None = None
+        self._stopping = False
         self._target_line: pg.InfiniteLine | None = None
 
         self.lrs = ValidatedLineEdit(parse_lrs, "1e-3:1:4",
@@ -194,18 +209,18 @@ class SweepPanel(QWidget):
 
     # ---- state -------------------------------------------------------------------------------------
     def busy(self) -> bool:
-        return self._worker is not None
+        return self._current is not None
 
     def _update_buttons(self) -> None:
         busy = self.busy()
-        self.run_button.setEnabled(not busy and self.lab.experiment is not None)
+        self.run_button.setEnabled(not busy and self.lab.script_info is not None)
         self.stop_button.setEnabled(busy)
         self.overlay_button.setEnabled(not busy and any(r.row is not None and r.row.run_id is not None
                                                         for r in self.runs))
         for w in (self.lrs, self.steps, self.target_edit):
             w.setEnabled(not busy)
 
-    def update_mode(self) -> None:
+    def script_changed(self, info: Any) -> None:
         if not self.busy():
             self._update_buttons()
 
@@ -214,65 +229,63 @@ class SweepPanel(QWidget):
         """Start the sweep (the Run button); False when refused (the reason is shown)."""
         if self.busy():
             return False
-        exp = self.lab.experiment
-        if exp is None:
+        if self.lab.script_info is None:
             self.errors.show_error("load a script first")
             return False
         try:
             lrs = self.lrs.value()
             target = self.target_edit.value()
             cfg = self.lab.run_config()
+            cfg.steps, cfg.epochs = self.steps.value(), None
+            cfg.checkpoint_every = None  # a sweep measures rates; nobody forks or rolls these back
+            cfg = sweep_config(cfg, lrs[0]).validated()  # a bad setting fails before any run starts
         except LrvizError as exc:
-            self.errors.show_error(str(exc))
-            return False
-        cfg.steps, cfg.epochs = self.steps.value(), None
-        cfg.checkpoint_every = None  # a sweep measures rates; nobody forks or rolls these back
-        try:
-            cfg = cfg.validated()
-        except ConfigError as exc:
             self.errors.show_error(str(exc))
             return False
         self.errors.show_error(None)
         self._clear()
-        self.runs = [_Run(i, lr, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, lr in enumerate(lrs)]
-        store = self.lab.store
-        live, done = self._live, self._done
-
-        def on_run(i: int, engine: Any) -> None:  # worker thread: hand over, touch nothing
-            live.append((i, engine))
-
-        def on_done(i: int, row: SweepRow) -> None:
-            done.append((i, row))
-
-        def work(should_stop: Any) -> list[SweepRow]:
-            from lrviz.sweep import run_sweep
-
-            return run_sweep(exp, cfg, lrs, store=store, target_loss=target, on_run=on_run, on_done=on_done,
-                             should_stop=should_stop)
-
-        self._worker = Worker("lrviz-sweep", work)
-        self._worker.start()
+        self.runs = [_Member(i, lr, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, lr in enumerate(lrs)]
+        self._config, self._target_asked, self._stopping = cfg, target, False
+        self._waiting = list(self.runs)
         self.progress_label.setText(f"{len(lrs)} runs of {cfg.steps:,} steps: {cfg.optimizer}"
                                     + (f", momentum {fmt(cfg.momentum)}" if cfg.momentum else "")
                                     + f", seed {cfg.seed}")
+        self._start_next()
         self._update_buttons()
-        self.lab.wake()
         return True
 
-    def stop(self) -> None:
-        """Stop the sweep: the current run stops (its row says so) and no further run starts."""
-        w = self._worker
-        if w is None:
+    def _start_next(self) -> None:
+        """Start the next member, or finish the sweep when none is left (or it was stopped)."""
+        self._current = None
+        if self._stopping or not self._waiting:
+            self._finished()
             return
-        w.cancel()
-        eng = self._live[-1][1] if self._live else self._current
-        if eng is not None:
-            eng.stop()
+        member = self._waiting.pop(0)
+        assert self._config is not None
+        try:
+            spec = self.lab.run_spec(sweep_config(self._config, member.lr), name=run_name(member.lr))
+            member.run = self.lab.start_run(spec, show=False)
+        except LrvizError as exc:
+            self.errors.show_error(f"the sweep stopped: {exc}")
+            self._waiting = []
+            self._finished()
+            return
+        self._current = member
+
+    def stop(self) -> None:
+        """Stop the sweep: the member training stops (its row says so) and no further one starts."""
+        if self._current is None:
+            return
+        self._stopping = True
+        run = self._current.run
+        if run is not None and not run.done.is_set():
+            run.stop()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.stop()
-        if self._worker is not None:
-            self._worker.join(timeout)
+        cur = self._current
+        if cur is not None and cur.run is not None:
+            cur.run.done.wait(timeout)
 
     def _on_run(self) -> None:
         self.run_sweep()
@@ -282,77 +295,74 @@ class SweepPanel(QWidget):
         self.progress_label.setText("stopping…")
 
     # ---- the timer ---------------------------------------------------------------------------------
-    def tick(self) -> None:
-        while self._live:
-            i, eng = self._live.pop(0)
-            self.runs[i].engine = eng
-            self._current = eng
-        changed = False
-        for run in self.runs:
-            if run.engine is not None:
-                changed |= self._fold(run)
-        while self._done:
-            i, row = self._done.pop(0)
-            run = self.runs[i]
-            self._fold(run)
-            run.row = row
-            run.engine = None  # keep the numbers, not the model
-            self._set_row(run)
+    def tick(self, run: Run | None = None) -> None:
+        cur = self._current
+        if cur is None or cur.run is None:
+            return
+        changed = self._fold(cur)
+        member_run = cur.run
+        if member_run.done.is_set():
+            self._member_ended(cur)
             changed = True
+        elif member_run.state == RunState.RUNNING or member_run.step:
+            self.progress_label.setText(
+                f"run {cur.index + 1} of {len(self.runs)}: lr {fmt(cur.lr)} — step {member_run.step:,}"
+                + (f" / {member_run.total_steps:,}" if member_run.total_steps else ""))
         if changed:
             self._redraw()
-        w = self._worker
-        if w is not None:
-            cur = self._current
-            if cur is not None and cur.state in ("preparing", "running"):
-                i = next((r.index for r in self.runs if r.engine is cur), None)
-                if i is not None:
-                    self.progress_label.setText(f"run {i + 1} of {len(self.runs)}: lr {fmt(self.runs[i].lr)} "
-                                                f"— step {cur.step:,}" + (f" / {cur.total_steps:,}"
-                                                                          if cur.total_steps else ""))
-            if w.done:
-                self._worker = None
-                self._current = None
-                w.join()
-                self._finished(w)
 
-    def _fold(self, run: _Run) -> bool:
-        buf = run.engine.buffer if run.engine is not None else None
+    def _member_ended(self, member: _Member) -> None:
+        run = member.run
+        assert run is not None
+        self._fold(member)
+        out = outcome(member.lr, run)
+        member.outcome, member.row = out, out.row
+        member.steps, member.smooth = out.steps.astype(np.float64), out.smooth  # the row's own numbers
+        if self._target_asked is not None:
+            with_target([out], self._target_asked)
+        self._set_row(member)
+        member.run = None  # keep the numbers, not the connection
+        if str(run.state) == RunState.FAILED and not run.step and run.error:
+            # the script or a setting is wrong: every rate would fail the same way (as `lrviz sweep`)
+            self.errors.show_error(f"the sweep stopped: {run.error}")
+            self._waiting = []
+        self._start_next()
+
+    def _fold(self, member: _Member) -> bool:
+        """Take the member's new steps (smoothed incrementally, as drawn live)."""
+        buf = member.run.buffer if member.run is not None else None
         if buf is None:
             return False
         n = len(buf)
-        if n == run.rows:
+        if n == member.rows:
             return False
-        v = buf.view(0, n)
-        run.steps = np.array(v["step"], dtype=np.float64)
-        run.smooth = smoothed(np.array(v["loss"], dtype=np.float64), SMOOTH_BETA)
-        run.rows = n
+        v = buf.view(member.rows, n)
+        member.steps = np.concatenate((member.steps, np.asarray(v["step"], dtype=np.float64)))
+        member.smooth = np.concatenate((member.smooth, member.smoother.extend(np.asarray(v["loss"], np.float64))))
+        member.rows = n
         return True
 
-    def _finished(self, worker: Worker) -> None:
-        if worker.error is not None:
-            self.errors.show_error(f"the sweep failed: {worker.error}")
-            self.progress_label.setText("")
-        else:
-            rows: list[SweepRow] = worker.result or []
-            self.rows = rows
-            for run, row in zip(self.runs, rows):
-                run.row = row
-                self._set_row(run)
-            self.target = rows[0].target_loss if rows else None
-            stopped = " (stopped)" if worker.cancelled else ""
-            ok = [r for r in rows if not r.diverged and r.state != "failed"]
-            fastest = min((r for r in ok if r.steps_to_target is not None), key=lambda r: r.steps_to_target,
-                          default=None)
-            text = f"{len(rows)} of {len(self.runs)} runs done{stopped}."
-            if fastest is not None:
-                text += f" Fastest to the target: lr {fmt(fastest.lr)} ({fastest.steps_to_target:,} steps)."
-            bad = [r for r in rows if r.diverged]
-            if bad:
-                text += " Diverged: " + ", ".join(f"lr {fmt(r.lr)}" for r in bad) + "."
-            self.progress_label.setText(text)
-            self.lab.status(f"sweep: {text}")
-            self._draw_target()
+    def _finished(self) -> None:
+        outcomes = [r.outcome for r in self.runs if r.outcome is not None]
+        rows = with_target(outcomes, self._target_asked) if outcomes else []
+        self.rows = rows
+        for member in self.runs:
+            if member.row is not None:
+                self._set_row(member)
+        self.target = rows[0].target_loss if rows else None
+        stopped = " (stopped)" if self._stopping else ""
+        ok = [r for r in rows if not r.diverged and r.state != RunState.FAILED]
+        fastest = min((r for r in ok if r.steps_to_target is not None), key=lambda r: r.steps_to_target,
+                      default=None)
+        text = f"{len(rows)} of {len(self.runs)} runs done{stopped}."
+        if fastest is not None:
+            text += f" Fastest to the target: lr {fmt(fastest.lr)} ({fastest.steps_to_target:,} steps)."
+        bad = [r for r in rows if r.diverged]
+        if bad:
+            text += " Diverged: " + ", ".join(f"lr {fmt(r.lr)}" for r in bad) + "."
+        self.progress_label.setText(text)
+        self.lab.status(f"sweep: {text}")
+        self._draw_target()
         self._redraw()
         self._update_buttons()
         self.lab.refresh_runs()
@@ -370,8 +380,7 @@ class SweepPanel(QWidget):
         self.runs = []
         self.rows = []
         self.target = None
-        self._live.clear()
-        self._done.clear()
+        self._waiting = []
         self.table.setRowCount(0)
         self.target_label.setText("")
         p.enableAutoRange()
@@ -458,13 +467,13 @@ class SweepPanel(QWidget):
         self.target_label.setText(f"Target loss {fmt(t, 4)}: steps to target = the first step whose smoothed "
                                   "loss reached it (fewer is faster).")
 
-    def _set_row(self, run: _Run) -> None:
+    def _set_row(self, run: _Member) -> None:
         row = run.row
         if row is None:
             return
         if self.table.rowCount() <= run.index:
             self.table.setRowCount(run.index + 1)
-        cells = [fmt(row.lr), row.state, fmt(row.final_loss), fmt(row.best_loss),
+        cells = [fmt(row.lr), str(row.state), fmt(row.final_loss), fmt(row.best_loss),
                  fmt(row.final_val_loss), fmt(row.best_val_loss),
                  "—" if row.steps_to_target is None else f"{row.steps_to_target:,}",
                  "yes" if row.diverged else "no"]

@@ -1,6 +1,7 @@
-"""The lab's numbers in the real window: the range-test plot shows the fall of the loss, the
-suggestions are confirmed by training (on a fresh model and on a paused run, restored exactly), and
-the diagnostics key of a 12-layer model never covers its plots."""
+"""The lab's numbers: the range-test plot shows the fall of the loss, the suggestions are confirmed
+by training (on a fresh model and on a paused run, restored exactly; see also ``test_lab.py``), and
+the diagnostics key of a 12-layer model never covers its plots. The panels sit in ``LabHost`` (the
+window's seam) on in-process runs."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from lab_host import host_fixture  # noqa: F401  (the ``host`` fixture)
 from lrviz.ui.lab_range_test import CHOICES, CONFIRM_MODES
-from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextDocument
 
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def click(qtbot, widget) -> None:
     qtbot.mouseClick(widget, Qt.MouseButton.LeftButton)
-
-
-def load(qtbot, window: MainWindow, name: str) -> None:
-    with qtbot.waitSignal(window.scriptLoaded, timeout=30000) as blocker:
-        window.load_script(name)
-    assert blocker.args[0], window.messages
 
 
 def confirm_mode(panel, value) -> None:
@@ -41,12 +35,12 @@ def run_test(qtbot, panel) -> None:
 
 
 # ---- the range test plot -----------------------------------------------------------------------------
-def test_the_range_test_plot_shows_the_fall_of_the_loss_not_the_blow_up(qtbot, window):
+def test_the_range_test_plot_shows_the_fall_of_the_loss_not_the_blow_up(qtbot, host):
     # Before: the y-axis reached the stop threshold (4x the best smoothed loss, 1.8 here), and the
     # fall of the loss from 0.7 to 0.4 took a sixth of the height.
-    load(qtbot, window, "regression")
-    window.lab.show_panel("Range test")
-    panel = window.lab.range_test
+    host.load("regression")
+    host.lab.show_panel("Range test")
+    panel = host.lab.range_test
     confirm_mode(panel, False)
     run_test(qtbot, panel)
     r = panel.result
@@ -66,17 +60,17 @@ def test_the_range_test_plot_shows_the_fall_of_the_loss_not_the_blow_up(qtbot, w
 
 
 # ---- confirmation --------------------------------------------------------------------------------------
-def test_confirm_button_trains_the_candidates_and_chooses_the_winner(qtbot, window):
-    load(qtbot, window, "regression")
-    panel = window.lab.range_test
-    confirm_mode(panel, None)  # the default: only when cheaper than the test; this one stops at 84 steps
+def test_confirm_button_trains_the_candidates_and_chooses_the_winner(qtbot, host):
+    host.load("regression")
+    panel = host.lab.range_test
+    confirm_mode(panel, None)  # the default: only when cheaper than the test; this one stops early
     run_test(qtbot, panel)
     r = panel.result
     assert r.confirmation is None and "not confirmed:" in panel.confirm_label.text()
     assert panel.suggestions.chosen == "valley"
     assert not panel.method.model().item(CHOICES.index("confirmed")).isEnabled()
-    click(qtbot, panel.confirm_button)
-    assert panel.busy() and "confirming" in panel.confirm_label.text()
+    click(qtbot, panel.confirm_button)  # on a fresh model again: a run of the panel's own
+    assert panel.busy() and "confirming" in panel.confirm_label.text() and panel.own is not None
     qtbot.waitUntil(lambda: not panel.busy(), timeout=60000)
     c = r.confirmation
     assert c is not None and c.winner is not None, panel.errors.text()
@@ -90,57 +84,21 @@ def test_confirm_button_trains_the_candidates_and_chooses_the_winner(qtbot, wind
     assert c.steps == 20 and {t.lr for t in c.trials} >= {v for v in s.values().values() if v is not None}
     expected = float(f"{c.winner.lr:.3g}")
     click(qtbot, panel.use_button)
-    assert window.controls.lr.value() == pytest.approx(expected)
+    assert host.controls.lr.value() == pytest.approx(expected)
     # another method can still be chosen by hand
     panel.method.setCurrentIndex(CHOICES.index("valley"))
     assert panel.suggestions.chosen == "valley" and panel.chosen_lr() == s.valley
 
 
-def test_confirmation_on_a_paused_run_restores_the_weights_exactly(qtbot, window):
-    load(qtbot, window, "regression")
-    window.controls.length_kind.setCurrentText("steps")
-    window.controls.length.setValue(3000)
-    click(qtbot, window.toolbar.widgetForAction(window.act_start))
-    eng = window.engine
-    # early, so that the range test's curve still falls from these weights (after a few hundred
-    # steps it may not, and then there is nothing to confirm)
-    qtbot.waitUntil(lambda: eng.step >= 5, timeout=20000)
-    click(qtbot, window.toolbar.widgetForAction(window.act_pause))
-    qtbot.waitUntil(lambda: eng.state == "paused", timeout=10000)
-    before = {k: v.clone() for k, v in eng.model.state_dict().items()}
-    opt_before = {k: v.clone() for k, v in eng.optimizer.state_dict()["state"][0].items()}
-    step = eng.step
-    panel = window.lab.range_test
-    confirm_mode(panel, True)
-    run_test(qtbot, panel)
-    assert panel.result.suggestions.reason is None, (eng.step, panel.result.suggestions.reason)
-    first = panel.result.confirmation
-    assert first is not None
-    assert (panel.suggestions.chosen == "confirmed") == (first.winner is not None)
-    click(qtbot, panel.confirm_button)  # once more, on its own
-    qtbot.waitUntil(lambda: not panel.busy(), timeout=60000)
-    assert eng.step == step and eng.state == "paused"
-    for k, v in eng.model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    for k, v in eng.optimizer.state_dict()["state"][0].items():
-        assert torch.equal(v, opt_before[k]), k
-    tests = [e.data for e in eng.events if e.kind == "range_test"]
-    assert len(tests) == 2 and tests[1]["method"] == "confirmed"
-    assert tests[1]["suggestion"] == panel.suggestions.confirmed
-    assert tests[1]["reason"] in html.unescape(panel.confirm_label.text())
-    window.stop_run()
-    qtbot.waitUntil(lambda: window._end_handled, timeout=30000)
-
-
 # ---- diagnostics ----------------------------------------------------------------------------------------
-def test_the_diagnostics_key_of_a_12_layer_model_never_covers_its_plots(qtbot, window):
+def test_the_diagnostics_key_of_a_12_layer_model_never_covers_its_plots(qtbot, host):
     # Before: the key (12 long names, one run-on label) and the plots were squeezed into the dock
     # and drawn over one another.
-    load(qtbot, window, str(SCRIPTS / "gpt_names.py"))
-    lab = window.lab
+    host.load(SCRIPTS / "gpt_names.py")
+    lab = host.lab
     lab.show_panel("Diagnostics")
-    click(qtbot, window.toolbar.widgetForAction(window.act_start))
-    qtbot.waitUntil(lambda: window.engine is not None and window._end_handled, timeout=60000)
+    run = host.start()
+    qtbot.waitUntil(run.done.is_set, timeout=60000)
     panel = lab.diagnostics
     qtbot.waitUntil(lambda: len(panel._layer_curves) == 12, timeout=10000)
     qtbot.wait(300)  # layouts settle
