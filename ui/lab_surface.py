@@ -252,7 +252,8 @@ class SurfacePanel(LabPanel):
             surface = surface_for(info, run)
         else:  # no run, or the last one was of another script: the script loaded now, its knobs as set
             run = None
-            surface = surface_for(info, params=self.lab.script_params()) if info is not None else None
+            surface = (surface_for(info, params=self.lab.script_params())
+                       if info is not None and info.surfaces else None)
         key = (str(info.path) if info is not None else None, surface.get("name") if surface is not None else None)
         return key, surface, run
 
