@@ -712,7 +712,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     """Send each steering flag to a live run, in order; print what each was answered."""
     from .interventions import check
     from .live.run import CommandRejected, NotLive
-    from .live.steer import connect_to
+    from .live.steer import ack_phrase, command_words, connect_to
 
     actions = list(args.actions or [])
     if args.lr_factor is not None:
@@ -733,7 +733,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     refused = 0
     try:
         for kind, data in actions:
-            what = _steer_words(kind, data)
+            what = command_words(kind, data)
             try:
                 ack = client.command(kind, data).result(timeout)
             except CommandRejected as exc:
@@ -747,29 +747,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
             except NotLive as exc:
                 print(f"{what}: {exc}")
                 return 1
-            extra = ""
-            if kind == "rollback":
-                d = ack.get("data") or {}
-                extra = f" (restored the checkpoint of step {d.get('to_step')}, lr {d.get('lr', float('nan')):.3g})"
-            elif kind == "checkpoint":
-                extra = f" ({(ack.get('data') or {}).get('path')})"
-            verb = {"pause": "paused before step", "stop": "stops before step", "resume": "resumes at step",
-                    "step_once": "runs step"}.get(kind, "from step")
-            print(f"{what}: accepted: {verb} {ack['step']}{extra}")
+            print(f"{what}: accepted: {ack_phrase(kind, ack)}")
     finally:
         client.close()
     print(f"({label})", file=sys.stderr)
     return 1 if refused else 0
-
-
-def _steer_words(kind: str, data: dict[str, Any]) -> str:
-    if kind == "set_lr":
-        return f"lr {data['lr']}"
-    if kind == "set_schedule":
-        return f"schedule {data['spec']}"
-    if kind == "set_hyperparams":
-        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data.items())
-    return kind.replace("_", " ")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

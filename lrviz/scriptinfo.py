@@ -22,6 +22,8 @@ class ScriptInfo:
     accepts_batch_size: bool = False
     has_custom_optimizer: bool = False
     has_probe: bool = False
+    #: The default of ``build_data(batch_size=...)`` (None: it takes none, or has no whole-number default).
+    batch_size_default: int | None = None
     param_choices: dict[str, list[Any]] = field(default_factory=dict)
     surfaces: dict[str, Any] = field(default_factory=dict)
 
@@ -32,6 +34,7 @@ class ScriptInfo:
                    params=dict(d.get("params") or {}), doc=str(d.get("doc") or ""),
                    accepts_batch_size=bool(d.get("accepts_batch_size")),
                    has_custom_optimizer=bool(d.get("has_custom_optimizer")), has_probe=bool(d.get("has_probe")),
+                   batch_size_default=_int_or_none(d.get("batch_size_default")),
                    param_choices=dict(d.get("param_choices") or {}), surfaces=dict(d.get("surfaces") or {}))
 
     def surface(self, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -44,3 +47,7 @@ class ScriptInfo:
         if name in by_name:
             return by_name[name]
         return by_name.get(self.surfaces.get("default")) or next(iter(by_name.values()))
+
+
+def _int_or_none(v: Any) -> int | None:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None

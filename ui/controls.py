@@ -1,6 +1,6 @@
 """The control panel: learning rate, schedule, optimizer and its hyperparameters, run settings,
 and the script's own knobs (PARAMS). It only holds values and says what the user asked for; the
-main window talks to the engine."""
+window's run control sends it to the run."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from PySide6.QtWidgets import (
 from lrviz.config import OPTIMIZER_NAMES, RunConfig
 from lrviz.errors import ConfigError
 
-from . import _compat  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
 from .schedule_editor import ScheduleEditor
 from .widgets import (
     ErrorLabel,
@@ -37,7 +36,7 @@ from .widgets import (
 )
 
 if TYPE_CHECKING:
-    from lrviz.experiment import Experiment
+    from lrviz.scriptinfo import ScriptInfo
 
 
 def _param_parser(default: Any, name: str):  # noqa: ANN202 - returns a parser
@@ -64,11 +63,9 @@ def _param_parser(default: Any, name: str):  # noqa: ANN202 - returns a parser
     return parse
 
 
-def _param_choices(exp: Experiment) -> dict[str, tuple]:
+def _param_choices(info: ScriptInfo) -> dict[str, tuple]:
     """The script's ``PARAM_CHOICES`` (knob name -> allowed values), those that are well formed."""
-    raw = getattr(exp.module, "PARAM_CHOICES", None)
-    if not isinstance(raw, dict):
-        return {}
+    raw = info.param_choices
     return {k: tuple(v) for k, v in raw.items() if isinstance(k, str) and isinstance(v, (list, tuple)) and v}
 
 
@@ -214,6 +211,7 @@ class ControlPanel(QScrollArea):
         self.setMinimumWidth(max(310, body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 6))
 
         self._custom_optimizer = False
+        self._batch_size_settable = True
         self._running = False
         self.lr.lrCommitted.connect(self.lrCommitted)
         self.schedule.applyRequested.connect(self.scheduleApplied)
@@ -230,7 +228,7 @@ class ControlPanel(QScrollArea):
         if current in devices:
             self.device.setCurrentText(current)
 
-    def set_experiment(self, exp: Experiment) -> None:
+    def set_script(self, exp: ScriptInfo) -> None:
         """Fill the controls from the script's DEFAULTS and build the PARAMS form."""
         cfg = RunConfig(**exp.defaults)
         self.lr.set_value(float(cfg.lr))
@@ -260,10 +258,11 @@ class ControlPanel(QScrollArea):
         self.config_errors.show_error(None)
         self._update_enabled()
 
-    def _set_batch_size_field(self, exp: Experiment, default: int | None) -> None:
+    def _set_batch_size_field(self, exp: ScriptInfo, default: int | None) -> None:
         """The batch size lrviz passes to ``build_data``; a script whose ``build_data`` takes none
         batches its data itself, and the field says so instead of showing a number nobody uses."""
         field = self.batch_size
+        self._batch_size_settable = exp.accepts_batch_size
         if not exp.accepts_batch_size:
             field.setRange(0, 0)
             field.setSpecialValueText("set by the script")
@@ -272,11 +271,7 @@ class ControlPanel(QScrollArea):
             field.setToolTip("this script's build_data() takes no batch_size: it batches its data itself")
             return
         if default is None:
-            import inspect
-
-            param = inspect.signature(exp.module.build_data).parameters.get("batch_size")
-            if param is not None and isinstance(param.default, int):
-                default = param.default
+            default = exp.batch_size_default
         field.setSpecialValueText("")
         field.setRange(1, 1_000_000)
         field.setValue(int(default or 32))  # build_data(batch_size) without a default: lrviz passes 32
@@ -315,7 +310,7 @@ class ControlPanel(QScrollArea):
         self._running = running
         for w in (self.device, self.length, self.length_kind, self.seed, self.eval_every, self.params_group):
             w.setEnabled(not running)
-        self.batch_size.setEnabled(not running and self.batch_size.toolTip() == "")
+        self.batch_size.setEnabled(not running and self._batch_size_settable)
         self._update_enabled()
 
     def _update_enabled(self, *_: object) -> None:
@@ -366,7 +361,7 @@ class ControlPanel(QScrollArea):
         fields += [w for w, _ in self.param_fields.values() if isinstance(w, ValidatedLineEdit)]
         return [f for f in fields if f.isEnabled() and not f.is_valid()]
 
-    def config(self, exp: Experiment, schedule: str | None = None) -> RunConfig:
+    def config(self, exp: ScriptInfo, schedule: str | None = None) -> RunConfig:
         """The run configuration: the script's DEFAULTS overridden by the controls (checked), with
         ``schedule`` (the one applied before the start; None for none).
 

@@ -23,10 +23,7 @@ from PySide6.QtWidgets import QGraphicsItem, QLabel, QSizePolicy, QVBoxLayout, Q
 
 from lrviz.export import FigureSpec, Marker, event_markers, smoothing_label
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
+from . import theme
 from .axes import PANEL_TITLES, StepAxis, panel_axis
 from .ribbon import EventRibbon
 from .trace import RunTrace
@@ -190,9 +187,10 @@ class TrainingPlots(QWidget):
         self._auto_y = {name: True for name in self.PLOTS}
         self._x_target: tuple[float, float] | None = None
         self._y_target: dict[str, tuple[float, float]] = {}
-        #: At most this fraction of the GUI thread goes to redrawing (the rest of the time, and the
-        #: GIL, stay with training): the frame rate drops when a frame is expensive.
-        self.frame_budget = 0.06
+        #: At most this fraction of the GUI thread goes to redrawing (training runs in its own process;
+        #: the rest is for the mouse, the live connection's reader and the lab): the frame rate drops
+        #: below the timer's 30 a second only when a frame is expensive.
+        self.frame_budget = 0.5
         self._frame_cost = 0.0
         self._last_frame = 0.0
         self.last_refresh_s = 0.0
@@ -426,13 +424,6 @@ class TrainingPlots(QWidget):
         self._follow = False
         if plot in self._auto_y:
             self._auto_y[plot] = False
-        self._dirty = True
-
-    @property
-    def following(self) -> bool:
-        return self._follow
-
-    def mark_dirty(self) -> None:
         self._dirty = True
 
     # ---- redraw ----------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""The run browser: a sortable table of every run in the store, to open, overlay, rename and delete.
+"""The run browser: a sortable table of every run in the store, to open, watch, overlay, rename and delete.
 
 ``RunBrowser(store)`` lists ``store.list_runs()``: id, name, script, status, steps, best and final
 loss, start time (local) and duration. Runs a crash left behind show as *interrupted* (warning icon,
 explanation in the tooltip). The main window connects :attr:`RunBrowser.openRequested` (one run id:
 double-click, Return or Open) and :attr:`RunBrowser.overlayRequested` (a list of ids: Overlay, two
 or more selected), and calls :meth:`RunBrowser.refresh` when a run ends.
+
+Runs served live now (any ``lrviz run`` on the same store, or a run of this app) say so in their
+status (``running · live``); Watch (or double-click on one) emits :attr:`RunBrowser.watchRequested`.
 
 Rename edits the name in place (F2, or the Rename button) and stores it with ``store.rename_run``;
 Delete asks for confirmation naming the runs, then calls ``store.delete_run``. A run still running
@@ -50,6 +53,8 @@ from PySide6.QtWidgets import (
 )
 
 from lrviz.errors import LrvizError
+from lrviz.live.connection import live_runs
+from lrviz.states import LIVE_STATES
 
 from .widgets import ElidedLabel
 
@@ -61,7 +66,7 @@ COLUMNS = ("#", "Name", "Script", "Status", "Steps", "Best loss", "Final loss", 
 COL_ID, COL_NAME, COL_SCRIPT, COL_STATUS, COL_STEPS, COL_BEST, COL_FINAL, COL_STARTED, COL_DURATION = range(9)
 #: Role giving the run id of a row (any column).
 RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 1
-ACTIVE_STATUSES = ("running", "paused")
+ACTIVE_STATUSES = tuple(str(s) for s in LIVE_STATES)
 _STATUS_TIPS = {
     "created": "Created, not started yet.",
     "running": "Training now (in this window or another lrviz process).",
@@ -141,14 +146,16 @@ class RunTableModel(QAbstractTableModel):
     def __init__(self, parent: Any = None):
         super().__init__(parent)
         self._runs: list[Any] = []
+        self.live: set[int] = set()
         self.rename_handler: Callable[[int, str], bool] | None = None
 
     # ---- contents ----
 
-    def set_runs(self, runs: Sequence[Any]) -> None:
-        """Replace every row."""
+    def set_runs(self, runs: Sequence[Any], live: Iterable[int] = ()) -> None:
+        """Replace every row; ``live``: the ids of the runs served live now."""
         self.beginResetModel()
         self._runs = list(runs)
+        self.live = set(live)
         self.endResetModel()
 
     def runs(self) -> list[Any]:
@@ -222,9 +229,13 @@ class RunTableModel(QAbstractTableModel):
         if role == RUN_ID_ROLE:
             return info.id
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
-            return self._text(info, col, role)
+            text = self._text(info, col, role)
+            return f"{text} · live" if col == COL_STATUS and info.id in self.live else text
         if role == Qt.ItemDataRole.ToolTipRole:
-            return self._tooltip(info, col)
+            tip = self._tooltip(info, col)
+            if col == COL_STATUS and info.id in self.live:
+                tip = f"{tip}\n\nServed live now: Watch (or double-click) follows it and steers it."
+            return tip
         if role == Qt.ItemDataRole.TextAlignmentRole:
             if col in (COL_ID, COL_STEPS, COL_BEST, COL_FINAL, COL_DURATION):
                 return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -350,6 +361,7 @@ class RunBrowser(QWidget):
 
     openRequested = Signal(int)
     overlayRequested = Signal(list)
+    watchRequested = Signal(int)
 
     def __init__(self, store: Any, parent: QWidget | None = None):
         super().__init__(parent)
@@ -384,6 +396,8 @@ class RunBrowser(QWidget):
         self.filter_edit.setClearButtonEnabled(True)
 
         self.open_action = self._action("&Open", "Show the selected run in the plots (double-click, Return)")
+        self.watch_action = self._action("&Watch", "Follow the selected live run as it trains, and steer it "
+                                         "(double-click)")
         self.overlay_action = self._action("O&verlay", "Draw the selected runs (two or more) together")
         self.rename_action = self._action("&Rename", "Rename the selected run", QKeySequence(Qt.Key.Key_F2))
         self.delete_action = self._action("&Delete…", "Delete the selected runs from the store",
@@ -391,6 +405,8 @@ class RunBrowser(QWidget):
         self.refresh_action = self._action("Re&fresh", "Read the run list again", QKeySequence(QKeySequence.StandardKey.Refresh))
 
         self.open_button = self._button(self.open_action)
+        self.watch_button = self._button(self.watch_action)
+        self.watch_button.setObjectName("watchButton")
         self.overlay_button = self._button(self.overlay_action)
         self.rename_button = self._button(self.rename_action)
         self.delete_button = self._button(self.delete_action)
@@ -405,7 +421,7 @@ class RunBrowser(QWidget):
         top.addWidget(self.filter_edit, 1)
         top.addWidget(self.refresh_button)
         buttons = QHBoxLayout()
-        for b in (self.open_button, self.overlay_button, self.rename_button, self.delete_button):
+        for b in (self.open_button, self.watch_button, self.overlay_button, self.rename_button, self.delete_button):
             buttons.addWidget(b)
         buttons.addWidget(self.count_label, 1)  # takes the room left, text at its right end
         layout = QVBoxLayout(self)
@@ -415,6 +431,7 @@ class RunBrowser(QWidget):
         layout.addLayout(buttons)
 
         self.open_action.triggered.connect(self._on_open)
+        self.watch_action.triggered.connect(self._on_watch)
         self.overlay_action.triggered.connect(self._on_overlay)
         self.rename_action.triggered.connect(self._on_rename)
         self.delete_action.triggered.connect(self._on_delete)
@@ -434,11 +451,6 @@ class RunBrowser(QWidget):
     def store(self) -> Any:
         return self._store
 
-    def set_store(self, store: Any) -> None:
-        """Show the runs of another store."""
-        self._store = store
-        self.refresh()
-
     def refresh(self) -> None:
         """Read the run list again (marking runs whose process died as interrupted), keeping the
         selection and the sort order."""
@@ -456,7 +468,14 @@ class RunBrowser(QWidget):
             except LrvizError as exc:
                 self._error("Cannot list the runs", exc)
                 runs = []
-        self.model.set_runs(runs)
+        live: set[int] = set()
+        path = getattr(self._store, "path", None)
+        if path is not None:
+            try:
+                live = set(live_runs(path))
+            except OSError as exc:
+                log.warning("cannot look for live runs: %s", exc)
+        self.model.set_runs(runs, live)
         self.proxy.sort(self.proxy.sortColumn(), self.proxy.sortOrder())
         self._fit_columns()
         self.select_runs(selected)
@@ -562,8 +581,10 @@ class RunBrowser(QWidget):
         return button
 
     def _update_actions(self, *_: Any) -> None:
-        n = len(self.selected_run_ids())
+        ids = self.selected_run_ids()
+        n = len(ids)
         self.open_action.setEnabled(n == 1)
+        self.watch_action.setEnabled(n == 1 and ids[0] in self.model.live)
         self.overlay_action.setEnabled(n >= 2)
         self.rename_action.setEnabled(n == 1)
         self.delete_action.setEnabled(n >= 1)
@@ -583,7 +604,13 @@ class RunBrowser(QWidget):
 
     def _on_double_click(self, index: QModelIndex) -> None:
         if index.isValid():
-            self.openRequested.emit(int(index.data(RUN_ID_ROLE)))
+            run_id = int(index.data(RUN_ID_ROLE))
+            (self.watchRequested if run_id in self.model.live else self.openRequested).emit(run_id)
+
+    def _on_watch(self) -> None:
+        ids = self.selected_run_ids()
+        if len(ids) == 1 and ids[0] in self.model.live:
+            self.watchRequested.emit(ids[0])
 
     def _on_overlay(self) -> None:
         ids = self.selected_run_ids()
@@ -612,7 +639,8 @@ class RunBrowser(QWidget):
 
     def _on_context_menu(self, pos: Any) -> None:
         menu = QMenu(self)
-        for action in (self.open_action, self.overlay_action, self.rename_action, self.delete_action):
+        for action in (self.open_action, self.watch_action, self.overlay_action, self.rename_action,
+                       self.delete_action):
             menu.addAction(action)
         menu.addSeparator()
         menu.addAction(self.refresh_action)

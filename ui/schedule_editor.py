@@ -26,10 +26,7 @@ from PySide6.QtWidgets import (
 from lrviz.errors import ConfigError, LrvizError
 from lrviz.schedules import SCHEDULES, ArgInfo, ScheduleSpec, parse_schedule
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
+from . import theme
 from .axes import StepAxis, ValueAxis
 from .widgets import ErrorLabel, ValidatedLineEdit, breakable, format_number
 

@@ -24,10 +24,7 @@ from lrviz.config import parse_lr
 from lrviz.errors import ConfigError, LrvizError
 from lrviz.export import format_number  # noqa: F401  (the UI formats numbers as the core does)
 
-from . import (
-    _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
-    theme,
-)
+from . import theme
 
 
 def breakable(text: str) -> str:

@@ -4,6 +4,7 @@ connection file."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,30 @@ def connect_to(ref: str, *, store_path: str | None = None, token: str | None = N
     """A connected client of the live run ``ref`` (see :func:`resolve`)."""
     info, label = resolve(ref, store_path=store_path, token=token)
     return LiveClient(info, name=name, subscribe=subscribe, **kwargs).connect(), label
+
+
+def command_words(kind: str, data: dict[str, Any], number: Callable[[Any], str] = str) -> str:
+    """A command in words: ``lr 0.01``, ``schedule StepLR:step_size=10``, ``momentum 0.9``, ``pause``."""
+    kind = str(kind)
+    if kind == "set_lr":
+        return f"lr {number(data['lr'])}"
+    if kind == "set_schedule":
+        return f"schedule {data.get('spec') or 'none'}"
+    if kind == "set_hyperparams":
+        return ", ".join(f"{k.replace('_', ' ')} {number(v)}" for k, v in data.items() if v is not None)
+    return kind.replace("_", " ")
+
+
+def ack_phrase(kind: str, ack: dict[str, Any], number: Callable[[Any], str] = lambda v: f"{v:.3g}") -> str:
+    """What an accepted command's ack says: ``from step 1234``, ``paused before step 12``, a roll-back's
+    restored checkpoint (``from step 90 (restored the checkpoint of step 80, lr 0.005)``)."""
+    kind = str(kind)
+    verb = {"pause": "paused before step", "stop": "stops before step", "resume": "resumes at step",
+            "step_once": "runs step"}.get(kind, "from step")
+    d = ack.get("data") or {}
+    extra = ""
+    if kind == "rollback":
+        extra = f" (restored the checkpoint of step {d.get('to_step')}, lr {number(d.get('lr', float('nan')))})"
+    elif kind == "checkpoint":
+        extra = f" ({d.get('path')})"
+    return f"{verb} {ack.get('step')}{extra}"

@@ -119,10 +119,23 @@ def describe_experiment(exp: Any) -> dict[str, Any]:
         "accepts_batch_size": bool(exp.accepts_batch_size),
         "has_custom_optimizer": bool(exp.has_custom_optimizer),
         "has_probe": callable(getattr(mod, "probe", None)),
+        "batch_size_default": _batch_size_default(mod) if exp.accepts_batch_size else None,
         "param_choices": {str(k): list(v) for k, v in choices.items()
                           if isinstance(v, (list, tuple)) and v} if isinstance(choices, dict) else {},
         "surfaces": surfaces_of(mod),
     }
+
+
+def _batch_size_default(mod: Any) -> int | None:
+    """The default of ``build_data(batch_size=...)`` when it is a whole number (what the app shows)."""
+    import inspect as _inspect
+
+    try:
+        param = _inspect.signature(mod.build_data).parameters.get("batch_size")
+    except (TypeError, ValueError):
+        return None
+    default = getattr(param, "default", None)
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
 
 
 def surfaces_of(mod: Any) -> dict[str, Any]:

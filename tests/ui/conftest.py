@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,7 @@ pytest.importorskip("pyqtgraph")
 
 from lrviz.ui.main_window import MainWindow  # noqa: E402
 from PySide6.QtWidgets import QFileDialog, QMessageBox  # noqa: E402
+from window_driving import CHILD_ENV, WAIT_MS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -92,10 +94,24 @@ def shown(monkeypatch: pytest.MonkeyPatch) -> list[QMessageBox]:
     return boxes
 
 
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory: pytest.TempPathFactory):
+    """The app's worker pool, shared by the tests (one warm worker waits; each run gets its own)."""
+    from lrviz.live.child import WorkerPool
+
+    p = WorkerPool(log_dir=tmp_path_factory.mktemp("worker-logs"), env=CHILD_ENV)
+    p.warm()
+    yield p
+    p.close()
+    spare = p._spare
+    if spare is not None:
+        spare.signal(signal.SIGKILL)
+
+
 @pytest.fixture
-def window(qtbot, tmp_path: Path, shown):
-    """The main window on a run store in tmp_path, shown; its run is stopped at the end."""
-    w = MainWindow(store_path=str(tmp_path / "store"))
+def window(qtbot, tmp_path: Path, shown, pool):
+    """The main window on a run store in tmp_path, shown; the runs it started are stopped at the end."""
+    w = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
     qtbot.addWidget(w)
     w.show()
     qtbot.waitExposed(w)
@@ -111,7 +127,7 @@ def open_script(qtbot, window: MainWindow, monkeypatch: pytest.MonkeyPatch):
     def open_(path: Path, ok: bool = True) -> None:
         monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(path), "")))
         button = window.toolbar.widgetForAction(window.act_open)
-        with qtbot.waitSignal(window.scriptLoaded, timeout=30000) as blocker:
+        with qtbot.waitSignal(window.scriptLoaded, timeout=WAIT_MS) as blocker:
             qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
         loaded = blocker.args[0]
         if ok:

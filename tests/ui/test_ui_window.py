@@ -1,39 +1,33 @@
-"""The main window driven as a person would: open, start, pause, steer, resume, compare, close."""
+"""The main window driven as a person would: open, start, pause, steer, resume, compare, close.
+
+Every run trains in a worker process of the app's pool (the ``pool`` fixture, shared); the tests
+wait on what the window shows (answers, states, steps), never on the clock.
+"""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
+from window_driving import (
+    WAIT_MS,
+    acked_step,
+    button,
+    click,
+    type_into,
+    wait_answer,
+    wait_ended,
+    wait_steps,
+)
 
+from lrviz.states import RunState
 from lrviz.store import RunStore
 
-
-def click(qtbot, widget) -> None:
-    qtbot.mouseClick(widget, Qt.MouseButton.LeftButton)
-
-
-def button(window: MainWindow, action) -> object:
-    return window.toolbar.widgetForAction(action)
-
-
-def type_into(qtbot, field, text: str, enter: bool = False) -> None:
-    field.setFocus()
-    field.selectAll()
-    qtbot.keyClick(field, Qt.Key.Key_Backspace)
-    qtbot.keyClicks(field, text)
-    if enter:
-        qtbot.keyClick(field, Qt.Key.Key_Return)
-
-
-def wait_ended(qtbot, window: MainWindow, timeout: int = 30000) -> None:
-    qtbot.waitUntil(lambda: window.engine is not None and window._end_handled, timeout=timeout)
+pytestmark = pytest.mark.slow
 
 
 def store_of(window: MainWindow) -> RunStore:
@@ -41,28 +35,30 @@ def store_of(window: MainWindow) -> RunStore:
     return window.store
 
 
-def test_steer_a_run_and_the_store_records_each_change(qtbot, window, make_script, open_script):
+def test_steer_a_run_and_the_store_records_each_change_at_the_acked_step(qtbot, window, make_script, open_script):
     path = make_script("steer.py", steps=400, delay=0.003)
     open_script(path)
     assert window.windowTitle().startswith("steer")
     assert "What to try" in window.notes.toPlainText()
 
     click(qtbot, button(window, window.act_start))
-    eng = window.engine
-    assert eng is not None
-    qtbot.waitUntil(lambda: eng.step >= 5, timeout=20000)
+    run = window.run
+    assert run is not None and run in window.runs.started
+    wait_steps(qtbot, window, 5)
     click(qtbot, button(window, window.act_pause))
-    qtbot.waitUntil(lambda: eng.state == "paused", timeout=10000)
-    assert button(window, window.act_pause).text() == "Resume" or window.act_pause.text() == "Resume"
+    qtbot.waitUntil(lambda: run.state == RunState.PAUSED, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.act_pause.text() == "Resume")
+    assert "pause paused before step" in wait_answer(qtbot, window, "pause")
 
-    # Set the learning rate in the entry, Enter: it applies from the next step.
-    lr_step = eng.step
+    # Set the learning rate in the entry, Enter: the answer names the step it applies from.
     type_into(qtbot, window.controls.lr.edit, "0.02", enter=True)
-    qtbot.waitUntil(lambda: window.controls.lr.slider.value() > 0)
+    lr_step = acked_step(wait_answer(qtbot, window, "lr 0.02 from step"))
+    assert lr_step == run.step  # paused after step lr_step - 1: the next one uses it
+    assert f"lr 0.02 from step {lr_step}" in window.statusBar().currentMessage()
     # One step with it, then a schedule from the form.
     qtbot.waitUntil(window.act_step.isEnabled)  # as a person would: once the button is enabled
     click(qtbot, button(window, window.act_step))
-    qtbot.waitUntil(lambda: eng.step == lr_step + 1 and eng.state == "paused", timeout=10000)
+    qtbot.waitUntil(lambda: run.step == lr_step + 1 and run.state == RunState.PAUSED, timeout=WAIT_MS)
     editor = window.controls.schedule
     editor.main.combo.setCurrentIndex(editor.main.combo.findData("StepLR"))
     type_into(qtbot, editor.main.fields["step_size"], "10")
@@ -70,33 +66,63 @@ def test_steer_a_run_and_the_store_records_each_change(qtbot, window, make_scrip
     assert editor.spec_edit.text() == "StepLR:step_size=10,gamma=0.5"
     assert editor.apply_button.isEnabled()
     assert len(editor.preview_values()) > 0
-    sched_step = eng.step
     click(qtbot, editor.apply_button)
-    assert "In force" in editor.status.text()
+    sched_step = acked_step(wait_answer(qtbot, window, "schedule StepLR"))
+    qtbot.waitUntil(lambda: "In force from step" in editor.status.text())
     # Resume (Space) and let it finish.
     qtbot.keyClick(window, Qt.Key.Key_Space)
     wait_ended(qtbot, window)
-    assert eng.state == "finished", window.messages
+    assert run.state == RunState.FINISHED, window.messages
 
     store = store_of(window)
-    run = store.get_run(eng.run_id)
-    assert run.status == "finished"
-    steps = store.load_steps(run.id)
-    lr = steps["lr"][:, 0]
+    info = store.get_run(run.run_id)
+    assert info.status == "finished"
+    lr = store.load_steps(info.id)["lr"][:, 0]
     assert len(lr) == 400
-    events = {(e.kind, e.step): e for e in store.load_events(run.id)}
+    events = {(e.kind, e.step): e for e in store.load_events(info.id)}
     assert ("set_lr", lr_step) in events and events[("set_lr", lr_step)].data["lr"] == pytest.approx(0.02)
     assert ("set_schedule", sched_step) in events
     assert lr[lr_step - 1] == pytest.approx(0.05)
-    assert lr[lr_step] == pytest.approx(0.02, rel=1e-12)  # the first step after the change
+    assert lr[lr_step] == pytest.approx(0.02, rel=1e-12)  # exactly from the acked step
     assert lr[sched_step] == pytest.approx(0.02, rel=1e-12)  # StepLR starts from the current rate
     assert lr[sched_step + 10] == pytest.approx(0.01, rel=1e-12)
     assert lr[sched_step + 20] == pytest.approx(0.005, rel=1e-12)
     assert any(kind == "pause" for kind, _ in events)
-    # The plots marked the interventions.
+    # The plots marked the interventions (from the run's live events).
     texts = window.plots.marker_texts()
-    assert "lr 0.02" in texts.values() or any("lr 0.02" in t for t in texts.values())
+    assert any("lr 0.02" in t for t in texts.values())
     assert any("StepLR" in t for t in texts.values())
+
+
+def test_a_refused_command_shows_its_reason_and_the_run_goes_on(qtbot, window, make_script, open_script):
+    open_script(make_script("adagrad.py", steps=100000, delay=0.002))
+    window.controls.optimizer.setCurrentText("adagrad")
+    click(qtbot, button(window, window.act_start))
+    wait_steps(qtbot, window, 3)
+    type_into(qtbot, window.controls.momentum, "0.5")
+    click(qtbot, window.controls.apply_hyper)
+    answer = wait_answer(qtbot, window, "momentum 0.5")
+    assert "refused: Adagrad has no momentum to change" in answer
+    assert "Adagrad has no momentum" in (window.controls.momentum.error() or "")
+    step = window.run.step
+    wait_steps(qtbot, window, step + 3)  # still training
+    click(qtbot, button(window, window.act_stop))
+    wait_ended(qtbot, window)
+    assert window.run.state == RunState.STOPPED
+
+
+def test_step_once_starts_a_paused_run_that_takes_exactly_one_step(qtbot, window, make_script, open_script):
+    open_script(make_script("stepper.py", steps=50))
+    click(qtbot, button(window, window.act_step))
+    run = window.run
+    assert "step once runs step 0" in wait_answer(qtbot, window, "step once")
+    qtbot.waitUntil(lambda: run.state == RunState.PAUSED and run.step == 1, timeout=WAIT_MS)
+    assert window.act_pause.text() == "Resume" and window.act_step.isEnabled()
+    click(qtbot, button(window, window.act_step))
+    qtbot.waitUntil(lambda: run.step == 2 and run.state == RunState.PAUSED, timeout=WAIT_MS)
+    click(qtbot, button(window, window.act_pause))  # Resume
+    wait_ended(qtbot, window)
+    assert run.state == RunState.FINISHED and len(run.buffer) == 50
 
 
 def test_schedule_applied_before_the_start_becomes_the_run_schedule(qtbot, window, make_script, open_script):
@@ -108,13 +134,15 @@ def test_schedule_applied_before_the_start_becomes_the_run_schedule(qtbot, windo
     assert "At the start: ExponentialLR:gamma=0.9" in editor.status.toolTip()
     click(qtbot, button(window, window.act_start))
     wait_ended(qtbot, window)
-    run = store_of(window).get_run(window.engine.run_id)
+    run = store_of(window).get_run(window.run.run_id)
     assert run.config["schedule"] == "ExponentialLR:gamma=0.9"
     lr = store_of(window).load_steps(run.id)["lr"][:, 0]
     assert lr[3] == pytest.approx(0.05 * 0.9**3)
 
 
 def test_invalid_values_are_refused_at_the_field(qtbot, window, make_script, open_script):
+    import numpy as np
+
     open_script(make_script("bad_values.py"))
     lr = window.controls.lr
     type_into(qtbot, lr.edit, "abc")
@@ -123,7 +151,7 @@ def test_invalid_values_are_refused_at_the_field(qtbot, window, make_script, ope
     assert "border" in lr.edit.styleSheet()
     assert lr.error_label.isVisible() and "learning rate" in lr.error_label.text()
     assert not window.start()  # refused, no traceback, nothing started
-    assert window.engine is None
+    assert window.run is None and not window.runs.started
     type_into(qtbot, lr.edit, "3e-4")
     assert lr.edit.is_valid() and lr.edit.styleSheet() == ""
     expected = round((np.log10(3e-4) + 6) / 7 * lr.TICKS)
@@ -145,41 +173,34 @@ def test_invalid_values_are_refused_at_the_field(qtbot, window, make_script, ope
     assert window.controls.optimizer_errors.isVisible()
 
 
-def test_overlay_two_runs(qtbot, window, make_script, open_script):
+def test_overlay_two_runs_and_open_one(qtbot, window, make_script, open_script):
     open_script(make_script("compare.py", steps=40))
     click(qtbot, button(window, window.act_start))
     wait_ended(qtbot, window)
-    first = window.engine.run_id
+    first = window.run.run_id
     type_into(qtbot, window.controls.lr.edit, "0.01", enter=True)
     click(qtbot, button(window, window.act_start))
     wait_ended(qtbot, window)
-    second = window.engine.run_id
+    second = window.run.run_id
     assert first != second
 
     browser = window.run_browser
-    if browser is not None:
-        browser.refresh()
-        browser.select_runs([first, second])
-        click(qtbot, browser.overlay_button)
-    else:  # pragma: no cover - the run browser is another module
-        window.overlay_runs([first, second])
+    browser.refresh()
+    browser.select_runs([first, second])
+    click(qtbot, browser.overlay_button)
     plots = window.plots
-    assert [o.trace.run_id for o in plots.overlays] == sorted([first, second]) or \
-        {o.trace.run_id for o in plots.overlays} == {first, second}
-    colours = {o.colour for o in plots.overlays}
-    assert len(colours) == 2
+    assert {o.trace.run_id for o in plots.overlays} == {first, second}
+    assert len({o.colour for o in plots.overlays}) == 2
     legend = plots.legend_texts()
     assert any(f"#{first}" in t for t in legend) and any(f"#{second}" in t for t in legend)
     for o in plots.overlays:
-        x, y = o.curves["loss_smooth"].getData()
+        x, _ = o.curves["loss_smooth"].getData()
         assert x is not None and len(x) == 40
     # Opening one run shows it alone, from the store.
-    if browser is not None:
-        browser.select_runs([first])
-        click(qtbot, browser.open_button)
-    else:  # pragma: no cover
-        window.open_run(first)
+    browser.select_runs([first])
+    click(qtbot, browser.open_button)
     assert plots.primary is not None and plots.primary.trace.run_id == first
+    assert window.shown_run_id == first and window.run is None
     assert f"#{first}" in window.view_label.text()
 
 
@@ -194,17 +215,18 @@ def test_a_broken_script_shows_file_and_line_and_the_app_keeps_working(
             return None
         """)
     open_script(broken, ok=False)
-    assert shown, "no message box"
-    box = shown[-1]
+    boxes = [b for b in shown if b.windowTitle() == "Cannot load the script"]
+    assert len(boxes) == 1, "one message"
+    box = boxes[0]
     assert box.icon() == QMessageBox.Icon.Critical
-    assert str(broken) in box.text() and ":3:" in box.text()
-    assert "syntax error" in box.text()
+    assert f"{broken}:3: syntax error" in box.text()
     assert "good.py stays loaded" in box.text()
-    assert window.experiment is not None and window.experiment.path.name == "good.py"
+    assert "Traceback" in box.detailedText()  # the details, behind "Show Details…"
+    assert window.script_info is not None and window.script_info.path.name == "good.py"
     # The previous experiment still starts and finishes.
     click(qtbot, button(window, window.act_start))
     wait_ended(qtbot, window)
-    assert window.engine.state == "finished"
+    assert window.run.state == RunState.FINISHED
 
 
 def test_an_error_during_training_is_a_message_with_details_and_the_run_is_saved_failed(
@@ -234,58 +256,32 @@ def test_an_error_during_training_is_a_message_with_details_and_the_run_is_saved
     open_script(script)
     click(qtbot, button(window, window.act_start))
     wait_ended(qtbot, window)
-    assert window.engine.state == "failed"
+    assert window.run.state == RunState.FAILED
     box = shown[-1]
     assert "boom at the seventh batch" in box.text()
     assert str(script) in box.text()
     assert "Traceback" in box.detailedText()
-    assert store_of(window).get_run(window.engine.run_id).status == "failed"
-    # Still usable: start again (it fails the same way, but the app is alive and responsive).
-    assert window.act_start.isEnabled()
+    assert store_of(window).get_run(window.run.run_id).status == "failed"
+    assert window.act_start.isEnabled()  # still usable
 
 
-def test_closing_mid_run_stops_the_engine_and_saves_the_run(qtbot, window, make_script, open_script,
-                                                           monkeypatch):
-    open_script(make_script("long.py", steps=100000, delay=0.002))
-    click(qtbot, button(window, window.act_start))
-    eng = window.engine
-    qtbot.waitUntil(lambda: eng.step >= 3, timeout=20000)
-    answers = [QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes]
-    asked: list[str] = []
-
-    def question(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        asked.append(args[1])
-        return answers.pop(0)
-
-    monkeypatch.setattr(QMessageBox, "question", staticmethod(question))
-    window.close()  # "No": keeps training
-    assert window.isVisible() and eng.is_alive
-    window.close()  # "Yes": stops, waits for the thread, closes
-    assert asked == ["Training is running", "Training is running"]
-    assert not window.isVisible()
-    assert not eng.is_alive
-    assert not [t for t in threading.enumerate() if t.name == "lrviz-engine"]
-    info = RunStore(window.store.path).get_run(eng.run_id)
-    assert info.status == "stopped" and info.steps == eng.step
-
-
-def test_settings_persist_and_recent_files(qtbot, tmp_path, make_script, shown):
+def test_settings_persist_and_recent_files(qtbot, tmp_path, make_script, shown, pool):
     path = make_script("remember.py")
-    w = MainWindow(store_path=str(tmp_path / "store"))
+    w = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
     qtbot.addWidget(w)
-    with qtbot.waitSignal(w.scriptLoaded, timeout=30000):
+    with qtbot.waitSignal(w.scriptLoaded, timeout=WAIT_MS):
         w.load_script(str(path))
     w.smoothing.setValue(85)
     w.log_checks["loss"].setChecked(True)
     w.close()
-    w2 = MainWindow(store_path=str(tmp_path / "store"))
+    w2 = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
     qtbot.addWidget(w2)
     assert w2.smoothing.value() == 85
     assert w2.plots.smoothing == pytest.approx(0.85)
     assert w2.log_checks["loss"].isChecked() and w2.plots.log_y("loss")
-    assert w2.recent_files()[0] == str(path.resolve())
-    assert [a.text() for a in w2.recent_menu.actions()][0] == "remember.py"
-    with qtbot.waitSignal(w2.scriptLoaded, timeout=30000) as blocker:
+    assert w2.prefs.recent_files()[0] == str(path.resolve())
+    assert [a.text() for a in w2.scripts.recent_menu.actions()][0] == "remember.py"
+    with qtbot.waitSignal(w2.scriptLoaded, timeout=WAIT_MS) as blocker:
         w2.load_script(None)  # no script given: the last one
     assert blocker.args[0] == str(path.resolve())
     w2.close()
@@ -297,14 +293,28 @@ def test_drop_a_script_and_reload_after_editing(qtbot, window, make_script):
     mime.setUrls([QUrl.fromLocalFile(str(path))])
     event = QDropEvent(QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
                        Qt.KeyboardModifier.NoModifier)
-    with qtbot.waitSignal(window.scriptLoaded, timeout=30000):
+    with qtbot.waitSignal(window.scriptLoaded, timeout=WAIT_MS):
         window.dropEvent(event)
-    assert window.experiment.path.name == "dropped.py"
+    assert window.script_info.path.name == "dropped.py"
     assert window.controls.length.value() == 11
     path.write_text(path.read_text().replace('"steps": 11', '"steps": 12'))
-    with qtbot.waitSignal(window.scriptLoaded, timeout=30000):
+    with qtbot.waitSignal(window.scriptChanged, timeout=WAIT_MS):
         qtbot.keyClick(window, Qt.Key.Key_R, Qt.KeyboardModifier.ControlModifier)
     assert window.controls.length.value() == 12
+
+
+def test_the_window_is_up_and_says_loading_until_the_worker_answers(qtbot, make_script, tmp_path, shown, pool):
+    w = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    with qtbot.waitSignal(w.scriptLoaded, timeout=WAIT_MS):
+        assert w.load_script(str(make_script("slowly.py")))
+        assert w.status.state == "loading" and w.script_info is None  # asked, not answered yet
+        assert not w.load_script(str(make_script("other.py")))  # one at a time
+    assert w.script_info.name == "slowly" and w.status.state == "idle"
+    assert w.controls.device.itemText(0) == "auto"  # the devices the worker found
+    w.close()
 
 
 def test_export_plot_and_data_at_full_fidelity(qtbot, window, make_script, open_script, tmp_path):
@@ -312,18 +322,18 @@ def test_export_plot_and_data_at_full_fidelity(qtbot, window, make_script, open_
     click(qtbot, button(window, window.act_start))
     wait_ended(qtbot, window)
     png = tmp_path / "plot.png"
-    assert window.export_plot(str(png), "png"), window.messages
+    assert window.exports.export_plot(str(png), "png"), window.messages
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = tmp_path / "plot.svg"
-    assert window.export_plot(str(svg), "svg")
+    assert window.exports.export_plot(str(svg), "svg")
     assert b"<svg" in svg.read_bytes()[:2000]
     csv = tmp_path / "data.csv"
-    assert window.export_data(str(csv), "csv")
+    assert window.exports.export_data(str(csv), "csv")
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("step,epoch,time,lr,loss")
     assert len(lines) >= 1 + 300  # every step, not the decimated view
     js = tmp_path / "run.json"
-    assert window.export_data(str(js), "json")
+    assert window.exports.export_data(str(js), "json")
     assert '"events"' in js.read_text() and '"config"' in js.read_text()
 
 
@@ -337,15 +347,18 @@ def test_run_app_shows_the_window_then_loads_the_script(qtbot, make_script, tmp_
 
     def poll() -> None:
         wins = [w for w in app.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
-        if wins and wins[0].experiment is not None:
-            seen["script"] = wins[0].experiment.path
+        if wins and "up" not in seen:
+            seen["up"] = wins[0].script_info  # the window is shown before the script is answered
+        if wins and wins[0].script_info is not None:
+            seen["script"] = wins[0].script_info.path
             wins[0].close()
             return
         QTimer.singleShot(20, poll)
 
     QTimer.singleShot(0, poll)
-    QTimer.singleShot(30000, app.quit)  # never hang the suite
+    QTimer.singleShot(WAIT_MS, app.quit)  # never hang the suite
     assert run_app(str(path), str(tmp_path / "store")) == 0
+    assert seen["up"] is None
     assert seen["script"] == path.resolve()
 
 
@@ -365,14 +378,15 @@ def test_script_params_form_and_batch_size(qtbot, window, make_script, open_scri
     fields = window.controls.param_fields
     assert "delay" in fields and window.controls.params_group.isVisible()
     assert window.controls.batch_size.isEnabled()
+    assert window.controls.batch_size.value() == 16  # the script's DEFAULTS
     window.controls.batch_size.setValue(32)
     type_into(qtbot, fields["delay"][0], "0.001")
-    cfg = window.controls.config(window.experiment)
+    cfg = window.config()
     assert cfg.batch_size == 32 and cfg.params == {"delay": 0.001} and cfg.steps == 16 and cfg.epochs is None
     type_into(qtbot, fields["delay"][0], "fast")
     assert "delay" in (fields["delay"][0].error() or "")
 
 
-def test_window_opens_with_no_engine_thread(window):
-    assert window.engine is None
+def test_window_opens_with_no_run(window):
+    assert window.run is None and window.script_info is None
     assert Path(window.store.path).exists()

@@ -1,0 +1,122 @@
+"""Stored runs in the plots: open one (shown alone), overlay several (each in its own colour)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtWidgets import QMessageBox
+
+from lrviz.errors import LrvizError
+from lrviz.records import StepBuffer
+
+from .export_actions import detail_of
+from .trace import RunTrace
+from .widgets import format_number
+
+if TYPE_CHECKING:
+    from .main_window import MainWindow
+
+
+def run_label(info: Any) -> str:
+    """``name (lr 0.01, StepLR)``: a stored run as the legend names it."""
+    name = str(info.name or "")
+    cfg = info.config or {}
+    lr = cfg.get("lr")
+    extra = []
+    if lr is not None:
+        extra.append(f"lr {format_number(float(lr))}")
+    if cfg.get("schedule"):
+        extra.append(str(cfg["schedule"]).split(":")[0])
+    stem = name.split(" #")[0] if " #" in name else name
+    return f"{stem} ({', '.join(extra)})" if extra else stem
+
+
+class StoredRuns:
+    """Draws runs of the window's store: one opened alone, or several overlaid."""
+
+    def __init__(self, window: MainWindow):
+        self.window = window
+        #: The ids of the runs overlaid now.
+        self.overlay_ids: list[int] = []
+
+    def trace(self, run_id: int) -> RunTrace:
+        store = self.window.store
+        assert store is not None
+        info = store.get_run(run_id)
+        steps = store.load_steps(info.id)
+        first = int(steps["step"][0]) if len(steps.get("step", ())) else 0
+        buf = StepBuffer.from_columns(steps, first_step=first)
+        return RunTrace(buf, store.load_events(info.id), store.load_validation(info.id),
+                        label=f"#{info.id} {run_label(info)}", run_id=info.id, smoothing=self.window.plots.smoothing)
+
+    def open(self, run_id: int) -> None:
+        """Show a stored run in the plots (overlaid instead while a run is live)."""
+        w = self.window
+        if w.store is None:
+            return
+        if w.is_active():
+            self.overlay([*self.overlay_ids, int(run_id)])
+            w.show_status(f"run #{run_id} overlaid (a run is in progress)")
+            return
+        try:
+            trace = self.trace(int(run_id))
+            info = w.store.get_run(int(run_id))
+        except LrvizError as exc:
+            w.show_message(QMessageBox.Icon.Warning, "Cannot open the run", str(exc), detail_of(exc))
+            return
+        w.runs.forget()
+        self.overlay_ids = []
+        w.plots.set_overlays([])  # an opened run is shown alone
+        w.plots.set_primary(trace)
+        w.plots.set_hint("")
+        w.plots.refresh(force=True)
+        w.view_label.setText(f"viewing run #{info.id} {info.name} ({info.status})")
+        w.status.show_stored(info.steps, info.final_loss)
+        w.update_actions()
+
+    def overlay(self, run_ids: list[int]) -> None:
+        """Draw stored runs together, each in its own colour with a legend entry.
+
+        While a run is live it stays drawn and the runs are overlaid on it; otherwise exactly the
+        given runs are shown (an empty list removes the overlays).
+        """
+        w = self.window
+        if w.store is None:
+            return
+        live = w.is_active()
+        plots = w.plots
+        if not live and run_ids and plots.primary is not None:
+            w.runs.forget()
+            plots.set_primary(None)
+        primary_id = plots.primary.trace.run_id if plots.primary is not None else None
+        traces = []
+        ids: list[int] = []
+        for rid in run_ids:
+            rid = int(rid)
+            if rid == primary_id or rid in ids:
+                continue
+            try:
+                traces.append(self.trace(rid))
+                ids.append(rid)
+            except LrvizError as exc:
+                w.show_status(f"cannot overlay run #{rid}: {exc}")
+        self.overlay_ids = ids
+        plots.set_overlays(traces)
+        plots.refresh(force=True)
+        if ids:
+            runs = ", ".join(f"#{i}" for i in ids)  # short first: the legend names each run
+            w.view_label.setText(f"+{len(ids)} overlaid ({runs})" if live else f"{len(ids)} runs ({runs})")
+            if not live:
+                w.status.show_stored(len(ids), None, "runs")
+        else:
+            w.view_label.setText("")
+        w.update_actions()
+
+    def clear(self) -> None:
+        """Nothing shown: no overlays, no primary run (another script was opened)."""
+        w = self.window
+        self.overlay_ids = []
+        w.plots.set_overlays([])
+        w.plots.set_primary(None)
+        w.view_label.setText("")
+        w.view_label.setToolTip("")
