@@ -66,7 +66,7 @@ class LabWindow(Protocol):
     **extra)``; ``start_run(spec, show=)``; ``add_spec_hook`` (the lab's options go into every Start);
     the redraw timer: ``ticked``, ``tick_while``, ``wake``; ``store``, ``shown_run_id``; ``add_panel``,
     ``add_banner``, ``controls`` (``add_section``, the LR and schedule fields), ``show_status``,
-    ``refresh_runs``, ``overlay_runs``, ``load_script``.
+    ``refresh_runs``, ``overlay_runs``, ``load_script``, ``run_browser`` (its selection).
     """
 
     run: Run | None
@@ -117,6 +117,9 @@ class Lab(QObject):
         w.add_spec_hook(self.start_spec)
         w.ticked.connect(self.tick)
         w.tick_while(self.busy)
+        browser = getattr(w, "run_browser", None)
+        if browser is not None:  # a run picked there is the Fork panel's run too
+            browser.view.selectionModel().selectionChanged.connect(self._on_browser_selection)
         self.unelide_tabs()
 
     def unelide_tabs(self) -> None:
@@ -165,12 +168,6 @@ class Lab(QObject):
         spec["config"] = self.options.apply(RunConfig.from_dict(dict(spec.get("config") or {}))).to_dict()
         spec.update(self.prepare_spec(spec))
         return spec
-
-    def prepare_run(self, exp: Any, cfg: RunConfig) -> tuple[Any, RunConfig, dict[str, Any]]:
-        """The in-process Start of the window (until it starts child runs): ``cfg`` with the lab's
-        options, and the engine's extra arguments."""
-        spec = self.start_spec({"script": str(exp.path), "config": cfg.to_dict()})
-        return exp, RunConfig.from_dict(spec["config"]).validated(), dict(spec["engine"])
 
     def prepare_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         """``spec`` with what the lab adds to every app run: per-layer statistics, and the slow-motion
@@ -276,6 +273,11 @@ class Lab(QObject):
         for panel in self.panels.values():
             panel.script_changed(info)
         self.tick()
+
+    def _on_browser_selection(self, *_: Any) -> None:
+        ids = self.window.run_browser.selected_run_ids()
+        if len(ids) == 1:
+            self.panels["fork"].select_run(ids[0])
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the panels' own runs (a range test, a sweep), waiting at most ``timeout`` seconds each."""

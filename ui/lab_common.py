@@ -15,10 +15,12 @@ import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt
 from PySide6.QtWidgets import QFormLayout, QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
+from lrviz.errors import LrvizError
 from lrviz.states import is_terminal
 
 from . import theme
 from .axes import ValueAxis
+from .futures import GuiFutures
 from .widgets import format_number
 
 if TYPE_CHECKING:
@@ -178,42 +180,26 @@ def is_live(run: Run | None) -> bool:
 
 
 # ---- answers of commands -------------------------------------------------------------------------------
-class Answers:
-    """Futures of commands sent to runs, answered on the GUI thread.
-
-    A Future completes in a network or process thread; :meth:`poll` (called from a panel's tick, on
-    the GUI thread) hands each completed one to its ``then(ack)`` or, when it was refused or the run
-    could not take it, to ``refused(reason)``. Nothing is called from another thread.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: list[tuple[Future, Callable[[dict[str, Any]], None], Callable[[str], None] | None]] = []
+class Answers(GuiFutures):
+    """Answers of commands sent to runs, handed to the GUI thread (never called from another thread):
+    ``add(fut, then, refused)`` calls ``then(ack)``, or ``refused(reason)`` when the run refused the
+    command or could not take it."""
 
     def add(self, fut: Future, then: Callable[[dict[str, Any]], None],
             refused: Callable[[str], None] | None = None) -> Future:
-        self._waiting.append((fut, then, refused))
+        def answered(f: Future) -> None:
+            exc = LrvizError("cancelled") if f.cancelled() else f.exception()
+            if exc is None:
+                then(f.result())
+            elif refused is not None:
+                refused(str(exc) or type(exc).__name__)
+
+        self.when_done(fut, answered)
         return fut
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
-    def poll(self) -> None:
-        if not self._waiting:
-            return
-        done = [w for w in self._waiting if w[0].done()]
-        if not done:
-            return
-        self._waiting = [w for w in self._waiting if not w[0].done()]
-        for fut, then, refused in done:
-            exc = None if fut.cancelled() else fut.exception()
-            if fut.cancelled():
-                if refused is not None:
-                    refused("cancelled")
-            elif exc is not None:
-                if refused is not None:
-                    refused(str(exc) or type(exc).__name__)
-            else:
-                then(fut.result())
+    def __bool__(self) -> bool:
+        """Whether an answer is still to come."""
+        return self.pending > 0
 
 
 def surface_for(info: ScriptInfo | None, run: Run | None = None,

@@ -125,7 +125,7 @@ class DivergenceBanner(QFrame):
         self.setObjectName("divergenceBanner")
         self.lab = lab
         self.mode = ""  # "", "detection", "rolled_back", "auto"
-        self.answers = Answers()
+        self.answers = Answers(self)
         self._run: Any = None
         self._key: Any = None
         self._n_events = 0
@@ -186,7 +186,6 @@ class DivergenceBanner(QFrame):
         """Follow the run: show a detection while it is paused by one; report roll-backs."""
         if run is not self._run:
             self._follow(run)
-        self.answers.poll()
         if run is None:
             return
         events = run.events

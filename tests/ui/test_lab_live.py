@@ -15,9 +15,6 @@ Every wait is on the runs' own events and acks; the WAIT ceilings only end a bro
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 from lrviz.ui.lab_common import fmt
@@ -28,36 +25,13 @@ from lrviz.config import RunConfig
 from lrviz.engine import TrainingEngine
 from lrviz.experiment import load_experiment
 from lrviz.guard import GuardConfig
-from lrviz.live.child import ChildRun, WorkerPool
+from lrviz.live.child import ChildRun
 from lrviz.states import EventKind, RunState
 from lrviz.store import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 WAIT = 120_000  # ms
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture
-def window(qtbot, tmp_path, shown):
-    """The main window on a store in tmp_path, its runs trained by a worker pool of one-thread children."""
-    pool = WorkerPool(log_dir=tmp_path / "logs", env=ENV)
-    w = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    yield w
-    w.lab.shutdown(30)
-    for run in w.started_runs:
-        run.stop()
-    for run in w.started_runs:
-        if not run.done.wait(30):
-            run.kill()
-    pool.close()
-    spare = pool._spare
-    if spare is not None and not spare.exited.wait(10):
-        spare.signal(signal.SIGKILL)
-    w.shutdown(10)
 
 
 def click(qtbot, widget) -> None:
@@ -70,11 +44,13 @@ def load(qtbot, window: MainWindow, name: str) -> None:
     assert window.script_info is not None and window.script_info.name == name
 
 
-def start_shown(window: MainWindow, **config) -> ChildRun:
-    """What Start does: the controls' settings with the lab's options, in a child shown by the window."""
-    spec = window.lab.start_spec(window.run_spec(window.config().merged(config)))
-    run = window.start_run(spec)
-    assert window.run is run
+def press_start(qtbot, window: MainWindow, steps: int) -> ChildRun:
+    """Press Start with ``steps`` steps: a child run with the lab's options, shown by the window."""
+    window.controls.length_kind.setCurrentText("steps")
+    window.controls.length.setValue(steps)
+    click(qtbot, window.toolbar.widgetForAction(window.act_start))
+    run = window.run
+    assert isinstance(run, ChildRun), window.messages
     return run
 
 
@@ -148,7 +124,7 @@ def test_fork_from_the_panel_is_a_child_from_the_checkpoint(qtbot, window):
 
 def test_a_resumed_run_carries_its_earlier_markers_and_validation(qtbot, window):
     load(qtbot, window, "regression")
-    run = start_shown(window, steps=3000)
+    run = press_start(qtbot, window, 3000)
     wait_for(qtbot, lambda: run.step >= 100)
     run.set_lr(0.04).result(WAIT / 1000)
     wait_for(qtbot, lambda: run.step >= 420)
@@ -195,7 +171,7 @@ def test_a_sweep_of_two_rates_runs_children_one_after_another(qtbot, window):
 # ---- the divergence banner -------------------------------------------------------------------------------
 def test_banner_rollback_on_a_child_restores_a_checkpoint_from_before_the_raised_rate(qtbot, window):
     load(qtbot, window, "regression")
-    run = start_shown(window, steps=3000)
+    run = press_start(qtbot, window, 3000)
     assert run.config["divergence"] == "pause" and run.config["checkpoint_every"] == 200
     wait_for(qtbot, lambda: run.step >= 230)  # past the checkpoint of step 200
     raised_at = run.set_lr(0.5).result(WAIT / 1000)["step"]
