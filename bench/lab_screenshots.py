@@ -11,7 +11,8 @@ Writes into OUT_DIR (default ``docs/``):
 - ``screenshot-diagnostics.png``: a tiny GPT-like transformer (``bench/tiny_gpt.py``) trained with AdamW,
   with the Diagnostics panel: the generalization verdict and each layer's update-to-weight ratio.
 
-Uses a temporary run store and settings, never the user's.
+Every run is a child process of the app, as in use. Uses a temporary run store and settings, never the
+user's.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ _TMP = tempfile.mkdtemp(prefix="lrviz-lab-shots-")
 os.environ["LRVIZ_HOME"] = str(Path(_TMP) / "home")
 os.environ["XDG_CONFIG_HOME"] = str(Path(_TMP) / "config")
 
-import torch  # noqa: E402
 from lrviz.ui.app import create_app  # noqa: E402
 from lrviz.ui.main_window import MainWindow  # noqa: E402
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
+
+from lrviz.states import RunState  # noqa: E402
 
 RIGHT_WIDTH = 500
 
@@ -59,11 +61,29 @@ def layout(w: MainWindow, panel: str) -> None:
     w.resizeDocks([w.notes_dock, dock], [150, 560], Qt.Orientation.Vertical)
 
 
-def load(app: QApplication, w: MainWindow, name: str) -> None:
-    w.load_script(name)
-    wait(app, lambda: w.experiment is not None and w.experiment.name in (name, Path(name).stem)
-         and not w._loader.is_alive())
+def load(app: QApplication, w: MainWindow, script: str) -> None:
+    """Load a built-in example (by name) or a script (by path) and wait for the worker's answer."""
+    w.load_script(script)
+    wanted = Path(script).resolve() if script.endswith(".py") else None
+    wait(app, lambda: w.script_info is not None and (w.script_info.name == script if wanted is None
+                                                     else Path(w.script_info.path) == wanted))
     settle(app, 0.2)
+
+
+def start(app: QApplication, w: MainWindow) -> object:
+    """Press Start; the run (a child process) the window shows."""
+    assert w.start(), w.messages
+    return w.run
+
+
+def finish(app: QApplication, run, timeout: float = 120.0) -> None:
+    wait(app, run.done.is_set, timeout)
+    settle(app, 0.3)
+
+
+def stop(app: QApplication, run) -> None:
+    run.stop()
+    finish(app, run)
 
 
 def shot(app: QApplication, w: MainWindow, path: Path) -> None:
@@ -75,7 +95,6 @@ def shot(app: QApplication, w: MainWindow, path: Path) -> None:
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs")
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
     app = create_app()
     w = MainWindow()
     w.resize(1280, 800)
@@ -83,26 +102,22 @@ def main() -> int:
     w.show()
     lab = w.lab
 
-    # 1. The range test on a fresh model, then a run at the rate it suggests.
+    # 1. The range test on a fresh model (a paused run of its own), then a run at the rate it suggests.
     load(app, w, "regression")
     layout(w, "Range test")
     assert lab.range_test.run_test()
     wait(app, lambda: not lab.range_test.busy())
-    if lab.range_test.result.confirmation is None:  # not confirmed by default: cheaper than the test
-        assert lab.range_test.confirm_now()
-        wait(app, lambda: not lab.range_test.busy())
     lab.range_test.use_button.click()
     w.controls.length.setValue(1500)
-    assert w.start_run()
-    wait(app, lambda: w._end_handled)
+    finish(app, start(app, w))
     shot(app, w, out / "screenshot-range-test.png")
 
-    # 2. A sweep of five rates, overlaid, with its table.
+    # 2. A sweep of five rates (each a run of its own), overlaid, with its table.
     layout(w, "Sweep")
     lab.sweep.lrs.setText("1e-3:3:5")
     lab.sweep.steps.setValue(400)
     assert lab.sweep.run_sweep()
-    wait(app, lambda: not lab.sweep.busy())
+    wait(app, lambda: not lab.sweep.busy(), 600)
     lab.sweep.overlay_button.click()  # the rates that did not diverge, in the main plots too
     w.log_checks["loss"].setChecked(True)
     shot(app, w, out / "screenshot-sweep.png")
@@ -112,46 +127,37 @@ def main() -> int:
     # 3. A divergence caught mid-run: the rate raised to 2 at step ~300 of a healthy run.
     w.controls.lr.set_value(0.05)
     w.controls.length.setValue(3000)
-    assert w.start_run()
-    eng = w.engine
-    wait(app, lambda: eng.step >= 300)
+    run = start(app, w)
+    wait(app, lambda: run.step >= 300)
     lab.use_lr(2.0)
-    wait(app, lambda: eng.state == "paused" and eng.detection is not None)
+    wait(app, lambda: run.state == RunState.PAUSED and run.detection is not None and lab.banner.isVisible())
     w.lab.show_panel("Diagnostics")
     w.resizeDocks([w.controls_dock, w.lab.docks["Diagnostics"]], [285, 400], Qt.Orientation.Horizontal)
     shot(app, w, out / "screenshot-divergence.png")
-    w.shutdown_engine()
-    wait(app, lambda: w._end_handled)
+    stop(app, run)
 
     # 4. Rosenbrock's valley: SGD, SGD with momentum, then Adam in slow motion.
     load(app, w, "surface_rosenbrock")
     layout(w, "Surface")
-    assert w.start_run()
-    wait(app, lambda: w._end_handled)
+    finish(app, start(app, w))
     w.controls.momentum.setText("0.9")
-    assert w.start_run()
-    wait(app, lambda: w._end_handled)
+    finish(app, start(app, w))
     w.controls.optimizer.setCurrentText("adam")
     w.controls.lr.set_value(0.05)
     lab.surface.set_pace(200.0)
-    assert w.start_run()
-    eng = w.engine
-    wait(app, lambda: eng.step >= 420)
+    run = start(app, w)
+    wait(app, lambda: run.step >= 420)
     shot(app, w, out / "screenshot-surface.png")
     lab.surface.set_pace(None)
-    w.shutdown_engine()
-    wait(app, lambda: w._end_handled)
+    stop(app, run)
 
     # 5. Diagnostics of a tiny GPT-like transformer trained with AdamW.
-    gpt = Path(__file__).resolve().with_name("tiny_gpt.py")
-    w.load_script(str(gpt))
-    wait(app, lambda: w.experiment is not None and w.experiment.path == gpt and not w._loader.is_alive())
-    settle(app, 0.2)
+    load(app, w, str(Path(__file__).resolve().with_name("tiny_gpt.py")))
     layout(w, "Diagnostics")
     w.resizeDocks([w.notes_dock, w.lab.docks["Diagnostics"]], [110, 600], Qt.Orientation.Vertical)
-    assert w.start_run()
-    wait(app, lambda: w._end_handled, 600)
+    finish(app, start(app, w), 600)
     shot(app, w, out / "screenshot-diagnostics.png")
+    w.shutdown(30)
     w.close()
     return 0
 
