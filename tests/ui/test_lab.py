@@ -196,13 +196,19 @@ def test_confirmation_on_a_paused_run_goes_through_the_run_and_restores_it(qtbot
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------
-def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweeps(qtbot, host):
+def start_sweep(qtbot, host, rates: str, steps: int):
+    """Load ``regression`` and press Run sweep with these rates and steps; the panel."""
     host.load("regression")
     panel = host.lab.sweep
-    type_into(qtbot, panel.lrs, "0.01,3")
-    panel.steps.setValue(150)
+    type_into(qtbot, panel.lrs, rates)
+    panel.steps.setValue(steps)
     click(qtbot, panel.run_button)
-    assert panel.busy()
+    assert panel.busy(), panel.errors.text()
+    return panel
+
+
+def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweeps(qtbot, host):
+    panel = start_sweep(qtbot, host, "0.01,3", 150)
     first = panel._current.run
     assert first is not None and first is not host.run  # a run of the panel's own, not shown
     qtbot.waitUntil(lambda: panel._current is not None and panel._current.index == 1, timeout=WAIT)
@@ -232,11 +238,7 @@ def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweep
 
 
 def test_sweep_stop_stops_the_member_training_and_starts_no_other(qtbot, host):
-    host.load("regression")
-    panel = host.lab.sweep
-    type_into(qtbot, panel.lrs, "0.01,0.02,0.03")
-    panel.steps.setValue(1_000_000)
-    click(qtbot, panel.run_button)
+    panel = start_sweep(qtbot, host, "0.01,0.02,0.03", 1_000_000)
     member = panel._current.run
     qtbot.waitUntil(lambda: member.step >= 20, timeout=WAIT)
     click(qtbot, panel.stop_button)
