@@ -52,15 +52,15 @@ def wait_done(qtbot, run, timeout: int = WAIT) -> None:
 
 
 def paused_run(qtbot, host, script="regression", steps=3000, at=0, **config):
-    """A run of ``script`` shown in the host, paused at step ``at`` (before it when 0)."""
+    """A run of ``script`` shown in the host, paused before step ``at`` exactly (one step at a time)."""
     host.load(script)
     host.overrides.update({"steps": steps, "epochs": None, **config})
-    run = host.start(start_paused=at == 0)
-    if at:
-        qtbot.waitUntil(lambda: run.step >= at or run.done.is_set(), timeout=WAIT)
-        assert not run.done.is_set(), (run.state, run.error, run.error_detail)
-        run.pause().result(WAIT / 1000)
+    run = host.start(start_paused=True)
+    for k in range(1, at + 1):
+        run.step_once().result(WAIT / 1000)
+        qtbot.waitUntil(lambda k=k: run.step == k and run.state == RunState.PAUSED, timeout=WAIT)
     qtbot.waitUntil(lambda: run.state == RunState.PAUSED, timeout=WAIT)
+    assert run.step == at
     return run
 
 
@@ -319,8 +319,9 @@ def test_surface_view_draws_the_workers_grid_and_the_runs_path(qtbot, host):
     assert (px[0], py[0]) == pytest.approx((x[-1], y[-1]))
     loss = float(run.buffer.view()["loss"][-1])
     assert "step 299" in panel.readout.text() and f"loss {loss:.4g}" in panel.readout.text()
-    # a second run in slow motion: the first path stays, faintly; the pace is the run's
-    host.overrides.update({"momentum": 0.9, "steps": 60})
+    # a second run in slow motion: the first path stays, faintly; the pace is the run's (600 steps at
+    # 200 a second take 3 s: it is still running when the pace changes back)
+    host.overrides.update({"momentum": 0.9, "steps": 600})
     panel.set_pace(200.0)
     second = host.start()
     host.ticked.emit()
