@@ -75,6 +75,8 @@ class StoreWriter:
                 store.heartbeat(self.run_id)
             self._steps, self._events, self._vals, self._status = n, ne, nv, status
             self._scalars.update(written)
+        if buf is not None:
+            buf.seal()  # stored chunks are kept compressed in memory too (off the training thread)
 
     def close(self, state: str, summary: dict[str, Any], error: str | None) -> None:
         """Stop the thread, write the rest and the final status."""
