@@ -37,8 +37,9 @@ def rss() -> int:
 
 
 def app_side(steps: int) -> None:
-    from lrviz.records import CHUNK_ROWS, StepBuffer
     from lrviz.ui.trace import RunTrace
+
+    from lrviz.records import CHUNK_ROWS, StepBuffer
 
     rng = np.random.default_rng(0)
     gc.collect()

@@ -139,9 +139,10 @@ def test_run_trace_queries_a_step_buffer():
 
 def test_trace_recomputes_the_smoothed_loss_it_does_not_keep():
     """The trace stores no smoothed copy: what it draws and reads back equals smoothing the whole history."""
+    from lrviz.ui.trace import SMOOTH_BLOCK, RunTrace
+
     from lrviz.decimate import ema_debiased
     from lrviz.records import StepBuffer
-    from lrviz.ui.trace import SMOOTH_BLOCK, RunTrace
 
     rng = np.random.default_rng(3)
     n = 3 * SMOOTH_BLOCK + 77
