@@ -22,6 +22,12 @@ from .states import RunState
 log = logging.getLogger(__name__)
 
 
+def recorded(name: str) -> property:
+    """An attribute of a loop (engine, tracked run) that is its recorder's ``rec.<name>``."""
+    return property(lambda self: getattr(self.rec, name), lambda self, v: setattr(self.rec, name, v),
+                    doc=f"The recorder's ``{name}``.")
+
+
 class RunRecorder:
     """The records of one run, and its store row once :meth:`open` made one."""
 
