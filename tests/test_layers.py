@@ -86,3 +86,23 @@ def test_the_core_does_not_name_the_ui_either():
             if re.search(r"""['"]lrviz\\.ui|^\\s*(from|import)\\s+(PySide6|pyqtgraph|shiboken6|lrviz\\.ui)\\b""", line):
                 hits.append(f"{rel}:{i}: {line.strip()}")
     assert not hits, hits
+
+
+def test_every_package_folder_is_packaged():
+    """A wheel holds only the packages pyproject.toml lists (package-dir maps ui/ to lrviz.ui): every
+    folder of Python modules must be listed, with its __init__.py, or the installed app lacks it."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    roots = {src: name for name, src in conf["package-dir"].items()}
+    missing = []
+    for src, name in roots.items():
+        for init_dir in sorted({p.parent for p in (ROOT / src).rglob("*.py")}):
+            if "__pycache__" in init_dir.parts:
+                continue
+            rel = init_dir.relative_to(ROOT / src)
+            pkg = ".".join((name, *rel.parts))
+            if not (init_dir / "__init__.py").exists() or pkg not in listed:
+                missing.append(pkg)
+    assert not missing, f"not packaged (add __init__.py and list them in pyproject.toml): {missing}"
