@@ -36,8 +36,8 @@ class RunRecorder:
         self.probe_steps: list[int] = []
         self.probe_values: dict[str, list[float]] = {}
         self.range_test_progress: list[tuple[float, float]] = []
-        #: Other scalars logged by name (``lrviz.track``'s ``run.log``): name -> (steps, values).
-        self.scalars: dict[str, tuple[list[int], list[float]]] = {}
+        #: Other scalars logged by name (``lrviz.track``'s ``run.log``): name -> (steps, values, times).
+        self.scalars: dict[str, tuple[list[int], list[float], list[float]]] = {}
         #: Called with the run's id once it is recorded in the store (e.g. to register its endpoint).
         self.on_open: list[Callable[[int], None]] = []
         self.writer: Any = None
@@ -103,9 +103,11 @@ class RunRecorder:
         return out
 
     def add_scalar(self, name: str, step: int, value: float) -> None:
-        steps, values = self.scalars.setdefault(str(name), ([], []))
-        steps.append(int(step))
+        """A point of the scalar series ``name`` (stored by the writer with the rest)."""
+        steps, values, times = self.scalars.setdefault(str(name), ([], [], []))
+        times.append(self.clock())
         values.append(float(value))
+        steps.append(int(step))  # last: a reader takes len(steps) points, and the other lists have them
 
     def record_probe(self, step: int, values: list[tuple[str, float]]) -> None:
         self.probe_steps.append(step)
