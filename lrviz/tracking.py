@@ -347,6 +347,16 @@ class TrackedRun:
         except Exception as exc:  # noqa: BLE001
             self._broken(exc)
 
+    def hold_rates(self) -> None:
+        """Once lrviz holds the rate: write it into the param groups now (after a trainer's own
+        scheduler stepped), so that they show what the next step will use to anything that reads
+        them in between (a checkpoint, a logger). The next step gets lrviz's rate either way."""
+        if self.overridden and not self._off:
+            try:
+                self.rates.write(self.rates.at_step(self.step_index))
+            except Exception as exc:  # noqa: BLE001
+                self._broken(exc)
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next steps belong to (recorded with each step)."""
         self.epoch = int(epoch)
