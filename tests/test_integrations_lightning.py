@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 L = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra: pip install 'lrviz[lightning]'")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
+from lrviz.errors import ConfigError  # noqa: E402
 from lrviz.integrations.lightning import LrvizCallback  # noqa: E402
 from lrviz.live.run import RemoteRun  # noqa: E402
 from lrviz.store import RunStore  # noqa: E402
@@ -251,3 +252,38 @@ def test_manual_optimization_with_two_optimizers_records_both(tmp_path):
     assert info.config["optimizer"] == "SGD+Adam"
     assert len(cols["step"]) == 8 and t.global_step == 16  # a row per batch; Lightning counts both steps
     assert np.allclose(cols["lr"], [0.05, 0.001]) and np.all(np.isfinite(cols["loss"]))
+
+
+def test_validation_logged_under_another_name_is_found_when_named(tmp_path):
+    class Scored(Regression):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("score", nn.functional.mse_loss(self.head(self.body(x)), y))
+
+    store_path = tmp_path / "runs.sqlite"
+    cb = LrvizCallback(store=store_path, val_loss="score")
+    t = trainer(tmp_path, cb, max_epochs=1, log_every_n_steps=1)
+    t.fit(Scored(), *loaders())
+    rows = [r for r in logged(tmp_path) if r.get("score")]
+    with RunStore(store_path) as store:
+        points = store.load_validation(cb.run.run_id)
+    assert [(p.step, p.loss) for p in points] == [(int(r["step"]), pytest.approx(float(r["score"]))) for r in rows]
+    assert len(points) == 1 and points[0].accuracy is None
+
+
+def test_under_several_processes_rank_0_records_a_watch_only_run(tmp_path):
+    from types import SimpleNamespace
+
+    model = Regression()
+    opt = model.configure_optimizers()["optimizer"]
+    fake = dict(optimizers=[opt], estimated_stepping_batches=10, world_size=2, global_step=0, callback_metrics={},
+                max_epochs=1, max_steps=-1, accumulate_grad_batches=1, precision="32-true")
+    other = LrvizCallback(store=tmp_path / "runs.sqlite")
+    other.on_train_start(SimpleNamespace(global_rank=1, **fake), model)
+    assert other.run is None  # only rank 0 records
+    cb = LrvizCallback(store=None)
+    cb.on_train_start(SimpleNamespace(global_rank=0, **fake), model)
+    with pytest.raises(ConfigError, match="watched, not steered: it trains in 2 processes"):
+        cb.run.set_lr(0.1).result(WAIT)
+    cb.on_train_end(None, model)
+    assert cb.run.state == "finished"

@@ -141,3 +141,14 @@ def test_a_watch_only_run_refuses_every_command_with_its_reason():
         with pytest.raises(ConfigError, match="watched, not steered: it trains in 2 processes"):
             fut.result(WAIT)
     assert run.state == "finished" and np.all(run.buffer.view()["lr"][:, 0] == 0.1)
+
+
+def test_the_lab_commands_that_need_lrvizs_runner_are_refused_with_the_reason():
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lrviz.track(opt, store=None) as run:
+        futures = [run.submit(kind) for kind in ("range_test", "rollback", "checkpoint")]
+        run.step(one_step(model, [opt], x, y))
+    for fut in futures:
+        with pytest.raises(ConfigError, match=r"needs lrviz's own runner \(`lrviz run`\)"):
+            fut.result(WAIT)

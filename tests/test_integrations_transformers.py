@@ -16,6 +16,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("accelerate", reason="the Trainer needs accelerate: pip install 'lrviz[transformers]'")
 
 from lrviz.cli import main  # noqa: E402
+from lrviz.errors import ConfigError  # noqa: E402
 from lrviz.integrations.transformers import LrvizCallback  # noqa: E402
 from lrviz.store import RunStore  # noqa: E402
 
@@ -149,3 +150,23 @@ def test_lrviz_steer_reaches_the_trainers_optimizer_and_a_stop_ends_training(tmp
     assert trainer.optimizer.param_groups[0]["lr"] == 0.003
     assert [e.step for e in events if e.kind == "set_lr"] == [step]
     # (the trainer's own "learning_rate" log shows its scheduler's value, get_last_lr(), not the rate used)
+
+
+def test_under_several_processes_the_main_process_records_a_watch_only_run(tmp_path):
+    from types import SimpleNamespace
+
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = SimpleNamespace(world_size=2)
+    control = transformers.TrainerControl()
+    other = LrvizCallback(store=tmp_path / "runs.sqlite")
+    other.on_train_begin(args, SimpleNamespace(is_world_process_zero=False, global_step=0, max_steps=10), control,
+                         model=model, optimizer=opt)
+    assert other.run is None
+    cb = LrvizCallback(store=None)
+    cb.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10), control,
+                      model=model, optimizer=opt)
+    with pytest.raises(ConfigError, match="watched, not steered: it trains in 2 processes"):
+        cb.run.stop().result(WAIT)
+    cb.on_train_end(args, None, control)
+    assert cb.run.state == "finished" and not control.should_training_stop
