@@ -21,8 +21,9 @@ Files
     time: [...]}}``). JSON has no NaN or infinity: non-finite floats are written as ``null``.
 ``loss.<fmt>``, ``lr.<fmt>``
     Plots of the training loss (raw and smoothed, with validation points) and of the learning
-    rate, drawn by :mod:`lrviz.ui.render` (PNG, SVG or PDF). That module needs Qt; it is imported
-    only when a plot is asked for, so this module (the core) never imports Qt.
+    rate, drawn by the app's renderer (PNG, SVG or PDF), which needs Qt: the CLI loads it when a plot
+    is asked for and it registers itself (:func:`use_plot_renderer`); this module (the core) never
+    imports Qt, not even by name.
 ``events.out.tfevents.*.lrviz`` (format ``tb``)
     The run for TensorBoard: its tags are the CSV's columns, plus the smoothed loss and the events
     as text (see :mod:`lrviz.tensorboard`; needs the ``tensorboard`` package).
@@ -34,7 +35,6 @@ folder and moved into place, so a failed or interrupted export never leaves a pa
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import logging
 import math
@@ -641,15 +641,23 @@ def _short(value: Any) -> str:
         return str(value)
 
 
+#: What draws plots (the app's :mod:`lrviz.ui.render`, which registers itself when imported): the core
+#: never imports the Qt layer, not even by name. The CLI, the composition root, imports it to draw.
+_plot_renderer: Any = None
+
+
+def use_plot_renderer(renderer: Any) -> None:
+    """Register what draws plot exports: an object with ``RunData`` and ``render_run`` (lrviz.ui.render)."""
+    global _plot_renderer
+    _plot_renderer = renderer
+
+
 def _load_render() -> Any:
-    try:
-        render = importlib.import_module("lrviz.ui.render")
-    except ImportError as exc:
+    if _plot_renderer is None:
         raise ConfigError(
-            f"plot export needs PySide6 and pyqtgraph ({exc}); install them "
-            "(pip install PySide6-Essentials pyqtgraph) or export only csv and json (--format csv,json)"
-        ) from exc
-    return render
+            "plot export needs the app's renderer (PySide6 and pyqtgraph; the lrviz command loads it when it "
+            "draws, or import lrviz.ui.render first); export only csv and json (--format csv,json) without it")
+    return _plot_renderer
 
 
 def export_data(

@@ -58,7 +58,7 @@ class RunRecorder:
         """Create the run's store row (or take over ``run_id``), mark it running, start saving.
 
         ``row``: ``script_path``, ``script_hash``, ``config``, ``device``, ``name``, ``parent_id``,
-        ``fork_step`` as :meth:`lrviz.store.RunStore.create_run` takes them. No store: nothing.
+        ``fork_step``, ``kind`` as :meth:`lrviz.store.RunStore.create_run` takes them. No store: nothing.
         """
         if self.store is None:
             return None
@@ -103,11 +103,11 @@ class RunRecorder:
         return out
 
     def add_scalar(self, name: str, step: int, value: float) -> None:
-        """A point of the scalar series ``name`` (stored by the writer with the rest)."""
+        """Log ``value`` of the series ``name`` at ``step`` (saved with the run's extra scalars)."""
         steps, values, times = self.scalars.setdefault(str(name), ([], [], []))
         times.append(self.clock())
         values.append(float(value))
-        steps.append(int(step))  # last: a reader takes len(steps) points, and the other lists have them
+        steps.append(int(step))  # last: a reader takes len(steps) and finds the other two filled
 
     def record_probe(self, step: int, values: list[tuple[str, float]]) -> None:
         self.probe_steps.append(step)

@@ -199,7 +199,7 @@ class TrackedRun:
         self.rec.t0 = time.perf_counter()
         if self.store is not None:
             self.rec.open(script_path=self.script_path, script_hash=_hash_of(self.script_path),
-                          config=self._config(), device=self.device or "cpu", name=self.name)
+                          config=self._config(), device=self.device or "cpu", name=self.name, kind="tracked")
         if self.listen is not False and (self.store is not None or isinstance(self.listen, str)):
             self._serve()
         return self

@@ -71,3 +71,18 @@ def test_no_core_file_mentions_a_qt_import():
                 bad.append(f"{path.relative_to(ROOT)}:{i}: {s}")
     allowed = ("lrviz/cli.py",)  # the composition root imports the Qt layer lazily
     assert [b for b in bad if not b.startswith(allowed)] == []
+
+
+def test_the_core_does_not_name_the_ui_either():
+    """Not even by string (importlib.import_module("lrviz.ui...")): only the CLI, the composition root, may."""
+    import re
+
+    hits = []
+    for path in sorted((ROOT / "lrviz").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ("lrviz/cli.py", "lrviz/__main__.py"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"""['"]lrviz\\.ui|^\\s*(from|import)\\s+(PySide6|pyqtgraph|shiboken6|lrviz\\.ui)\\b""", line):
+                hits.append(f"{rel}:{i}: {line.strip()}")
+    assert not hits, hits

@@ -302,6 +302,7 @@ class RemoteRun(Run):
             cols = {k: v[skip:] for k, v in cols.items()}
         buf.extend(cols)
         self._next_row = row + max(skip, 0) + len(cols["loss"])
+        buf.seal()  # the history is kept compressed (in this reader thread, never the GUI's)
 
     @staticmethod
     def _extend(target: list, h: dict[str, Any], items: list) -> None:
