@@ -22,6 +22,12 @@ from .states import RunState
 log = logging.getLogger(__name__)
 
 
+def recorded(name: str) -> property:
+    """An attribute of a loop (engine, tracked run) that is its recorder's ``rec.<name>``."""
+    return property(lambda self: getattr(self.rec, name), lambda self, v: setattr(self.rec, name, v),
+                    doc=f"The recorder's ``{name}``.")
+
+
 class RunRecorder:
     """The records of one run, and its store row once :meth:`open` made one."""
 
@@ -81,8 +87,10 @@ class RunRecorder:
         except Exception:
             log.exception("could not save the end of the run")
 
-    def summary(self, step: int) -> dict[str, Any]:
-        """Figures of the run so far: steps, best/final loss, best/final validation loss, speed."""
+    def summary(self, step: int, has_validation: bool | None = None) -> dict[str, Any]:
+        """Figures of the run so far: steps, best/final loss, best/final validation loss, speed, and the
+        generalization verdict with its gap figures (``has_validation``: whether the script has
+        validation data, when known; it words the verdict of a run without validation points)."""
         out: dict[str, Any] = {"steps": step, "state": str(self.state)}
         buf = self.buffer
         if buf is not None and len(buf):
@@ -100,6 +108,11 @@ class RunRecorder:
             out["best_val_loss"] = min(vals) if vals else None
             if self.validation[-1].accuracy is not None:
                 out["final_val_accuracy"] = self.validation[-1].accuracy
+        if buf is not None and len(buf):
+            from .diagnostics import run_generalization
+
+            v = buf.view()
+            out["generalization"] = run_generalization(v["step"], v["loss"], list(self.validation), has_validation)
         return out
 
     def add_scalar(self, name: str, step: int, value: float) -> None:

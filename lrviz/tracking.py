@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from . import interventions as iv
-from .control import RunControl, Stopped, ack
+from .control import RunControl, Steering, Stopped, ack
 from .errors import ConfigError, LrvizError
 from .optim import apply_hyperparams
 from .rates import RateControl
-from .recorder import RunRecorder
+from .recorder import RunRecorder, recorded
 from .records import StepBuffer, ValPoint
 from .staging import FLUSH_SECONDS, Staging
 from .states import SETTING_COMMANDS, Command, RunState
@@ -86,7 +86,7 @@ def track(optimizer: Any, *, model: Any = None, name: str | None = None, store: 
                       read_only=read_only).start()
 
 
-class TrackedRun:
+class TrackedRun(Steering):
     """One tracked run (see :func:`track`). Use it as a context manager, or call :meth:`finish`."""
 
     def __init__(self, optimizer: Any, *, model: Any = None, name: str | None = None, store: Any = _DEFAULT,
@@ -149,14 +149,14 @@ class TrackedRun:
         self._warned: set[str] = set()
 
     # ---- the attributes a live endpoint reads (as of an engine) ----------------------------------------
-    state = property(lambda self: self.rec.state)
-    run_id = property(lambda self: self.rec.run_id)
-    buffer = property(lambda self: self.rec.buffer)
-    events = property(lambda self: self.rec.events)
-    validation = property(lambda self: self.rec.validation)
-    probe_steps = property(lambda self: self.rec.probe_steps)
-    probe_values = property(lambda self: self.rec.probe_values)
-    range_test_progress = property(lambda self: self.rec.range_test_progress)
+    state = recorded("state")
+    run_id = recorded("run_id")
+    buffer = recorded("buffer")
+    events = recorded("events")
+    validation = recorded("validation")
+    probe_steps = recorded("probe_steps")
+    probe_values = recorded("probe_values")
+    range_test_progress = recorded("range_test_progress")
 
     @property
     def steps_done(self) -> int:
@@ -391,20 +391,9 @@ class TrackedRun:
             return fut
         return self.control.enqueue(cmd.value, data, fut, state=lambda: str(self.state))
 
-    def pause(self) -> Future:
-        return self.submit(Command.PAUSE)
-
-    def resume(self) -> Future:
-        return self.submit(Command.RESUME)
-
-    def stop(self) -> Future:
-        return self.submit(Command.STOP)
-
-    def set_lr(self, lr: float) -> Future:
-        return self.submit(Command.SET_LR, {"lr": lr})
-
-    def set_schedule(self, spec: str | None) -> Future:
-        return self.submit(Command.SET_SCHEDULE, {"spec": spec})
+    def command(self, kind: str, **data: Any) -> Future:
+        """Ask for ``kind`` with ``data`` as keywords (the :class:`~lrviz.control.Steering` methods use this)."""
+        return self.submit(kind, data)
 
     # ---- internals -----------------------------------------------------------------------------------
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
