@@ -754,10 +754,22 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+def _load_plots() -> None:
+    """The composition root loads the app's renderer (Qt) for plot exports; it registers itself."""
+    try:
+        import lrviz.ui.render  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"plot export needs PySide6 and pyqtgraph ({exc}); install them "
+                          "(pip install PySide6-Essentials pyqtgraph) or export only csv and json "
+                          "(--format csv,json)") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .export import IMAGE_FORMATS, export_run
 
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    if any(f in IMAGE_FORMATS for f in formats):
+        _load_plots()
     out = check_out_dir(args.out)
     store = open_store(args.store)
     try:

@@ -46,7 +46,7 @@ from .errors import ConfigError, DivergedError, LrvizError, ScriptError
 from .experiment import Experiment, error_from_exception
 from .optim import apply_hyperparams, build_optimizer
 from .rates import RateControl
-from .recorder import RunRecorder
+from .recorder import RunRecorder, recorded
 from .records import Event, StepBuffer, ValPoint
 from .staging import GradNorm, Staging
 from .states import SETTING_COMMANDS, TERMINAL_STATES, Command
@@ -68,12 +68,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _recorded(name: str) -> property:
-    """An engine attribute that is its recorder's (the records watchers read)."""
-    return property(lambda self: getattr(self.rec, name), lambda self, v: setattr(self.rec, name, v),
-                    doc=f"The recorder's ``{name}``.")
-
-
 class TrainingEngine:
     """Trains ``experiment`` with ``config``; records every step; obeys commands from any thread.
 
@@ -83,15 +77,15 @@ class TrainingEngine:
     ``error_detail`` its traceback.
     """
 
-    state = _recorded("state")
-    run_id = _recorded("run_id")
-    buffer = _recorded("buffer")
-    events = _recorded("events")
-    validation = _recorded("validation")
-    probe_steps = _recorded("probe_steps")
-    probe_values = _recorded("probe_values")
-    range_test_progress = _recorded("range_test_progress")
-    on_open = _recorded("on_open")
+    state = recorded("state")
+    run_id = recorded("run_id")
+    buffer = recorded("buffer")
+    events = recorded("events")
+    validation = recorded("validation")
+    probe_steps = recorded("probe_steps")
+    probe_values = recorded("probe_values")
+    range_test_progress = recorded("range_test_progress")
+    on_open = recorded("on_open")
 
     def __init__(
         self,

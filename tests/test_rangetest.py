@@ -709,6 +709,37 @@ def test_valley_and_minimum_equal_fastais_lr_find(tmp_path, seed):
     assert mine.minimum_tenth == pytest.approx(found.minimum, rel=1e-6)
 
 
+def _fastai_recorded() -> dict:
+    """fastai's own answers, recorded with fastai installed (tests/peers/record_fastai.py)."""
+    import json
+
+    return json.loads((Path(__file__).parent / "data" / "fastai_lr_find.json").read_text())
+
+
+def test_valley_index_equals_fastais_recorded_valleys():
+    """fastai.callback.schedule.valley's picks on 300 random curves (recorded), and lrviz's."""
+    recorded = _fastai_recorded()
+    assert len(recorded["valley_curves"]) == 300
+    for curve in recorded["valley_curves"]:
+        values = curve["values"]
+        lrs = np.logspace(-7, 1, len(values))
+        assert float(lrs[valley_index(values)]) == curve["valley_lr"], values
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_valley_and_minimum_equal_fastais_recorded_lr_find(k):
+    """fastai's Learner.lr_find (recorded): same smoothing, same valley and minimum from its curve."""
+    run = _fastai_recorded()["lr_find"][k]
+    lrs, smoothed, raw = (np.array(run[key], dtype=np.float64) for key in ("lrs", "smoothed", "raw"))
+    np.testing.assert_allclose(smooth(raw, 0.98), smoothed, rtol=2e-6)
+    ours = suggest(lrs, smoothed, beta=0.0, num_it=100)
+    assert ours.valley == pytest.approx(run["valley"], rel=1e-6)
+    assert ours.minimum_tenth == pytest.approx(run["minimum"], rel=1e-6)
+    mine = suggest(lrs, raw, num_it=100)
+    assert mine.valley == pytest.approx(run["valley"], rel=1e-6)
+    assert mine.minimum_tenth == pytest.approx(run["minimum"], rel=1e-6)
+
+
 def test_find_lr_valley_is_fastais_valley_on_the_same_curve(regression_runs):
     """Before the fix lrviz took 2/3 of the way along the descent: 0.69x fastai's value here."""
     fastai = _fastai_schedule()

@@ -49,6 +49,7 @@ from PySide6.QtGui import QColor, QFont, QFontMetrics, QImage, QPageSize, QPaint
 from PySide6.QtSvg import QSvgGenerator
 from PySide6.QtWidgets import QApplication, QSizePolicy
 
+from lrviz import export as _export_module
 from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError
 from lrviz.export import FigureSpec, atomic_write, event_markers, format_number, smoothing_label
@@ -858,3 +859,7 @@ def render_range_test(
     finally:
         fig.close()
     return atomic_write(target, content)
+
+
+# the core exports plots through this module without naming it (it never imports the Qt layer)
+_export_module.use_plot_renderer(sys.modules[__name__])
