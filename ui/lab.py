@@ -183,9 +183,7 @@ class Lab(QObject):
 
     def start_run(self, spec: dict[str, Any], *, show: bool = True) -> ChildRun:
         """Start a run of the lab's own in a worker (``show``: the window shows it)."""
-        run = self.window.start_run(self.prepare_spec(spec), show=show)
-        self.window.wake()
-        return run
+        return self.window.start_run(self.prepare_spec(spec), show=show)
 
     def wake(self) -> None:
         """Tick now and keep ticking while anything is live or a panel is busy."""
