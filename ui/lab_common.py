@@ -6,6 +6,7 @@ Nothing here talks to the main window; the panels reach the app through :class:`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -219,7 +220,13 @@ def same_script(a: str | Path | None, b: str | Path | None) -> bool:
     """Whether two script paths name the same file."""
     if not a or not b:
         return False
+    return _resolved(str(a)) == _resolved(str(b))
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(path: str) -> str:
+    """``path`` made absolute, links resolved: once per path (the panels ask every frame)."""
     try:
-        return Path(a).resolve() == Path(b).resolve()
+        return str(Path(path).resolve())
     except OSError:
-        return str(a) == str(b)
+        return path
