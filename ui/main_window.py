@@ -541,6 +541,7 @@ class MainWindow(QMainWindow):
         except (ConfigError, TypeError):
             self.runs.start_schedule = None
         self.runs.show_start_schedule()
+        self.runs.script_loaded(info)
         if self.plots.primary is None:
             self.plots.set_hint(f"Press Start (Ctrl+Enter) to train {info.path.name}")
         self.preview_setup()

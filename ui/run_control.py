@@ -13,6 +13,7 @@ them running, and the next start attaches to those it left running.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -196,6 +197,19 @@ class RunControl(QObject):
         if show:
             self.show(run, run.name or label)
             w.show_status(f"watching {label}: {run.state} at step {run.step:,}")
+            self._show_settings_of(run)
+
+    def _show_settings_of(self, run: Run) -> None:
+        """A run started elsewhere: its script in the Script panel (when it is on this machine) and its
+        settings in the controls, so what they show is what it trains with."""
+        w = self.window
+        script = run.script_path
+        info = w.script_info
+        if script and os.path.isfile(script) and (info is None or os.path.realpath(info.path) !=
+                                                  os.path.realpath(script)):
+            w.load_script(script)  # the controls then show its settings again, below
+        if w.script_info is not None:
+            self.script_loaded(w.script_info)
 
     def watch(self, run_id: int) -> None:
         """Follow run ``run_id`` of the window's store, live (Watch in the run browser)."""
@@ -229,6 +243,17 @@ class RunControl(QObject):
         found.sort()
         for i, (run_id, info) in enumerate(found):
             self.attach(info, f"run #{run_id}", started_here=True, show=i == len(found) - 1)
+
+    def script_loaded(self, info: Any) -> None:
+        """The controls were filled from a script's DEFAULTS: while a run of that script is shown, they
+        show its settings instead."""
+        run = self.run
+        if self.active() and run is not None and run.script_path and \
+                os.path.realpath(run.script_path) == os.path.realpath(info.path):
+            try:
+                self.window.controls.show_config(RunConfig.from_dict(dict(run.config)))
+            except (LrvizError, TypeError, ValueError):
+                pass
 
     # ---- commands ----------------------------------------------------------------------------------
     def send(self, run: Run, words: str, fut: Future, kind: str, *,

@@ -130,6 +130,10 @@ def test_watch_a_terminal_run_from_the_run_browser_and_steer_it(qtbot, window, t
         qtbot.waitUntil(lambda: window.run is not None and window.run.run_id == run_id, timeout=WAIT_MS)
         run = window.run
         assert run not in window.runs.started  # watched, not started here
+        # its script in the Script panel, its settings in the controls
+        qtbot.waitUntil(lambda: window.script_info is not None and window.script_info.name == "tiny", timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: window.controls.length.value() == 3_000_000, timeout=WAIT_MS)
+        assert window.controls.lr.value() == 0.05
         wait_steps(qtbot, window, run.step + 50)  # live
         qtbot.waitUntil(lambda: window.plots.primary.trace.rows >= before, timeout=WAIT_MS)
         steps = run.buffer.view()["step"]  # the whole history, from step 0, then live
