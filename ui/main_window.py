@@ -19,14 +19,10 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
-    QCheckBox,
     QDockWidget,
-    QHBoxLayout,
     QLabel,
     QMainWindow,
     QMessageBox,
-    QPushButton,
-    QSlider,
     QStyle,
     QTextBrowser,
     QToolBar,
@@ -37,17 +33,16 @@ from PySide6.QtWidgets import (
 from lrviz.errors import ConfigError, StoreError
 from lrviz.states import RunState
 
-from . import theme
 from .app_settings import APP, ORG, AppSettings
 from .controls import ControlPanel
 from .export_actions import ExportActions
+from .plot_bar import PlotBar
 from .plots import TrainingPlots
 from .run_browser import RunBrowser
 from .run_control import RunControl
 from .script_loading import ScriptLoader, dropped_script
 from .status_bar import RunStatusBar
 from .stored_runs import StoredRuns
-from .widgets import ElidedLabel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -143,7 +138,7 @@ class MainWindow(QMainWindow):
         except Exception:  # another room's failure must not keep the app from starting
             log.exception("the lab panels could not be installed")
             self.lab = None
-        self._restore_settings()
+        self.prefs.restore_window(self)
 
         self.controls.lrCommitted.connect(self.runs.set_lr)
         self.controls.scheduleApplied.connect(self.runs.set_schedule)
@@ -285,54 +280,18 @@ class MainWindow(QMainWindow):
         col = QVBoxLayout(central)
         col.setContentsMargins(4, 2, 4, 0)
         col.setSpacing(2)
-        bar = QHBoxLayout()
-        bar.setSpacing(6)
-        self.smoothing = QSlider(Qt.Orientation.Horizontal)
-        self.smoothing.setObjectName("smoothingSlider")
-        self.smoothing.setRange(0, 99)
-        self.smoothing.setValue(60)
-        self.smoothing.setFixedWidth(90)
-        self.smoothing.setToolTip("smoothing of the training loss: a debiased exponential moving average "
-                                  "(as in TensorBoard); 0 is off")
-        self.smoothing_label = QLabel("smoothing 0.60")
-        self.smoothing_label.setMinimumWidth(self.smoothing_label.fontMetrics().horizontalAdvance("smoothing 0.00"))
-        self.log_checks: dict[str, QCheckBox] = {}
-        bar.addWidget(self.smoothing_label)
-        bar.addWidget(self.smoothing)
-        bar.addSpacing(6)
-        bar.addWidget(QLabel("log y:"))
-        for plot, text in (("loss", "loss"), ("lr", "LR"), ("grad", "grad")):
-            box = QCheckBox(text)
-            box.setObjectName(f"log_{plot}")
-            box.setToolTip(f"logarithmic y axis for the {text} plot")
-            box.setChecked(self.plots.log_y(plot))
-            box.toggled.connect(lambda on, p=plot: self.plots.set_log_y(p, on))
-            self.log_checks[plot] = box
-            bar.addWidget(box)
-        self.view_label = ElidedLabel("")
-        self.view_label.setObjectName("viewLabel")
-        self.view_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        self.view_label.setStyleSheet(f"color: {theme.PURPLE};")
-        bar.addWidget(self.view_label, 1)
-        fit = QPushButton("Fit")
-        fit.setObjectName("fitButton")
-        fit.setToolTip("show all steps and follow new ones (also: the A button in a plot's corner)")
-        fit.clicked.connect(self.plots.reset_view)
-        fit.setAutoDefault(False)
-        bar.addWidget(fit)
+        self.plot_bar = PlotBar(self.plots)
+        self.smoothing = self.plot_bar.smoothing
+        self.log_checks = self.plot_bar.log_checks
+        self.view_label = self.plot_bar.view_label
         # a script dropped on the plots reaches the window (the graphics view would swallow it)
         self.plots.view.setAcceptDrops(False)
         self.plots.view.viewport().setAcceptDrops(False)
-        col.addLayout(bar)
+        col.addLayout(self.plot_bar)
         self._banner_index = col.count()
         col.addWidget(self.plots, 1)
         self._central_layout = col
         self.setCentralWidget(central)
-        self._smooth_timer = QTimer(self)
-        self._smooth_timer.setSingleShot(True)
-        self._smooth_timer.setInterval(120)
-        self._smooth_timer.timeout.connect(self._on_smoothing_settled)
-        self.smoothing.valueChanged.connect(self._on_smoothing_moved)
 
     def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
@@ -472,33 +431,6 @@ class MainWindow(QMainWindow):
             if btn is not None:
                 btn.setObjectName(a.objectName().replace("act", "button"))
 
-    # ---- settings ----------------------------------------------------------------------------------
-    def _restore_settings(self) -> None:
-        p = self.prefs
-        geo = p.bytes("geometry")
-        if geo is not None:
-            self.restoreGeometry(geo)
-        else:
-            self.resize(1280, 800)
-        state = p.bytes("windowState")
-        if state is not None:
-            self.restoreState(state)
-        self.smoothing.setValue(min(max(p.int_value("smoothing", 60), 0), 99))
-        self.plots.set_smoothing(self.smoothing.value() / 100)
-        for plot, box in self.log_checks.items():
-            on = p.bool_value(f"log_{plot}")
-            if on is not None:
-                box.setChecked(on)
-
-    def _save_settings(self) -> None:
-        p = self.prefs
-        p.set("geometry", self.saveGeometry())
-        p.set("windowState", self.saveState())
-        p.set("smoothing", self.smoothing.value())
-        for plot, box in self.log_checks.items():
-            p.set(f"log_{plot}", box.isChecked())
-        p.sync()
-
     # ---- messages ----------------------------------------------------------------------------------
     def show_message(self, icon: QMessageBox.Icon, title: str, text: str, detail: str = "") -> QMessageBox:
         """A window-modal message box that does not block the event loop (runs keep being drawn);
@@ -622,14 +554,6 @@ class MainWindow(QMainWindow):
                 self._timer.stop()
 
     # ---- misc --------------------------------------------------------------------------------------
-    def _on_smoothing_moved(self, value: int) -> None:
-        self.smoothing_label.setText(f"smoothing {value / 100:.2f}")
-        self._smooth_timer.start()
-
-    def _on_smoothing_settled(self) -> None:
-        self.plots.set_smoothing(self.smoothing.value() / 100)
-        self.plots.refresh(force=True)
-
     def _on_about(self) -> None:
         from lrviz import __version__
 
@@ -647,27 +571,9 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
         """Runs this app started and that still train: asks whether to stop them or leave them running
         (the next start attaches to them again). Runs it only watched go on, unasked."""
-        mine = self.runs.live_started()
-        if mine:
-            box = QMessageBox(QMessageBox.Icon.Question, "Runs are training",
-                              f"{len(mine)} run{'s' if len(mine) > 1 else ''} started here "
-                              f"{'are' if len(mine) > 1 else 'is'} still training.\n\nStop "
-                              f"{'them' if len(mine) > 1 else 'it'} (saved in the run store), or leave "
-                              f"{'them' if len(mine) > 1 else 'it'} running? lrviz watches "
-                              f"{'them' if len(mine) > 1 else 'it'} again when it next starts.", parent=self)
-            box.setObjectName("closeQuestion")
-            stop = box.addButton("Stop", QMessageBox.ButtonRole.DestructiveRole)
-            leave = box.addButton("Leave running", QMessageBox.ButtonRole.AcceptRole)
-            box.addButton(QMessageBox.StandardButton.Cancel)
-            box.setDefaultButton(leave)
-            box.exec()
-            if box.clickedButton() is stop:
-                self.runs.stop_and_wait(mine)
-            elif box.clickedButton() is leave:
-                self.runs.leave_running(mine)
-            else:
-                event.ignore()
-                return
+        if not self.runs.ask_on_close():
+            event.ignore()
+            return
         self.closed = True
         self._timer.stop()
         if self.lab is not None:
@@ -675,7 +581,7 @@ class MainWindow(QMainWindow):
         self.runs.detach_all()
         if self._pool is not None and self._own_pool:
             self._pool.close()
-        self._save_settings()
+        self.prefs.save_window(self)
         if self.store is not None:
             self.store.close()
         event.accept()

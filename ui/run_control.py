@@ -415,6 +415,32 @@ class RunControl(QObject):
         self.runEnded.emit(str(run.state))
 
     # ---- closing -----------------------------------------------------------------------------------
+    def ask_on_close(self) -> bool:
+        """Runs this app started that still train: Stop them, or Leave them running (attached to again
+        at the next start)? False when the person cancels. Runs it only watched are not asked about."""
+        mine = self.live_started()
+        if not mine:
+            return True
+        n = len(mine)
+        them = "them" if n > 1 else "it"
+        box = QMessageBox(QMessageBox.Icon.Question, "Runs are training",
+                          f"{n} run{'s' if n > 1 else ''} started here {'are' if n > 1 else 'is'} still training."
+                          f"\n\nStop {them} (saved in the run store), or leave {them} running? lrviz watches "
+                          f"{them} again when it next starts.", parent=self.window)
+        box.setObjectName("closeQuestion")
+        stop = box.addButton("Stop", QMessageBox.ButtonRole.DestructiveRole)
+        leave = box.addButton("Leave running", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(leave)
+        box.exec()
+        if box.clickedButton() is stop:
+            self.stop_and_wait(mine)
+        elif box.clickedButton() is leave:
+            self.leave_running(mine)
+        else:
+            return False
+        return True
+
     def stop_and_wait(self, runs: list[Run], timeout: float = CLOSE_WAIT_S) -> bool:
         """Stop ``runs`` and wait until each has ended (a run of this app that hangs is killed)."""
         for r in runs:

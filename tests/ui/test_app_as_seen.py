@@ -349,7 +349,7 @@ def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open
     wait_ended(qtbot, window)
     # What the user set on screen: more smoothing, a log loss axis, a zoom on steps 40..250.
     window.smoothing.setValue(85)
-    window._on_smoothing_settled()
+    window.plot_bar.apply_smoothing()
     window.log_checks["loss"].setChecked(True)
     vb = window.plots.plots["loss"].getViewBox()
     vb.setXRange(40, 250, padding=0)
