@@ -25,9 +25,11 @@ import torch
 from .errors import ScriptError
 from .examples import (  # noqa: F401  (their home before the app had to find them without torch)
     DEFAULT_EXAMPLE,
+    PLAIN_SCRIPT_MARK,
     default_experiment_path,
     example_paths,
     examples_dir,
+    is_plain_script,
     resolve_script,
 )
 
