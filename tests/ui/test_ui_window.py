@@ -117,7 +117,7 @@ def test_step_once_starts_a_paused_run_that_takes_exactly_one_step(qtbot, window
     run = window.run
     assert "step once runs step 0" in wait_answer(qtbot, window, "step once")
     qtbot.waitUntil(lambda: run.state == RunState.PAUSED and run.step == 1, timeout=WAIT_MS)
-    assert window.act_pause.text() == "Resume" and window.act_step.isEnabled()
+    qtbot.waitUntil(lambda: window.act_pause.text() == "Resume" and window.act_step.isEnabled())  # at the next tick
     click(qtbot, button(window, window.act_step))
     qtbot.waitUntil(lambda: run.step == 2 and run.state == RunState.PAUSED, timeout=WAIT_MS)
     click(qtbot, button(window, window.act_pause))  # Resume
