@@ -77,8 +77,9 @@ class MainWindow(QMainWindow):
       is wrong); ``run_spec(config=None, **extra)``: a run spec (see
       :func:`lrviz.live.serve.build_engine`) of the loaded script with that config and the store;
       ``start_run(spec, show=True)``: train it in a worker of the app's pool, a
-      :class:`lrviz.live.child.ChildRun` (``show=True``: it becomes ``run``; else the caller watches
-      and stops it).
+      :class:`lrviz.live.child.ChildRun` (``show=True``: it becomes ``run``; else the caller follows
+      and stops it; closing stops what is left). ``show_run(run)``: show any Run (a ``LocalRun`` in
+      unit tests).
     - ``add_spec_hook(fn)``: ``fn(spec)`` may change the spec Start sends (guard options, per-layer
       statistics, a pace). ``ticked``: the one redraw timer (at most 30 times a second) while a run
       is live, a ``tick_while(busy)`` predicate is true, or for a second after ``wake()``.
@@ -214,6 +215,10 @@ class MainWindow(QMainWindow):
     def start_run(self, spec: dict[str, Any], *, show: bool = True) -> ChildRun:
         """Train ``spec`` in a process of its own (a worker of the app's pool); ``show``: as ``run``."""
         return self.runs.start_run(spec, show=show)
+
+    def show_run(self, run: Run, label: str = "") -> None:
+        """Show ``run`` (any :class:`lrviz.live.run.Run`, e.g. a ``LocalRun`` in a unit test) as the live run."""
+        self.runs.show(run, label)
 
     def start(self, paused: bool = False) -> bool:
         """Start the loaded script with the controls' settings (Start; ``paused``: Step); False when refused."""
@@ -574,10 +579,11 @@ class MainWindow(QMainWindow):
         if not self.runs.ask_on_close():
             event.ignore()
             return
-        self.closed = True
-        self._timer.stop()
         if self.lab is not None:
             self.lab.shutdown()
+        self.runs.stop_and_wait(self.runs.hidden_live())  # what a panel started for itself and left
+        self.closed = True
+        self._timer.stop()
         self.runs.detach_all()
         if self._pool is not None and self._own_pool:
             self._pool.close()
@@ -590,6 +596,6 @@ class MainWindow(QMainWindow):
         """Stop every run this window started and wait for them; detach from the rest (tests, scripts)."""
         if self.lab is not None:
             self.lab.shutdown(timeout)
-        ok = self.runs.stop_and_wait(self.runs.live_started(), timeout)
+        ok = self.runs.stop_and_wait(self.runs.live_started() + self.runs.hidden_live(), timeout)
         self.runs.detach_all()
         return ok

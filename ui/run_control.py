@@ -63,8 +63,11 @@ class RunControl(QObject):
         super().__init__(window)
         self.window = window
         self.run: Run | None = None
-        #: Runs this app started (or re-attached after it left them running): closing asks about the live ones.
+        #: Runs this app started to show (or re-attached after it left them running): closing asks about
+        #: the live ones.
         self.started: list[Run] = []
+        #: Runs a panel started for itself (``show=False``): the panel stops them; closing stops what is left.
+        self.hidden: list[Run] = []
         #: The schedule a run started now would use (applied before the start, or the script's).
         self.start_schedule: str | None = None
         #: What each command was answered, in order ("lr 0.01 from step 1,234", "... refused: why").
@@ -83,7 +86,10 @@ class RunControl(QObject):
         return self.run is not None and not self._end_handled
 
     def paused(self) -> bool:
-        return self.active() and (self.run.state == RunState.PAUSED or self._pause_asked)  # type: ignore[union-attr]
+        """The shown run is paused, or will be before its next step (asked here or by anyone else)."""
+        run = self.run
+        return self.active() and (run.state == RunState.PAUSED or bool(run.pause_requested)  # type: ignore[union-attr]
+                                  or self._pause_asked)
 
     def busy(self) -> bool:
         """Anything the timer must keep watching: the shown run, an attach or an answer on its way."""
@@ -122,11 +128,14 @@ class RunControl(QObject):
         return True
 
     def start_run(self, spec: dict[str, Any], *, show: bool = True) -> ChildRun:
-        """Train ``spec`` in a worker of the app's pool; ``show``: it becomes the shown run."""
+        """Train ``spec`` in a worker of the app's pool; ``show``: it becomes the shown run (else the
+        caller follows it and stops it)."""
         run = self.window.pool.start_run(spec)
-        self.started.append(run)
         if show:
+            self.started.append(run)
             self.show(run, "this run")
+        else:
+            self.hidden = [r for r in self.hidden if not r.done.is_set()] + [run]
         self.window.wake()
         return run
 
@@ -298,7 +307,10 @@ class RunControl(QObject):
 
     def pause(self) -> None:
         """Pause the shown run before its next step."""
-        if self._steer("pause", "pause", lambda r: r.pause()):
+        def answered(ack: dict[str, Any]) -> None:
+            self._pause_asked = False  # the run says so itself from now on
+
+        if self._steer("pause", "pause", lambda r: r.pause(), on_ok=answered):
             self._pause_asked = True
             self.window.show_status("pausing before the next step")
 
@@ -464,7 +476,13 @@ class RunControl(QObject):
         for r in runs:
             r.close()
 
+    def hidden_live(self) -> list[Run]:
+        """The runs panels started for themselves that are still going."""
+        self.hidden = [r for r in self.hidden if not r.done.is_set()]
+        return list(self.hidden)
+
     def detach_all(self) -> None:
         """Close every connection this window holds (the runs go on)."""
-        for r in {id(r): r for r in [*self.started, *([self.run] if self.run is not None else [])]}.values():
+        held = [*self.started, *self.hidden, *([self.run] if self.run is not None else [])]
+        for r in {id(r): r for r in held}.values():
             r.close()

@@ -111,11 +111,6 @@ class LocalRun(Run):
         self.script_path = str(engine.experiment.path)
         self.name = engine.name or engine.experiment.name
 
-    def __getattr__(self, name: str) -> Any:  # state fields read through to the engine
-        if name in _ENGINE_FIELDS:
-            return getattr(self.engine, name)
-        raise AttributeError(name)
-
     @property
     def state(self) -> str:  # type: ignore[override]
         return str(self.engine.state)
@@ -150,6 +145,10 @@ class LocalRun(Run):
 
 _ENGINE_FIELDS = frozenset({"run_id", "step", "epoch", "total_steps", "lrs", "error_detail", "buffer", "events",
                             "validation", "probe_steps", "probe_values", "range_test_progress"})
+# Read through to the engine as properties: Run's class defaults (buffer = None, step = 0...) would
+# otherwise be found first and a __getattr__ never asked.
+for _field in _ENGINE_FIELDS:
+    setattr(LocalRun, _field, property(lambda self, _name=_field: getattr(self.engine, _name)))
 
 
 def _rejections_as(fut: Future) -> Future:

@@ -237,6 +237,18 @@ def test_closing_asks_about_runs_it_started_and_reopening_watches_the_one_left_r
         assert s.get_run(run.run_id).status == "stopped"
 
 
+def test_closing_stops_a_panel_s_own_run_without_asking(qtbot, window, make_script, open_script, monkeypatch):
+    open_script(make_script("hidden.py", steps=1_000_000, delay=0.002))
+    run = window.start_run(window.run_spec(), show=False)  # as a lab panel does for a run of its own
+    assert window.run is None and run not in window.runs.started
+    qtbot.waitUntil(lambda: run.step >= 3, timeout=WAIT_MS)
+    asked: list[str] = []
+    answer_close(monkeypatch, "Leave running", asked)
+    assert window.close()
+    assert not asked
+    assert run.done.is_set() and run.state == RunState.STOPPED
+
+
 def test_closing_leaves_a_watched_run_running_without_asking(qtbot, window, tmp_path, monkeypatch):
     store = Path(window.store_path).parent
     proc = lrviz_run(str(SCRIPTS / "tiny.py"), "--steps", "3000000", store=store)

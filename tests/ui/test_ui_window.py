@@ -393,3 +393,22 @@ def test_script_params_form_and_batch_size(qtbot, window, make_script, open_scri
 def test_window_opens_with_no_run(window):
     assert window.run is None and window.script_info is None
     assert Path(window.store.path).exists()
+
+
+def test_a_local_run_is_drawn_and_ended_like_any_other(qtbot, window, make_script, one_thread):
+    from lrviz.config import RunConfig
+    from lrviz.engine import TrainingEngine
+    from lrviz.experiment import load_experiment
+    from lrviz.live.run import LocalRun
+
+    exp = load_experiment(make_script("local.py", steps=40))
+    engine = TrainingEngine(exp, RunConfig(**exp.defaults).validated(), None)
+    run = LocalRun(engine)
+    with qtbot.waitSignal(window.runChanged) as changed:
+        window.show_run(run)
+    assert changed.args == [run] and window.run is run and window.is_active()
+    with qtbot.waitSignal(window.runEnded, timeout=WAIT_MS) as ended:
+        engine.start()
+    assert ended.args == ["finished"]
+    assert window.plots.primary.trace.rows == 40
+    assert window.status.step_label.text() == "step 40 / 40" and window.status.state == "finished"
