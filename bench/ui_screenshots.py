@@ -1,15 +1,23 @@
-"""Take the README's screenshots from a real window (run it under a display, e.g. Xvfb).
+"""Take the README's screenshots of the main window from a real window (under a display, e.g. Xvfb).
 
-    xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python bench/ui_screenshots.py [OUT_DIR]
+    xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python bench/ui_screenshots.py [--out DIR] [--only NAME,...]
 
-Writes ``screenshot-training.png`` (mid-training, after an LR change and a schedule, with the
-markers) and ``screenshot-overlay.png`` (three runs overlaid) into OUT_DIR (default ``docs/``).
+Writes into DIR (default ``docs/``):
+
+- ``screenshot-training.png``: a run started from the window, mid-training, after an LR change and
+  a schedule, with the markers;
+- ``screenshot-overlay.png``: three runs overlaid;
+- ``screenshot-watch.png``: the window watching a run started from a terminal (``lrviz run
+  regression …``, then Watch in the run browser), after steering its rate from the window.
+
 Uses a temporary run store and settings, never the user's.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,8 +31,13 @@ from lrviz.ui.app import create_app  # noqa: E402
 from lrviz.ui.main_window import MainWindow  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
+from lrviz.live.connection import live_runs  # noqa: E402
+from lrviz.states import RunState  # noqa: E402
 
-def wait(app: QApplication, pred, timeout: float = 120.0) -> bool:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait(app: QApplication, pred, timeout: float = 300.0) -> bool:  # noqa: ANN001
     end = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > end:
@@ -41,63 +54,118 @@ def settle(app: QApplication, seconds: float = 0.4) -> None:
         time.sleep(0.01)
 
 
+def load(app: QApplication, w: MainWindow, name: str) -> None:
+    w.load_script(name)
+    assert wait(app, lambda: w.script_info is not None and w.script_info.name == name), w.messages
+
+
+def set_lr(app: QApplication, w: MainWindow, text: str) -> None:
+    n = len(w.runs.answers)
+    w.controls.lr.edit.setText(text)
+    w.controls.lr._on_commit()
+    if w.is_active():
+        assert wait(app, lambda: len(w.runs.answers) > n), w.messages
+
+
+def training(app: QApplication, w: MainWindow, out: Path) -> None:
+    """Mid-training, after an LR change and a schedule."""
+    load(app, w, "classification")
+    w.controls.length.setValue(60)  # epochs
+    assert w.start()
+    run = w.run
+    assert wait(app, lambda: run.step >= 150)
+    set_lr(app, w, "0.3")
+    assert wait(app, lambda: run.step >= 330)
+    total = run.total_steps or 960
+    w.controls.schedule.set_spec(f"CosineAnnealingLR:T_max={total - run.step},eta_min=0.001")
+    w.controls.schedule.apply_button.click()
+    assert wait(app, lambda: run.step >= 420)
+    w.runs.pause()
+    assert wait(app, lambda: run.state == RunState.PAUSED)
+    settle(app, 0.3)
+    w.runs.resume()
+    assert wait(app, lambda: run.step >= 1100), (run.state, run.step, run.events[-3:], w.messages)
+    w.plots.show_crosshair(300)
+    settle(app, 0.25)
+    w.grab().save(str(out / "screenshot-training.png"))
+    w.shutdown(30)
+    settle(app, 0.3)
+
+
+def overlay(app: QApplication, w: MainWindow, out: Path) -> None:
+    """Three runs of the regression toy at different rates, overlaid."""
+    load(app, w, "regression")
+    w.controls.length.setValue(1500)
+    ids = []
+    for lr in ("0.003", "0.01", "0.05"):
+        set_lr(app, w, lr)
+        assert w.start()
+        assert wait(app, lambda: not w.is_active())
+        ids.append(w.run.run_id)
+    w.run_browser.refresh()
+    w.run_browser.select_runs(ids)
+    w.run_browser.overlay_button.click()
+    w.log_checks["loss"].setChecked(True)
+    settle(app, 0.5)
+    w.plots.show_crosshair(400)
+    settle(app, 0.3)
+    w.grab().save(str(out / "screenshot-overlay.png"))
+    w.log_checks["loss"].setChecked(False)
+    w.overlay_runs([])
+
+
+def watch(app: QApplication, w: MainWindow, out: Path) -> None:
+    """A run started from a terminal, watched from the run browser and steered from the window."""
+    store = Path(w.store_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lrviz", "run", "regression", "--steps", "200000", "--lr", "0.01",
+           "--store", str(store.parent), "--name", "from the terminal", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait(app, lambda: bool(live_runs(store)) or proc.poll() is not None), "not live"
+        assert proc.poll() is None, proc.stderr.read()
+        run_id = next(iter(live_runs(store)))
+        assert wait(app, lambda: (w.store.get_run(run_id).steps or 0) >= 1500)
+        w.run_browser.refresh()
+        w.run_browser.select_runs([run_id])
+        w.run_browser.watch_button.click()
+        assert wait(app, lambda: w.run is not None and w.run.run_id == run_id), w.messages
+        run = w.run
+        assert wait(app, lambda: w.script_info is not None and w.script_info.name == "regression")
+        assert wait(app, lambda: run.step >= 2500)
+        set_lr(app, w, "0.05")
+        assert wait(app, lambda: run.step >= 4000 or run.done.is_set()), (run.state, run.error)
+        w.run_browser.refresh()
+        w.run_browser.select_runs([run_id])
+        w.plots.show_crosshair(3000)
+        settle(app, 0.5)
+        w.grab().save(str(out / "screenshot-watch.png"))
+        w.runs.stop()
+        assert wait(app, lambda: not w.is_active())
+    finally:
+        proc.kill()
+
+
+SHOTS = {"training": training, "overlay": overlay, "watch": watch}
+
+
 def main() -> int:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--only", default=",".join(SHOTS))
+    args = ap.parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     app = create_app()
     w = MainWindow()
     w.resize(1280, 800)
     w.move(0, 0)
     w.show()
-
-    # 1. Mid-training, after an LR change and a schedule.
-    w.load_script("classification")
-    assert wait(app, lambda: w.experiment is not None), w.messages
-    w.controls.length.setValue(60)  # epochs
-    assert w.start()
-    eng = w.engine
-    assert wait(app, lambda: eng.step >= 150)
-    w.controls.lr.edit.setText("0.3")
-    w.controls.lr._on_commit()
-    assert wait(app, lambda: eng.step >= 330)
-    total = eng.total_steps or 960
-    w.controls.schedule.set_spec(f"CosineAnnealingLR:T_max={total - eng.step},eta_min=0.001")
-    w.controls.schedule.apply_button.click()
-    assert wait(app, lambda: eng.step >= 420)
-    w.pause()
-    assert wait(app, lambda: eng.state == "paused")
-    settle(app, 0.3)
-    w.resume()
-    assert wait(app, lambda: eng.step >= 1100), (eng.state, eng.step, eng.events[-3:], w.messages)
-    w.plots.show_crosshair(300)
-    settle(app, 0.25)
-    w.grab().save(str(out / "screenshot-training.png"))
-    w.shutdown_engine()
-    settle(app, 0.3)
-
-    # 2. Three runs of the regression toy at different rates, overlaid.
-    w.load_script("regression")
-    assert wait(app, lambda: w.experiment is not None and w.experiment.name == "regression"), w.messages
-    w.controls.length.setValue(1500)
-    ids = []
-    for lr in ("0.003", "0.01", "0.05"):
-        w.controls.lr.edit.setText(lr)
-        assert w.start()
-        assert wait(app, lambda: w._end_handled, 300)
-        ids.append(w.engine.run_id)
-    if w.run_browser is not None:
-        w.run_browser.refresh()
-        w.run_browser.select_runs(ids)
-        w.run_browser.overlay_button.click()
-    else:
-        w.overlay_runs(ids)
-    w.log_checks["loss"].setChecked(True)
-    settle(app, 0.5)
-    w.plots.show_crosshair(400)
-    settle(app, 0.3)
-    w.grab().save(str(out / "screenshot-overlay.png"))
+    for name in args.only.split(","):
+        SHOTS[name](app, w, out)
+        print(f"wrote {out / f'screenshot-{name}.png'}")
+    w.shutdown(30)
     w.close()
-    print(f"wrote {out / 'screenshot-training.png'} and {out / 'screenshot-overlay.png'}")
     return 0
 
 

@@ -274,6 +274,18 @@ def test_local_and_remote_runs_offer_the_same_interface(served):
     remote.close()
 
 
+def test_a_local_run_reads_the_engine_s_records_and_state(store):
+    eng = make_engine(store, steps=30)
+    local = LocalRun(eng)
+    eng.start()
+    assert eng.join(WAIT)
+    assert local.buffer is eng.buffer and len(local.buffer) == 30
+    assert local.events is eng.events and local.validation is eng.validation
+    assert (local.step, local.run_id, local.total_steps, local.lrs) == (30, eng.run_id, 30, eng.lrs)
+    assert local.run_id is not None and local.state == RunState.FINISHED
+    assert local.summary()["steps"] == 30
+
+
 def test_endpoint_on_tcp_with_listen(store):
     eng = make_engine(store, steps=100_000, start_paused=True)
     ep = LiveEndpoint(EngineSource(eng), listen="127.0.0.1:0")

@@ -41,7 +41,8 @@ class _FirstPaint(QObject):
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802
         if event.type() == QEvent.Type.Expose and self.handle.isExposed():
-            print(f"lrviz: first paint at {time.time():.6f}", file=sys.stderr, flush=True)
+            print(f"lrviz: first paint at {time.time():.6f} after {time.process_time():.3f} s of CPU",
+                  file=sys.stderr, flush=True)
             self.handle.removeEventFilter(self)
         return False
 

@@ -4,9 +4,12 @@ script and the recent ones, the plot choices, the export folder, and the runs it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QByteArray, QSettings
+
+if TYPE_CHECKING:
+    from .main_window import MainWindow
 
 ORG = "lrviz"
 APP = "lrviz"
@@ -50,6 +53,31 @@ class AppSettings:
         return str(last) if last and Path(str(last)).is_file() else None
 
     # ---- the window -----------------------------------------------------------------------------
+    def restore_window(self, w: MainWindow) -> None:
+        """The window's size, docks, loss smoothing and log axes as they were left."""
+        geo = self.bytes("geometry")
+        if geo is not None:
+            w.restoreGeometry(geo)
+        else:
+            w.resize(1280, 800)
+        state = self.bytes("windowState")
+        if state is not None:
+            w.restoreState(state)
+        w.smoothing.setValue(min(max(self.int_value("smoothing", 60), 0), 99))
+        w.plots.set_smoothing(w.smoothing.value() / 100)
+        for plot, box in w.log_checks.items():
+            on = self.bool_value(f"log_{plot}")
+            if on is not None:
+                box.setChecked(on)
+
+    def save_window(self, w: MainWindow) -> None:
+        self.set("geometry", w.saveGeometry())
+        self.set("windowState", w.saveState())
+        self.set("smoothing", w.smoothing.value())
+        for plot, box in w.log_checks.items():
+            self.set(f"log_{plot}", box.isChecked())
+        self.sync()
+
     def bytes(self, key: str) -> QByteArray | None:
         v = self.q.value(key)
         return v if isinstance(v, (QByteArray, bytes)) and v else None

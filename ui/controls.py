@@ -231,32 +231,46 @@ class ControlPanel(QScrollArea):
     def set_script(self, exp: ScriptInfo) -> None:
         """Fill the controls from the script's DEFAULTS and build the PARAMS form."""
         cfg = RunConfig(**exp.defaults)
-        self.lr.set_value(float(cfg.lr))
         self._custom_optimizer = exp.has_custom_optimizer
+        self.optimizer_note.setText("this script builds its own optimizer (build_optimizer)"
+                                    if self._custom_optimizer else "")
+        self.optimizer_note.setVisible(self._custom_optimizer)
+        self._set_batch_size_field(exp, cfg.batch_size)
+        self._choices = _param_choices(exp)
+        self._build_params(exp.params, self._choices)
+        self.show_config(cfg)
+        self.config_errors.show_error(None)
+        self._update_enabled()
+
+    def show_config(self, cfg: RunConfig) -> None:
+        """Show these settings in the fields (the script's DEFAULTS, or the settings of a run watched)."""
+        self.lr.set_value(float(cfg.lr))
         if str(cfg.optimizer).lower() in OPTIMIZER_NAMES:
             self.optimizer.setCurrentText(str(cfg.optimizer).lower())
         self.momentum.setText(format_number(float(cfg.momentum), 6))
         self.weight_decay.setText(format_number(float(cfg.weight_decay), 6))
         self.nesterov.setChecked(bool(cfg.nesterov))
-        self.optimizer_note.setText("this script builds its own optimizer (build_optimizer)"
-                                    if self._custom_optimizer else "")
-        self.optimizer_note.setVisible(self._custom_optimizer)
         if cfg.steps is not None:
             self.length_kind.setCurrentText("steps")
             self.length.setValue(int(cfg.steps))
         else:
             self.length_kind.setCurrentText("epochs")
             self.length.setValue(int(cfg.epochs or 10))
-        self._set_batch_size_field(exp, cfg.batch_size)
+        if self._batch_size_settable and cfg.batch_size is not None:
+            self.batch_size.setValue(int(cfg.batch_size))
         self.seed.setValue(int(cfg.seed or 0))
         self.eval_every.setText("" if cfg.eval_every is None else str(cfg.eval_every))
         if cfg.device in [self.device.itemText(i) for i in range(self.device.count())]:
             self.device.setCurrentText(cfg.device)
         self.schedule.set_spec(cfg.schedule)
-        self._choices = _param_choices(exp)
-        self._build_params(exp.params, self._choices)
-        self.config_errors.show_error(None)
-        self._update_enabled()
+        for name, value in (cfg.params or {}).items():
+            w = self.param_fields.get(name, (None,))[0]
+            if isinstance(w, QCheckBox):
+                w.setChecked(bool(value))
+            elif isinstance(w, QComboBox):
+                w.setCurrentText(str(value))
+            elif w is not None:
+                w.setText(str(value))
 
     def _set_batch_size_field(self, exp: ScriptInfo, default: int | None) -> None:
         """The batch size lrviz passes to ``build_data``; a script whose ``build_data`` takes none

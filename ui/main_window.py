@@ -19,14 +19,10 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
-    QCheckBox,
     QDockWidget,
-    QHBoxLayout,
     QLabel,
     QMainWindow,
     QMessageBox,
-    QPushButton,
-    QSlider,
     QStyle,
     QTextBrowser,
     QToolBar,
@@ -37,17 +33,16 @@ from PySide6.QtWidgets import (
 from lrviz.errors import ConfigError, StoreError
 from lrviz.states import RunState
 
-from . import theme
 from .app_settings import APP, ORG, AppSettings
 from .controls import ControlPanel
 from .export_actions import ExportActions
+from .plot_bar import PlotBar
 from .plots import TrainingPlots
 from .run_browser import RunBrowser
 from .run_control import RunControl
 from .script_loading import ScriptLoader, dropped_script
 from .status_bar import RunStatusBar
 from .stored_runs import StoredRuns
-from .widgets import ElidedLabel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -82,8 +77,9 @@ class MainWindow(QMainWindow):
       is wrong); ``run_spec(config=None, **extra)``: a run spec (see
       :func:`lrviz.live.serve.build_engine`) of the loaded script with that config and the store;
       ``start_run(spec, show=True)``: train it in a worker of the app's pool, a
-      :class:`lrviz.live.child.ChildRun` (``show=True``: it becomes ``run``; else the caller watches
-      and stops it).
+      :class:`lrviz.live.child.ChildRun` (``show=True``: it becomes ``run``; else the caller follows
+      and stops it; closing stops what is left). ``show_run(run)``: show any Run (a ``LocalRun`` in
+      unit tests).
     - ``add_spec_hook(fn)``: ``fn(spec)`` may change the spec Start sends (guard options, per-layer
       statistics, a pace). ``ticked``: the one redraw timer (at most 30 times a second) while a run
       is live, a ``tick_while(busy)`` predicate is true, or for a second after ``wake()``.
@@ -143,7 +139,7 @@ class MainWindow(QMainWindow):
         except Exception:  # another room's failure must not keep the app from starting
             log.exception("the lab panels could not be installed")
             self.lab = None
-        self._restore_settings()
+        self.prefs.restore_window(self)
 
         self.controls.lrCommitted.connect(self.runs.set_lr)
         self.controls.scheduleApplied.connect(self.runs.set_schedule)
@@ -220,6 +216,10 @@ class MainWindow(QMainWindow):
         """Train ``spec`` in a process of its own (a worker of the app's pool); ``show``: as ``run``."""
         return self.runs.start_run(spec, show=show)
 
+    def show_run(self, run: Run, label: str = "") -> None:
+        """Show ``run`` (any :class:`lrviz.live.run.Run`, e.g. a ``LocalRun`` in a unit test) as the live run."""
+        self.runs.show(run, label)
+
     def start(self, paused: bool = False) -> bool:
         """Start the loaded script with the controls' settings (Start; ``paused``: Step); False when refused."""
         return self.runs.start(paused)
@@ -285,54 +285,18 @@ class MainWindow(QMainWindow):
         col = QVBoxLayout(central)
         col.setContentsMargins(4, 2, 4, 0)
         col.setSpacing(2)
-        bar = QHBoxLayout()
-        bar.setSpacing(6)
-        self.smoothing = QSlider(Qt.Orientation.Horizontal)
-        self.smoothing.setObjectName("smoothingSlider")
-        self.smoothing.setRange(0, 99)
-        self.smoothing.setValue(60)
-        self.smoothing.setFixedWidth(90)
-        self.smoothing.setToolTip("smoothing of the training loss: a debiased exponential moving average "
-                                  "(as in TensorBoard); 0 is off")
-        self.smoothing_label = QLabel("smoothing 0.60")
-        self.smoothing_label.setMinimumWidth(self.smoothing_label.fontMetrics().horizontalAdvance("smoothing 0.00"))
-        self.log_checks: dict[str, QCheckBox] = {}
-        bar.addWidget(self.smoothing_label)
-        bar.addWidget(self.smoothing)
-        bar.addSpacing(6)
-        bar.addWidget(QLabel("log y:"))
-        for plot, text in (("loss", "loss"), ("lr", "LR"), ("grad", "grad")):
-            box = QCheckBox(text)
-            box.setObjectName(f"log_{plot}")
-            box.setToolTip(f"logarithmic y axis for the {text} plot")
-            box.setChecked(self.plots.log_y(plot))
-            box.toggled.connect(lambda on, p=plot: self.plots.set_log_y(p, on))
-            self.log_checks[plot] = box
-            bar.addWidget(box)
-        self.view_label = ElidedLabel("")
-        self.view_label.setObjectName("viewLabel")
-        self.view_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        self.view_label.setStyleSheet(f"color: {theme.PURPLE};")
-        bar.addWidget(self.view_label, 1)
-        fit = QPushButton("Fit")
-        fit.setObjectName("fitButton")
-        fit.setToolTip("show all steps and follow new ones (also: the A button in a plot's corner)")
-        fit.clicked.connect(self.plots.reset_view)
-        fit.setAutoDefault(False)
-        bar.addWidget(fit)
+        self.plot_bar = PlotBar(self.plots)
+        self.smoothing = self.plot_bar.smoothing
+        self.log_checks = self.plot_bar.log_checks
+        self.view_label = self.plot_bar.view_label
         # a script dropped on the plots reaches the window (the graphics view would swallow it)
         self.plots.view.setAcceptDrops(False)
         self.plots.view.viewport().setAcceptDrops(False)
-        col.addLayout(bar)
+        col.addLayout(self.plot_bar)
         self._banner_index = col.count()
         col.addWidget(self.plots, 1)
         self._central_layout = col
         self.setCentralWidget(central)
-        self._smooth_timer = QTimer(self)
-        self._smooth_timer.setSingleShot(True)
-        self._smooth_timer.setInterval(120)
-        self._smooth_timer.timeout.connect(self._on_smoothing_settled)
-        self.smoothing.valueChanged.connect(self._on_smoothing_moved)
 
     def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
@@ -472,33 +436,6 @@ class MainWindow(QMainWindow):
             if btn is not None:
                 btn.setObjectName(a.objectName().replace("act", "button"))
 
-    # ---- settings ----------------------------------------------------------------------------------
-    def _restore_settings(self) -> None:
-        p = self.prefs
-        geo = p.bytes("geometry")
-        if geo is not None:
-            self.restoreGeometry(geo)
-        else:
-            self.resize(1280, 800)
-        state = p.bytes("windowState")
-        if state is not None:
-            self.restoreState(state)
-        self.smoothing.setValue(min(max(p.int_value("smoothing", 60), 0), 99))
-        self.plots.set_smoothing(self.smoothing.value() / 100)
-        for plot, box in self.log_checks.items():
-            on = p.bool_value(f"log_{plot}")
-            if on is not None:
-                box.setChecked(on)
-
-    def _save_settings(self) -> None:
-        p = self.prefs
-        p.set("geometry", self.saveGeometry())
-        p.set("windowState", self.saveState())
-        p.set("smoothing", self.smoothing.value())
-        for plot, box in self.log_checks.items():
-            p.set(f"log_{plot}", box.isChecked())
-        p.sync()
-
     # ---- messages ----------------------------------------------------------------------------------
     def show_message(self, icon: QMessageBox.Icon, title: str, text: str, detail: str = "") -> QMessageBox:
         """A window-modal message box that does not block the event loop (runs keep being drawn);
@@ -541,6 +478,7 @@ class MainWindow(QMainWindow):
         except (ConfigError, TypeError):
             self.runs.start_schedule = None
         self.runs.show_start_schedule()
+        self.runs.script_loaded(info)
         if self.plots.primary is None:
             self.plots.set_hint(f"Press Start (Ctrl+Enter) to train {info.path.name}")
         self.preview_setup()
@@ -621,14 +559,6 @@ class MainWindow(QMainWindow):
                 self._timer.stop()
 
     # ---- misc --------------------------------------------------------------------------------------
-    def _on_smoothing_moved(self, value: int) -> None:
-        self.smoothing_label.setText(f"smoothing {value / 100:.2f}")
-        self._smooth_timer.start()
-
-    def _on_smoothing_settled(self) -> None:
-        self.plots.set_smoothing(self.smoothing.value() / 100)
-        self.plots.refresh(force=True)
-
     def _on_about(self) -> None:
         from lrviz import __version__
 
@@ -646,35 +576,18 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
         """Runs this app started and that still train: asks whether to stop them or leave them running
         (the next start attaches to them again). Runs it only watched go on, unasked."""
-        mine = self.runs.live_started()
-        if mine:
-            box = QMessageBox(QMessageBox.Icon.Question, "Runs are training",
-                              f"{len(mine)} run{'s' if len(mine) > 1 else ''} started here "
-                              f"{'are' if len(mine) > 1 else 'is'} still training.\n\nStop "
-                              f"{'them' if len(mine) > 1 else 'it'} (saved in the run store), or leave "
-                              f"{'them' if len(mine) > 1 else 'it'} running? lrviz watches "
-                              f"{'them' if len(mine) > 1 else 'it'} again when it next starts.", parent=self)
-            box.setObjectName("closeQuestion")
-            stop = box.addButton("Stop", QMessageBox.ButtonRole.DestructiveRole)
-            leave = box.addButton("Leave running", QMessageBox.ButtonRole.AcceptRole)
-            box.addButton(QMessageBox.StandardButton.Cancel)
-            box.setDefaultButton(leave)
-            box.exec()
-            if box.clickedButton() is stop:
-                self.runs.stop_and_wait(mine)
-            elif box.clickedButton() is leave:
-                self.runs.leave_running(mine)
-            else:
-                event.ignore()
-                return
-        self.closed = True
-        self._timer.stop()
+        if not self.runs.ask_on_close():
+            event.ignore()
+            return
         if self.lab is not None:
             self.lab.shutdown()
+        self.runs.stop_and_wait(self.runs.hidden_live())  # what a panel started for itself and left
+        self.closed = True
+        self._timer.stop()
         self.runs.detach_all()
         if self._pool is not None and self._own_pool:
             self._pool.close()
-        self._save_settings()
+        self.prefs.save_window(self)
         if self.store is not None:
             self.store.close()
         event.accept()
@@ -683,6 +596,6 @@ class MainWindow(QMainWindow):
         """Stop every run this window started and wait for them; detach from the rest (tests, scripts)."""
         if self.lab is not None:
             self.lab.shutdown(timeout)
-        ok = self.runs.stop_and_wait(self.runs.live_started(), timeout)
+        ok = self.runs.stop_and_wait(self.runs.live_started() + self.runs.hidden_live(), timeout)
         self.runs.detach_all()
         return ok

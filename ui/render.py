@@ -27,6 +27,10 @@ pixel column (peak decimation), so files stay small and a one-step spike stays v
 
 Needs a ``QApplication``; one is created when none exists (on Linux without a display, with the
 ``offscreen`` platform). Call from the GUI thread.
+
+Why ~870 lines in one module: two figures (a run's, and the LR range test's, about 200 lines at the
+end) share its drawing helpers (fonts, title wrapping, decimation, encoding to PNG/SVG/PDF), and
+``lrviz find-lr`` imports the range test's from here.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ them running, and the next start attaches to those it left running.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -62,8 +63,11 @@ class RunControl(QObject):
         super().__init__(window)
         self.window = window
         self.run: Run | None = None
-        #: Runs this app started (or re-attached after it left them running): closing asks about the live ones.
+        #: Runs this app started to show (or re-attached after it left them running): closing asks about
+        #: the live ones.
         self.started: list[Run] = []
+        #: Runs a panel started for itself (``show=False``): the panel stops them; closing stops what is left.
+        self.hidden: list[Run] = []
         #: The schedule a run started now would use (applied before the start, or the script's).
         self.start_schedule: str | None = None
         #: What each command was answered, in order ("lr 0.01 from step 1,234", "... refused: why").
@@ -82,7 +86,10 @@ class RunControl(QObject):
         return self.run is not None and not self._end_handled
 
     def paused(self) -> bool:
-        return self.active() and (self.run.state == RunState.PAUSED or self._pause_asked)  # type: ignore[union-attr]
+        """The shown run is paused, or will be before its next step (asked here or by anyone else)."""
+        run = self.run
+        return self.active() and (run.state == RunState.PAUSED or bool(run.pause_requested)  # type: ignore[union-attr]
+                                  or self._pause_asked)
 
     def busy(self) -> bool:
         """Anything the timer must keep watching: the shown run, an attach or an answer on its way."""
@@ -121,11 +128,14 @@ class RunControl(QObject):
         return True
 
     def start_run(self, spec: dict[str, Any], *, show: bool = True) -> ChildRun:
-        """Train ``spec`` in a worker of the app's pool; ``show``: it becomes the shown run."""
+        """Train ``spec`` in a worker of the app's pool; ``show``: it becomes the shown run (else the
+        caller follows it and stops it)."""
         run = self.window.pool.start_run(spec)
-        self.started.append(run)
         if show:
+            self.started.append(run)
             self.show(run, "this run")
+        else:
+            self.hidden = [r for r in self.hidden if not r.done.is_set()] + [run]
         self.window.wake()
         return run
 
@@ -196,6 +206,19 @@ class RunControl(QObject):
         if show:
             self.show(run, run.name or label)
             w.show_status(f"watching {label}: {run.state} at step {run.step:,}")
+            self._show_settings_of(run)
+
+    def _show_settings_of(self, run: Run) -> None:
+        """A run started elsewhere: its script in the Script panel (when it is on this machine) and its
+        settings in the controls, so what they show is what it trains with."""
+        w = self.window
+        script = run.script_path
+        info = w.script_info
+        if script and os.path.isfile(script) and (info is None or os.path.realpath(info.path) !=
+                                                  os.path.realpath(script)):
+            w.load_script(script)  # the controls then show its settings again, below
+        if w.script_info is not None:
+            self.script_loaded(w.script_info)
 
     def watch(self, run_id: int) -> None:
         """Follow run ``run_id`` of the window's store, live (Watch in the run browser)."""
@@ -229,6 +252,17 @@ class RunControl(QObject):
         found.sort()
         for i, (run_id, info) in enumerate(found):
             self.attach(info, f"run #{run_id}", started_here=True, show=i == len(found) - 1)
+
+    def script_loaded(self, info: Any) -> None:
+        """The controls were filled from a script's DEFAULTS: while a run of that script is shown, they
+        show its settings instead."""
+        run = self.run
+        if self.active() and run is not None and run.script_path and \
+                os.path.realpath(run.script_path) == os.path.realpath(info.path):
+            try:
+                self.window.controls.show_config(RunConfig.from_dict(dict(run.config)))
+            except (LrvizError, TypeError, ValueError):
+                pass
 
     # ---- commands ----------------------------------------------------------------------------------
     def send(self, run: Run, words: str, fut: Future, kind: str, *,
@@ -273,7 +307,10 @@ class RunControl(QObject):
 
     def pause(self) -> None:
         """Pause the shown run before its next step."""
-        if self._steer("pause", "pause", lambda r: r.pause()):
+        def answered(ack: dict[str, Any]) -> None:
+            self._pause_asked = False  # the run says so itself from now on
+
+        if self._steer("pause", "pause", lambda r: r.pause(), on_ok=answered):
             self._pause_asked = True
             self.window.show_status("pausing before the next step")
 
@@ -390,6 +427,32 @@ class RunControl(QObject):
         self.runEnded.emit(str(run.state))
 
     # ---- closing -----------------------------------------------------------------------------------
+    def ask_on_close(self) -> bool:
+        """Runs this app started that still train: Stop them, or Leave them running (attached to again
+        at the next start)? False when the person cancels. Runs it only watched are not asked about."""
+        mine = self.live_started()
+        if not mine:
+            return True
+        n = len(mine)
+        them = "them" if n > 1 else "it"
+        box = QMessageBox(QMessageBox.Icon.Question, "Runs are training",
+                          f"{n} run{'s' if n > 1 else ''} started here {'are' if n > 1 else 'is'} still training."
+                          f"\n\nStop {them} (saved in the run store), or leave {them} running? lrviz watches "
+                          f"{them} again when it next starts.", parent=self.window)
+        box.setObjectName("closeQuestion")
+        stop = box.addButton("Stop", QMessageBox.ButtonRole.DestructiveRole)
+        leave = box.addButton("Leave running", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(leave)
+        box.exec()
+        if box.clickedButton() is stop:
+            self.stop_and_wait(mine)
+        elif box.clickedButton() is leave:
+            self.leave_running(mine)
+        else:
+            return False
+        return True
+
     def stop_and_wait(self, runs: list[Run], timeout: float = CLOSE_WAIT_S) -> bool:
         """Stop ``runs`` and wait until each has ended (a run of this app that hangs is killed)."""
         for r in runs:
@@ -413,7 +476,13 @@ class RunControl(QObject):
         for r in runs:
             r.close()
 
+    def hidden_live(self) -> list[Run]:
+        """The runs panels started for themselves that are still going."""
+        self.hidden = [r for r in self.hidden if not r.done.is_set()]
+        return list(self.hidden)
+
     def detach_all(self) -> None:
         """Close every connection this window holds (the runs go on)."""
-        for r in {id(r): r for r in [*self.started, *([self.run] if self.run is not None else [])]}.values():
+        held = [*self.started, *self.hidden, *([self.run] if self.run is not None else [])]
+        for r in {id(r): r for r in held}.values():
             r.close()

@@ -12,17 +12,16 @@ import pytest
 from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog
+from window_driving import WAIT_MS, button, click, wait_answer, wait_ended, wait_steps
 
 from lrviz.records import Event
+from lrviz.states import RunState
 
 
-def click(qtbot, widget) -> None:
-    qtbot.mouseClick(widget, Qt.MouseButton.LeftButton)
-
-
-def start_and_finish(qtbot, window: MainWindow, timeout: int = 60000) -> None:
-    click(qtbot, window.toolbar.widgetForAction(window.act_start))
-    qtbot.waitUntil(lambda: window.engine is not None and window._end_handled, timeout=timeout)
+def start_and_finish(qtbot, window: MainWindow) -> None:
+    click(qtbot, button(window, window.act_start))
+    qtbot.waitUntil(lambda: window.run is not None and window.run.state != RunState.PREPARING, timeout=WAIT_MS)
+    wait_ended(qtbot, window)
 
 
 NO_BATCH_SIZE = '''\
@@ -74,8 +73,9 @@ def test_status_bar_ends_on_the_last_epoch(qtbot, window, make_script, open_scri
     open_script(make_script("epochs.py", source=NO_BATCH_SIZE))
     assert window.controls.length_kind.currentText() == "epochs" and window.controls.length.value() == 3
     start_and_finish(qtbot, window)
-    assert window.engine.state == "finished"
-    assert window.loss_label.text().endswith("epoch 3 of 3"), window.loss_label.text()
+    assert window.run.state == RunState.FINISHED
+    label = window.status.loss_label
+    assert label.text().endswith("epoch 3 of 3"), label.text()
 
 
 def test_batch_size_field_shows_no_made_up_number(qtbot, window, make_script, open_script):
@@ -145,41 +145,48 @@ def test_schedule_preview_of_a_constant_rate_sits_on_a_rate_axis(qtbot, window, 
 
 # ---- item 13: opening another script starts from a clean slate ---------------------------------------
 
-def test_opening_another_script_clears_the_last_runs_overlays_legend_and_previous_line(
-        qtbot, window, make_script, open_script):
+def test_opening_another_script_clears_the_last_runs_overlays_and_legend(qtbot, window, make_script, open_script):
     open_script(make_script("first.py", steps=80))
-    window.lab.options.layer_stats.setValue(10)  # per-layer statistics: the Diagnostics "previous" line
     start_and_finish(qtbot, window)
-    first = window.engine.run_id
+    first = window.run.run_id
     window.controls.optimizer.setCurrentText("adam")
     start_and_finish(qtbot, window)
-    second = window.engine.run_id
-    window.lab.show_panel("Diagnostics")
-    diag = window.lab.diagnostics
-    qtbot.waitUntil(lambda: "previous" in diag.layer_key.text(), timeout=5000)  # SGD's line beside Adam's
+    second = window.run.run_id
     window.overlay_runs([first, second])
     legend = window.plots.legend_texts()
     assert any(f"#{first}" in t for t in legend) and any(f"#{second}" in t for t in legend)
 
     open_script(make_script("second.py", steps=30))
-    qtbot.wait(150)  # the lab's timer ticks
+    assert window.run is None
     plots = window.plots
     assert plots.primary is None and plots.overlays == []
     assert window.plots.legend_texts() == []
     assert not any(item.isVisible() and len(item.getData()[0] or ()) for p in plots.plots.values()
                    for item in p.listDataItems())  # nothing of the old runs is drawn
     assert "Press Start" in plots._hint.toPlainText() and plots._hint.isVisible()
-    assert "previous" not in diag.layer_key.text()
-    assert diag.ratio_plot.getPlotItem().listDataItems() == []
     assert "#" not in window.view_label.text()
     # The new script's run is shown alone.
     start_and_finish(qtbot, window)
-    assert plots.primary is not None and plots.primary.trace.run_id == window.engine.run_id
+    assert plots.primary is not None and plots.primary.trace.run_id == window.run.run_id
     assert plots.overlays == []
 
 
+def test_opening_another_script_forgets_the_diagnostics_previous_line(qtbot, window, make_script, open_script):
+    open_script(make_script("first.py", steps=80))
+    window.lab.options.layer_stats.setValue(10)  # per-layer statistics: the Diagnostics "previous" line
+    start_and_finish(qtbot, window)
+    window.controls.optimizer.setCurrentText("adam")
+    start_and_finish(qtbot, window)
+    window.lab.show_panel("Diagnostics")
+    diag = window.lab.diagnostics
+    qtbot.waitUntil(lambda: "previous" in diag.layer_key.text(), timeout=WAIT_MS)  # SGD's line beside Adam's
+    open_script(make_script("second.py", steps=30))
+    qtbot.waitUntil(lambda: "previous" not in diag.layer_key.text(), timeout=WAIT_MS)
+    assert diag.ratio_plot.getPlotItem().listDataItems() == []
+
+
 def test_surface_panel_shows_a_surface_script_as_soon_as_it_is_opened(qtbot, window, make_script, open_script):
-    from lrviz.experiment import example_paths
+    from lrviz.examples import example_paths
 
     open_script(make_script("flat.py", steps=20))
     start_and_finish(qtbot, window)  # the last run is of a script without a surface
@@ -226,22 +233,22 @@ def _assert_axis_titles_apart(plots) -> None:
 
 def _diverge(qtbot, window: MainWindow):
     """Run `regression` and raise the rate far too high mid-run: the guard pauses and the banner shows."""
-    with qtbot.waitSignal(window.scriptLoaded, timeout=30000):
+    with qtbot.waitSignal(window.scriptLoaded, timeout=WAIT_MS):
         window.load_script("regression")
     window.controls.length_kind.setCurrentText("steps")
     window.controls.length.setValue(3000)
-    click(qtbot, window.toolbar.widgetForAction(window.act_start))
-    eng = window.engine
-    qtbot.waitUntil(lambda: eng.step >= 120, timeout=30000)
+    click(qtbot, button(window, window.act_start))
+    wait_steps(qtbot, window, 120)
+    run = window.run
     window.lab.use_lr(5.0)
-    qtbot.waitUntil(lambda: eng.state == "paused" and eng.detection is not None, timeout=30000)
-    qtbot.waitUntil(window.lab.banner.isVisible, timeout=5000)
+    qtbot.waitUntil(lambda: run.state == RunState.PAUSED and run.detection is not None, timeout=WAIT_MS)
+    qtbot.waitUntil(window.lab.banner.isVisible, timeout=WAIT_MS)
     qtbot.wait(100)
-    return eng
+    return run
 
 
-def test_divergence_banner_keeps_the_window_size_and_nothing_collides(qtbot, tmp_path, shown):
-    w = MainWindow(store_path=str(tmp_path / "store"))
+def test_divergence_banner_keeps_the_window_size_and_nothing_collides(qtbot, tmp_path, shown, pool):
+    w = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
     qtbot.addWidget(w)
     w.resize(1280, 800)
     w.show()
@@ -265,11 +272,11 @@ def test_divergence_banner_keeps_the_window_size_and_nothing_collides(qtbot, tmp
     _assert_axis_titles_apart(plots)
     assert not plots.legend.geometry().intersects(plots.view.geometry())  # the legend covers no plot
     # Stopping does not move anything either (and the window closes, saving its size, as wide as it opened).
-    w.stop_run()
-    qtbot.waitUntil(lambda: w._end_handled, timeout=30000)
+    w.runs.stop()
+    wait_ended(qtbot, w)
     qtbot.wait(50)
     assert (w.width(), w.centralWidget().width()) == before[:2]
-    assert eng.state == "stopped"
+    assert eng.state == RunState.STOPPED
     w.close()
 
 
@@ -327,21 +334,22 @@ def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open
     from lrviz.ui import render
 
     open_script(make_script("seen.py", steps=300, delay=0.002))
-    click(qtbot, window.toolbar.widgetForAction(window.act_start))
-    eng = window.engine
-    qtbot.waitUntil(lambda: eng.step >= 60, timeout=30000)
+    click(qtbot, button(window, window.act_start))
+    wait_steps(qtbot, window, 60)
     window.controls.lr.set_value(0.02)
     window.controls.lr.set_button.click()
-    qtbot.waitUntil(lambda: eng.step >= 120, timeout=30000)
-    window.pause()
-    qtbot.waitUntil(lambda: eng.state == "paused", timeout=30000)
+    wait_answer(qtbot, window, "lr 0.02 from step")
+    wait_steps(qtbot, window, 120)
+    window.runs.pause()
+    qtbot.waitUntil(lambda: window.run.state == RunState.PAUSED, timeout=WAIT_MS)
     window.controls.schedule.set_spec("StepLR:step_size=50,gamma=0.5")
     window.controls.schedule.apply_button.click()
-    window.resume()
-    qtbot.waitUntil(lambda: window._end_handled, timeout=60000)
+    wait_answer(qtbot, window, "schedule StepLR")
+    window.runs.resume()
+    wait_ended(qtbot, window)
     # What the user set on screen: more smoothing, a log loss axis, a zoom on steps 40..250.
     window.smoothing.setValue(85)
-    window._on_smoothing_settled()
+    window.plot_bar.apply_smoothing()
     window.log_checks["loss"].setChecked(True)
     vb = window.plots.plots["loss"].getViewBox()
     vb.setXRange(40, 250, padding=0)
@@ -353,7 +361,7 @@ def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open
 
     # The file: the screen's smoothing, panels and markers.
     svg = tmp_path / "seen.svg"
-    assert window.export_plot(str(svg), "svg"), window.messages
+    assert window.exports.export_plot(str(svg), "svg"), window.messages
     text = " ".join(ET.parse(svg).getroot().itertext())
     assert "smoothed (0.85)" in text and "EMA" not in text
     assert "grad" in text and "learning rate" in text  # every panel shown
@@ -362,7 +370,7 @@ def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open
             assert part in text or "events" in text, (part, text)
 
     # The description the file is drawn from is the screen's, item by item.
-    runs, spec = window.plot_description()
+    runs, spec = window.exports.plot_description()
     assert spec.panels == tuple(plots._shown) and spec.smoothing == pytest.approx(0.85)
     assert spec.log_loss is True and spec.log_lr is True and spec.log_grad is False
     assert spec.x_range == pytest.approx((40, 250))

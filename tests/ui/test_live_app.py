@@ -130,6 +130,10 @@ def test_watch_a_terminal_run_from_the_run_browser_and_steer_it(qtbot, window, t
         qtbot.waitUntil(lambda: window.run is not None and window.run.run_id == run_id, timeout=WAIT_MS)
         run = window.run
         assert run not in window.runs.started  # watched, not started here
+        # its script in the Script panel, its settings in the controls
+        qtbot.waitUntil(lambda: window.script_info is not None and window.script_info.name == "tiny", timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: window.controls.length.value() == 3_000_000, timeout=WAIT_MS)
+        assert window.controls.lr.value() == 0.05
         wait_steps(qtbot, window, run.step + 50)  # live
         qtbot.waitUntil(lambda: window.plots.primary.trace.rows >= before, timeout=WAIT_MS)
         steps = run.buffer.view()["step"]  # the whole history, from step 0, then live
@@ -231,6 +235,18 @@ def test_closing_asks_about_runs_it_started_and_reopening_watches_the_one_left_r
     qtbot.waitUntil(lambda: not pid_alive(pid), timeout=WAIT_MS)
     with RunStore(store) as s:
         assert s.get_run(run.run_id).status == "stopped"
+
+
+def test_closing_stops_a_panel_s_own_run_without_asking(qtbot, window, make_script, open_script, monkeypatch):
+    open_script(make_script("hidden.py", steps=1_000_000, delay=0.002))
+    run = window.start_run(window.run_spec(), show=False)  # as a lab panel does for a run of its own
+    assert window.run is None and run not in window.runs.started
+    qtbot.waitUntil(lambda: run.step >= 3, timeout=WAIT_MS)
+    asked: list[str] = []
+    answer_close(monkeypatch, "Leave running", asked)
+    assert window.close()
+    assert not asked
+    assert run.done.is_set() and run.state == RunState.STOPPED
 
 
 def test_closing_leaves_a_watched_run_running_without_asking(qtbot, window, tmp_path, monkeypatch):

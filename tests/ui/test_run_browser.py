@@ -328,3 +328,31 @@ def test_keyboard_open_and_rename(qtbot, store, messages):
     with qtbot.assertNotEmitted(browser.openRequested):
         qtbot.keyClick(editor, Qt.Key.Key_Return)  # commits the edit; does not open
     qtbot.waitUntil(lambda: store.get_run(run_id).name == "after", timeout=1000)
+
+
+def test_live_runs_say_so_and_watch_them(qtbot, store, messages):
+    from lrviz.live.connection import ConnectionInfo, connection_path, write_connection
+
+    done = add_run(store, "done", 5)
+    live = add_run(store, "live", 5, status="running")
+    write_connection(connection_path(store.path, live),  # served by a process that is alive: this one
+                     ConnectionInfo("unix", "/nowhere.sock", "t" * 64, run_id=live, store=str(store.path)))
+    browser = make_browser(qtbot, store)
+    browser.show()
+    qtbot.waitExposed(browser)
+    statuses = dict(zip(shown_ids(browser), shown_column(browser, COL_STATUS)))
+    assert statuses == {done: "finished", live: "running · live"}
+    row = shown_ids(browser).index(live)
+    assert "Served live now" in browser.proxy.index(row, COL_STATUS).data(Qt.ItemDataRole.ToolTipRole)
+    browser.select_runs([done])
+    assert not browser.watch_button.isEnabled()
+    browser.select_runs([live])
+    assert browser.watch_button.isEnabled()
+    with qtbot.waitSignal(browser.watchRequested, timeout=1000) as blocker:
+        browser.watch_button.click()
+    assert blocker.args == [live]
+    rect = browser.view.visualRect(browser.proxy.index(row, COL_STEPS))
+    qtbot.mouseClick(browser.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    with qtbot.waitSignal(browser.watchRequested, timeout=1000) as blocker:  # double-click a live run: Watch
+        qtbot.mouseDClick(browser.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert blocker.args == [live]

@@ -117,7 +117,7 @@ def test_step_once_starts_a_paused_run_that_takes_exactly_one_step(qtbot, window
     run = window.run
     assert "step once runs step 0" in wait_answer(qtbot, window, "step once")
     qtbot.waitUntil(lambda: run.state == RunState.PAUSED and run.step == 1, timeout=WAIT_MS)
-    assert window.act_pause.text() == "Resume" and window.act_step.isEnabled()
+    qtbot.waitUntil(lambda: window.act_pause.text() == "Resume" and window.act_step.isEnabled())  # at the next tick
     click(qtbot, button(window, window.act_step))
     qtbot.waitUntil(lambda: run.step == 2 and run.state == RunState.PAUSED, timeout=WAIT_MS)
     click(qtbot, button(window, window.act_pause))  # Resume
@@ -313,7 +313,10 @@ def test_the_window_is_up_and_says_loading_until_the_worker_answers(qtbot, make_
         assert w.status.state == "loading" and w.script_info is None  # asked, not answered yet
         assert not w.load_script(str(make_script("other.py")))  # one at a time
     assert w.script_info.name == "slowly" and w.status.state == "idle"
-    assert w.controls.device.itemText(0) == "auto"  # the devices the worker found
+    from lrviz.devices import available_devices  # (the test may import torch; the app may not)
+
+    devices = w.controls.device
+    qtbot.waitUntil(lambda: [devices.itemText(i) for i in range(devices.count())] == available_devices())
     w.close()
 
 
@@ -390,3 +393,22 @@ def test_script_params_form_and_batch_size(qtbot, window, make_script, open_scri
 def test_window_opens_with_no_run(window):
     assert window.run is None and window.script_info is None
     assert Path(window.store.path).exists()
+
+
+def test_a_local_run_is_drawn_and_ended_like_any_other(qtbot, window, make_script, one_thread):
+    from lrviz.config import RunConfig
+    from lrviz.engine import TrainingEngine
+    from lrviz.experiment import load_experiment
+    from lrviz.live.run import LocalRun
+
+    exp = load_experiment(make_script("local.py", steps=40))
+    engine = TrainingEngine(exp, RunConfig(**exp.defaults).validated(), None)
+    run = LocalRun(engine)
+    with qtbot.waitSignal(window.runChanged) as changed:
+        window.show_run(run)
+    assert changed.args == [run] and window.run is run and window.is_active()
+    with qtbot.waitSignal(window.runEnded, timeout=WAIT_MS) as ended:
+        engine.start()
+    assert ended.args == ["finished"]
+    assert window.plots.primary.trace.rows == 40
+    assert window.status.step_label.text() == "step 40 / 40" and window.status.state == "finished"
