@@ -28,7 +28,7 @@ from .errors import ScriptError
 DEFAULT_KEYS = (
     "lr", "optimizer", "momentum", "weight_decay", "epochs", "steps",
     "schedule", "batch_size", "seed", "eval_every", "nesterov", "pace", "checkpoint_every",
-    "early_stopping",
+    "early_stopping", "amp", "accumulate", "clip_grad_norm",
 )
 DEFAULT_EXAMPLE = "classification.py"
 

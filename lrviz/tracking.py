@@ -325,7 +325,8 @@ class TrackedRun:
                 cmd = Command(kind)
             except ValueError:
                 raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
-            if cmd in (Command.RANGE_TEST, Command.CANCEL_RANGE_TEST, Command.ROLLBACK, Command.CHECKPOINT):
+            if cmd in (Command.RANGE_TEST, Command.CANCEL_RANGE_TEST, Command.ROLLBACK, Command.CHECKPOINT,
+                       Command.SET_CLIP):
                 raise ConfigError(f"{cmd.value} needs lrviz's own runner (`lrviz run`); a tracked loop "
                                   "can be paused, stopped and have its rate, schedule, momentum and weight decay set")
             if cmd == Command.SET_PACE:
