@@ -36,6 +36,7 @@ import torch
 
 from .devices import to_device
 from .errors import ConfigError, LrvizError, ScriptError
+from .staging import GradNorm
 
 __all__ = [
     "METHODS",
@@ -472,6 +473,9 @@ def range_test(
     should_stop: Callable[[], bool] | None = lambda: False,
     on_step: Callable[[int, float, float], Any] | None = None,
     method: str = "valley",
+    amp: str | None = None,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> RangeTestResult:
     """Sweep the learning rate from ``start`` to ``end`` exponentially over ``steps`` optimizer steps.
 
@@ -482,6 +486,11 @@ def range_test(
     ``stop_factor - 1`` times its magnitude), when the loss is not finite, or when
     ``should_stop()`` (polled before every step) returns True. ``on_step(i, lr, loss)`` is
     called after every step. The model runs in train mode.
+
+    ``amp``, ``accumulate`` and ``clip_grad_norm`` make each step as the run does
+    (:class:`lrviz.update.UpdateStep`): one step is one update over ``accumulate`` batches, its loss the
+    mean of theirs; the forward pass under autocast (fp16 with a fresh gradient scaler, which skips the
+    update of a step whose gradients overflow); the gradients clipped before the update.
 
     Model, optimizer and random number generators are restored exactly afterwards (in a
     ``finally:``, so also when ``loss_of`` raises; the exception then propagates). Bad settings
@@ -497,6 +506,7 @@ def range_test(
         raise ConfigError(f"range test data of type {type(batches).__name__} cannot be iterated")
     dev = torch.device(device) if device is not None else None
     move = dev is not None and dev.type != "cpu"
+    upd = _update_step(optimizer, dev, amp, accumulate, clip_grad_norm)
     plan = start * (end / start) ** (np.arange(steps) / (steps - 1))
     lrs = np.full(steps, np.nan)
     losses = np.full(steps, np.nan)
@@ -508,6 +518,7 @@ def range_test(
     best = math.inf
     t0 = time.perf_counter()
     snapshot = _Snapshot(model, optimizer)
+    upd_norm = GradNorm(upd.params) if upd is not None else None
     try:
         model.train()
         data = _batches_forever(batches)
@@ -518,15 +529,19 @@ def range_test(
                     break
                 lr = float(plan[i])
                 _set_lr(optimizer, lr)
-                batch = next(data)
-                if move:
-                    batch = to_device(batch, dev)
                 model.zero_grad(set_to_none=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_of(model, batch)
-                if i == 0:
-                    _check_loss(loss)
-                value = float(loss.detach())
+                if upd is not None:  # mixed precision, accumulation or clipping
+                    value = _accumulate(upd, model, data, loss_of, dev if move else None, first=i == 0)
+                    loss = None
+                else:
+                    batch = next(data)
+                    if move:
+                        batch = to_device(batch, dev)
+                    loss = loss_of(model, batch)
+                    if i == 0:
+                        _check_loss(loss)
+                    value = float(loss.detach())
                 avg = beta * avg + (1 - beta) * value
                 bpow *= beta
                 sm = avg / (1 - bpow)
@@ -539,8 +554,12 @@ def range_test(
                 elif sm > best + (stop_factor - 1) * abs(best):
                     stop_reason = f"smoothed loss exceeded {stop_factor:g}x its best at lr {_fmt(lr)}"
                 if not stop_reason:
-                    loss.backward()
-                    optimizer.step()
+                    if upd is not None:
+                        upd.finish(upd_norm, upd.accumulate)
+                        upd.step()
+                    else:
+                        loss.backward()
+                        optimizer.step()
                 del loss
                 if on_step is not None:
                     on_step(i, lr, value)
@@ -570,6 +589,37 @@ def range_test(
               stop_reason or "all steps done", sugg.to_dict())
     return RangeTestResult(lrs, losses, smoothed, bool(stop_reason), stop_reason, sugg, start=start, end=end,
                            steps=steps, beta=beta, stop_factor=stop_factor, seconds=seconds)
+
+
+def _update_step(optimizer: torch.optim.Optimizer, dev: torch.device | None, amp: str | None, accumulate: Any,
+                 clip_grad_norm: Any) -> Any:
+    """The UpdateStep of a range test with those settings (None: a plain step); ConfigError when one is bad."""
+    from .config import RunConfig
+    from .update import UpdateStep, check_amp
+
+    cfg = RunConfig(amp=amp, accumulate=accumulate, clip_grad_norm=clip_grad_norm).validated()
+    where = dev if dev is not None else torch.device("cpu")
+    check_amp(cfg.amp, where)
+    upd = UpdateStep(optimizer, where, amp=cfg.amp, accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
+    return None if upd.plain else upd
+
+
+def _accumulate(upd: Any, model: torch.nn.Module, data: Iterator[Any], loss_of: LossOf, dev: torch.device | None,
+                *, first: bool) -> float:
+    """Forward and backward of one step's micro-batches; the mean of their losses (one host sync each)."""
+    total = 0.0
+    for j in range(upd.accumulate):
+        batch = next(data)
+        if dev is not None:
+            batch = to_device(batch, dev)
+        with upd.autocast():
+            loss = loss_of(model, batch)
+        if first and j == 0:
+            _check_loss(loss)
+        total += float(loss.detach())
+        upd.backward(loss)
+        del loss
+    return total / upd.accumulate
 
 
 # --------------------------------------------------------------------------- headless
@@ -624,7 +674,8 @@ def find_lr(
     Seeds with ``config.seed`` and builds model, training data and optimizer the way
     :class:`lrviz.engine.TrainingEngine` does (device from ``config.device``; the script's own
     ``build_optimizer`` when it has one, else ``config.optimizer`` with its momentum and weight
-    decay), then calls :func:`range_test`. Errors in the script are :class:`ScriptError` naming
+    decay), then calls :func:`range_test` with the config's ``amp``, ``accumulate`` and
+    ``clip_grad_norm``. Errors in the script are :class:`ScriptError` naming
     the file and line; bad settings are :class:`ConfigError`.
     """
     from .devices import resolve_device
@@ -646,13 +697,16 @@ def find_lr(
     path = str(experiment.path)
     step = [0]
 
+    per_step = cfg.accumulate
+
     def loss_of(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         i = step[0]
         step[0] += 1
         try:
             loss = script_loss(m, batch)
         except Exception as exc:
-            raise experiment.describe_batch_error(exc, batch, f"range test step {i}") from exc
+            micro = f", micro-batch {i % per_step + 1} of {per_step}" if per_step > 1 else ""
+            raise experiment.describe_batch_error(exc, batch, f"range test step {i // per_step}{micro}") from exc
         if i == 0:
             try:
                 _check_loss(loss)
@@ -662,7 +716,8 @@ def find_lr(
 
     return range_test(model, opt, _ScriptData(train, experiment.path), loss_of, start=start, end=end,
                       steps=steps, beta=beta, stop_factor=stop_factor, device=device,
-                      should_stop=should_stop, on_step=on_step, method=method)
+                      should_stop=should_stop, on_step=on_step, method=method, amp=cfg.amp,
+                      accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
 
 
 def write_csv(result: RangeTestResult, path: str | Path) -> None:
