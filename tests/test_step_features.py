@@ -26,6 +26,8 @@ from lrviz.store import RunStore
 from lrviz.sweep import run_sweep
 
 SCRIPTS = Path(__file__).parent / "scripts"
+#: torch warns when a by-hand loop's scheduler steps after a step its gradient scaler skipped.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 
 
 @pytest.fixture
@@ -95,19 +97,24 @@ def test_fp16_off_cuda_is_refused_with_what_to_use_instead(tiny, tmp_path, capsy
     assert "unknown mixed precision 'fp8'; choose bf16, fp16 or off" in capsys.readouterr().err
 
 
-def _fp16_by_hand(exp, cfg: RunConfig, steps: int) -> tuple[list[float], list[bool]]:
-    """torch's AMP recipe: autocast fp16, GradScaler; whether each step was skipped (its scale fell)."""
+def _fp16_by_hand(exp, cfg: RunConfig, steps: int) -> tuple[list[float], list[bool], list[float]]:
+    """torch's AMP recipe: autocast fp16, GradScaler (unscale, clip_grad_norm_ when the config clips);
+    the losses, whether each step was skipped (its scale fell), and the unscaled norms before clipping."""
     eng = prepared(exp, cfg)
     model, opt = eng.model, eng.optimizer
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    assert cfg.schedule in (None, "StepLR:step_size=10,gamma=0.5")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5 if cfg.schedule else 1.0)
     scaler = torch.amp.GradScaler("cpu")
-    losses, skipped = [], []
+    losses, skipped, norms = [], [], []
+    clip = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else float("inf")
     while len(losses) < steps:
         for batch in eng._train_data:
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = exp.module.compute_loss(model, batch)
             scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             scale = scaler.get_scale()
             scaler.step(opt)
             scaler.update()
@@ -116,10 +123,9 @@ def _fp16_by_hand(exp, cfg: RunConfig, steps: int) -> tuple[list[float], list[bo
             skipped.append(scaler.get_scale() < scale)
             if len(losses) == steps:
                 break
-    return losses, skipped
+    return losses, skipped, norms
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the by-hand loop, on a skipped step
 def test_fp16_skipped_steps_are_counted_and_still_steps(precision, fp16_on_cpu):
     """A loss scaled by 1e4 overflows fp16 gradients until the scaler has backed off: those steps are
     skipped (recorded with a non-finite gradient norm, counted, one event for the episode), not a divergence."""
@@ -127,7 +133,7 @@ def test_fp16_skipped_steps_are_counted_and_still_steps(precision, fp16_on_cpu):
                     params={"loss_scale": 1e4})
     eng = TrainingEngine(precision, cfg)
     assert eng.run() == "finished", eng.error
-    losses, skipped = _fp16_by_hand(precision, cfg, 40)
+    losses, skipped, _ = _fp16_by_hand(precision, cfg, 40)
     assert col(eng, "loss").tolist() == losses  # the very same training, bit for bit
     assert 3 <= sum(skipped) < 30
     assert (~np.isfinite(col(eng, "grad_norm"))).tolist() == skipped
@@ -143,6 +149,26 @@ def test_fp16_skipped_steps_are_counted_and_still_steps(precision, fp16_on_cpu):
         ref.step()
         sched.step()
     np.testing.assert_allclose(col(eng, "lr")[:, 0], expected, rtol=1e-12)
+
+
+def test_fp16_clips_the_unscaled_gradients(precision, fp16_on_cpu):
+    cfg = RunConfig(lr=5e-6, steps=30, seed=3, device="cpu", amp="fp16", clip_grad_norm=50.0,
+                    params={"loss_scale": 1e4})
+    eng = TrainingEngine(precision, cfg)
+    assert eng.run() == "finished", eng.error
+    losses, skipped, norms = _fp16_by_hand(precision, cfg, 30)
+    gn = col(eng, "grad_norm")
+    ok = ~np.array(skipped)
+    assert ok.sum() > 10 and np.all(~np.isfinite(gn[~ok]))
+    first = int(np.flatnonzero(ok)[0])
+    assert col(eng, "loss")[:first + 1].tolist() == losses[:first + 1]
+    # unscaled (the scale is 2**10 or more), before clipping: the same norm as torch's at the same weights...
+    np.testing.assert_allclose(gn[first], norms[first], rtol=1e-6)
+    assert gn[first] > 50.0
+    # ...and, as fp16 rounds a difference in the last bit of the clipped update up to ~1e-3, close after it
+    np.testing.assert_allclose(gn[ok], np.array(norms)[ok], rtol=0.05)
+    np.testing.assert_allclose(col(eng, "loss"), losses, rtol=0.05)
+    assert eng.summary()["clipped_steps"] == int((gn[ok] > 50.0).sum()) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -272,7 +298,7 @@ def test_clipping_records_the_norm_before_clipping_and_updates_as_torch_clips(ti
     hand_after_32 = [p.detach().clone() for p in model.parameters()]
     short = TrainingEngine(tiny, cfg.merged({"steps": 32}))
     short.run()
-    for p, q in zip(short.model.parameters(), hand_after_32):
+    for p, q in zip(short.model.parameters(), hand_after_32):  # torch's clipping, to float rounding
         np.testing.assert_allclose(p.detach().numpy(), q.numpy(), rtol=1e-5, atol=1e-7)
     clipped = int((gn > 0.25).sum())
     assert eng.summary()["clipped_steps"] == clipped > 0
@@ -293,6 +319,47 @@ def test_a_clipping_episode_ends_after_quiet_steps_without_clipping(tiny):
     evs = [(e.step, e.data["active"]) for e in clipped.events if e.kind == "clipping"]
     assert evs == [(int(over[0]), True), (int(over[-1]), False)]
     assert [e.data.get("clipped_steps") for e in clipped.events if e.kind == "clipping"] == [None, over.size]
+
+
+def test_step_watch_counts_episodes_not_steps():
+    """Unit: clipped and skipped steps less than QUIET_STEPS apart are one episode; the guard skips skips."""
+    from lrviz.records import StepBuffer
+    from lrviz.update import QUIET_STEPS, ScalerAwareGuard, StepWatch
+
+    buf = StepBuffer()
+    events = []
+    watch = StepWatch(buf, lambda kind, data, step: events.append((kind, step, data.get("active"))), clip=1.0,
+                      count_skips=True)
+    norms = np.full(300, 0.5)
+    norms[[10, 20, 20 + QUIET_STEPS]] = 2.0  # one clipping episode: QUIET_STEPS - 1 quiet steps at most
+    norms[200] = 3.0  # a second one, after a quiet stretch
+    norms[[5, 6, 6 + QUIET_STEPS + 1]] = np.inf  # two episodes of skips (QUIET_STEPS quiet steps between)
+    for i, g in enumerate(norms):
+        buf.append(0, i, 1.0, g, [0.1])
+        if i % 37 == 0:
+            watch.scan()  # published in blocks of any size: the same answer
+    watch.scan()
+    assert events == [("skipped_steps", 5, None), ("clipping", 10, True), ("skipped_steps", 6 + QUIET_STEPS + 1, None),
+                      ("clipping", 20 + QUIET_STEPS, False), ("clipping", 200, True), ("clipping", 200, False)]
+    assert watch.summary() == {"clipped_steps": 4, "skipped_steps": 3}
+
+    class Seen:
+        def __init__(self):
+            self.steps = []
+
+        def update(self, step, loss, gn):
+            self.steps.append(step)
+
+        def update_many(self, first, losses, gns):
+            for j in range(len(losses)):
+                self.update(first + j, losses[j], gns[j])
+
+    seen = Seen()
+    guard = ScalerAwareGuard(seen)
+    guard.update(0, 1.0, float("inf"))  # skipped: not seen
+    guard.update(1, float("nan"), float("nan"))  # a non-finite loss: seen
+    guard.update_many(2, np.array([1.0, 1.0, 1.0, np.inf]), np.array([0.5, np.nan, 0.5, np.inf]))
+    assert seen.steps == [1, 2, 4, 5]
 
 
 def test_a_clip_steered_through_submit_lands_at_the_acked_step(tiny):
@@ -456,6 +523,8 @@ def test_range_test_with_accumulation_takes_n_batches_a_step_and_records_their_m
 def test_find_lr_honours_the_config_and_bf16(tiny):
     res = find_lr(tiny, RunConfig(seed=1, accumulate=2, amp="bf16", clip_grad_norm=1.0), steps=30, start=1e-4, end=1)
     assert len(res.lrs) > 10 and np.all(np.isfinite(res.losses[:10]))
+    capsys_free = main(["find-lr", str(SCRIPTS / "tiny.py"), "--steps", "12", "--accumulate", "2", "--amp", "bf16"])
+    assert capsys_free == 0
     with pytest.raises(ConfigError, match="accumulate"):
         range_test(tiny.make_model(), torch.optim.SGD(tiny.make_model().parameters(), lr=0.1), [], lambda m, b: 0,
                    accumulate=0)
@@ -513,3 +582,12 @@ def compute_loss(model, batch):
     assert eng.run() == "failed"
     assert isinstance(eng.error, ScriptError)
     assert "training step 2 (epoch 1, micro-batch 1 of 3)" in str(eng.error) and "bad batch" in str(eng.error)
+
+
+def test_a_steered_clip_is_marked_on_the_plots():
+    from lrviz.export import event_markers
+    from lrviz.records import Event
+
+    marks = event_markers([Event(30, "set_clip", {"clip_grad_norm": 0.5}), Event(90, "set_clip", {"clip_grad_norm": None}),
+                           Event(40, "clipping", {"active": True})])
+    assert [(m.step, m.text) for m in marks] == [(30, "clip 0.5"), (90, "no clipping")]
