@@ -520,6 +520,22 @@ def test_range_test_with_accumulation_takes_n_batches_a_step_and_records_their_m
     np.testing.assert_allclose(res.losses, means, rtol=1e-6)
 
 
+def test_a_confirmation_step_takes_n_batches_too(tiny):
+    from lrviz.rangetest import confirm_rates, held_out
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 4), torch.randn(16, 1)) for _ in range(40)]
+    model = tiny.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_of = lambda m, b: tiny.module.loss_fn(m(b[0]), b[1])  # noqa: E731
+    data = Counted(batches)
+    conf = confirm_rates(model, opt, data, loss_of, [0.01, 0.03], steps=4, accumulate=3)
+    assert data.drawn == 4 * 3 + held_out(4)
+    # a trial's first loss is the mean over the first 3 batches, from the starting weights
+    first = np.mean([loss_of(model, b).item() for b in batches[:3]])
+    np.testing.assert_allclose([t.losses[0] for t in conf.trials], [first, first], rtol=1e-6)
+
+
 def test_find_lr_honours_the_config_and_bf16(tiny):
     res = find_lr(tiny, RunConfig(seed=1, accumulate=2, amp="bf16", clip_grad_norm=1.0), steps=30, start=1e-4, end=1)
     assert len(res.lrs) > 10 and np.all(np.isfinite(res.losses[:10]))
