@@ -420,6 +420,19 @@ def test_lrviz_steer_sets_the_clip_at_the_acked_step(tiny, tmp_path, capsys):
     assert stored.tobytes() == col(ref, "loss").tobytes()
 
 
+def test_the_run_interface_sets_the_clip(tiny):
+    from lrviz.live.run import LocalRun
+
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=10_000_000, seed=6), start_paused=True)
+    eng.start()
+    run = LocalRun(eng)
+    ack = run.set_clip(0.2).result(30)
+    assert ack["data"] == {"clip_grad_norm": 0.2} and eng.clip_grad_norm == 0.2
+    assert run.set_clip(None).result(30)["data"] == {"clip_grad_norm": None} and eng.clip_grad_norm is None
+    eng.stop()
+    eng.join(30)
+
+
 def test_tracked_loops_refuse_a_clip_with_the_reason(tmp_path):
     import lrviz
 
@@ -427,7 +440,7 @@ def test_tracked_loops_refuse_a_clip_with_the_reason(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with lrviz.track(opt) as run:
         with pytest.raises(ConfigError, match="set_clip needs lrviz's own runner"):
-            run.submit("set_clip", {"clip_grad_norm": 1.0}).result(5)
+            run.set_clip(1.0).result(5)
 
 
 # ---- settings: DEFAULTS, --at, replay, damaged checkpoints ------------------------------------------
