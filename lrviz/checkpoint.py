@@ -178,6 +178,7 @@ def check(data: Mapping[str, Any], path: str | Path, *, step: int | None = None,
             Schedule.from_state_dict(sched["state"])
         except Exception as exc:  # any malformed value inside
             raise bad("'schedule'", f"cannot be restored ({exc})") from None
+    _check_step_settings(data, bad)
     now = capture_rng()
     try:
         for key in ("rng", "epoch_rng"):
@@ -206,12 +207,29 @@ def check(data: Mapping[str, Any], path: str | Path, *, step: int | None = None,
                 g.set_state(keep)
 
 
+def _check_step_settings(data: Mapping[str, Any], bad: Any) -> None:
+    """The clipping threshold, the fp16 gradient scaler and the clipped/skipped counts (absent before them)."""
+    clip = data.get("clip_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
+                             or clip <= 0):
+        raise bad("'clip_grad_norm'", f"is {clip!r}, not a gradient-norm threshold > 0 (or None)")
+    scaler = data.get("scaler")
+    if scaler is not None:
+        scale = scaler.get("scale") if isinstance(scaler, Mapping) else None
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise bad("'scaler'", "is not a gradient scaler's state (its scale must be a number > 0)")
+    watch = data.get("step_watch")
+    if watch is not None and (not isinstance(watch, Mapping) or not all(
+            _whole(watch.get(k)) and watch[k] >= 0 for k in ("clipped", "skipped"))):
+        raise bad("'step_watch'", "is not a count of clipped and skipped steps")
+
+
 # ---- the checkpoints of one run: keeping, pruning, choosing one to roll back to ----------------------
-#: A change of settings (set LR, schedule, momentum/weight decay) at most this many steps before a
+#: A change of settings (set LR, schedule, momentum/weight decay, clipping) at most this many steps before a
 #: divergence the guard caught is taken as its cause: a roll-back restores a checkpoint from before it.
 CAUSE_STEPS = 500
 #: The events that change a run's settings: one of them may be what led to a divergence.
-SETTING_EVENTS = ("set_lr", "set_schedule", "set_hyperparams")
+SETTING_EVENTS = ("set_lr", "set_schedule", "set_hyperparams", "set_clip")
 
 
 class Checkpoints:

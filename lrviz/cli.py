@@ -54,6 +54,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
 
 
+def step_args(p: argparse.ArgumentParser) -> None:
+    """How each optimizer step is made: mixed precision, gradient accumulation, clipping (run, find-lr, sweep)."""
+    p.add_argument("--amp", metavar="bf16|fp16|off", help="mixed precision: autocast to bf16 (CPU and GPU) or fp16 "
+                   "(CUDA, with a gradient scaler; a step it skips on inf/NaN gradients is counted)")
+    p.add_argument("--accumulate", type=str, metavar="N", help="gradient accumulation: a step is one optimizer "
+                   "update over N batches; its loss is their mean (default 1)")
+    p.add_argument("--clip-grad-norm", type=str, metavar="X", help="clip the gradient norm to X before each update "
+                   "(torch's clip_grad_norm_); the recorded norm is the one before clipping; off: no clipping")
+
+
 def _training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=str, help="train for N optimizer steps")
@@ -77,6 +87,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    "(pause and rollback keep checkpoints: --checkpoint-every, default 200 then), or off")
     p.add_argument("--early-stopping", type=str, metavar="PATIENCE",
                    help="stop when the validation loss has not improved for this many validation passes")
+    step_args(p)
 
 
 def _live_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +117,8 @@ def _steer_parser(sub: Any) -> None:
     p.set_defaults(actions=[])
     for flag, kind, key, meta in (("--lr", "set_lr", "lr", "X"), ("--schedule", "set_schedule", "spec", "SPEC"),
                                   ("--momentum", "set_hyperparams", "momentum", "M"),
-                                  ("--weight-decay", "set_hyperparams", "weight_decay", "W")):
+                                  ("--weight-decay", "set_hyperparams", "weight_decay", "W"),
+                                  ("--clip-grad-norm", "set_clip", "clip_grad_norm", "X|off")):
         p.add_argument(flag, action=_Steer, const=(kind, key), metavar=meta, dest="actions")
     for flag, kind, hlp in (("--pause", "pause", "pause before the next step"),
                             ("--resume", "resume", "resume a paused run"),
@@ -134,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script", help="experiment script (.py) or a built-in example name")
     _training_args(p)
     p.add_argument("--at", action="append", default=[], metavar="STEP:SETTING=VALUE",
-                   help="intervention: STEP:lr=X, STEP:schedule=SPEC, STEP:momentum=M, STEP:weight_decay=W")
+                   help="intervention: STEP:lr=X, STEP:schedule=SPEC, STEP:momentum=M, STEP:weight_decay=W, "
+                   "STEP:clip_grad_norm=X")
     p.add_argument("--out", metavar="DIR", help="write metrics.csv, run.json and loss/LR plots here")
     p.add_argument("--name", help="name of the stored run")
     p.add_argument("--fork", metavar="RUN@STEP", help="continue stored run RUN from its checkpoint at STEP "
@@ -178,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("--seed", "random seed"), ("--device", "auto, cpu, cuda or mps")):
         p.add_argument(flag, type=str, help=hlp)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    step_args(p)
     p.add_argument("--out", metavar="DIR", help="write lr_find.csv, lr_find.json and lr_find.png here")
     _common(p)
 
@@ -245,7 +259,8 @@ def config_from_args(experiment: Any, args: argparse.Namespace, base: dict[str, 
         "batch_size": args.batch_size, "seed": args.seed, "eval_every": args.eval_every,
         "device": args.device, "steps": args.steps, "epochs": args.epochs,
         "checkpoint_every": args.checkpoint_every, "divergence": args.divergence,
-        "early_stopping": args.early_stopping,
+        "early_stopping": args.early_stopping, "amp": getattr(args, "amp", None),
+        "accumulate": getattr(args, "accumulate", None), "clip_grad_norm": getattr(args, "clip_grad_norm", None),
     }
     base = RunConfig.from_dict(base) if base is not None else RunConfig(**experiment.defaults)
     if args.steps is not None:
@@ -592,6 +607,8 @@ def fork_origin(store: Any, ref: str, args: argparse.Namespace, ats: list[Any]) 
     hp = {"momentum": args.momentum, "weight_decay": args.weight_decay}
     if any(v is not None for v in hp.values()):
         extra.append(Intervention(step, "set_hyperparams", check("set_hyperparams", hp)))
+    if getattr(args, "clip_grad_norm", None) is not None:  # the checkpoint holds the parent's threshold
+        extra.append(Intervention(step, "set_clip", check("set_clip", {"clip_grad_norm": args.clip_grad_norm})))
     return Origin("fork", parent.id, Path(points[step]), step), extra + ats
 
 
@@ -721,13 +738,13 @@ def cmd_steer(args: argparse.Namespace) -> int:
         actions = [(k, {"lr_factor": args.lr_factor} if k == "rollback" else d) for k, d in actions]
     if not actions:
         raise ConfigError("nothing to do: give at least one of --lr, --schedule, --momentum, --weight-decay, "
-                          "--pause, --resume, --step-once, --stop, --checkpoint, --rollback")
+                          "--clip-grad-norm, --pause, --resume, --step-once, --stop, --checkpoint, --rollback")
     try:
         timeout = float(args.timeout)
     except ValueError:
         raise ConfigError(f"--timeout must be a number of seconds, not {args.timeout!r}") from None
     for kind, data in actions:  # refuse a bad value here, before anything is sent
-        if kind in ("set_lr", "set_schedule", "set_hyperparams", "rollback"):
+        if kind in ("set_lr", "set_schedule", "set_hyperparams", "set_clip", "rollback"):
             check(kind, data)
     client, label = connect_to(args.run, store_path=args.store, token=args.token)
     refused = 0

@@ -12,6 +12,11 @@ OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_EPOCHS = 10
 DIVERGENCE_POLICIES = ("stop", "pause", "rollback", "off")
+#: Mixed precision: autocast to bfloat16 (any device with bf16 autocast, the CPU included) or float16
+#: with a gradient scaler (CUDA only). None: full precision.
+AMP_CHOICES = ("bf16", "fp16")
+#: Words that mean "no value" for the settings that can be off (mixed precision, clipping).
+OFF_WORDS = ("", "off", "none", "no")
 
 
 def parse_lr(value: Any, what: str = "learning rate") -> float:
@@ -50,6 +55,36 @@ def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
         raise ConfigError(f"{what} must be a whole number > 0, not {value!r}") from None
     if v <= 0:
         raise ConfigError(f"{what} must be a whole number > 0, not {value!r}")
+    return v
+
+
+def parse_amp(value: Any) -> str | None:
+    """Mixed precision from text: ``bf16``, ``fp16``, or None for full precision (``off``, ``none``, ``fp32``)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in (*OFF_WORDS, "fp32", "float32"):
+        return None
+    text = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(text, text)
+    if text not in AMP_CHOICES:
+        raise ConfigError(f"unknown mixed precision {value!r}; choose bf16, fp16 or off")
+    return text
+
+
+def parse_clip(value: Any) -> float | None:
+    """A gradient-clipping threshold (the largest gradient norm let through): a number > 0, or None for
+    no clipping (``off``, ``none``)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in OFF_WORDS):
+        return None
+    what = f"clip grad norm must be a number > 0 such as 1.0 (or off), not {value!r}"
+    if isinstance(value, bool):
+        raise ConfigError(what)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(what) from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(what)
     return v
 
 
@@ -96,6 +131,13 @@ class RunConfig:
     early_stopping: int | None = None
     #: At most this many steps a second (slow motion, to watch a fast run); None: full speed.
     pace: float | None = None
+    #: Mixed precision: 'bf16' or 'fp16' (autocast on the run's device; fp16 with a gradient scaler, CUDA
+    #: only); None: full precision.
+    amp: str | None = None
+    #: Micro-batches per optimizer update (gradient accumulation): a step is one update over this many batches.
+    accumulate: int = 1
+    #: Clip the gradient norm to this value before each update (torch's clip_grad_norm_); None: no clipping.
+    clip_grad_norm: float | None = None
 
     def validated(self) -> RunConfig:
         """Check every field; raise ConfigError naming the setting and the problem."""
@@ -119,6 +161,10 @@ class RunConfig:
         c.early_stopping = _positive_int(c.early_stopping, "early stopping patience")
         if c.pace is not None:
             c.pace = _non_negative(c.pace, "pace (steps per second)") or None
+        c.amp = parse_amp(c.amp)
+        c.accumulate = _positive_int(1 if c.accumulate is None else c.accumulate, "accumulate (micro-batches "
+                                     "per update)", allow_none=False)
+        c.clip_grad_norm = parse_clip(c.clip_grad_norm)
         if c.divergence not in DIVERGENCE_POLICIES:
             raise ConfigError(f"unknown divergence policy {c.divergence!r}; choose one of "
                               f"{', '.join(DIVERGENCE_POLICIES)}")

@@ -235,6 +235,10 @@ class Steering:
     def set_hyperparams(self, momentum: float | None = None, weight_decay: float | None = None) -> Future:
         return self.command(Command.SET_HYPERPARAMS, momentum=momentum, weight_decay=weight_decay)
 
+    def set_clip(self, clip_grad_norm: float | None) -> Future:
+        """Clip the gradient norm to ``clip_grad_norm`` (None: stop clipping); lrviz's own runner only."""
+        return self.command(Command.SET_CLIP, clip_grad_norm=clip_grad_norm)
+
     def rollback(self, lr_factor: float = 0.1) -> Future:
         return self.command(Command.ROLLBACK, lr_factor=lr_factor)
 

@@ -4,8 +4,10 @@ The loop lives here; it calls separate units for everything else: :class:`~lrviz
 (commands from other threads, pause, stop), :class:`~lrviz.rates.RateControl` (the rate and the
 schedule), :class:`~lrviz.staging.Staging` and :class:`~lrviz.staging.GradNorm` (recording a step
 without a host sync), :func:`~lrviz.validation.validate`, :class:`~lrviz.checkpoint.Checkpoints`
-(saving, pruning, choosing a roll-back target), :mod:`lrviz.continuation` (forks and resumes) and a
-:class:`~lrviz.recorder.RunRecorder` (the records and the store row).
+(saving, pruning, choosing a roll-back target), :mod:`lrviz.continuation` (forks and resumes), a
+:class:`~lrviz.recorder.RunRecorder` (the records and the store row) and, for a run with mixed
+precision, gradient accumulation or clipping, an :class:`~lrviz.update.UpdateStep` (a plain run never
+touches it: its step is forward, backward, step).
 
 Data flows one way: the engine appends to its recorder; readers (the app's timer, the live
 endpoint, the store writer) read it. Nothing in the engine waits on a reader.
@@ -13,6 +15,7 @@ endpoint, the store writer) read it. Nothing in the engine waits on a reader.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -50,11 +53,15 @@ from .recorder import RunRecorder, recorded
 from .records import Event, StepBuffer, ValPoint
 from .staging import GradNorm, Staging
 from .states import SETTING_COMMANDS, TERMINAL_STATES, Command
+from .update import ScalerAwareGuard, StepWatch, UpdateStep, check_amp
 from .validation import validate
 
 __all__ = ["TERMINAL_STATES", "Origin", "TrainingEngine", "seed_everything"]
 
 log = logging.getLogger(__name__)
+
+#: Micro-batch losses in these dtypes are summed in float32 (the mean of an accumulated update).
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class _EarlyStop(Exception):
@@ -146,6 +153,12 @@ class TrainingEngine:
         self._early: Any = None
         self._probe: Any = None
         self._range_cancel = False
+        #: How each update is made when the run asks for more than a plain step (None: a plain step).
+        self._updater: UpdateStep | None = None
+        self._clip: float | None = self.config.clip_grad_norm  # the threshold in force (steerable)
+        self._watch: StepWatch | None = None
+        self._guard_feed: Any = None  # the guard as the loop feeds it (fp16: blind to skipped steps)
+        self._gnorm: GradNorm | None = None
 
     # ---- what watchers read ---------------------------------------------------------------------------
     @property
@@ -156,6 +169,11 @@ class TrainingEngine:
     @property
     def schedule(self) -> Any:
         return self.rates.schedule if self.rates is not None else None
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """The gradient-clipping threshold in force (None: no clipping)."""
+        return self._clip
 
     @property
     def steps_done(self) -> int:
@@ -225,6 +243,10 @@ class TrainingEngine:
         self.control.enqueue("set_hyperparams", self._checked("set_hyperparams", {
             "momentum": momentum, "weight_decay": weight_decay}))
 
+    def set_clip(self, clip_grad_norm: float | None) -> None:
+        """Clip the gradient norm to ``clip_grad_norm`` from the next step on (None: stop clipping)."""
+        self.control.enqueue("set_clip", self._checked("set_clip", {"clip_grad_norm": clip_grad_norm}))
+
     def rollback(self, lr_factor: float = 0.1, checkpoint: str | Path | None = None) -> None:
         """Restore the last good checkpoint's weights and optimizer state and continue with LR x ``lr_factor``.
 
@@ -239,8 +261,10 @@ class TrainingEngine:
         """Run the LR range test on the current weights between two steps (best while paused).
 
         Keyword arguments go to :func:`lrviz.rangetest.range_test` (start, end, steps, beta,
-        stop_factor). Model, optimizer and RNG are restored exactly afterwards. Returns a Future
-        holding the RangeTestResult; ``range_test_progress`` fills with (lr, loss) while it runs.
+        stop_factor); its steps are made as the run's (mixed precision, accumulation, the clipping in
+        force) unless they say otherwise. Model, optimizer and RNG are restored exactly afterwards.
+        Returns a Future holding the RangeTestResult; ``range_test_progress`` fills with (lr, loss)
+        while it runs.
         """
         return self._lab_command("range_test", kwargs)
 
@@ -248,8 +272,9 @@ class TrainingEngine:
         """Confirm candidate rates on the current weights between two steps, like :meth:`range_test`.
 
         Keyword arguments go to :func:`lrviz.rangetest.confirm_rates` (rates, steps, stop_factor,
-        on_step). Model, optimizer and RNG are restored exactly afterwards. Returns a Future holding
-        the Confirmation; :meth:`cancel_range_test` ends it early.
+        on_step); its steps are made as the run's, as the range test's are. Model, optimizer and RNG
+        are restored exactly afterwards. Returns a Future holding the Confirmation;
+        :meth:`cancel_range_test` ends it early.
         """
         return self._lab_command("confirm_lr", kwargs)
 
@@ -424,6 +449,7 @@ class TrainingEngine:
         cfg = self.config
         exp = self.experiment
         self.device = resolve_device(cfg.device)
+        check_amp(cfg.amp, self.device)
         seed_everything(cfg.seed)
         model = exp.make_model(cfg.params).to(self.device)
         train, val = exp.make_data(cfg.batch_size, cfg.params)
@@ -434,12 +460,13 @@ class TrainingEngine:
             opt = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                   cfg.weight_decay, cfg.nesterov)
         self.model, self.optimizer = model, opt
+        self._make_updater()
         self.rates = RateControl(opt)
         self.buffer = StepBuffer(groups=self.rates.groups, capacity=max(4096, min(cfg.steps or 0, 1 << 20)))
         self._loss_of = exp.loss_function()
         if cfg.steps is None:
-            try:
-                self.total_steps = len(train) * (cfg.epochs or 1)  # type: ignore[arg-type]
+            try:  # an update takes `accumulate` batches; an epoch's last one may take fewer
+                self.total_steps = -(-len(train) // cfg.accumulate) * (cfg.epochs or 1)  # type: ignore[arg-type]
             except TypeError:
                 self.total_steps = None
         if cfg.schedule:
@@ -452,6 +479,8 @@ class TrainingEngine:
             from .guard import DivergenceGuard
 
             self.guard = DivergenceGuard()
+            # fp16: a step the scaler skipped (inf/NaN gradients) is the scaler's business, not a divergence
+            self._guard_feed = ScalerAwareGuard(self.guard) if cfg.amp == "fp16" else self.guard
         if self.layer_stats_every:
             from .diagnostics import LayerProbe
 
@@ -460,8 +489,35 @@ class TrainingEngine:
             from .diagnostics import EarlyStopping
 
             self._early = EarlyStopping(cfg.early_stopping)
+        self._watch = StepWatch(self.buffer, self._event, clip=self._clip, count_skips=cfg.amp == "fp16")
         if self.origin is not None:
             self._load_origin()
+
+    def _make_updater(self) -> None:
+        """An UpdateStep when the run needs more than a plain step (mixed precision, accumulation, clipping)."""
+        cfg = self.config
+        upd = UpdateStep(self.optimizer, self.device, amp=cfg.amp, accumulate=cfg.accumulate,
+                         clip_grad_norm=self._clip)
+        self._updater = None if upd.plain else upd
+
+    def _set_clip(self, clip: float | None) -> None:
+        """Clip to ``clip`` from the next step on (None: stop): the rows so far are counted against the old one."""
+        if clip == self._clip:
+            return
+        self._flush_device()
+        if self._watch is not None:
+            self._watch.set_clip(clip)
+        self._use_clip(clip)
+
+    def _use_clip(self, clip: float | None) -> None:
+        self._clip = clip
+        upd = self._updater
+        if upd is None:
+            self._make_updater()
+        else:
+            upd.clip_grad_norm = clip
+            if upd.plain:
+                self._updater = None
 
     def _load_origin(self) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, RNG, step and data position.
@@ -479,8 +535,12 @@ class TrainingEngine:
             per_epoch = None
         ckpt.check(data, o.checkpoint, step=o.step, groups=self.rates.groups, data_gens=self._data_gens,
                    batches_per_epoch=per_epoch)
+        if "clip_grad_norm" in data:  # the threshold in force then (a steered one included)
+            self._use_clip(data["clip_grad_norm"])
+            self._watch.clip = self._clip
         self._restore_training_state(data, o.checkpoint)
-        for what, part, key in (("guard", self.guard, "guard"), ("early stopping", self._early, "early_stopping")):
+        for what, part, key in (("guard", self.guard, "guard"), ("early stopping", self._early, "early_stopping"),
+                                ("clipped/skipped step counts", self._watch, "step_watch")):
             if part is not None and data.get(key):
                 try:
                     part.load_state_dict(data[key])
@@ -509,6 +569,8 @@ class TrainingEngine:
             self.buffer = StepBuffer(groups=self.rates.groups, capacity=4096, first_step=self.step)
             if o.kind == "fork" and self.store is not None and not self._pending:
                 self._pending = parent_interventions(self.store, o)
+        self._watch.buffer = self.buffer
+        self._watch.scanned = len(self.buffer)
         self._ckpts.add(origin)
 
     def _restore_training_state(self, data: dict[str, Any], path: str | Path) -> None:
@@ -519,6 +581,8 @@ class TrainingEngine:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ConfigError(f"checkpoint {path} does not fit this script's model or optimizer: {exc}") from None
         self.rates.load_state_dict(data["lrs"], data.get("schedule"))
+        if self._updater is not None:
+            self._updater.load_state_dict(data.get("scaler"))
 
     def _open_run(self) -> None:
         if self.store is None:
@@ -553,12 +617,21 @@ class TrainingEngine:
             "data_rng": {"epoch": self._epoch_data_rng or {}, "now": capture_generators(self._data_gens)},
             "guard": self.guard.state_dict() if self.guard is not None else None,
             "early_stopping": self._early.state_dict() if self._early is not None else None,
+            "clip_grad_norm": self._clip,
+            "scaler": self._updater.state_dict() if self._updater is not None else None,
+            "step_watch": self._step_watch_state(),
         }
         info = self._ckpts.save(payload, reason, loss, self.events)
         self._event("checkpoint", {"path": str(info.path), "reason": reason,
                                    "loss": loss if loss is not None and math.isfinite(loss) else None})
         self._ckpts.prune(self.events, self.step)
         return info
+
+    def _step_watch_state(self) -> dict[str, Any] | None:
+        if self._watch is None:
+            return None
+        self._watch.scan()  # the rows were flushed just before
+        return self._watch.state_dict()
 
     def _rollback(self, data: dict[str, Any]) -> dict[str, Any]:
         det = data.get("detection", self.detection)
@@ -635,17 +708,19 @@ class TrainingEngine:
         self._range_cancel = False
         common = {"device": self.device, "should_stop": lambda: self.control.stop_requested or self._range_cancel}
         data_order = capture_generators(self._data_gens)  # the test draws batches; training must not notice
+        kwargs = {"amp": self.config.amp, "accumulate": self.config.accumulate, "clip_grad_norm": self._clip,
+                  **data["kwargs"]}  # each test (or confirmation) step made as the run makes its steps
         try:
             self._flush_device()
             if kind == "confirm_lr":
                 result = confirm_rates(self.model, self.optimizer, self._train_data, self._loss_of, **common,
-                                       **data["kwargs"])
+                                       **kwargs)
             else:
                 self.range_test_progress = []
                 progress = self.range_test_progress
                 result = range_test(
                     self.model, self.optimizer, self._train_data, self._loss_of, **common,
-                    on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
+                    on_step=lambda i, lr, loss: progress.append((lr, loss)), **kwargs)
         except LrvizError as exc:  # reported through the future; training goes on
             fut.set_exception(exc)
             return
@@ -674,6 +749,8 @@ class TrainingEngine:
 
     def _finish(self) -> None:
         self._publish()
+        if self._watch is not None:
+            self._watch.scan()
         self.control.close(str(self.state), self.step)
         self.rec.close(self.summary(), str(self.error) if self.error else None)
         self.done.set()
@@ -681,6 +758,8 @@ class TrainingEngine:
     def summary(self) -> dict[str, Any]:
         """Figures of the run so far: steps, best/final loss, best/final validation loss, speed."""
         out = self.rec.summary(self.step, has_validation=self._val_data is not None)
+        if self._watch is not None:
+            out.update(self._watch.summary())
         if self.error is not None:
             out["error"] = str(self.error)
         return out
@@ -727,6 +806,8 @@ class TrainingEngine:
             self.rates.set_schedule(data["spec"], step)
         elif kind == "set_hyperparams":
             apply_hyperparams(self.optimizer, data.get("momentum"), data.get("weight_decay"))
+        elif kind == "set_clip":
+            self._set_clip(data["clip_grad_norm"])
         elif kind == "rollback":
             data = self._rollback(data)
         self._event(kind, dict(data), step)
@@ -750,8 +831,9 @@ class TrainingEngine:
         train = self._train_data
         loss_of = self._loss_of
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-        gnorm = GradNorm(params)
+        gnorm = self._gnorm = GradNorm(params)
         flat = None
+        upd = self._updater  # None: a plain step (refreshed wherever a command may change it)
         staging = self._staging = Staging(self.buffer, device, on_host)
         control = self.control
         rates = self.rates
@@ -761,7 +843,7 @@ class TrainingEngine:
         has_val = self._val_data is not None
         ckpts = self._ckpts
         ckpt_every = self.checkpoint_every if ckpts.folder is not None else None
-        guard = self.guard
+        guard = self._guard_feed
         probe = self._probe
         layers = self.layer_probe
         first = True
@@ -785,9 +867,11 @@ class TrainingEngine:
                 if control.attention:
                     self._batch_in_epoch = batches
                     self._attend()
+                    upd = self._updater
                 step = self.step
                 if self._pending and self._pending[0].step <= step:
                     self._apply_due()
+                    upd = self._updater
                 if ckpt_every and step % ckpt_every == 0 and step != ckpts.last_step:
                     self._batch_in_epoch = batches
                     self._checkpoint("periodic")
@@ -801,26 +885,32 @@ class TrainingEngine:
                 lrs = rates.at_step(step)
                 if move:
                     batch = to_device(batch, device)
-                try:
-                    if flat is not None:
-                        flat.zero_()
-                    else:
-                        opt.zero_grad(set_to_none=True)
-                    loss = loss_of(model, batch)
-                    if first:
-                        self._check_loss(loss)
-                    loss.backward()
-                    gn2 = gnorm.squared()
-                    if layers is not None:
-                        layers.before_step(step)
-                    opt.step()
-                    if layers is not None:
-                        layers.after_step(step)
-                except LrvizError:
-                    raise
-                except Exception as exc:
-                    raise exp.describe_batch_error(
-                        exc, batch, f"training step {step} (epoch {self.epoch + 1})") from exc
+                if upd is not None:  # mixed precision, accumulation or clipping
+                    loss, gn2, taken, ran_out = self._update(upd, batch, it, step, first)
+                    batches += taken - 1
+                    if ran_out:  # the epoch's batches ran out inside this update
+                        it = iter(())
+                else:
+                    try:
+                        if flat is not None:
+                            flat.zero_()
+                        else:
+                            opt.zero_grad(set_to_none=True)
+                        loss = loss_of(model, batch)
+                        if first:
+                            self._check_loss(loss)
+                        loss.backward()
+                        gn2 = gnorm.squared()
+                        if layers is not None:
+                            layers.before_step(step)
+                        opt.step()
+                        if layers is not None:
+                            layers.after_step(step)
+                    except LrvizError:
+                        raise
+                    except Exception as exc:
+                        raise exp.describe_batch_error(
+                            exc, batch, f"training step {step} (epoch {self.epoch + 1})") from exc
                 if first:
                     first = False
                     flat = gnorm.flat  # bound after the first step when every parameter got a gradient
@@ -867,6 +957,65 @@ class TrainingEngine:
         if has_val and last_val != self.step - 1:
             self._validate()
 
+    def _update(self, upd: UpdateStep, batch: Any, it: Any, step: int,
+                first: bool) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """Step ``step`` as one update over up to ``accumulate`` micro-batches, ``batch`` (on the device)
+        the first, the rest drawn from ``it``; mixed precision and clipping as configured.
+
+        Returns the mean loss of the micro-batches (a 0-d tensor), the squared gradient norm before
+        clipping, the number of batches taken and whether the epoch's batches ran out before
+        ``accumulate`` of them (the update is then the mean of those taken).
+        """
+        exp = self.experiment
+        model, gnorm, layers = self.model, self._gnorm, self.layer_probe
+        n = upd.accumulate
+        total = None
+        taken = 0
+        ran_out = False
+        if self._watch is not None:
+            self._watch.scan()  # the rows published since the last update
+        try:
+            if gnorm.flat is not None:
+                gnorm.flat.zero_()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+            while True:
+                with upd.autocast():
+                    loss = self._loss_of(model, batch)
+                if first and not taken:
+                    self._check_loss(loss)
+                upd.backward(loss)
+                lv = loss.detach()
+                if lv.dtype in _HALF:
+                    lv = lv.float()
+                total = lv if total is None else total + lv
+                taken += 1
+                if taken == n:
+                    break
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    ran_out = True
+                    break
+                except Exception as exc:
+                    raise error_from_exception(
+                        exc, exp.path, f"iterating the training data (epoch {self.epoch + 1})") from exc
+                if self.device is not None and self.device.type != "cpu":
+                    batch = to_device(batch, self.device)
+            gn2 = upd.finish(gnorm, taken)
+            if layers is not None:
+                layers.before_step(step)
+            upd.step()
+            if layers is not None:
+                layers.after_step(step)
+        except LrvizError:
+            raise
+        except Exception as exc:
+            micro = f", micro-batch {min(taken + 1, n)} of {n}" if n > 1 else ""
+            raise exp.describe_batch_error(
+                exc, batch, f"training step {step} (epoch {self.epoch + 1}{micro})") from exc
+        return (total if taken == 1 else total / taken), gn2, taken, ran_out
+
     def _check_loss(self, loss: Any) -> None:
         exp = self.experiment
         fn = exp.loss_name + "()"
@@ -897,7 +1046,7 @@ class TrainingEngine:
 
     def _check_flushed(self, first_step: int, loss: np.ndarray, grad_norm: np.ndarray) -> None:
         """Rows just copied from the device: the guard (or a plain non-finite check) looks at them."""
-        guard = self.guard
+        guard = self._guard_feed
         if guard is not None:
             det = guard.update_many(first_step, loss, grad_norm)
             if det is not None:
@@ -915,8 +1064,10 @@ class TrainingEngine:
             if self.control.stop_requested:
                 raise Stopped
 
-        vloss, acc = validate(self.experiment, self.model, self._val_data, self.device,
-                              after_step=self.step - 1, check_stop=check_stop)
+        upd = self._updater
+        with upd.autocast() if upd is not None else contextlib.nullcontext():  # the training's precision
+            vloss, acc = validate(self.experiment, self.model, self._val_data, self.device,
+                                  after_step=self.step - 1, check_stop=check_stop)
         self.validation.append(ValPoint(self.step - 1, self.epoch, vloss, acc, self.rec.clock()))
         if math.isfinite(vloss) and self.rates.observe_validation(vloss, self.step):
             self._event("lr_reduced", {"lr": self.lrs[0], "val_loss": vloss})

@@ -36,7 +36,7 @@ from .examples import (  # noqa: F401  (their home before the app had to find th
 DEFAULT_KEYS = (
     "lr", "optimizer", "momentum", "weight_decay", "epochs", "steps",
     "schedule", "batch_size", "seed", "eval_every", "nesterov", "pace", "checkpoint_every",
-    "early_stopping",
+    "early_stopping", "amp", "accumulate", "clip_grad_norm",
 )
 
 

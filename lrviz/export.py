@@ -509,7 +509,7 @@ def describe_run(run: Mapping[str, Any], config: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- the figure description
 
 #: Events a plot marks (a line across the plots, a label above them), in the app and in exported files.
-MARKED_EVENTS = ("set_lr", "set_schedule", "set_hyperparams", "lr_reduced", "pause", "diverged", "error",
+MARKED_EVENTS = ("set_lr", "set_schedule", "set_hyperparams", "set_clip", "lr_reduced", "pause", "diverged", "error",
                  "stop", "rejected", "rollback", "early_stop", "range_test")
 #: Marked events drawn in the alarm colour.
 ALARM_EVENTS = ("diverged", "error")
@@ -587,6 +587,9 @@ def event_text(event: Event) -> str:
         parts = [f"{'wd' if key == 'weight_decay' else key} {format_number(v)}" for key, v in d.items()
                  if key in ("momentum", "weight_decay") and v is not None]
         return ", ".join(parts) or "hyperparams"
+    if k == "set_clip":
+        clip = d.get("clip_grad_norm")
+        return "no clipping" if clip is None else f"clip {format_number(clip)}"
     if k == "lr_reduced":
         return f"plateau: lr {format_number(d.get('lr', math.nan))}"
     return {"pause": "paused", "stop": "stopped", "early_stop": "early stop", "range_test": "range test",

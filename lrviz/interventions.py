@@ -11,12 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import parse_lr
+from .config import parse_clip, parse_lr
 from .errors import ConfigError
 
-KINDS = ("set_lr", "set_schedule", "set_hyperparams", "rollback")
+KINDS = ("set_lr", "set_schedule", "set_hyperparams", "set_clip", "rollback")
 AT_KEYS = {"lr": "set_lr", "schedule": "set_schedule", "momentum": "set_hyperparams",
-           "weight_decay": "set_hyperparams"}
+           "weight_decay": "set_hyperparams", "clip_grad_norm": "set_clip"}
 
 
 @dataclass(order=True)
@@ -55,6 +55,10 @@ def check(kind: str, data: dict[str, Any]) -> dict[str, Any]:
         if not out:
             raise ConfigError("set_hyperparams needs momentum and/or weight_decay")
         return out
+    if kind == "set_clip":
+        if "clip_grad_norm" not in data:
+            raise ConfigError("set_clip needs clip_grad_norm: a number > 0, or None to stop clipping")
+        return {"clip_grad_norm": parse_clip(data["clip_grad_norm"])}
     if kind == "rollback":
         try:
             factor = float(data.get("lr_factor", 0.1))
@@ -70,7 +74,8 @@ def check(kind: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_at(text: str) -> Intervention:
-    """Parse ``STEP:lr=X``, ``STEP:schedule=SPEC``, ``STEP:momentum=M`` or ``STEP:weight_decay=W``."""
+    """Parse ``STEP:lr=X``, ``STEP:schedule=SPEC``, ``STEP:momentum=M``, ``STEP:weight_decay=W`` or
+    ``STEP:clip_grad_norm=X`` (``off`` stops clipping)."""
     head, sep, rest = text.partition(":")
     key, eq, value = rest.partition("=")
     example = "use STEP:lr=X or STEP:schedule=SPEC, e.g. 100:lr=0.01"

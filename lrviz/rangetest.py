@@ -23,6 +23,7 @@ This module never imports Qt and never prints; progress goes through ``on_step``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -62,6 +63,7 @@ from .rangecurve import (  # the curve, its suggestions and a confirmation's jud
     suggest,
     valley_index,
 )
+from .staging import GradNorm
 
 __all__ = [
     "CONFIRM_STEPS",
@@ -273,6 +275,9 @@ def range_test(
     confirm: bool | None = False,
     confirm_steps: int = CONFIRM_STEPS,
     on_confirm_step: Callable[[int, int, float, float], Any] | None = None,
+    amp: str | None = None,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> RangeTestResult:
     """Sweep the learning rate from ``start`` to ``end`` exponentially over ``steps`` optimizer steps.
 
@@ -284,10 +289,15 @@ def range_test(
     ``should_stop()`` (polled before every step) returns True. ``on_step(i, lr, loss)`` is
     called after every step. The model runs in train mode.
 
+    ``amp``, ``accumulate`` and ``clip_grad_norm`` make each step as the run does
+    (:class:`lrviz.update.UpdateStep`): one step is one update over ``accumulate`` batches, its loss the
+    mean of theirs; the forward pass under autocast (fp16 with a fresh gradient scaler, which skips the
+    update of a step whose gradients overflow); the gradients clipped before the update.
+
     Then, when there are suggestions and ``confirm`` is True (or None, "auto", and the
     confirmation costs fewer steps than the sweep took), :func:`confirm_rates` trains the
-    :func:`candidates` from the same weights for ``confirm_steps`` steps each; the rate that
-    lowered the loss most becomes ``suggestions.confirmed`` and the chosen suggestion.
+    :func:`candidates` from the same weights for ``confirm_steps`` steps each (made the same way);
+    the rate that lowered the loss most becomes ``suggestions.confirmed`` and the chosen suggestion.
     ``on_confirm_step(trial, i, lr, loss)`` follows it. ``confirm_note`` says why it did not run.
 
     Model, optimizer and random number generators are restored exactly afterwards (in a
@@ -305,6 +315,7 @@ def range_test(
         raise ConfigError(f"range test data of type {type(batches).__name__} cannot be iterated")
     dev = torch.device(device) if device is not None else None
     move = dev is not None and dev.type != "cpu"
+    upd = _update_step(optimizer, dev, amp, accumulate, clip_grad_norm)
     plan = start * (end / start) ** (np.arange(steps) / (steps - 1))
     lrs = np.full(steps, np.nan)
     losses = np.full(steps, np.nan)
@@ -316,6 +327,7 @@ def range_test(
     best = math.inf
     t0 = time.perf_counter()
     snapshot = _Snapshot(model, optimizer, batches)
+    upd_norm = GradNorm(upd.params) if upd is not None else None
     try:
         model.train()
         data = _batches_forever(batches)
@@ -326,15 +338,19 @@ def range_test(
                     break
                 lr = float(plan[i])
                 _set_lr(optimizer, lr)
-                batch = next(data)
-                if move:
-                    batch = to_device(batch, dev)
                 model.zero_grad(set_to_none=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_of(model, batch)
-                if i == 0:
-                    _check_loss(loss)
-                value = float(loss.detach())
+                if upd is not None:  # mixed precision, accumulation or clipping
+                    value = _accumulate(upd, model, data, loss_of, dev if move else None, first=i == 0)
+                    loss = None
+                else:
+                    batch = next(data)
+                    if move:
+                        batch = to_device(batch, dev)
+                    loss = loss_of(model, batch)
+                    if i == 0:
+                        _check_loss(loss)
+                    value = float(loss.detach())
                 avg = beta * avg + (1 - beta) * value
                 bpow *= beta
                 sm = avg / (1 - bpow)
@@ -347,8 +363,12 @@ def range_test(
                 elif sm > best + (stop_factor - 1) * abs(best):
                     stop_reason = f"smoothed loss exceeded {stop_factor:g}x its best at lr {_fmt(lr)}"
                 if not stop_reason:
-                    loss.backward()
-                    optimizer.step()
+                    if upd is not None:
+                        upd.finish(upd_norm, upd.accumulate)
+                        upd.step()
+                    else:
+                        loss.backward()
+                        optimizer.step()
                 del loss
                 if on_step is not None:
                     on_step(i, lr, value)
@@ -390,7 +410,8 @@ def range_test(
         return result
     result.confirmation = confirm_rates(model, optimizer, batches, loss_of, cands, steps=confirm_steps,
                                         stop_factor=stop_factor, device=device, should_stop=should_stop,
-                                        on_step=on_confirm_step)
+                                        on_step=on_confirm_step, amp=amp, accumulate=accumulate,
+                                        clip_grad_norm=clip_grad_norm)
     adopt(result)
     return result
 
@@ -407,6 +428,9 @@ def confirm_rates(
     device: torch.device | str | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, float, float], Any] | None = None,
+    amp: str | None = None,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> Confirmation:
     """Train each rate of ``rates`` for ``steps`` steps from the same weights on the same batches;
     the one whose loss fell most wins.
@@ -419,7 +443,9 @@ def confirm_rates(
     mode, no gradients, the same random numbers for every rate): the winner has the lowest mean
     loss there, and only when that is below the starting weights' own. Afterwards everything is
     restored exactly, as after :func:`range_test`. ``on_step(trial, i, lr, loss)`` follows the
-    steps; ``should_stop()`` ends it early (no winner).
+    steps; ``should_stop()`` ends it early (no winner). ``amp``, ``accumulate`` and ``clip_grad_norm``
+    make each step as :func:`range_test` makes its steps (a step takes ``accumulate`` batches; each
+    rate gets a fresh fp16 gradient scaler), and the held-out losses are measured under the same autocast.
     """
     steps = _check_confirm_steps(steps)
     pairs = [(r, "") if not isinstance(r, tuple) else r for r in rates]
@@ -428,6 +454,8 @@ def confirm_rates(
     pairs = [(_positive(lr, "learning rate to confirm"), str(src)) for lr, src in pairs]
     dev = torch.device(device) if device is not None else None
     move = dev is not None and dev.type != "cpu"
+    upd = _update_step(optimizer, dev, amp, accumulate, clip_grad_norm)
+    per_step = upd.accumulate if upd is not None else 1
     trials: list[Trial] = []
     cancelled = False
     t0 = time.perf_counter()
@@ -435,14 +463,14 @@ def confirm_rates(
 
     def measure() -> np.ndarray:
         snapshot.restore_rng()  # the same dropout for every rate
-        with torch.no_grad():
+        with torch.no_grad(), upd.autocast() if upd is not None else contextlib.nullcontext():
             return np.array([float(loss_of(model, to_device(b, dev) if move else b).detach()) for b in probe])
 
     try:
         data = _batches_forever(batches)
-        fixed = [next(data) for _ in range(steps + held_out(steps))]
+        fixed = [next(data) for _ in range(steps * per_step + held_out(steps))]
         data.close()
-        fixed, probe = fixed[:steps], fixed[steps:]
+        fixed, probe = fixed[:steps * per_step], fixed[steps * per_step:]
         model.train()
         start = float(np.mean(measure()))
         for k, (lr, source) in enumerate(pairs):
@@ -454,17 +482,25 @@ def confirm_rates(
             _set_lr(optimizer, lr)
             values: list[float] = []
             diverged = False
+            if upd is not None:  # a fresh one (its own gradient scaler) for every rate
+                upd = _update_step(optimizer, dev, amp, accumulate, clip_grad_norm)
+                upd_norm = GradNorm(upd.params)
             with torch.enable_grad():
-                for i, batch in enumerate(fixed):
+                for i in range(steps):
                     if i and should_stop is not None and should_stop():
                         cancelled = True
                         break
                     model.zero_grad(set_to_none=True)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_of(model, to_device(batch, dev) if move else batch)
-                    if i == 0:
-                        _check_loss(loss)
-                    value = float(loss.detach())
+                    if upd is not None:  # mixed precision, accumulation or clipping
+                        group = iter(fixed[i * per_step:(i + 1) * per_step])
+                        value = _accumulate(upd, model, group, loss_of, dev if move else None, first=i == 0)
+                        loss = None
+                    else:
+                        loss = loss_of(model, to_device(fixed[i], dev) if move else fixed[i])
+                        if i == 0:
+                            _check_loss(loss)
+                        value = float(loss.detach())
                     values.append(value)
                     if on_step is not None:
                         on_step(k, i, lr, value)
@@ -472,8 +508,12 @@ def confirm_rates(
                     if not math.isfinite(value) or (i and value > first + (stop_factor - 1) * abs(first)):
                         diverged = True
                         break
-                    loss.backward()
-                    optimizer.step()
+                    if upd is not None:
+                        upd.finish(upd_norm, upd.accumulate)
+                        upd.step()
+                    else:
+                        loss.backward()
+                        optimizer.step()
                     del loss
             if cancelled:
                 break
@@ -488,6 +528,37 @@ def confirm_rates(
     winner, reason = _judge(trials, steps, len(pairs), cancelled)
     log.debug("confirmation: %s (%.3fs)", reason, seconds)
     return Confirmation(trials, steps, winner, reason, seconds)
+
+
+def _update_step(optimizer: torch.optim.Optimizer, dev: torch.device | None, amp: str | None, accumulate: Any,
+                 clip_grad_norm: Any) -> Any:
+    """The UpdateStep of a range test with those settings (None: a plain step); ConfigError when one is bad."""
+    from .config import RunConfig
+    from .update import UpdateStep, check_amp
+
+    cfg = RunConfig(amp=amp, accumulate=accumulate, clip_grad_norm=clip_grad_norm).validated()
+    where = dev if dev is not None else torch.device("cpu")
+    check_amp(cfg.amp, where)
+    upd = UpdateStep(optimizer, where, amp=cfg.amp, accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
+    return None if upd.plain else upd
+
+
+def _accumulate(upd: Any, model: torch.nn.Module, data: Iterator[Any], loss_of: LossOf, dev: torch.device | None,
+                *, first: bool) -> float:
+    """Forward and backward of one step's micro-batches; the mean of their losses (one host sync each)."""
+    total = 0.0
+    for j in range(upd.accumulate):
+        batch = next(data)
+        if dev is not None:
+            batch = to_device(batch, dev)
+        with upd.autocast():
+            loss = loss_of(model, batch)
+        if first and j == 0:
+            _check_loss(loss)
+        total += float(loss.detach())
+        upd.backward(loss)
+        del loss
+    return total / upd.accumulate
 
 
 # --------------------------------------------------------------------------- headless
@@ -525,7 +596,8 @@ class _ScriptData:
 
 
 def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
-    """Seed, then build model, training data, optimizer and loss the way the engine does."""
+    """Seed, then build model, training data, optimizer and loss the way the engine does; and how the
+    config makes each step (``amp``, ``accumulate``, ``clip_grad_norm``, as keyword arguments)."""
     from .devices import resolve_device
     from .engine import seed_everything
     from .optim import build_optimizer
@@ -544,6 +616,7 @@ def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
     path = str(experiment.path)
     step = [0]
     checked = [False]
+    per_step = cfg.accumulate
 
     def loss_of(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         i = step[0]
@@ -551,7 +624,9 @@ def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
         try:
             loss = script_loss(m, batch)
         except Exception as exc:
-            raise experiment.describe_batch_error(exc, batch, f"{what} step {i}") from exc
+            where = f"{what} step {i // per_step}, micro-batch {i % per_step + 1} of {per_step}" if per_step > 1 \
+                else f"{what} step {i}"
+            raise experiment.describe_batch_error(exc, batch, where) from exc
         if not checked[0] and torch.is_grad_enabled():  # the first loss that is trained on
             checked[0] = True
             try:
@@ -560,7 +635,8 @@ def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
                 raise ScriptError(str(exc).replace("the loss function", fn, 1), path) from None
         return loss
 
-    return model, opt, _ScriptData(train, experiment.path), loss_of, device
+    settings = {"amp": cfg.amp, "accumulate": cfg.accumulate, "clip_grad_norm": cfg.clip_grad_norm}
+    return model, opt, _ScriptData(train, experiment.path), loss_of, device, settings
 
 
 def find_lr(
@@ -584,17 +660,18 @@ def find_lr(
     Seeds with ``config.seed`` and builds model, training data and optimizer the way
     :class:`lrviz.engine.TrainingEngine` does (device from ``config.device``; the script's own
     ``build_optimizer`` when it has one, else ``config.optimizer`` with its momentum and weight
-    decay), then calls :func:`range_test`; ``confirm`` None (the default) confirms the suggestions
-    when that costs fewer steps than the sweep. Errors in the script are :class:`ScriptError`
+    decay), then calls :func:`range_test` with the config's ``amp``, ``accumulate`` and
+    ``clip_grad_norm``; ``confirm`` None (the default) confirms the suggestions when that costs fewer
+    steps than the sweep. Errors in the script are :class:`ScriptError`
     naming the file and line; bad settings are :class:`ConfigError`.
     """
     _check_sweep(start, end, steps, beta, stop_factor, method)
     _check_confirm_steps(confirm_steps)
-    model, opt, data, loss_of, device = _build(experiment, config, "range test")
+    model, opt, data, loss_of, device, settings = _build(experiment, config, "range test")
     return range_test(model, opt, data, loss_of, start=start, end=end,
                       steps=steps, beta=beta, stop_factor=stop_factor, device=device,
                       should_stop=should_stop, on_step=on_step, method=method, confirm=confirm,
-                      confirm_steps=confirm_steps, on_confirm_step=on_confirm_step)
+                      confirm_steps=confirm_steps, on_confirm_step=on_confirm_step, **settings)
 
 
 def confirm_experiment(
@@ -610,9 +687,9 @@ def confirm_experiment(
     """:func:`confirm_rates` on a fresh model of an experiment, built and seeded as :func:`find_lr`
     builds it (so from the weights a range test of the same settings started from)."""
     _check_confirm_steps(steps)
-    model, opt, data, loss_of, device = _build(experiment, config, "confirmation")
+    model, opt, data, loss_of, device, settings = _build(experiment, config, "confirmation")
     return confirm_rates(model, opt, data, loss_of, rates, steps=steps, stop_factor=stop_factor,
-                         device=device, should_stop=should_stop, on_step=on_step)
+                         device=device, should_stop=should_stop, on_step=on_step, **settings)
 
 
 def write_csv(result: RangeTestResult, path: str | Path) -> None:

@@ -50,6 +50,7 @@ class EventKind(_Name):
     SET_LR = "set_lr"
     SET_SCHEDULE = "set_schedule"
     SET_HYPERPARAMS = "set_hyperparams"
+    SET_CLIP = "set_clip"
     ROLLBACK = "rollback"
     PAUSE = "pause"
     RESUME = "resume"
@@ -62,10 +63,15 @@ class EventKind(_Name):
     REJECTED = "rejected"
     CHECKPOINT = "checkpoint"
     RANGE_TEST = "range_test"
+    #: Gradient clipping became active (``{"active": true, ...}``) or has not clipped for a while (``false``).
+    CLIPPING = "clipping"
+    #: fp16: the gradient scaler began skipping updates (inf/NaN gradients); one event per episode.
+    SKIPPED_STEPS = "skipped_steps"
 
 
 #: Event kinds that change the run's settings (replayed by ``lrviz replay``; marked on the plots).
-INTERVENTION_KINDS = (EventKind.SET_LR, EventKind.SET_SCHEDULE, EventKind.SET_HYPERPARAMS, EventKind.ROLLBACK)
+INTERVENTION_KINDS = (EventKind.SET_LR, EventKind.SET_SCHEDULE, EventKind.SET_HYPERPARAMS, EventKind.SET_CLIP,
+                      EventKind.ROLLBACK)
 
 
 class Command(_Name):
@@ -74,6 +80,7 @@ class Command(_Name):
     SET_LR = "set_lr"
     SET_SCHEDULE = "set_schedule"
     SET_HYPERPARAMS = "set_hyperparams"
+    SET_CLIP = "set_clip"
     ROLLBACK = "rollback"
     PAUSE = "pause"
     RESUME = "resume"
@@ -88,4 +95,5 @@ class Command(_Name):
 
 
 #: Commands that change training and are applied between two steps (the rest act on the loop itself).
-SETTING_COMMANDS = frozenset({Command.SET_LR, Command.SET_SCHEDULE, Command.SET_HYPERPARAMS, Command.ROLLBACK})
+SETTING_COMMANDS = frozenset({Command.SET_LR, Command.SET_SCHEDULE, Command.SET_HYPERPARAMS, Command.SET_CLIP,
+                              Command.ROLLBACK})

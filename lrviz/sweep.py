@@ -331,6 +331,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set one of the script's PARAMS knobs (repeatable)")
+    from .cli import step_args
+
+    step_args(p)
     p.add_argument("--on-divergence", choices=("stop", "off"), dest="divergence",
                    help="stop (default): a run whose loss explodes or turns NaN ends as diverged; "
                    "off: only NaN/inf ends it")

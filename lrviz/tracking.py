@@ -374,7 +374,7 @@ class TrackedRun(Steering):
             if self.read_only is not None:
                 raise ConfigError(f"this run can be watched, not steered: {self.read_only}")
             if cmd in (Command.RANGE_TEST, Command.CONFIRM_LR, Command.CANCEL_RANGE_TEST, Command.ROLLBACK,
-                       Command.CHECKPOINT):
+                       Command.CHECKPOINT, Command.SET_CLIP):
                 raise ConfigError(f"{cmd.value} needs lrviz's own runner (`lrviz run`); a tracked loop "
                                   "can be paused, stopped and have its rate, schedule, momentum and weight decay set")
             if cmd == Command.SET_PACE:

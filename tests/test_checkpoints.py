@@ -243,6 +243,9 @@ DAMAGES = {
     "model garbage": lambda d: d.update(model={"0.weight": torch.zeros(2)}),
     "guard garbage": lambda d: d.update(guard={"flags": [1, 2]}),
     "time not a number": lambda d: d.update(time="soon"),
+    "clip threshold negative": lambda d: d.update(clip_grad_norm=-1.0),
+    "scaler garbage": lambda d: d.update(scaler={"scale": "big"}),
+    "clipped counts garbage": lambda d: d.update(step_watch={"clipped": -3, "skipped": 0}),
 }
 
 

@@ -57,6 +57,9 @@ def command_words(kind: str, data: dict[str, Any], number: Callable[[Any], str] 
         return f"schedule {data.get('spec') or 'none'}"
     if kind == "set_hyperparams":
         return ", ".join(f"{k.replace('_', ' ')} {number(v)}" for k, v in data.items() if v is not None)
+    if kind == "set_clip":
+        clip = data.get("clip_grad_norm")
+        return f"clip grad norm {number(clip)}" if clip is not None else "no clipping"
     return kind.replace("_", " ")
 
 
