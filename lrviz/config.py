@@ -96,6 +96,9 @@ class RunConfig:
     early_stopping: int | None = None
     #: At most this many steps a second (slow motion, to watch a fast run); None: full speed.
     pace: float | None = None
+    #: How a torchrun run was spread (world size, backend, every rank's device, the hosts): recorded
+    #: by the run, not a setting; None (and absent from ``to_dict``) for a run in one process.
+    distributed: dict[str, Any] | None = None
 
     def validated(self) -> RunConfig:
         """Check every field; raise ConfigError naming the setting and the problem."""
@@ -137,7 +140,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as stored with the run."""
-        return asdict(self)
+        d = asdict(self)
+        if d["distributed"] is None:
+            del d["distributed"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

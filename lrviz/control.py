@@ -166,6 +166,21 @@ class RunControl:
             if fut is not None:
                 fut.set_result(ack(kind, step, applied))
 
+    def take(self) -> list[tuple[str, dict[str, Any], Future | None]]:
+        """Every queued command, taken off the queue, and the attention flag lowered: for a loop that
+        applies them elsewhere (rank 0 of a distributed run sends them to every rank)."""
+        with self._cond:
+            self.attention = False
+            out = list(self._commands)
+            self._commands.clear()
+        return out
+
+    def wait_while_paused(self, timeout: float) -> None:
+        """Block while a pause is asked and nothing is queued, at most ``timeout`` seconds."""
+        with self._cond:
+            if self.pause_requested and not self.stop_requested and not self._commands:
+                self._cond.wait(timeout)
+
     def count_step(self) -> None:
         """One step done: a step-once budget that runs out pauses the loop before the next."""
         with self._cond:
