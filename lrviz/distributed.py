@@ -16,8 +16,10 @@ records the run (the store, the live endpoint) and the others follow it.
   checkpoint's step). A paused rank 0 sends a heartbeat every few seconds: the others wait inside
   lrviz's collective, never past its timeout, and none can run ahead into a training collective.
 * **Faults.** A rank that fails writes its message into the job's key-value store (torchrun's) and
-  closes its process groups, so the other ranks' collectives fail at once; they report that rank's
-  message, and rank 0 records it. A rank that dies without a word is named when it can be.
+  ends; its connections close, so the other ranks' collectives fail at once: they report that rank's
+  message, and rank 0 records it. A rank that dies without a word is named when it can be. A watcher
+  thread ends the run from outside when a collective does not fail by itself (NCCL waits for its
+  timeout), and SIGTERM (torchrun stopping the job) gives the run time to record its end.
 * lrviz's collectives run in a process group of its own (gloo, CPU tensors), with its own timeout
   (``LRVIZ_DIST_TIMEOUT`` seconds): on a GPU an exchange costs one device-to-host copy, as a
   single-process run's flush does, and no per-step host sync. Values travel as JSON text, never pickled.
@@ -61,6 +63,9 @@ SYNC_S = 0.1
 MAX_INTERVAL = 256
 #: A rank whose collective failed waits this long for the failing rank's message.
 FAULT_WAIT_S = 3.0
+#: When another rank reported a fault, this rank's run gets this long to end by itself (its collectives
+#: fail when the failed rank's process exits) before it is ended from outside.
+ABANDON_GRACE_S = 10.0
 #: A failed rank waits this long for rank 0 to record its message before it exits (torchrun then
 #: stops the others, rank 0 included).
 RECORDED_WAIT_S = 15.0
@@ -380,8 +385,9 @@ class Distributed:
             return remote_error(theirs)
         gone = self.gone_ranks()
         who = ", ".join(f"rank {p['rank']} (pid {p['pid']} on {p['host']})" for p in gone) or "another rank"
+        here = str(err).split(". This is typically")[0]  # gloo's advice repeats what this message says
         lost = LrvizError(f"{who} of this torchrun job ended without a message (killed, or out of memory?); "
-                          f"its own output says why; here: {err}")
+                          f"its own output says why (rank {self.rank} saw: {here})")
         self.report(lost)
         return lost
 
@@ -823,7 +829,6 @@ def follow(dist: Distributed) -> int:
                                 distributed=dist)
     except LrvizError as exc:
         dist.report(exc)
-        dist.wait_recorded()
         print(f"lrviz: rank {dist.rank}: error: {exc}", file=sys.stderr)
         return exc.exit_status
     return run_rank(dist, engine)
@@ -835,8 +840,7 @@ def run_rank(dist: Distributed, engine: Any) -> int:
 
     train_headless(engine, quiet=True)
     state = str(engine.state)
-    if state == "failed":
-        dist.wait_recorded()
+    if state == "failed":  # exiting now closes this rank's connections: the others' collectives fail at once
         print(f"lrviz: rank {dist.rank}: error: {engine.error}", file=sys.stderr)
         return 1
     return 2 if state == "diverged" else 0
@@ -873,7 +877,7 @@ def terminable(dist: Distributed) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def abandon(dist: Distributed, engine: Any, fault: dict[str, Any], grace: float = FAULT_WAIT_S) -> None:
+def abandon(dist: Distributed, engine: Any, fault: dict[str, Any], grace: float = ABANDON_GRACE_S) -> None:
     """Another rank reported a fault: give this rank's engine ``grace`` seconds to end by itself (its
     collectives fail), then end the run here (rank 0 records the other rank's message) and the process."""
     if engine is not None and engine.done.wait(grace):

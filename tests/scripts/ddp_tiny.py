@@ -1,10 +1,13 @@
 """A tiny regression for the torchrun tests: deterministic, a shuffled DataLoader lrviz shards per rank.
 
 ``FAIL_RANK``/``FAIL_STEP`` (environment): that rank raises in compute_loss at that step (a rank's
-own error, for the fault tests).
+own error, for the fault tests); with ``FAIL_HOW=kill`` it is killed there instead (SIGKILL: no word).
+``PERTURB_RANK``/``PERTURB_STEP``: that rank nudges one weight at that step (its parameters then
+differ from the other ranks': the negative control of ``ranks_in_sync``).
 """
 
 import os
+import signal
 
 import torch
 from torch import nn
@@ -28,10 +31,22 @@ def build_data(batch_size=16, n=512):
     return train, [(x[:64], y[:64])]
 
 
+def _now(what, step):
+    """Whether ``{what}_RANK``/``{what}_STEP`` name this rank and this training step."""
+    env = os.environ
+    return env.get(f"{what}_RANK") == env.get("RANK") and step == int(env.get(f"{what}_STEP", "-1"))
+
+
 def compute_loss(model, batch):
     x, y = batch
     step = _steps["n"]
-    _steps["n"] += 1
-    if os.environ.get("FAIL_RANK") == os.environ.get("RANK") and step == int(os.environ.get("FAIL_STEP", "-1")):
-        raise ValueError(f"rank {os.environ['RANK']} cannot go on at step {step}")
+    if model.training:  # validation calls this too
+        _steps["n"] += 1
+        if _now("FAIL", step):
+            if os.environ.get("FAIL_HOW") == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError(f"rank {os.environ['RANK']} cannot go on at step {step}")
+        if _now("PERTURB", step):
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] += 1e-3
     return nn.functional.mse_loss(model(x), y)
