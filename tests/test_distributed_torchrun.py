@@ -1,0 +1,210 @@
+"""Real torchrun jobs: two ranks, gloo on the CPU. lrviz run steered by lrviz steer (the LR, a pause
+longer than lrviz's collective timeout, a roll-back, a stop), a plain DDP loop recorded with
+lrviz.track, a rank that raises or is killed, replay and fork of a distributed run.
+
+Each test waits on events (acks, the processes' exits), never on the clock; WAIT only ends a broken
+test. ``ranks_in_sync`` (every rank's parameters identical at the end) is what proves a command landed
+at the same step on both ranks: one applied a step late on one rank trains other weights there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lrviz.cli import main
+from lrviz.live.connection import live_runs
+from lrviz.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(SCRIPTS / "ddp_tiny.py")
+WAIT = 300
+#: lrviz's collective timeout in these jobs: a pause outlasts it (heartbeats keep the ranks waiting).
+TIMEOUT_S = 4
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LRVIZ_DIST_TIMEOUT": str(TIMEOUT_S)}
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError:  # gloo cannot resolve this host's name: use the loopback interface
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return {**env, **extra}
+
+
+def torchrun(*args: str, **env: str) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port of its own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor-interval=0.2", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
+
+
+def lrviz_job(*args: str, store: Path, **env: str) -> subprocess.Popen:
+    return torchrun("-m", "lrviz", *args, "--store", str(store), **env)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def wait_live(store: Path, proc: subprocess.Popen) -> int:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before its run was live: {proc.stderr.read()}")
+        if (store / "runs.sqlite").exists():
+            live = live_runs(store / "runs.sqlite")
+            if live:
+                return next(iter(live))
+        time.sleep(0.1)
+    raise AssertionError("the run never became live")
+
+
+def steer(capsys: pytest.CaptureFixture, run_id: int, store: Path, *flags: str) -> list[int]:
+    """``lrviz steer RUN FLAGS``; the step each flag's ack names."""
+    assert main(["steer", str(run_id), *flags, "--store", str(store)]) == 0
+    said = capsys.readouterr().out
+    return [int(m) for m in re.findall(r"(?:before step|at step|from step) (\d+)", said)]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "out"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--checkpoint-every", "100",
+                     "--out", str(out), "--quiet", store=store)
+    try:
+        run_id = wait_live(store, proc)
+        [s1] = steer(capsys, run_id, store, "--lr", "0.0125")
+        [paused] = steer(capsys, run_id, store, "--pause")
+        time.sleep(2 * TIMEOUT_S)  # paused for longer than lrviz's collective timeout: nothing may time out
+        with RunStore(store) as s:
+            info = s.get_run(run_id)
+            assert info.status == "paused" and info.steps == paused  # no rank went on
+        s2, resumed = steer(capsys, run_id, store, "--lr", "0.02", "--resume")
+        [rolled] = steer(capsys, run_id, store, "--rollback")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    assert s1 < paused == s2 == resumed <= rolled < stopped
+    lrs = [float(r["lr"]) for r in read_csv(out / "metrics.csv")]
+    assert len(lrs) == stopped
+    assert set(lrs[:s1]) == {0.05} and set(lrs[s1:paused]) == {0.0125} and set(lrs[paused:rolled]) == {0.02}
+    # the roll-back restored the pause's checkpoint (taken before the new rate) and goes on at a tenth of its rate
+    assert set(lrs[rolled:]) == {0.0125 * 0.1}
+    doc = run_json(out)
+    assert doc["summary"]["ranks_in_sync"] is True
+    assert doc["config"]["distributed"]["world_size"] == 2 and doc["config"]["distributed"]["backend"] == "gloo"
+    kinds = [(e["kind"], e["step"]) for e in doc["events"] if e["kind"] != "checkpoint"]
+    assert kinds == [("set_lr", s1), ("pause", paused), ("set_lr", paused), ("resume", paused), ("rollback", rolled),
+                     ("stop", stopped)]
+
+
+def test_ranks_in_sync_is_false_when_one_rank_trains_other_weights(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out"
+    proc = lrviz_job("run", TINY, "--steps", "60", "--device", "cpu", "--out", str(out), "--quiet", store=store,
+                     PERTURB_RANK="1", PERTURB_STEP="20")
+    status, err = finish(proc)
+    assert status == 0, err
+    doc = run_json(out)
+    assert doc["summary"]["ranks_in_sync"] is False
+    assert [e["data"]["kind"] for e in doc["events"] if e["kind"] == "warning"] == ["ranks_out_of_sync"]
+
+
+def test_a_tracked_ddp_loop_records_the_mean_loss_over_ranks_and_follows_steering(tmp_path, capsys):
+    store, losses = tmp_path / "store", tmp_path / "losses"
+    losses.mkdir()
+    proc = torchrun(str(SCRIPTS / "ddp_track.py"), str(store), "100000000", str(losses))
+    try:
+        run_id = wait_live(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", "0.01")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' loops stopped at the same step
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        steps = s.load_steps(run_id)
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2
+    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
+    lrs = steps["lr"][:, 0].tolist()
+    assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_one_rank_failing_ends_the_run_on_both_with_its_message(tmp_path, how):
+    store = tmp_path / "store"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--quiet", store=store,
+                     FAIL_RANK="1", FAIL_STEP="30", FAIL_HOW=how)
+    status, err = finish(proc)  # returns: no rank is left hanging
+    assert status != 0
+    with RunStore(store) as s:
+        [info] = s.list_runs()
+    assert info.status == "failed"
+    if how == "raise":
+        assert "rank 1: training step 30 (epoch 2) raised ValueError: rank 1 cannot go on at step 30" in info.error
+        assert "lrviz: rank 1: error:" in err  # the failing rank says it too
+    else:
+        assert re.search(r"rank 1 \(pid \d+ on .+\) of this torchrun job ended without a message", info.error)
+
+
+def test_a_tracked_loop_that_raises_on_one_rank_is_recorded_failed_with_that_ranks_message(tmp_path):
+    store = tmp_path / "store"
+    proc = torchrun(str(SCRIPTS / "ddp_track.py"), str(store), "100000000", FAIL_RANK="1", FAIL_STEP="30")
+    status, err = finish(proc)
+    assert status != 0
+    with RunStore(store) as s:
+        [info] = s.list_runs()
+    assert info.status == "failed"
+    assert "rank 1: the training loop raised RuntimeError: rank 1's loop cannot go on at step 30" in info.error
+
+
+def test_a_distributed_run_replays_identically_and_a_fork_continues_exactly_as_its_parent(tmp_path):
+    store = tmp_path / "store"
+    first = lrviz_job("run", TINY, "--steps", "90", "--device", "cpu", "--checkpoint-every", "40", "--quiet",
+                      store=store)
+    status, err = finish(first)
+    assert status == 0, err
+    replay = lrviz_job("replay", "1", "--quiet", store=store)
+    status, err = finish(replay)
+    assert status == 0, err
+    assert "replay 2 of run 1: loss trace identical (90 steps)" in err
+    fork = lrviz_job("run", TINY, "--fork", "1@40", "--steps", "90", "--device", "cpu", "--quiet", store=store)
+    status, err = finish(fork)
+    assert status == 0, err
+    with RunStore(store) as s:
+        parent, child = s.load_steps(1), s.load_steps(3)
+        info = s.get_run(3)
+    assert info.parent_id == 1 and info.summary["ranks_in_sync"] is True
+    # every rank loaded rank 0's checkpoint (weights, momentum, data position): the same steps follow
+    assert child["loss"].tolist() == parent["loss"][40:].tolist()
