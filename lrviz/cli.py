@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -896,6 +897,8 @@ def across_ranks(args: argparse.Namespace) -> int:
         if not dist.is_main:
             return follow(dist)
         args.distributed = dist
+        if getattr(args, "listen", None):  # the node to tunnel to: rank 0 serves the run
+            print(f"lrviz: rank 0 of {dist.world_size} runs on {socket.gethostname()}", file=sys.stderr, flush=True)
         with terminable(dist):
             return HANDLERS[args.command](args)
     except LrvizError as exc:  # the others hear it (a failure before training, too)

@@ -93,13 +93,28 @@ def run_json(out: Path) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
+def announced(proc: subprocess.Popen) -> tuple[str, str, str]:
+    """What rank 0 of a job started with --listen says on stderr: its host, and HOST:PORT and token."""
+    host = None
+    for line in proc.stderr:
+        if line.startswith("lrviz: rank 0 of 2 runs on "):
+            host = line.split()[-1]
+        m = re.search(r"steer it:  lrviz steer (\S+) --token (\S+)", line)
+        if m:
+            return host, m.group(1), m.group(2)
+    raise AssertionError(f"the job ended without saying where it listens ({proc.wait()})")
+
+
 def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
     store, out = tmp_path / "store", tmp_path / "out"
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--checkpoint-every", "100",
-                     "--out", str(out), "--quiet", store=store)
+                     "--listen", "127.0.0.1:0", "--out", str(out), "--quiet", store=store)
     try:
+        host, address, token = announced(proc)  # rank 0 alone listens, and says where
+        assert host == socket.gethostname()
         run_id = wait_live(store, proc)
-        [s1] = steer(capsys, run_id, store, "--lr", "0.0125")
+        assert main(["steer", address, "--token", token, "--lr", "0.0125"]) == 0  # as through an SSH tunnel
+        [s1] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
         [paused] = steer(capsys, run_id, store, "--pause")
         time.sleep(2 * TIMEOUT_S)  # paused for longer than lrviz's collective timeout: nothing may time out
         with RunStore(store) as s:
