@@ -894,12 +894,13 @@ def across_ranks(args: argparse.Namespace) -> int:
 
     dist = Distributed.from_env(getattr(args, "device", None))
     try:
-        if not dist.is_main:
-            return follow(dist)
-        args.distributed = dist
-        if getattr(args, "listen", None):  # the node to tunnel to: rank 0 serves the run
-            print(f"lrviz: rank 0 of {dist.world_size} runs on {socket.gethostname()}", file=sys.stderr, flush=True)
-        with terminable(dist):
+        with terminable(dist):  # SIGTERM (torchrun stopping the job): the ranks stop together, the run is saved
+            if not dist.is_main:
+                return follow(dist)
+            args.distributed = dist
+            if getattr(args, "listen", None):  # the node to tunnel to: rank 0 serves the run
+                print(f"lrviz: rank 0 of {dist.world_size} runs on {socket.gethostname()}", file=sys.stderr,
+                      flush=True)
             return HANDLERS[args.command](args)
     except LrvizError as exc:  # the others hear it (a failure before training, too)
         dist.report(exc)

@@ -398,12 +398,8 @@ class Distributed:
         for p in self.peers:
             if p["host"] != here or p["rank"] == self.rank:
                 continue
-            try:
-                os.kill(int(p["pid"]), 0)
-            except ProcessLookupError:
+            if not _alive(int(p["pid"])):
                 out.append(p)
-            except OSError:
-                pass
         return out
 
     def mark_recorded(self) -> None:
@@ -442,6 +438,20 @@ class Distributed:
             except Exception:  # noqa: BLE001
                 pass
         self.closed = True
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by torchrun, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _default_store() -> Any:
@@ -864,8 +874,8 @@ def terminable(dist: Distributed) -> Iterator[None]:
         engine = dist.engine
         if engine is not None and dist.is_main:
             engine.stop()
-        fault = {"rank": dist.rank, "message": f"rank {dist.rank} was sent SIGTERM (torchrun stops the job when a rank "
-                 "fails, on Ctrl+C, or at a batch system's time limit)"}
+        fault = {"rank": dist.rank, "message": "this rank was sent SIGTERM and the run did not end by itself "
+                 "(torchrun stops the job when a rank fails, on Ctrl+C, or at a batch system's time limit)"}
         timer = threading.Timer(TERM_GRACE_S, abandon, (dist, engine, fault, 0.0))
         timer.daemon = True
         timer.start()

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -223,3 +224,18 @@ def test_a_distributed_run_replays_identically_and_a_fork_continues_exactly_as_i
     assert info.parent_id == 1 and info.summary["ranks_in_sync"] is True
     # every rank loaded rank 0's checkpoint (weights, momentum, data position): the same steps follow
     assert child["loss"].tolist() == parent["loss"][40:].tolist()
+
+
+def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(tmp_path):
+    """SIGTERM to torchrun (a batch system's time limit, scancel): torchrun passes it to every rank."""
+    store = tmp_path / "store"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--quiet", store=store)
+    try:
+        run_id = wait_live(store, proc)
+        proc.send_signal(signal.SIGTERM)
+        finish(proc)
+    finally:
+        proc.kill()
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
