@@ -82,7 +82,7 @@ def steer(capsys: pytest.CaptureFixture, run_id: int, store: Path, *flags: str) 
     """``lrviz steer RUN FLAGS``; the step each flag's ack names."""
     assert main(["steer", str(run_id), *flags, "--store", str(store)]) == 0
     said = capsys.readouterr().out
-    return [int(m) for m in re.findall(r"(?:before step|at step|from step) (\d+)", said)]
+    return [int(m) for m in re.findall(r"(?:before step|at step|from step|runs step) (\d+)", said)]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -106,6 +106,17 @@ def announced(proc: subprocess.Popen) -> tuple[str, str, str]:
     raise AssertionError(f"the job ended without saying where it listens ({proc.wait()})")
 
 
+def wait_paused_at(store: Path, run_id: int, step: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with RunStore(store) as s:
+            info = s.get_run(run_id)
+        if info.status == "paused" and info.steps == step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the run did not pause at step {step}")
+
+
 def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
     store, out = tmp_path / "store", tmp_path / "out"
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--checkpoint-every", "100",
@@ -118,39 +129,47 @@ def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
         [s1] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
         [paused] = steer(capsys, run_id, store, "--pause")
         time.sleep(2 * TIMEOUT_S)  # paused for longer than lrviz's collective timeout: nothing may time out
-        with RunStore(store) as s:
-            info = s.get_run(run_id)
-            assert info.status == "paused" and info.steps == paused  # no rank went on
+        wait_paused_at(store, run_id, paused)  # no rank went on
+        [once] = steer(capsys, run_id, store, "--step-once")
+        wait_paused_at(store, run_id, paused + 1)  # one step on every rank, then all wait again
         s2, resumed = steer(capsys, run_id, store, "--lr", "0.02", "--resume")
+        [saved] = steer(capsys, run_id, store, "--checkpoint")
         [rolled] = steer(capsys, run_id, store, "--rollback")
         [stopped] = steer(capsys, run_id, store, "--stop")
         status, err = finish(proc)
     finally:
         proc.kill()
     assert status == 0, err
-    assert s1 < paused == s2 == resumed <= rolled < stopped
+    assert s1 < paused == once and paused + 1 == s2 == resumed <= saved <= rolled < stopped
     lrs = [float(r["lr"]) for r in read_csv(out / "metrics.csv")]
     assert len(lrs) == stopped
-    assert set(lrs[:s1]) == {0.05} and set(lrs[s1:paused]) == {0.0125} and set(lrs[paused:rolled]) == {0.02}
-    # the roll-back restored the pause's checkpoint (taken before the new rate) and goes on at a tenth of its rate
-    assert set(lrs[rolled:]) == {0.0125 * 0.1}
+    assert set(lrs[:s1]) == {0.05} and set(lrs[s1:paused + 1]) == {0.0125} and set(lrs[s2:rolled]) == {0.02}
+    assert set(lrs[rolled:]) == {0.02 * 0.1}  # the checkpoint asked for restored, at a tenth of its rate
     doc = run_json(out)
     assert doc["summary"]["ranks_in_sync"] is True
     assert doc["config"]["distributed"]["world_size"] == 2 and doc["config"]["distributed"]["backend"] == "gloo"
-    kinds = [(e["kind"], e["step"]) for e in doc["events"] if e["kind"] != "checkpoint"]
-    assert kinds == [("set_lr", s1), ("pause", paused), ("set_lr", paused), ("resume", paused), ("rollback", rolled),
-                     ("stop", stopped)]
+    events = doc["events"]
+    kinds = [(e["kind"], e["step"]) for e in events if e["kind"] != "checkpoint"]
+    assert kinds == [("set_lr", s1), ("pause", paused), ("resume", paused), ("pause", paused + 1), ("set_lr", s2),
+                     ("resume", s2), ("rollback", rolled), ("stop", stopped)]
+    [manual] = [e for e in events if e["kind"] == "checkpoint" and e["data"]["reason"] == "manual"]
+    assert manual["step"] == saved and Path(manual["data"]["path"]).exists()  # written by rank 0
 
 
-def test_ranks_in_sync_is_false_when_one_rank_trains_other_weights(tmp_path):
-    store, out = tmp_path / "store", tmp_path / "out"
+def test_the_loss_is_the_mean_over_ranks_and_ranks_in_sync_is_false_when_one_rank_trains_other_weights(tmp_path):
+    store, out, losses = tmp_path / "store", tmp_path / "out", tmp_path / "losses"
+    losses.mkdir()
     proc = lrviz_job("run", TINY, "--steps", "60", "--device", "cpu", "--out", str(out), "--quiet", store=store,
-                     PERTURB_RANK="1", PERTURB_STEP="20")
+                     PERTURB_RANK="1", PERTURB_STEP="20", LOSSES_DIR=str(losses))
     status, err = finish(proc)
     assert status == 0, err
     doc = run_json(out)
     assert doc["summary"]["ranks_in_sync"] is False
     assert [e["data"]["kind"] for e in doc["events"] if e["kind"] == "warning"] == ["ranks_out_of_sync"]
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    recorded = [float(r["loss"]) for r in read_csv(out / "metrics.csv")]
+    assert len(recorded) == len(mine[0]) == len(mine[1]) == 60
+    assert recorded == [(a + b) / 2 for a, b in zip(*mine)]  # exactly: the mean over ranks
 
 
 def test_a_tracked_ddp_loop_records_the_mean_loss_over_ranks_and_follows_steering(tmp_path, capsys):

@@ -3,7 +3,8 @@
 ``FAIL_RANK``/``FAIL_STEP`` (environment): that rank raises in compute_loss at that step (a rank's
 own error, for the fault tests); with ``FAIL_HOW=kill`` it is killed there instead (SIGKILL: no word).
 ``PERTURB_RANK``/``PERTURB_STEP``: that rank nudges one weight at that step (its parameters then
-differ from the other ranks': the negative control of ``ranks_in_sync``).
+differ from the other ranks': the negative control of ``ranks_in_sync``). ``LOSSES_DIR``: each rank
+appends its training losses to ``rank{RANK}.txt`` there.
 """
 
 import os
@@ -49,4 +50,8 @@ def compute_loss(model, batch):
         if _now("PERTURB", step):
             with torch.no_grad():
                 next(model.parameters()).view(-1)[0] += 1e-3
-    return nn.functional.mse_loss(model(x), y)
+    loss = nn.functional.mse_loss(model(x), y)
+    if model.training and os.environ.get("LOSSES_DIR"):  # each rank's own losses, one a line
+        with open(os.path.join(os.environ["LOSSES_DIR"], f"rank{os.environ['RANK']}.txt"), "a") as f:
+            f.write(f"{loss.item()!r}\n")
+    return loss
