@@ -4,7 +4,7 @@
 
 Writes into OUT_DIR (default ``docs/``):
 
-- ``screenshot-range-test.png``: an LR range test with its suggestion band, then a run at the rate it chose;
+- ``screenshot-range-test.png``: an LR range test with its suggestion band, confirmed, then a run at the rate it chose;
 - ``screenshot-sweep.png``: a sweep of five rates overlaid, with its table (the highest diverges);
 - ``screenshot-divergence.png``: a divergence caught mid-run, with the banner explaining it;
 - ``screenshot-surface.png``: Rosenbrock's valley with the paths of SGD, SGD with momentum and Adam;
@@ -61,7 +61,8 @@ def layout(w: MainWindow, panel: str) -> None:
 
 def load(app: QApplication, w: MainWindow, name: str) -> None:
     w.load_script(name)
-    wait(app, lambda: w.experiment is not None and w.experiment.name == name and not w._loader.is_alive())
+    wait(app, lambda: w.experiment is not None and w.experiment.name in (name, Path(name).stem)
+         and not w._loader.is_alive())
     settle(app, 0.2)
 
 
@@ -87,6 +88,9 @@ def main() -> int:
     layout(w, "Range test")
     assert lab.range_test.run_test()
     wait(app, lambda: not lab.range_test.busy())
+    if lab.range_test.result.confirmation is None:  # not confirmed by default: cheaper than the test
+        assert lab.range_test.confirm_now()
+        wait(app, lambda: not lab.range_test.busy())
     lab.range_test.use_button.click()
     w.controls.length.setValue(1500)
     assert w.start_run()

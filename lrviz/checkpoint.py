@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,19 +103,12 @@ class CheckpointInfo:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temp file in the same folder, then rename."""
+    """Write atomically: a temp file in the same folder, then rename (ConfigError naming a path that
+    cannot be written)."""
+    from .export import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f), durable=False)
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -167,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-factor", type=str, default="4", help="stop when the smoothed loss exceeds this "
                    "multiple of its best (default 4)")
     p.add_argument("--method", default="valley", choices=("valley", "steepest", "minimum_tenth"),
-                   help="which suggestion to print as the one to use (all are printed)")
+                   help="which suggestion to print as the one to use when none is confirmed (all are printed)")
+    p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a few rates from the suggestion band from the same weights for a short while "
+                   "and pick the one whose loss fell most (default: when that costs fewer steps than the "
+                   "range test itself)")
+    p.add_argument("--confirm-steps", type=str, default="20",
+                   help="steps each rate trains for when confirming (default 20)")
     for flag, hlp in (("--optimizer", "sgd, adam, adamw, rmsprop or adagrad"), ("--momentum", "momentum"),
                       ("--weight-decay", "weight decay"), ("--batch-size", "batch size"),
                       ("--seed", "random seed"), ("--device", "auto, cpu, cuda or mps")):
@@ -769,10 +775,22 @@ def _steer_words(kind: str, data: dict[str, Any]) -> str:
     return kind.replace("_", " ")
 
 
+def _load_plots() -> None:
+    """The composition root loads the app's renderer (Qt) for plot exports; it registers itself."""
+    try:
+        import lrviz.ui.render  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"plot export needs PySide6 and pyqtgraph ({exc}); install them "
+                          "(pip install PySide6-Essentials pyqtgraph) or export only csv and json "
+                          "(--format csv,json)") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .export import IMAGE_FORMATS, export_run
 
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    if any(f in IMAGE_FORMATS for f in formats):
+        _load_plots()
     out = check_out_dir(args.out)
     store = open_store(args.store)
     try:
@@ -833,23 +851,32 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
             nums[name] = float(getattr(args, name))
         except ValueError:
             raise ConfigError(f"--{name.replace('_', '-')} must be a number, not {getattr(args, name)!r}") from None
-    try:
-        steps = int(args.sweep_steps)
-    except ValueError:
-        raise ConfigError(f"--steps must be a whole number, not {args.sweep_steps!r}") from None
+    ints = {}
+    for flag, value in (("--steps", args.sweep_steps), ("--confirm-steps", args.confirm_steps)):
+        try:
+            ints[flag] = int(value)
+        except ValueError:
+            raise ConfigError(f"{flag} must be a whole number, not {value!r}") from None
     out = check_out_dir(args.out)
-    result = find_lr(exp, cfg, steps=steps, method=args.method, **nums)
+    result = find_lr(exp, cfg, steps=ints["--steps"], method=args.method, confirm=args.confirm,
+                     confirm_steps=ints["--confirm-steps"], **nums)
     s = result.suggestions
     print(f"range test: {len(result.lrs)} steps from lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
           + (f" ({result.stop_reason})" if result.stop_reason else ""))
-    if s.best is None:
+    if s.best is None and s.reason is not None:
         print(f"no suggestion: {s.reason}")
     else:
         for method, value in s.values().items():
             mark = "  <- suggested" if method == s.chosen else ""
             print(f"  {method:<14} {value:.3g}{mark}" if value is not None else f"  {method:<14} -")
+        c = result.confirmation
+        if c is not None:
+            print(f"  {'confirmed':<14} " + (f"{s.confirmed:.3g}  <- suggested" if s.confirmed is not None else "-"))
+            print(f"confirmation ({len(c.trials)} rates x {c.steps} steps): {c.reason}")
+        elif result.confirm_note:
+            print(result.confirm_note)
         lo, hi = s.band()
-        print(f"suggested learning rate: {s.best:.3g} (band {lo:.3g} .. {hi:.3g})")
+        print(f"suggested learning rate: {s.best:.3g} ({s.chosen}; band {lo:.3g} .. {hi:.3g})")
     if out is not None:
         write_csv(result, out / "lr_find.csv")
         atomic_write(out / "lr_find.json", json.dumps(result.to_dict(), indent=2, allow_nan=False))

@@ -220,3 +220,47 @@ class RunControl:
                     f.set_result(ack(kind, step))
                 else:
                     f.set_exception(ConfigError(f"the run ended ({state}) before {kind} took effect"))
+
+
+class Steering:
+    """The commands of a run as methods, each a Future of its ack: for anything with ``command(kind, **data)``
+    (a watched :class:`lrviz.live.run.Run`, a :class:`lrviz.tracking.TrackedRun`)."""
+
+    def command(self, kind: str, **data: Any) -> Future:
+        raise NotImplementedError
+
+    def pause(self) -> Future:
+        return self.command(Command.PAUSE)
+
+    def resume(self) -> Future:
+        return self.command(Command.RESUME)
+
+    def step_once(self) -> Future:
+        return self.command(Command.STEP_ONCE)
+
+    def stop(self) -> Future:
+        return self.command(Command.STOP)
+
+    def set_lr(self, lr: float) -> Future:
+        return self.command(Command.SET_LR, lr=lr)
+
+    def set_schedule(self, spec: str | None) -> Future:
+        return self.command(Command.SET_SCHEDULE, spec=spec)
+
+    def set_hyperparams(self, momentum: float | None = None, weight_decay: float | None = None) -> Future:
+        return self.command(Command.SET_HYPERPARAMS, momentum=momentum, weight_decay=weight_decay)
+
+    def rollback(self, lr_factor: float = 0.1) -> Future:
+        return self.command(Command.ROLLBACK, lr_factor=lr_factor)
+
+    def checkpoint(self) -> Future:
+        return self.command(Command.CHECKPOINT)
+
+    def range_test(self, **kwargs: Any) -> Future:
+        return self.command(Command.RANGE_TEST, **kwargs)
+
+    def cancel_range_test(self) -> Future:
+        return self.command(Command.CANCEL_RANGE_TEST)
+
+    def set_pace(self, steps_per_second: float | None) -> Future:
+        return self.command(Command.SET_PACE, steps_per_second=steps_per_second)

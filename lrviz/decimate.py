@@ -22,11 +22,12 @@ __all__ = ["EmaSmoother", "GrowableArray", "PeakPyramid", "ema_debiased"]
 
 
 class GrowableArray:
-    """A 1-D float array that grows by doubling; ``data`` is a view of the filled part."""
+    """A 1-D float array that grows by ``growth`` (default doubling); ``data`` is a view of the filled part."""
 
-    def __init__(self, capacity: int = 1024, dtype: np.dtype | type = np.float64):
+    def __init__(self, capacity: int = 1024, dtype: np.dtype | type = np.float64, growth: float = 2.0):
         self._a = np.empty(max(16, capacity), dtype)
         self.n = 0
+        self.growth = max(1.1, float(growth))
 
     def __len__(self) -> int:
         return self.n
@@ -43,7 +44,7 @@ class GrowableArray:
         if need > len(self._a):
             cap = len(self._a)
             while cap < need:
-                cap *= 2
+                cap = int(cap * self.growth) + 16
             a = np.empty(cap, self._a.dtype)
             a[: self.n] = self._a[: self.n]
             self._a = a
@@ -64,10 +65,13 @@ class PeakPyramid:
     block holds nothing else.
     """
 
-    def __init__(self, factor: int = 4):
+    def __init__(self, factor: int = 4, dtype: np.dtype | type = np.float64, growth: float = 2.0):
         if factor < 2:
             raise ValueError("factor must be >= 2")
         self.factor = factor
+        #: Block minima and maxima are kept in this dtype (float32 halves the memory; a spike stays a spike).
+        self.dtype = np.dtype(dtype)
+        self.growth = growth
         self.count = 0  # values folded in
         self._tail = np.empty(0, np.float64)  # raw values after the last complete level-1 block
         self._mins: list[GrowableArray] = []  # level k+1 at index k
@@ -77,6 +81,11 @@ class PeakPyramid:
     def levels(self) -> int:
         return len(self._mins)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the block minima and maxima (allocated, not only filled)."""
+        return sum(g._a.nbytes for g in (*self._mins, *self._maxs)) + self._tail.nbytes
+
     def clear(self) -> None:
         self.count = 0
         self._tail = np.empty(0, np.float64)
@@ -85,8 +94,8 @@ class PeakPyramid:
 
     def _level(self, k: int, hint: int) -> tuple[GrowableArray, GrowableArray]:
         if k == len(self._mins):
-            self._mins.append(GrowableArray(max(16, hint)))
-            self._maxs.append(GrowableArray(max(16, hint)))
+            self._mins.append(GrowableArray(max(16, hint), self.dtype, self.growth))
+            self._maxs.append(GrowableArray(max(16, hint), self.dtype, self.growth))
         return self._mins[k], self._maxs[k]
 
     def extend(self, values: np.ndarray) -> None:

@@ -60,6 +60,30 @@ class GapReport:
             "details": {k: (v if math.isfinite(v) else None) for k, v in self.details.items()},
         }
 
+    def summary(self) -> dict[str, Any]:
+        """The run summary's ``generalization`` entry: ``verdict``, ``explanation``, ``points`` (the
+        validation points judged) and the gap figures of ``details`` (NaN becomes None), no series."""
+        figures = {k: (v if math.isfinite(v) else None) for k, v in self.details.items()}
+        return {"verdict": self.verdict, "explanation": self.explanation, "points": int(self.steps.size),
+                **figures}
+
+
+def run_generalization(steps: np.ndarray, losses: np.ndarray, validation: Sequence[Any],
+                       has_validation: bool | None = None) -> dict[str, Any]:
+    """The ``generalization`` entry of a run's summary from its step columns and validation points
+    (objects with ``step`` and ``loss``); says so when the script has no validation data
+    (``has_validation`` False) or none was recorded."""
+    if not validation and has_validation is False:
+        return {"verdict": "not enough data", "points": 0,
+                "explanation": "the script's build_data() returns no validation data, so generalization "
+                               "cannot be judged (return (train, val) to see it)"}
+    if not validation and has_validation is None:
+        return {"verdict": "not enough data", "points": 0,
+                "explanation": "no validation losses were recorded, so generalization cannot be judged"}
+    vs = np.fromiter((p.step for p in validation), dtype=np.int64, count=len(validation))
+    vl = np.fromiter((p.loss for p in validation), dtype=np.float64, count=len(validation))
+    return generalization(steps, losses, vs, vl).summary()
+
 
 def generalization(
     train_steps: Sequence[int] | np.ndarray,
@@ -74,20 +98,25 @@ def generalization(
     high_fraction: float = 0.5,
     z: float = 3.0,
 ) -> GapReport:
-    """The generalization gap series and a verdict over the last ``window`` validation points.
+    """The generalization gap series and a verdict on it.
 
     The training loss at a validation step is the mean of the (finite) training losses of the last
-    ``smooth`` steps up to and including it. Changes are measured over the window by a least-squares
-    line, relative to the mean validation (or training) loss of the window. A change counts only when
-    it is also ``z`` times what the point-to-point noise of that series (estimated robustly from its
-    successive differences) would give by chance:
+    ``smooth`` steps up to and including it; ``gap = val - train``. "Now" is the mean of the last
+    ``window`` validation points, "then" the mean of the ``window`` points around the lowest
+    validation loss. A change counts only when it is also ``z`` times what the noise of that series
+    (estimated robustly from its second differences) would give by chance:
 
-    - ``overfitting``: the gap grew by more than ``gap_tol`` while the training loss kept falling (or
-      at least did not rise beyond ``flat_tol`` and its noise);
-    - ``underfitting``: training and validation loss both stayed flat (no change beyond ``flat_tol``)
-      while the training loss is still above ``high_fraction`` of where it started and the gap is
-      small (under 20% of the validation loss);
+    - ``overfitting``: the validation loss stopped falling (its best is older than the last
+      ``window`` points, and it is not falling over them) or rose, while the training loss kept
+      falling since that best, and the gap is positive and grew by more than ``gap_tol`` of the
+      validation loss. A validation loss below the training loss is never overfitting;
+    - ``underfitting``: training and validation loss both stayed flat over the last ``window`` points
+      (no change beyond ``flat_tol``) while the training loss is still above ``high_fraction`` of
+      where it started and the gap is small (under 20% of the validation loss);
     - ``ok``: neither; ``not enough data``: fewer than ``window`` usable validation points.
+
+    Percentages in the explanation are falls of a positive loss, relative to where it fell from,
+    so they never exceed 100%; rises are given as the two values.
     """
     if window < 2:
         raise ConfigError(f"window must be at least 2 validation points, not {window}")
@@ -100,8 +129,9 @@ def generalization(
     if ts.shape != tl.shape or vs.shape != vl.shape:
         raise ConfigError("steps and losses must have the same length "
                           f"(train {ts.size} vs {tl.size}, validation {vs.size} vs {vl.size})")
-    order = np.argsort(ts, kind="stable")
-    ts, tl = ts[order], tl[order]
+    if ts.size > 1 and not bool(np.all(ts[1:] >= ts[:-1])):  # a run's steps come sorted: no sort then
+        order = np.argsort(ts, kind="stable")
+        ts, tl = ts[order], tl[order]
     finite = np.isfinite(tl)
     csum = np.concatenate(([0.0], np.cumsum(np.where(finite, tl, 0.0))))
     ccount = np.concatenate(([0], np.cumsum(finite)))
@@ -137,25 +167,38 @@ def generalization(
     n_train = z * amplify * s_train / t_level
     n_val = z * amplify * s_val / v_level
     n_gap = z * amplify * math.hypot(s_train, s_val) / v_level
-    first_train = tl[finite][: max(smooth, 1)]
+    first_train = tl[np.flatnonzero(finite)[:smooth]]
     start_level = float(np.mean(first_train)) if first_train.size else float("nan")
     progress = 1.0 - float(tr[-1]) / start_level if start_level > 0 else float("nan")
     rel_gap = float(gp[-1]) / v_level
+
+    # now (the last `window` points) against then (the `window` points around the best validation loss)
+    best = int(np.argmin(val))
+    lo = min(max(best - window // 2, 0), have - window)
+    then = slice(lo, lo + window)
+    train_then, val_then, gap_then = (float(np.mean(a[then])) for a in (train_at, val, gap))
+    train_now, val_now, gap_now = float(np.mean(tr)), float(np.mean(va)), float(np.mean(gp))
+    mean_noise = z * math.sqrt(2.0 / window)  # z times the noise of a difference of two window means
     details = {"train_change": d_train, "val_change": d_val, "gap_change": d_gap,
-               "gap": float(gp[-1]), "relative_gap": rel_gap, "progress": progress}
+               "gap": float(gp[-1]), "relative_gap": rel_gap, "progress": progress,
+               "best_val_step": float(steps[best]), "best_val": float(val[best]),
+               "train_then": train_then, "train_now": train_now, "val_then": val_then, "val_now": val_now,
+               "gap_then": gap_then, "gap_now": gap_now}
     last_gap = f"{float(gp[-1]):.3g}"
     span = f"steps {int(x[0])}-{int(x[-1])}"
 
-    if d_gap > max(gap_tol, n_gap) and d_train < max(flat_tol, n_train):
-        if d_val > max(flat_tol, n_val):
-            how = f"the validation loss rose {d_val:.0%}"
-        elif d_val > -max(flat_tol, n_val):
-            how = "the validation loss stopped improving"
-        else:
-            how = f"the validation loss fell only {-d_val:.0%}"
+    val_stalled = best < have - window and d_val > -max(flat_tol, n_val)
+    val_rose = val_now - val_then > max(flat_tol * v_level, mean_noise * s_val)
+    train_fell = train_now < train_then
+    gap_grew = gap_now - gap_then > max(gap_tol * v_level, mean_noise * math.hypot(s_train, s_val))
+    if (val_stalled or val_rose) and train_fell and gap_now > 0 and gap_grew:
+        since = f"since step {int(steps[best])} (the lowest validation loss, {float(val[best]):.3g})"
+        how = (f"the validation loss rose to {val_now:.3g}" if val_rose
+               else f"the validation loss stopped improving (about {val_now:.3g})")
         return GapReport(steps, train_at, val, gap, "overfitting",
-                         f"over {span} the training loss fell {-d_train:.0%} but {how}: the gap grew to "
-                         f"{last_gap}; the model is memorizing the training data (stop here or add "
+                         f"{since} the training loss fell from {train_then:.3g} to {train_now:.3g}"
+                         f"{_fall(train_then, train_now)} but {how}: the gap grew from {gap_then:.3g} to "
+                         f"{gap_now:.3g}; the model is memorizing the training data (stop here or add "
                          "regularization / more data; a decaying LR will not fix it)", details)
     flat = abs(d_train) < max(flat_tol, n_train) and abs(d_val) < max(flat_tol, n_val)
     if flat and progress < 1.0 - high_fraction and abs(rel_gap) < 0.2:
@@ -165,11 +208,28 @@ def generalization(
                          "below the start: the model is not learning much (try a higher or a scheduled "
                          "learning rate, a bigger model, or train longer)", details)
     if d_train < -max(flat_tol, n_train):
-        state = f"both losses are still falling (training {-d_train:.0%} over {span})"
+        state = (f"the training loss is still falling (from {float(tr[0]):.3g} to {float(tr[-1]):.3g}"
+                 f"{_fall(float(tr[0]), float(tr[-1]))} over {span})")
+        if d_val < -max(flat_tol, n_val):
+            state += f" and so is the validation loss (to {float(va[-1]):.3g})"
     else:
-        state = "the losses have levelled off together"
-    return GapReport(steps, train_at, val, gap, "ok",
-                     f"{state}, and the gap ({last_gap}) is not growing: training generalizes", details)
+        state = "the losses have levelled off"
+    if float(gp[-1]) <= 0:
+        verdict_text = (f"{state}; the validation loss is below the training loss (gap {last_gap}), "
+                        "so the model is not overfitting")
+    elif d_gap > max(gap_tol, n_gap):
+        verdict_text = (f"{state}; the gap ({last_gap}) is widening, but the validation loss is still "
+                        "improving: not overfitting yet (watch it)")
+    else:
+        verdict_text = f"{state}, and the gap ({last_gap}) is not growing: training generalizes"
+    return GapReport(steps, train_at, val, gap, "ok", verdict_text, details)
+
+
+def _fall(a: float, b: float) -> str:
+    """`` (-40%)`` for a fall of a positive loss from ``a`` to ``b``; empty otherwise (never below -100%)."""
+    if not (a > 0 and b >= 0 and b < a):
+        return ""
+    return f" (-{(a - b) / a:.0%})"
 
 
 def _change(x: np.ndarray, y: np.ndarray) -> float:

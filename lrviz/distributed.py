@@ -28,6 +28,7 @@ records the run (the store, the live endpoint) and the others follow it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -440,6 +441,33 @@ class Distributed:
         self.closed = True
 
 
+#: How long ``lrviz.track`` waits for every rank to call it too, before this rank records alone.
+JOIN_S = 30.0
+_joins = itertools.count()
+
+
+def every_rank_tracks(timeout: float = JOIN_S) -> bool:
+    """Whether every rank of the process group calls ``lrviz.track`` (this is the call), as the ranks
+    must for steering; False when ``timeout`` s pass without them (a loop that tracks on rank 0 only).
+
+    Decided once for all ranks through the job's store (the first rank to see all of them, or to give
+    up, decides), so that a rank arriving late does not wait for a group the others never join.
+    """
+    kv = _default_store()
+    if kv is None:
+        return True
+    n = next(_joins)
+    count, decision = f"lrviz/track-{n}/count", f"lrviz/track-{n}/decision"
+    world = tdist.get_world_size()
+    seen = kv.add(count, 1)
+    deadline = time.monotonic() + timeout
+    while seen < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen = kv.add(count, 0)
+    verdict = kv.compare_set(decision, "", "all" if seen >= world else "alone")
+    return bytes(verdict) == b"all"
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, dead but not yet reaped by torchrun, does not)."""
     try:
@@ -704,14 +732,9 @@ class StepExchange:
         gn = np.sqrt(v[_HEADER + n:_HEADER + 2 * n] / world)
         buf = self.buffer
         i = buf.n
-        cols = buf.reserve_row(i + n - 1)
         epochs, times, _, _, lrs = zip(*rows)
-        cols.epoch[i:i + n] = epochs
-        cols.time[i:i + n] = times
-        cols.loss[i:i + n] = loss
-        cols.grad_norm[i:i + n] = gn
-        cols.lr[i:i + n] = lrs
-        buf.n = i + n
+        buf.write(i, epoch=epochs, time=times, loss=loss, grad_norm=gn, lr=lrs)
+        buf.publish(i + n)
         rows.clear()
         return v[:_HEADER], (buf.first_step + i, loss, gn)
 

@@ -46,7 +46,7 @@ from .errors import ConfigError, DivergedError, LrvizError, ScriptError
 from .experiment import Experiment, error_from_exception
 from .optim import apply_hyperparams, build_optimizer
 from .rates import RateControl
-from .recorder import RunRecorder
+from .recorder import RunRecorder, recorded
 from .records import Event, StepBuffer, ValPoint
 from .staging import GradNorm, Staging
 from .states import SETTING_COMMANDS, TERMINAL_STATES, Command
@@ -68,12 +68,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _recorded(name: str) -> property:
-    """An engine attribute that is its recorder's (the records watchers read)."""
-    return property(lambda self: getattr(self.rec, name), lambda self, v: setattr(self.rec, name, v),
-                    doc=f"The recorder's ``{name}``.")
-
-
 class TrainingEngine:
     """Trains ``experiment`` with ``config``; records every step; obeys commands from any thread.
 
@@ -83,15 +77,15 @@ class TrainingEngine:
     ``error_detail`` its traceback.
     """
 
-    state = _recorded("state")
-    run_id = _recorded("run_id")
-    buffer = _recorded("buffer")
-    events = _recorded("events")
-    validation = _recorded("validation")
-    probe_steps = _recorded("probe_steps")
-    probe_values = _recorded("probe_values")
-    range_test_progress = _recorded("range_test_progress")
-    on_open = _recorded("on_open")
+    state = recorded("state")
+    run_id = recorded("run_id")
+    buffer = recorded("buffer")
+    events = recorded("events")
+    validation = recorded("validation")
+    probe_steps = recorded("probe_steps")
+    probe_values = recorded("probe_values")
+    range_test_progress = recorded("range_test_progress")
+    on_open = recorded("on_open")
 
     def __init__(
         self,
@@ -254,11 +248,23 @@ class TrainingEngine:
         stop_factor). Model, optimizer and RNG are restored exactly afterwards. Returns a Future
         holding the RangeTestResult; ``range_test_progress`` fills with (lr, loss) while it runs.
         """
+        return self._lab_command("range_test", kwargs)
+
+    def confirm_lr(self, **kwargs: Any) -> Future:
+        """Confirm candidate rates on the current weights between two steps, like :meth:`range_test`.
+
+        Keyword arguments go to :func:`lrviz.rangetest.confirm_rates` (rates, steps, stop_factor,
+        on_step). Model, optimizer and RNG are restored exactly afterwards. Returns a Future holding
+        the Confirmation; :meth:`cancel_range_test` ends it early.
+        """
+        return self._lab_command("confirm_lr", kwargs)
+
+    def _lab_command(self, kind: str, kwargs: dict[str, Any]) -> Future:
         fut: Future = Future()
         if self.control.closed:
             fut.set_exception(ConfigError(f"the run has ended ({self.state})"))
             return fut
-        self.control.enqueue("range_test", {"kwargs": kwargs, "future": fut})
+        self.control.enqueue(kind, {"kwargs": kwargs, "future": fut})
         return fut
 
     def cancel_range_test(self) -> None:
@@ -642,22 +648,26 @@ class TrainingEngine:
                               "names to numbers, e.g. {'x': 0.5}", str(exp.path), exp.line_of("probe")) from None
         self.rec.record_probe(step, numbers)
 
-    def _run_range_test(self, data: dict[str, Any]) -> None:
-        from .rangetest import range_test
+    def _run_range_test(self, data: dict[str, Any], kind: str = "range_test") -> None:
+        from .rangetest import confirm_rates, range_test
 
         fut: Future = data["future"]
         if not fut.set_running_or_notify_cancel():
             return
-        self.range_test_progress = []
-        progress = self.range_test_progress
         self._range_cancel = False
+        common = {"device": self.device, "should_stop": lambda: self.control.stop_requested or self._range_cancel}
         data_order = capture_generators(self._data_gens)  # the test draws batches; training must not notice
         try:
             self._flush_device()
-            result = range_test(
-                self.model, self.optimizer, self._train_data, self._loss_of, device=self.device,
-                should_stop=lambda: self.control.stop_requested or self._range_cancel,
-                on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
+            if kind == "confirm_lr":
+                result = confirm_rates(self.model, self.optimizer, self._train_data, self._loss_of, **common,
+                                       **data["kwargs"])
+            else:
+                self.range_test_progress = []
+                progress = self.range_test_progress
+                result = range_test(
+                    self.model, self.optimizer, self._train_data, self._loss_of, **common,
+                    on_step=lambda i, lr, loss: progress.append((lr, loss)), **data["kwargs"])
         except LrvizError as exc:  # reported through the future; training goes on
             fut.set_exception(exc)
             return
@@ -666,9 +676,14 @@ class TrainingEngine:
             return
         finally:
             restore_generators(self._data_gens, data_order)
-        s = result.suggestions
-        self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,
-                                   "steps": len(result.lrs)})
+        if kind == "confirm_lr":
+            w = result.winner
+            self._event("range_test", {"suggestion": None if w is None else w.lr, "method": "confirmed",
+                                       "reason": result.reason, "steps": result.steps})
+        else:
+            s = result.suggestions
+            self._event("range_test", {"suggestion": s.best, "method": s.chosen, "reason": s.reason,
+                                       "steps": len(result.lrs)})
         fut.set_result(result)
 
     def _publish(self) -> None:
@@ -689,7 +704,7 @@ class TrainingEngine:
 
     def summary(self) -> dict[str, Any]:
         """Figures of the run so far: steps, best/final loss, best/final validation loss, speed."""
-        out = self.rec.summary(self.step)
+        out = self.rec.summary(self.step, has_validation=self._val_data is not None)
         if self.error is not None:
             out["error"] = str(self.error)
         if self.ranks_in_sync is not None:
@@ -738,8 +753,8 @@ class TrainingEngine:
                 raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
             info = self._checkpoint("manual")
             return {"path": str(info.path), "checkpoint_step": info.step}
-        if kind == "range_test":
-            self._run_range_test(data)
+        if kind in ("range_test", "confirm_lr"):
+            self._run_range_test(data, kind)
             return None
         if kind == "set_lr":
             self.rates.set_lr(data["lr"], step)

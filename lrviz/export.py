@@ -21,8 +21,9 @@ Files
     time: [...]}}``). JSON has no NaN or infinity: non-finite floats are written as ``null``.
 ``loss.<fmt>``, ``lr.<fmt>``
     Plots of the training loss (raw and smoothed, with validation points) and of the learning
-    rate, drawn by :mod:`lrviz.ui.render` (PNG, SVG or PDF). That module needs Qt; it is imported
-    only when a plot is asked for, so this module (the core) never imports Qt.
+    rate, drawn by the app's renderer (PNG, SVG or PDF), which needs Qt: the CLI loads it when a plot
+    is asked for and it registers itself (:func:`use_plot_renderer`); this module (the core) never
+    imports Qt, not even by name.
 ``events.out.tfevents.*.lrviz`` (format ``tb``)
     The run for TensorBoard: its tags are the CSV's columns, plus the smoothed loss and the events
     as text (see :mod:`lrviz.tensorboard`; needs the ``tensorboard`` package).
@@ -34,7 +35,6 @@ folder and moved into place, so a failed or interrupted export never leaves a pa
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import logging
 import math
@@ -50,6 +50,7 @@ import numpy as np
 
 from lrviz.errors import ConfigError
 from lrviz.records import Event, ValPoint
+from lrviz.store_codec import jsonable
 
 __all__ = [
     "DEFAULT_SMOOTHING",
@@ -114,7 +115,8 @@ def _write_error(path: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot write {path}: {why}")
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer, *, mode: int = 0o666,
+                 durable: bool = True) -> Path:
     """Write ``data`` to ``path`` so that the file is either complete or untouched.
 
     ``data`` is bytes, text (written as UTF-8), or a function that writes into the binary file
@@ -123,6 +125,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer) -> Pa
     removed and an existing ``path`` is left as it was. A path that cannot be written (no
     permission, missing folder, read-only or full disk) raises :class:`ConfigError` naming it;
     other exceptions raised by a writer function propagate unchanged. Returns ``path``.
+    ``mode``: the new file's permissions (with the umask; 0o600 for a file only you may read);
+    ``durable=False`` skips the fsync (a checkpoint rewritten often, not worth a disk flush each).
     """
     target = Path(path)
     if target.is_dir():
@@ -142,8 +146,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer) -> Pa
         for _ in range(100):
             candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
             try:
-                # 0o666 and the process umask: the same mode as a file written with open().
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+                # 0o666 (the default) and the process umask: the same mode as a file written with open().
+                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
             except FileExistsError:
                 continue
             tmp = candidate
@@ -156,7 +160,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Writer) -> Pa
             else:
                 data(fh)  # type: ignore[operator]
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
         tmp = None
     except OSError as exc:
@@ -376,27 +381,7 @@ def write_metrics_csv(
 
 def _json_safe(obj: Any) -> Any:
     """``obj`` as plain JSON types: non-finite floats become None, NumPy values Python ones."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    tolist = getattr(obj, "tolist", None)  # numpy arrays, torch tensors
-    if callable(tolist):
-        try:
-            return _json_safe(tolist())
-        except Exception:  # noqa: BLE001 - fall back to the text form
-            pass
-    return str(obj)
+    return jsonable(obj, nonfinite="null")
 
 
 def write_run_json(
@@ -641,15 +626,23 @@ def _short(value: Any) -> str:
         return str(value)
 
 
+#: What draws plots (the app's :mod:`lrviz.ui.render`, which registers itself when imported): the core
+#: never imports the Qt layer, not even by name. The CLI, the composition root, imports it to draw.
+_plot_renderer: Any = None
+
+
+def use_plot_renderer(renderer: Any) -> None:
+    """Register what draws plot exports: an object with ``RunData`` and ``render_run`` (lrviz.ui.render)."""
+    global _plot_renderer
+    _plot_renderer = renderer
+
+
 def _load_render() -> Any:
-    try:
-        render = importlib.import_module("lrviz.ui.render")
-    except ImportError as exc:
+    if _plot_renderer is None:
         raise ConfigError(
-            f"plot export needs PySide6 and pyqtgraph ({exc}); install them "
-            "(pip install PySide6-Essentials pyqtgraph) or export only csv and json (--format csv,json)"
-        ) from exc
-    return render
+            "plot export needs the app's renderer (PySide6 and pyqtgraph; the lrviz command loads it when it "
+            "draws, or import lrviz.ui.render first); export only csv and json (--format csv,json) without it")
+    return _plot_renderer
 
 
 def export_data(

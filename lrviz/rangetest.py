@@ -10,7 +10,9 @@ number generators (Python, NumPy, torch CPU, CUDA/MPS when present) are put back
 the sweep can run mid-training from the current weights.
 
 :func:`suggest` reads a curve (``lrs``, raw ``losses``) and returns several suggestions at once
-(:class:`Suggestions`): ``steepest``, ``valley`` and ``minimum_tenth``. When the curve is too short
+(:class:`Suggestions`): ``steepest``, ``valley`` and ``minimum_tenth``, judged on the part of the
+smoothed curve that fastai's ``lr_find`` judges; ``valley`` and ``minimum_tenth`` are fastai's
+``valley`` and ``minimum`` (``fastai/callback/schedule.py``) and equal them for the same curve. When the curve is too short
 or never falls, every suggestion is ``None`` and ``reason`` says why: it never guesses.
 
 :func:`find_lr` is the headless entry point (``lrviz find-lr``): it builds model, data and
@@ -27,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +40,28 @@ from .devices import to_device
 from .errors import ConfigError, LrvizError, ScriptError
 
 __all__ = [
+    "CONFIRM_STEPS",
     "METHODS",
     "MIN_POINTS",
+    "TRIM_END",
+    "Confirmation",
     "RangeTestProgress",
     "RangeTestResult",
     "Suggestions",
+    "Trial",
+    "adopt",
+    "candidates",
+    "confirm_cost",
+    "confirm_experiment",
+    "confirm_rates",
     "find_lr",
+    "held_out",
+    "loss_axis_range",
+    "min_steps",
     "range_test",
+    "smooth",
     "suggest",
+    "valley_index",
     "write_csv",
 ]
 
@@ -53,10 +69,18 @@ log = logging.getLogger(__name__)
 
 #: The suggestion methods, in the order they are shown.
 METHODS = ("steepest", "valley", "minimum_tenth")
-#: Fewer finite points than this and no suggestion is made.
+#: Fewer points to judge than this (after fastai's trim, see :func:`suggest`) and no suggestion is made.
 MIN_POINTS = 10
-#: Where in the longest valley the ``valley`` method picks its rate (fastai documents "roughly 2/3").
-VALLEY_FRACTION = 2 / 3
+#: fastai's ``lr_find`` judges the curve without its last points (the blow-up).
+TRIM_END = 5
+#: The batch losses must fall by more than chance (see :func:`_fall_beyond_noise`) for a suggestion.
+FALL_Z = 1.5
+MIN_WINDOW = 3
+#: Steps each candidate rate trains for in a confirmation (``--confirm-steps``).
+CONFIRM_STEPS = 20
+#: Candidate rates of a confirmation: at most this many, and neighbours at most this factor apart.
+MAX_CANDIDATES = 4
+CANDIDATE_RATIO = 10 ** 0.5
 
 LossOf = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -68,11 +92,13 @@ LossOf = Callable[[torch.nn.Module, Any], torch.Tensor]
 class Suggestions:
     """Learning rates suggested by several methods on one range-test curve.
 
-    ``steepest``: the rate of the steepest descent of the smoothed loss against log10(lr).
-    ``valley``: fastai's valley method, a rate about 2/3 of the way into the longest descent.
-    ``minimum_tenth``: a tenth of the rate at the lowest smoothed loss.
-    ``chosen`` names the method whose value is "the" suggestion (:attr:`best`). When the curve
-    cannot be judged, every value is None and ``reason`` says why in words.
+    ``steepest``: where the smoothed loss falls fastest against log(lr), before its minimum.
+    ``valley``: fastai's ``valley``: a rate about half-way along the longest descent.
+    ``minimum_tenth``: a tenth of the rate at the lowest smoothed loss (fastai's ``minimum``).
+    ``confirmed``: the rate a confirmation (:func:`confirm`) found to lower the loss most, or None.
+    ``chosen`` names the method whose value is "the" suggestion (:attr:`best`): one of
+    :data:`METHODS`, or ``"confirmed"``. When the curve cannot be judged, every value is None and
+    ``reason`` says why in words.
     """
 
     steepest: float | None
@@ -80,6 +106,7 @@ class Suggestions:
     minimum_tenth: float | None
     chosen: str = "valley"
     reason: str | None = None
+    confirmed: float | None = None
 
     @property
     def best(self) -> float | None:
@@ -96,8 +123,67 @@ class Suggestions:
         return (min(made), max(made)) if made else None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict: every method's value, ``chosen``, ``best`` and ``reason``."""
-        return {**self.values(), "chosen": self.chosen, "best": self.best, "reason": self.reason}
+        """A JSON-friendly dict: every method's value, ``confirmed``, ``chosen``, ``best`` and ``reason``."""
+        return {**self.values(), "confirmed": self.confirmed, "chosen": self.chosen, "best": self.best,
+                "reason": self.reason}
+
+
+@dataclass
+class Trial:
+    """One candidate rate of a confirmation, trained from the same weights on the same batches.
+
+    ``losses`` holds the loss of each step trained (it ends early at a non-finite loss or one
+    above ``stop_factor`` times the first: ``diverged``). ``start`` is the mean loss of the
+    starting weights on the held-out batches (the same for every trial), ``end`` that of the
+    weights after training (inf when diverged); the trial with the lowest ``end`` lowered the
+    loss most.
+    """
+
+    lr: float
+    source: str
+    losses: np.ndarray
+    diverged: bool
+    start: float = math.nan
+    end: float = math.inf
+    #: The loss of the trained weights on each held-out batch (empty when diverged).
+    held: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def describe(self) -> str:
+        """``0.0123 (valley): 2.3 -> 0.412`` or ``0.5: diverged at step 7``."""
+        name = f"{_fmt(self.lr)}" + (f" ({_SOURCE_NAMES.get(self.source, self.source)})" if self.source else "")
+        if self.diverged:
+            return f"{name}: diverged at step {len(self.losses) - 1}"
+        return f"{name}: {self.start:.3g} -> {self.end:.3g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "source": self.source, "diverged": self.diverged,
+                "start": _finite_or_none(self.start), "end": _finite_or_none(self.end),
+                "losses": [_finite_or_none(v) for v in self.losses.tolist()]}
+
+
+@dataclass
+class Confirmation:
+    """Several candidate rates, each trained ``steps`` steps from the same weights on the same
+    batches; ``winner`` lowered the loss most (None when none lowered it), ``reason`` says which
+    and why in one line."""
+
+    trials: list[Trial]
+    steps: int
+    winner: Trial | None
+    reason: str
+    seconds: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "winner": None if self.winner is None else self.winner.lr,
+                "winner_source": None if self.winner is None else self.winner.source,
+                "reason": self.reason, "seconds": self.seconds, "trials": [t.to_dict() for t in self.trials]}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+_SOURCE_NAMES = {"steepest": "steepest", "valley": "valley", "minimum_tenth": "min/10", "between": "between"}
 
 
 @dataclass
@@ -119,6 +205,9 @@ class RangeTestResult:
     beta: float = 0.98
     stop_factor: float = 4.0
     seconds: float = math.nan
+    #: The confirmation of the suggestions (None when it did not run; ``confirm_note`` says why).
+    confirmation: Confirmation | None = None
+    confirm_note: str = ""
 
     def __len__(self) -> int:
         return len(self.lrs)
@@ -137,6 +226,8 @@ class RangeTestResult:
             "beta": self.beta, "stop_factor": self.stop_factor, "stopped_early": self.stopped_early,
             "stop_reason": self.stop_reason, "seconds": self.seconds,
             "suggestions": self.suggestions.to_dict(),
+            "confirmation": None if self.confirmation is None else self.confirmation.to_dict(),
+            "confirm_note": self.confirm_note,
         }
 
 
@@ -242,27 +333,56 @@ def smooth(losses: Sequence[float] | np.ndarray, beta: float = 0.98) -> np.ndarr
     return out
 
 
-def _longest_descent(y: np.ndarray) -> tuple[int, int]:
-    """First and last index of the longest strictly decreasing subsequence of ``y``.
+def min_steps(num_it: int) -> int:
+    """The fewest steps of a sweep of ``num_it`` that leave :data:`MIN_POINTS` to judge."""
+    return int(num_it) // 10 + MIN_POINTS + TRIM_END
 
-    Of the longest ones, the one ending first, traced back through the latest predecessors.
+
+def valley_index(y: Sequence[float] | np.ndarray) -> int:
+    """fastai's ``valley`` rule: the index of its suggestion in the (smoothed) curve ``y``.
+
+    ``L`` is the length of the longest strictly decreasing subsequence of ``y`` and ``end`` the
+    first index where a decreasing subsequence reaches that length; the suggestion is at
+    ``end - L + L // 3 + L // 6``: about half-way back along the valley, counted in points from
+    its end (fastai's ``max_start + int(sections) + int(sections / 2)`` with ``max_start = end - L``
+    and ``sections = L / 3``); 0 when nothing falls. It is -1 when the longest descent is 2 points
+    long and ends at index 1 (fastai then takes the last point; :func:`suggest` does not suggest).
     """
-    n = len(y)
+    v = np.asarray(y, dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        raise ConfigError("valley_index needs at least one point")
     length = np.ones(n, dtype=np.int64)
-    prev = np.full(n, -1, dtype=np.int64)
     for i in range(1, n):
-        higher = np.flatnonzero(y[:i] > y[i])
-        if higher.size:
-            lens = length[higher]
-            best = lens.max()
-            j = higher[np.flatnonzero(lens == best)[-1]]  # the latest predecessor of that length
-            length[i] = best + 1
-            prev[i] = j
-    last = int(np.argmax(length))
-    first = last
-    while prev[first] >= 0:
-        first = int(prev[first])
-    return first, last
+        higher = v[:i] > v[i]
+        if higher.any():
+            length[i] = int(length[:i][higher].max()) + 1
+    longest = int(length.max())
+    if longest == 1:  # nothing falls: fastai never moves its start from 0
+        return 0
+    end = int(np.argmax(length))  # the first index that reaches it
+    return end - longest + longest // 3 + longest // 6
+
+
+def _fall_beyond_noise(raw: np.ndarray) -> tuple[float, float]:
+    """How far the batch losses fell, and how far chance alone would make them seem to fall.
+
+    The fall is the mean of the first window of ``k`` losses (k a fifth of them, at least
+    :data:`MIN_WINDOW`) minus the lowest mean of any later window; chance is the noise of one loss
+    (from successive differences, so a trend does not count) times sqrt(2 / k), times
+    ``FALL_Z + sqrt(2 ln M)`` for the M windows the lowest was picked from.
+    """
+    n = raw.size
+    k = max(MIN_WINDOW, n // 5)
+    if n < k + 1:
+        return 0.0, 0.0
+    c = np.concatenate(([0.0], np.cumsum(raw)))
+    means = (c[k:] - c[:-k]) / k
+    fell = float(means[0] - means.min())
+    d = np.diff(raw)
+    sigma = float(np.median(np.abs(d - np.median(d)))) / 0.6745 / math.sqrt(2.0)
+    windows = max(1.0, n / k)
+    return fell, sigma * math.sqrt(2.0 / k) * (FALL_Z + math.sqrt(2.0 * math.log(windows)))
 
 
 def _fmt(x: float) -> str:
@@ -275,20 +395,23 @@ def suggest(
     *,
     beta: float = 0.98,
     method: str = "valley",
+    num_it: int | None = None,
 ) -> Suggestions:
     """Suggest learning rates from a range-test curve of raw losses (smoothed here with ``beta``).
 
-    Points whose loss or rate is not finite (or whose rate is not > 0) are dropped first. The first
-    tenth of the rest is skipped (the smoothing is still warming up there) and so is everything
-    after the lowest smoothed loss; the descent in between is what is judged:
+    The curve is read the way fastai's ``lr_find`` reads its recorder: the smoothed loss from
+    point ``num_it // 10`` (``num_it``: the steps the sweep was asked for, default all of them) to
+    the 5th point from the end, and up to the first non-finite value in that part. On it:
 
-    - ``steepest``: the rate where d(smoothed loss)/d(log10 lr) is most negative;
-    - ``valley``: the longest strictly decreasing run of the smoothed loss (fastai's "valley", a
-      subsequence, so small bumps do not break it), and the rate 2/3 of the way along it;
-    - ``minimum_tenth``: the rate at the lowest smoothed loss, divided by 10.
+    - ``steepest``: the rate where d(smoothed loss)/d(log10 lr) (central differences) is most
+      negative before the lowest point (lrviz's own; fastai's ``steep`` also looks past the minimum);
+    - ``valley``: fastai's ``valley`` (:func:`valley_index`);
+    - ``minimum_tenth``: fastai's ``minimum``, the rate at the lowest smoothed loss divided by 10.
 
-    With fewer than :data:`MIN_POINTS` finite points, rates that do not increase, or a loss that
-    never falls, every suggestion is None and ``reason`` says why. ``beta=0`` judges the raw curve.
+    Where fastai would still answer, lrviz does not guess: with fewer than :data:`MIN_POINTS`
+    points to judge, rates that do not increase, or a loss whose lowest point is at the start of
+    that part (it never fell), every suggestion is None and ``reason`` says why.
+    ``beta=0`` judges the raw curve.
     """
     b = _check_beta(beta)
     chosen = _check_method(method)
@@ -296,35 +419,69 @@ def suggest(
     y = np.asarray(losses, dtype=np.float64).ravel()
     if x.shape != y.shape:
         raise ConfigError(f"suggest needs as many learning rates as losses, not {x.size} and {y.size}")
+    total = x.size if num_it is None else int(num_it)
 
     def none(reason: str) -> Suggestions:
         return Suggestions(None, None, None, chosen, reason)
 
-    keep = np.isfinite(y) & np.isfinite(x) & (x > 0)
-    n = int(keep.sum())
-    if n == 0:
-        return none("no finite losses" if y.size else "no losses recorded")
+    if x.size == 0:
+        return none("no losses recorded")
+    bad = ~(np.isfinite(y) & np.isfinite(x) & (x > 0))
+    if bad.all():
+        return none("no finite losses")
+    cut = int(np.argmax(bad)) if bad.any() else x.size  # the curve ends at its first non-finite point
+    lo = total // 10
+    judged = slice(lo, min(cut, x.size - TRIM_END))
+    n = max(0, judged.stop - judged.start)
     if n < MIN_POINTS:
-        if not np.isfinite(y[-1]):
-            return none(f"the loss diverged after only {n} step{'s' if n != 1 else ''}; lower --start")
-        return none(f"only {n} finite loss{'es' if n != 1 else ''}; at least {MIN_POINTS} are needed "
-                    "(raise --steps)")
-    x, y = x[keep], y[keep]
-    if np.any(np.diff(x) <= 0):
+        if cut < x.size and cut < lo + MIN_POINTS + TRIM_END:
+            return none(f"the loss diverged after only {cut} step{'s' if cut != 1 else ''}; lower --start")
+        return none(f"only {n} point{'s' if n != 1 else ''} to judge after skipping the first tenth and the "
+                    f"last {TRIM_END} (as fastai does); at least {MIN_POINTS} are needed (raise --steps)")
+    if np.any(np.diff(x[:cut]) <= 0):
         return none("the learning rate does not increase from step to step, so this is not a "
                     "range-test curve")
-    s = smooth(y, b)
-    logx = np.log10(x)
-    lo = n // 10
+    s = smooth(y[:cut], b)[judged]
+    raw = y[judged]
+    x = x[judged]
     m = int(np.argmin(s))
-    if m < lo + 2:
+    if m < 2:
         return none(f"the loss never fell: its lowest point is at lr {_fmt(x[m])}, at the start of the "
                     "sweep; lower --start")
-    grad = np.gradient(s, logx)
-    steepest = float(x[lo + int(np.argmin(grad[lo:m]))])
-    first, last = _longest_descent(s[lo:m + 1])
-    valley = float(x[lo + first + int(round(VALLEY_FRACTION * (last - first)))])
-    return Suggestions(steepest, valley, float(x[m]) / 10, chosen, None)
+    fell, needed = _fall_beyond_noise(raw[: m + 1] if m + 1 >= 2 * MIN_WINDOW else raw)
+    if fell <= needed:
+        return none(f"the loss never fell by more than its noise (by {fell:.2g} in batch losses, chance alone "
+                    f"makes up to {needed:.2g}) before lr {_fmt(x[-1])}; raise --end or --steps")
+    steepest = float(x[int(np.argmin(np.gradient(s, np.log10(x))[:m]))])
+    k = valley_index(s)
+    if k < 0:
+        return none("the loss has no steady descent to judge (its longest fall is 2 points); raise --steps")
+    return Suggestions(steepest, float(x[k]), float(x[m]) / 10, chosen, None)
+
+
+def loss_axis_range(losses: Sequence[float] | np.ndarray, smoothed: Sequence[float] | np.ndarray,
+                    pad: float = 0.06) -> tuple[float, float] | None:
+    """The loss range a plot of the curve shows: the curve up to its lowest smoothed point (the
+    smoothed loss, and the batch losses between their 2nd and 98th percentile there), padded by
+    ``pad`` of the span. The fall of the loss fills the height; the blow-up after the minimum
+    leaves at the top. None when there is nothing finite to show."""
+    raw = np.asarray(losses, dtype=np.float64)
+    sm = np.asarray(smoothed, dtype=np.float64)
+    ok = np.isfinite(sm)
+    if not ok.any():
+        return None
+    m = int(np.flatnonzero(ok)[np.argmin(sm[ok])])
+    part = slice(0, m + 1) if m >= 3 else slice(0, len(sm))  # a curve that never fell: all of it
+    s_part = sm[part][np.isfinite(sm[part])]
+    r_part = raw[part][np.isfinite(raw[part])]
+    lo, hi = float(s_part.min()), float(s_part.max())
+    if r_part.size:
+        lo = min(lo, float(np.quantile(r_part, 0.02)))
+        hi = max(hi, float(np.quantile(r_part, 0.98)))
+    if not hi > lo:
+        hi = lo + max(abs(lo), 1.0) * 0.1
+    margin = pad * (hi - lo)
+    return lo - margin, hi + margin
 
 
 # --------------------------------------------------------------------------- saving and restoring
@@ -336,12 +493,14 @@ class _Snapshot:
     The model's parameters, buffers (persistent or not) and gradients are restored into the very
     tensor objects they were (the optimizer and anything else holding them keep working), each
     module's ``training`` flag, the optimizer's per-parameter state and param-group settings, and
-    the random number generators.
+    the random number generators: the global ones and those of ``data`` (a DataLoader's own
+    ``generator=`` and its sampler's), which iterating it draws from.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Any = None):
         self.model = model
         self.optimizer = optimizer
+        self.data_rngs = [(g, g.get_state()) for g in _generators_of(data)]
         self.modes = [(m, m.training) for m in model.modules()]
         # (slot dict, name, the tensor object, a copy of its values, its grad object, a copy of the grad)
         self.slots: list[tuple[dict[str, Any], str, Any, Any, Any, Any]] = []
@@ -395,12 +554,19 @@ class _Snapshot:
             m.training = training
         opt = self.optimizer
         opt.state.clear()
-        for k, v in zip(self.state_keys, self.state_values):
+        # copies: the optimizer updates its state in place, and a snapshot may be restored again
+        for k, v in zip(self.state_keys, copy.deepcopy(self.state_values)):
             opt.state[k] = v
         for group, saved, params in zip(opt.param_groups, self.groups, self.group_params):
             group.clear()
             group["params"] = params
-            group.update(saved)
+            group.update(copy.deepcopy(saved))
+        for g, state in self.data_rngs:
+            g.set_state(state)
+        self.restore_rng()
+
+    def restore_rng(self) -> None:
+        """Put back only the random number generators."""
         random.setstate(self.py_rng)
         np.random.set_state(self.np_rng)
         torch.set_rng_state(self.torch_rng)
@@ -417,6 +583,28 @@ class _Snapshot:
         g.copy_(gvalues)
         if p.grad is not g:
             p.grad = g
+
+
+def _generators_of(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that iterating ``data`` draws from: its own ``generator``
+    and those of its ``sampler`` and ``batch_sampler`` (a DataLoader's), looked for a few levels
+    deep (also inside lrviz's wrapper of a script's data)."""
+    found: dict[int, torch.Generator] = {}
+    level = [data]
+    for _ in range(4):
+        nxt = []
+        for obj in level:
+            if obj is None:
+                continue
+            g = getattr(obj, "generator", None)
+            if isinstance(g, torch.Generator):
+                found[id(g)] = g
+            for name in ("sampler", "batch_sampler", "data"):
+                sub = getattr(obj, name, None) if not isinstance(obj, torch.Tensor) else None
+                if sub is not None and not isinstance(sub, (torch.Tensor, np.ndarray)):
+                    nxt.append(sub)
+        level = nxt
+    return list(found.values())
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -472,6 +660,9 @@ def range_test(
     should_stop: Callable[[], bool] | None = lambda: False,
     on_step: Callable[[int, float, float], Any] | None = None,
     method: str = "valley",
+    confirm: bool | None = False,
+    confirm_steps: int = CONFIRM_STEPS,
+    on_confirm_step: Callable[[int, int, float, float], Any] | None = None,
 ) -> RangeTestResult:
     """Sweep the learning rate from ``start`` to ``end`` exponentially over ``steps`` optimizer steps.
 
@@ -483,12 +674,19 @@ def range_test(
     ``should_stop()`` (polled before every step) returns True. ``on_step(i, lr, loss)`` is
     called after every step. The model runs in train mode.
 
+    Then, when there are suggestions and ``confirm`` is True (or None, "auto", and the
+    confirmation costs fewer steps than the sweep took), :func:`confirm_rates` trains the
+    :func:`candidates` from the same weights for ``confirm_steps`` steps each; the rate that
+    lowered the loss most becomes ``suggestions.confirmed`` and the chosen suggestion.
+    ``on_confirm_step(trial, i, lr, loss)`` follows it. ``confirm_note`` says why it did not run.
+
     Model, optimizer and random number generators are restored exactly afterwards (in a
     ``finally:``, so also when ``loss_of`` raises; the exception then propagates). Bad settings
     raise :class:`ConfigError` before anything runs. One host sync per step reads the loss (the
     early stop needs it).
     """
     start, end, steps, beta, stop_factor, method = _check_sweep(start, end, steps, beta, stop_factor, method)
+    confirm_steps = _check_confirm_steps(confirm_steps)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"range test needs a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -507,7 +705,7 @@ def range_test(
     bpow = 1.0
     best = math.inf
     t0 = time.perf_counter()
-    snapshot = _Snapshot(model, optimizer)
+    snapshot = _Snapshot(model, optimizer, batches)
     try:
         model.train()
         data = _batches_forever(batches)
@@ -552,24 +750,236 @@ def range_test(
         snapshot.restore()
     seconds = time.perf_counter() - t0
     lrs, losses, smoothed = lrs[:done], losses[:done], smoothed[:done]
-    sugg = suggest(lrs, losses, beta=beta, method=method)
+    sugg = suggest(lrs, losses, beta=beta, method=method, num_it=steps)
     n_finite = int(np.isfinite(losses).sum())
     if sugg.reason is not None:
+        too_short = sugg.reason.startswith(("only ", "the loss diverged after only"))
         plural = "s" if done != 1 else ""
         if done == 0:
             sugg.reason = "cancelled before the first step"
         elif n_finite == 0:
             sugg.reason = (f"no finite losses: the loss was {losses[0]} from the first step (lr {_fmt(start)}); "
                            "check the model and the data, or lower --start")
-        elif n_finite < MIN_POINTS and stop_reason.startswith("cancelled"):
-            sugg.reason = f"cancelled after only {done} step{plural}; at least {MIN_POINTS} are needed"
-        elif n_finite < MIN_POINTS and stop_reason:
+        elif too_short and stop_reason.startswith("cancelled"):
+            sugg.reason = (f"cancelled after only {done} step{plural}; at least {min_steps(steps)} of "
+                           f"{steps} are needed")
+        elif too_short and stop_reason:
             sugg.reason = (f"the loss diverged after only {done} step{plural} (at lr {_fmt(float(lrs[-1]))}); "
                            "lower --start")
     log.debug("range test: %d steps in %.3fs; %s; suggestions %s", done, seconds,
               stop_reason or "all steps done", sugg.to_dict())
-    return RangeTestResult(lrs, losses, smoothed, bool(stop_reason), stop_reason, sugg, start=start, end=end,
-                           steps=steps, beta=beta, stop_factor=stop_factor, seconds=seconds)
+    result = RangeTestResult(lrs, losses, smoothed, bool(stop_reason), stop_reason, sugg, start=start, end=end,
+                             steps=steps, beta=beta, stop_factor=stop_factor, seconds=seconds)
+    if confirm is False or sugg.reason is not None or stop_reason.startswith("cancelled"):
+        return result
+    cands = candidates(sugg)
+    cost = confirm_cost(len(cands), confirm_steps)
+    if confirm is None and cost >= done:
+        result.confirm_note = (f"not confirmed: {len(cands)} rates x {confirm_steps} steps would cost about "
+                               f"{cost:.0f} steps, more than the range test's {done} (ask for it with --confirm)")
+        return result
+    result.confirmation = confirm_rates(model, optimizer, batches, loss_of, cands, steps=confirm_steps,
+                                        stop_factor=stop_factor, device=device, should_stop=should_stop,
+                                        on_step=on_confirm_step)
+    adopt(result)
+    return result
+
+
+def adopt(result: RangeTestResult) -> None:
+    """Make the winner of ``result.confirmation`` the chosen suggestion (when it has one)."""
+    c = result.confirmation
+    if c is not None and c.winner is not None:
+        result.suggestions.confirmed = c.winner.lr
+        result.suggestions.chosen = "confirmed"
+
+
+# --------------------------------------------------------------------------- confirmation
+
+
+def _check_confirm_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) < 2:
+        raise ConfigError(f"confirmation steps must be a whole number >= 2 ({CONFIRM_STEPS} is usual), "
+                          f"not {steps!r}")
+    return int(steps)
+
+
+def candidates(s: Suggestions, max_count: int = MAX_CANDIDATES,
+               ratio: float = CANDIDATE_RATIO) -> list[tuple[float, str]]:
+    """The rates a confirmation tries, lowest first, each with where it came from.
+
+    Every suggestion made, none above ``minimum_tenth`` (a tenth of the rate at the lowest loss:
+    above it the sweep's loss is close to blowing up, and a rate that wins a short trial there
+    often stalls or diverges later; a suggestion above it is tried at it, under its name), rates within 10% of
+    each other once, named after the first in :data:`METHODS` order; then rates in the widest
+    gaps between neighbours (log-midpoints, ``"between"``) while a gap is wider than ``ratio`` and
+    there are fewer than ``max_count``. A band of one rate gets that rate / ``ratio`` too
+    (``"below"``). Empty when there is no suggestion.
+    """
+    if s.minimum_tenth is None:
+        return []
+    top = float(s.minimum_tenth)
+    made: list[tuple[float, str]] = []
+    for m in METHODS:
+        v = getattr(s, m)
+        if v is None:
+            continue
+        if v > top:
+            v, m = top, "minimum_tenth"
+        if all(abs(math.log(v / w)) > math.log(1.1) for w, _ in made):
+            made.append((float(v), m))
+    if len(made) == 1:
+        made.append((made[0][0] / ratio, "below"))
+    made.sort()
+    while len(made) < max_count:
+        gaps = [math.log(b[0] / a[0]) for a, b in zip(made, made[1:])]
+        k = int(np.argmax(gaps))
+        if gaps[k] <= math.log(ratio) * (1 + 1e-9):
+            break
+        made.insert(k + 1, (math.sqrt(made[k][0] * made[k + 1][0]), "between"))
+    return made
+
+
+def confirm_rates(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Any],
+    loss_of: LossOf,
+    rates: Sequence[tuple[float, str]] | Sequence[float],
+    *,
+    steps: int = CONFIRM_STEPS,
+    stop_factor: float = 4.0,
+    device: torch.device | str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, float, float], Any] | None = None,
+) -> Confirmation:
+    """Train each rate of ``rates`` for ``steps`` steps from the same weights on the same batches;
+    the one whose loss fell most wins.
+
+    The first ``steps`` batches of ``batches`` are taken once, and :func:`held_out` more after
+    them; before each rate, model, optimizer and random number generators are put back as they
+    were, so every rate starts from the same point and sees the same batches (and the same
+    dropout). A rate whose loss turns non-finite or exceeds ``stop_factor`` times its first loss
+    has diverged. After its steps, each rate's weights are measured on the held-out batches (train
+    mode, no gradients, the same random numbers for every rate): the winner has the lowest mean
+    loss there, and only when that is below the starting weights' own. Afterwards everything is
+    restored exactly, as after :func:`range_test`. ``on_step(trial, i, lr, loss)`` follows the
+    steps; ``should_stop()`` ends it early (no winner).
+    """
+    steps = _check_confirm_steps(steps)
+    pairs = [(r, "") if not isinstance(r, tuple) else r for r in rates]
+    if not pairs:
+        raise ConfigError("no learning rates to confirm")
+    pairs = [(_positive(lr, "learning rate to confirm"), str(src)) for lr, src in pairs]
+    dev = torch.device(device) if device is not None else None
+    move = dev is not None and dev.type != "cpu"
+    trials: list[Trial] = []
+    cancelled = False
+    t0 = time.perf_counter()
+    snapshot = _Snapshot(model, optimizer, batches)
+
+    def measure() -> np.ndarray:
+        snapshot.restore_rng()  # the same dropout for every rate
+        with torch.no_grad():
+            return np.array([float(loss_of(model, to_device(b, dev) if move else b).detach()) for b in probe])
+
+    try:
+        data = _batches_forever(batches)
+        fixed = [next(data) for _ in range(steps + held_out(steps))]
+        data.close()
+        fixed, probe = fixed[:steps], fixed[steps:]
+        model.train()
+        start = float(np.mean(measure()))
+        for k, (lr, source) in enumerate(pairs):
+            if should_stop is not None and should_stop():
+                cancelled = True
+                break
+            snapshot.restore()
+            model.train()
+            _set_lr(optimizer, lr)
+            values: list[float] = []
+            diverged = False
+            with torch.enable_grad():
+                for i, batch in enumerate(fixed):
+                    if i and should_stop is not None and should_stop():
+                        cancelled = True
+                        break
+                    model.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_of(model, to_device(batch, dev) if move else batch)
+                    if i == 0:
+                        _check_loss(loss)
+                    value = float(loss.detach())
+                    values.append(value)
+                    if on_step is not None:
+                        on_step(k, i, lr, value)
+                    first = values[0]
+                    if not math.isfinite(value) or (i and value > first + (stop_factor - 1) * abs(first)):
+                        diverged = True
+                        break
+                    loss.backward()
+                    optimizer.step()
+                    del loss
+            if cancelled:
+                break
+            held = np.zeros(0) if diverged else measure()
+            end = float(np.mean(held)) if held.size else math.inf
+            trials.append(Trial(lr, source, np.array(values, dtype=np.float64), diverged or not math.isfinite(end),
+                                start, end, held))
+        model.zero_grad(set_to_none=True)
+    finally:
+        snapshot.restore()
+    seconds = time.perf_counter() - t0
+    winner, reason = _judge(trials, steps, len(pairs), cancelled)
+    log.debug("confirmation: %s (%.3fs)", reason, seconds)
+    return Confirmation(trials, steps, winner, reason, seconds)
+
+
+def _judge(trials: list[Trial], steps: int, asked: int, cancelled: bool) -> tuple[Trial | None, str]:
+    """The rate that lowered the loss most, and one line saying why.
+
+    Rates whose held-out loss is not worse than the lowest by more than twice the standard error of
+    the paired differences (batch by batch) are a tie; of a tie the highest rate wins: a short
+    trial favours low rates (its gain from less noise comes at once, a higher rate's later).
+    """
+    if cancelled:
+        return None, f"cancelled after {len(trials)} of {asked} rates"
+    ranked = sorted((t for t in trials if math.isfinite(t.end)), key=lambda t: (t.end, t.lr))
+    if not ranked or not ranked[0].end < ranked[0].start:
+        tried = "; ".join(t.describe() for t in trials)
+        return None, (f"none of the {len(trials)} rates lowered the loss in {steps} steps ({tried}); "
+                      "raise --confirm-steps, or judge the curve yourself")
+    lowest = ranked[0]
+    tied = [t for t in ranked if _tied(t.held, lowest.held)]
+    w = max(tied, key=lambda t: t.lr)
+    fell = f" (-{(w.start - w.end) / w.start:.0%})" if w.start > 0 and w.end >= 0 else ""
+    others = "; ".join(t.describe() for t in trials if t is not w)
+    src = f" ({_SOURCE_NAMES.get(w.source, w.source)})" if w.source else ""
+    why = "lowered the loss most" if w is lowest else (
+        f"lowered the loss as much as {_fmt(lowest.lr)} within the noise of the held-out batches, and is the "
+        "higher rate (a short trial favours low rates)")
+    return w, (f"{_fmt(w.lr)}{src} {why}: {w.start:.3g} -> {w.end:.3g}{fell} after {steps} steps from the "
+               f"same weights (on {len(w.held)} batches none of them trained on); the others: {others}")
+
+
+def _tied(a: np.ndarray, best: np.ndarray, z: float = 2.0) -> bool:
+    """Whether ``a`` is no worse than ``best`` beyond ``z`` standard errors of their paired differences."""
+    if a is best:
+        return True
+    d = a - best
+    if d.size < 2:
+        return False
+    return float(d.mean()) <= z * float(d.std(ddof=1)) / math.sqrt(d.size)
+
+
+def confirm_cost(rates: int, steps: int) -> float:
+    """What confirming ``rates`` rates for ``steps`` steps costs, in training steps: their steps,
+    and the held-out measurements (forward passes only, about a third of a step each)."""
+    return rates * steps + (rates + 1) * held_out(steps) / 3
+
+
+def held_out(steps: int) -> int:
+    """How many batches after a confirmation's ``steps`` measure each rate's result."""
+    return max(4, steps // 4)
 
 
 # --------------------------------------------------------------------------- headless
@@ -606,32 +1016,12 @@ class _ScriptData:
             raise ScriptError(f"build_data()'s training data yielded no batches {what}", str(self.path))
 
 
-def find_lr(
-    experiment: Any,
-    config: Any,
-    *,
-    start: float = 1e-7,
-    end: float = 10.0,
-    steps: int = 100,
-    beta: float = 0.98,
-    stop_factor: float = 4.0,
-    method: str = "valley",
-    should_stop: Callable[[], bool] | None = None,
-    on_step: Callable[[int, float, float], Any] | None = None,
-) -> RangeTestResult:
-    """Run the range test on an experiment, headless (``lrviz find-lr``).
-
-    Seeds with ``config.seed`` and builds model, training data and optimizer the way
-    :class:`lrviz.engine.TrainingEngine` does (device from ``config.device``; the script's own
-    ``build_optimizer`` when it has one, else ``config.optimizer`` with its momentum and weight
-    decay), then calls :func:`range_test`. Errors in the script are :class:`ScriptError` naming
-    the file and line; bad settings are :class:`ConfigError`.
-    """
+def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
+    """Seed, then build model, training data, optimizer and loss the way the engine does."""
     from .devices import resolve_device
     from .engine import seed_everything
     from .optim import build_optimizer
 
-    _check_sweep(start, end, steps, beta, stop_factor, method)
     cfg = config.validated()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -645,6 +1035,7 @@ def find_lr(
     fn = "compute_loss()" if callable(getattr(experiment.module, "compute_loss", None)) else "loss_fn()"
     path = str(experiment.path)
     step = [0]
+    checked = [False]
 
     def loss_of(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         i = step[0]
@@ -652,17 +1043,68 @@ def find_lr(
         try:
             loss = script_loss(m, batch)
         except Exception as exc:
-            raise experiment.describe_batch_error(exc, batch, f"range test step {i}") from exc
-        if i == 0:
+            raise experiment.describe_batch_error(exc, batch, f"{what} step {i}") from exc
+        if not checked[0] and torch.is_grad_enabled():  # the first loss that is trained on
+            checked[0] = True
             try:
                 _check_loss(loss)
             except ConfigError as exc:
                 raise ScriptError(str(exc).replace("the loss function", fn, 1), path) from None
         return loss
 
-    return range_test(model, opt, _ScriptData(train, experiment.path), loss_of, start=start, end=end,
+    return model, opt, _ScriptData(train, experiment.path), loss_of, device
+
+
+def find_lr(
+    experiment: Any,
+    config: Any,
+    *,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 100,
+    beta: float = 0.98,
+    stop_factor: float = 4.0,
+    method: str = "valley",
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, float, float], Any] | None = None,
+    confirm: bool | None = None,
+    confirm_steps: int = CONFIRM_STEPS,
+    on_confirm_step: Callable[[int, int, float, float], Any] | None = None,
+) -> RangeTestResult:
+    """Run the range test on an experiment, headless (``lrviz find-lr``).
+
+    Seeds with ``config.seed`` and builds model, training data and optimizer the way
+    :class:`lrviz.engine.TrainingEngine` does (device from ``config.device``; the script's own
+    ``build_optimizer`` when it has one, else ``config.optimizer`` with its momentum and weight
+    decay), then calls :func:`range_test`; ``confirm`` None (the default) confirms the suggestions
+    when that costs fewer steps than the sweep. Errors in the script are :class:`ScriptError`
+    naming the file and line; bad settings are :class:`ConfigError`.
+    """
+    _check_sweep(start, end, steps, beta, stop_factor, method)
+    _check_confirm_steps(confirm_steps)
+    model, opt, data, loss_of, device = _build(experiment, config, "range test")
+    return range_test(model, opt, data, loss_of, start=start, end=end,
                       steps=steps, beta=beta, stop_factor=stop_factor, device=device,
-                      should_stop=should_stop, on_step=on_step, method=method)
+                      should_stop=should_stop, on_step=on_step, method=method, confirm=confirm,
+                      confirm_steps=confirm_steps, on_confirm_step=on_confirm_step)
+
+
+def confirm_experiment(
+    experiment: Any,
+    config: Any,
+    rates: Sequence[tuple[float, str]] | Sequence[float],
+    *,
+    steps: int = CONFIRM_STEPS,
+    stop_factor: float = 4.0,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, float, float], Any] | None = None,
+) -> Confirmation:
+    """:func:`confirm_rates` on a fresh model of an experiment, built and seeded as :func:`find_lr`
+    builds it (so from the weights a range test of the same settings started from)."""
+    _check_confirm_steps(steps)
+    model, opt, data, loss_of, device = _build(experiment, config, "confirmation")
+    return confirm_rates(model, opt, data, loss_of, rates, steps=steps, stop_factor=stop_factor,
+                         device=device, should_stop=should_stop, on_step=on_step)
 
 
 def write_csv(result: RangeTestResult, path: str | Path) -> None:

@@ -22,6 +22,12 @@ from .states import RunState
 log = logging.getLogger(__name__)
 
 
+def recorded(name: str) -> property:
+    """An attribute of a loop (engine, tracked run) that is its recorder's ``rec.<name>``."""
+    return property(lambda self: getattr(self.rec, name), lambda self, v: setattr(self.rec, name, v),
+                    doc=f"The recorder's ``{name}``.")
+
+
 class RunRecorder:
     """The records of one run, and its store row once :meth:`open` made one."""
 
@@ -36,8 +42,8 @@ class RunRecorder:
         self.probe_steps: list[int] = []
         self.probe_values: dict[str, list[float]] = {}
         self.range_test_progress: list[tuple[float, float]] = []
-        #: Other scalars logged by name (``lrviz.track``'s ``run.log``): name -> (steps, values).
-        self.scalars: dict[str, tuple[list[int], list[float]]] = {}
+        #: Other scalars logged by name (``lrviz.track``'s ``run.log``): name -> (steps, values, times).
+        self.scalars: dict[str, tuple[list[int], list[float], list[float]]] = {}
         #: Called with the run's id once it is recorded in the store (e.g. to register its endpoint).
         self.on_open: list[Callable[[int], None]] = []
         self.writer: Any = None
@@ -58,7 +64,7 @@ class RunRecorder:
         """Create the run's store row (or take over ``run_id``), mark it running, start saving.
 
         ``row``: ``script_path``, ``script_hash``, ``config``, ``device``, ``name``, ``parent_id``,
-        ``fork_step`` as :meth:`lrviz.store.RunStore.create_run` takes them. No store: nothing.
+        ``fork_step``, ``kind`` as :meth:`lrviz.store.RunStore.create_run` takes them. No store: nothing.
         """
         if self.store is None:
             return None
@@ -81,8 +87,10 @@ class RunRecorder:
         except Exception:
             log.exception("could not save the end of the run")
 
-    def summary(self, step: int) -> dict[str, Any]:
-        """Figures of the run so far: steps, best/final loss, best/final validation loss, speed."""
+    def summary(self, step: int, has_validation: bool | None = None) -> dict[str, Any]:
+        """Figures of the run so far: steps, best/final loss, best/final validation loss, speed, and the
+        generalization verdict with its gap figures (``has_validation``: whether the script has
+        validation data, when known; it words the verdict of a run without validation points)."""
         out: dict[str, Any] = {"steps": step, "state": str(self.state)}
         buf = self.buffer
         if buf is not None and len(buf):
@@ -100,12 +108,19 @@ class RunRecorder:
             out["best_val_loss"] = min(vals) if vals else None
             if self.validation[-1].accuracy is not None:
                 out["final_val_accuracy"] = self.validation[-1].accuracy
+        if buf is not None and len(buf):
+            from .diagnostics import run_generalization
+
+            v = buf.view()
+            out["generalization"] = run_generalization(v["step"], v["loss"], list(self.validation), has_validation)
         return out
 
     def add_scalar(self, name: str, step: int, value: float) -> None:
-        steps, values = self.scalars.setdefault(str(name), ([], []))
-        steps.append(int(step))
+        """Log ``value`` of the series ``name`` at ``step`` (saved with the run's extra scalars)."""
+        steps, values, times = self.scalars.setdefault(str(name), ([], [], []))
+        times.append(self.clock())
         values.append(float(value))
+        steps.append(int(step))  # last: a reader takes len(steps) and finds the other two filled
 
     def record_probe(self, step: int, values: list[tuple[str, float]]) -> None:
         self.probe_steps.append(step)

@@ -127,27 +127,18 @@ class Staging:
             return
         buf = self.buffer
         n = buf.n
-        cols = buf.reserve_row(n + k - 1)
         epoch, times, loss, gn, lrs = zip(*rows)
-        cols.epoch[n:n + k] = epoch
-        cols.time[n:n + k] = times
-        cols.loss[n:n + k] = loss
-        cols.grad_norm[n:n + k] = gn
-        cols.lr[n:n + k] = lrs
+        buf.write(n, epoch=epoch, time=times, loss=loss, grad_norm=gn, lr=lrs)
         rows.clear()
         self.last_flush = now
-        buf.n = n + k
+        buf.publish(n + k)
 
     def stage(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
               lrs: Sequence[float]) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Keep the row's loss on the device; flush when the stage is full or FLUSH_SECONDS passed."""
         j = self.staged
         buf = self.buffer
-        row = buf.n + j
-        cols = buf.reserve_row(row)
-        cols.epoch[row] = epoch
-        cols.time[row] = now
-        cols.lr[row] = lrs
+        buf.write(buf.n + j, epoch=(epoch,), time=(now,), lr=(lrs,))
         self._loss[j] = loss.detach()
         if gn2 is not None:
             self._gn[j] = gn2.detach()
@@ -174,12 +165,10 @@ class Staging:
         host = torch.stack((self._loss[:j], self._gn[:j])).cpu().numpy()  # one transfer
         buf = self.buffer
         n = buf.n
-        cols = buf.reserve_row(n + j - 1)
         loss = host[0]
         gn = np.sqrt(host[1])
-        cols.loss[n:n + j] = loss
-        cols.grad_norm[n:n + j] = gn
+        buf.write(n, loss=loss, grad_norm=gn)
         self.staged = 0
         self.last_flush = now
-        buf.n = n + j
+        buf.publish(n + j)
         return buf.first_step + n, loss, gn

@@ -30,8 +30,13 @@ _ZLEVEL = 6
 # --------------------------------------------------------------------------- JSON
 
 
-def jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON types (see the module docstring for the conversions)."""
+def jsonable(obj: Any, nonfinite: str = "text") -> Any:
+    """``obj`` as plain JSON types (see the module docstring for the conversions).
+
+    Non-finite floats become the strings ``"nan"``, ``"inf"``, ``"-inf"`` (``nonfinite="text"``:
+    the store and the live protocol, which read them back with ``float()``) or ``None``
+    (``nonfinite="null"``: files for other programs, e.g. ``run.json``).
+    """
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
@@ -39,21 +44,23 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         if math.isfinite(obj):
             return obj
+        if nonfinite == "null":
+            return None
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, np.generic):
-        return jsonable(obj.item())
+        return jsonable(obj.item(), nonfinite)
     if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, nonfinite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, nonfinite) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return sorted((jsonable(v) for v in obj), key=repr)
+        return sorted((jsonable(v, nonfinite) for v in obj), key=repr)
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     tolist = getattr(obj, "tolist", None)  # numpy arrays, torch tensors
     if callable(tolist):
         try:
-            return jsonable(tolist())
+            return jsonable(tolist(), nonfinite)
         except Exception:  # noqa: BLE001 - fall back to the text form below
             pass
     return str(obj)

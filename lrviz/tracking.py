@@ -34,15 +34,16 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import interventions as iv
-from .control import RunControl, Stopped, ack
+from .control import RunControl, Steering, Stopped, ack
 from .distributed import rank_of_process
 from .errors import ConfigError, LrvizError
 from .optim import apply_hyperparams
 from .rates import RateControl
-from .recorder import RunRecorder
+from .recorder import RunRecorder, recorded
 from .records import StepBuffer, ValPoint
 from .staging import FLUSH_SECONDS, Staging
 from .states import SETTING_COMMANDS, Command, RunState
@@ -65,8 +66,12 @@ class StopTraining(Exception):
 
 def track(optimizer: Any, *, model: Any = None, name: str | None = None, store: Any = _DEFAULT,
           listen: str | None | bool = _DEFAULT, config: dict[str, Any] | None = None, steps: int | None = None,
-          grad_norm: bool = False, on_stop: str = "flag", quiet: bool = False) -> TrackedRun:
+          grad_norm: bool = False, on_stop: str = "flag", quiet: bool = False, first_step: int = 0,
+          read_only: str | None = None) -> TrackedRun:
     """Record (and serve, to steer it live) the training loop that steps ``optimizer``.
+
+    ``optimizer``: a ``torch.optim.Optimizer``, or a list of them stepped by the same loop (a GAN's
+    two): their param groups are recorded in order, one LR series each.
 
     ``store``: a :class:`lrviz.store.RunStore`, a path, or None for no store (default: the default
     store, as ``lrviz run`` uses). ``listen``: ``HOST:PORT`` to serve over TCP as well, False for no
@@ -74,20 +79,31 @@ def track(optimizer: Any, *, model: Any = None, name: str | None = None, store: 
     run. ``steps``: the planned number of steps (for progress). ``grad_norm``: also record the
     gradient norm (costs a norm over every gradient per step). ``on_stop``: ``"flag"`` sets
     ``should_stop`` when the run is stopped from outside; ``"raise"`` raises :class:`StopTraining`.
+    ``first_step``: the number of the first step recorded (a trainer resumed from a checkpoint at
+    its global step). ``read_only``: watch only; every command is refused with this reason.
     """
     return TrackedRun(optimizer, model=model, name=name, store=store, listen=listen, config=config, steps=steps,
-                      grad_norm=grad_norm, on_stop=on_stop, quiet=quiet).start()
+                      grad_norm=grad_norm, on_stop=on_stop, quiet=quiet, first_step=first_step,
+                      read_only=read_only).start()
 
 
-class TrackedRun:
+class TrackedRun(Steering):
     """One tracked run (see :func:`track`). Use it as a context manager, or call :meth:`finish`."""
 
     def __init__(self, optimizer: Any, *, model: Any = None, name: str | None = None, store: Any = _DEFAULT,
                  listen: str | None | bool = _DEFAULT, config: dict[str, Any] | None = None,
-                 steps: int | None = None, grad_norm: bool = False, on_stop: str = "flag", quiet: bool = False):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"lrviz.track needs a torch.optim.Optimizer, not {type(optimizer).__name__} "
+                 steps: int | None = None, grad_norm: bool = False, on_stop: str = "flag", quiet: bool = False,
+                 first_step: int = 0, read_only: str | None = None):
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        bad = [o for o in optimizers if not isinstance(o, torch.optim.Optimizer)]
+        if bad or not optimizers:
+            what = type(bad[0]).__name__ if bad else "an empty list"
+            raise ConfigError(f"lrviz.track needs a torch.optim.Optimizer (or a list of them), not {what} "
                               "(pass the optimizer your loop steps)")
+        if len(optimizers) > 1:
+            optimizer = Optimizers(optimizers)
+        if int(first_step) < 0:
+            raise ConfigError(f"first_step must be 0 or more, not {first_step!r}")
         if on_stop not in ("flag", "raise"):
             raise ConfigError(f"on_stop must be 'flag' or 'raise', not {on_stop!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -111,7 +127,10 @@ class TrackedRun:
         self.control = RunControl()
         self.rates = RateControl(optimizer)
         self.overridden = False  # lrviz set the rate or a schedule: it holds from then on
-        self.step_index = 0
+        self.optimizers = optimizers
+        self.read_only = read_only
+        self.first_step = int(first_step)
+        self.step_index = self.first_step
         self.epoch = 0
         self.error: str | None = None
         self.error_detail = ""
@@ -122,11 +141,13 @@ class TrackedRun:
         self.script_path = _main_script()
         self._grad_norm = grad_norm
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._missing: list[int] = []  # steps staged on the device without a loss (not checked at flush)
+        self._last_missing = -1  # the last step recorded without a loss
         self._used: list[float] | None = None
         self._gn2: torch.Tensor | None = None
         self._staging: Staging | None = None
         self._endpoint: Any = None
-        self._hook: Any = None
+        self._hooks: list[Any] = []
         self._off = False
         self._finished = False
         self._fast = False  # step() may take its short path (set by start, cleared by finish/_broken)
@@ -134,18 +155,18 @@ class TrackedRun:
         self._warned: set[str] = set()
 
     # ---- the attributes a live endpoint reads (as of an engine) ----------------------------------------
-    state = property(lambda self: self.rec.state)
-    run_id = property(lambda self: self.rec.run_id)
-    buffer = property(lambda self: self.rec.buffer)
-    events = property(lambda self: self.rec.events)
-    validation = property(lambda self: self.rec.validation)
-    probe_steps = property(lambda self: self.rec.probe_steps)
-    probe_values = property(lambda self: self.rec.probe_values)
-    range_test_progress = property(lambda self: self.rec.range_test_progress)
+    state = recorded("state")
+    run_id = recorded("run_id")
+    buffer = recorded("buffer")
+    events = recorded("events")
+    validation = recorded("validation")
+    probe_steps = recorded("probe_steps")
+    probe_values = recorded("probe_values")
+    range_test_progress = recorded("range_test_progress")
 
     @property
     def steps_done(self) -> int:
-        """The number of steps recorded (the index of the next one)."""
+        """The index of the next step (the number of steps recorded, plus ``first_step``)."""
         return self.step_index
 
     @property
@@ -163,6 +184,10 @@ class TrackedRun:
 
     def summary(self) -> dict[str, Any]:
         out = self.rec.summary(self.step_index)
+        if self._last_missing == self.step_index - 1 and "final_loss" in out:  # the last steps were not measured: the last that was
+            loss = self.rec.buffer.view()["loss"]
+            finite = loss[np.isfinite(loss)]
+            out["final_loss"] = float(finite[-1]) if finite.size else None
         if self.error:
             out["error"] = self.error
         if self.ranks_in_sync is not None:
@@ -172,23 +197,37 @@ class TrackedRun:
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> TrackedRun:
         groups = len(self.optimizer.param_groups)
-        self.rec.buffer = StepBuffer(groups=groups, capacity=4096)
+        self.rec.buffer = StepBuffer(groups=groups, capacity=4096, first_step=self.first_step)
         dev = self._params[0].device if self._params else torch.device("cpu")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._across_ranks():
             self._join_ranks(dev)
         else:
             self._staging = Staging(self.rec.buffer, dev, on_host=dev.type == "cpu")
         self._rows = self._staging._rows
         self._fast = self._staging.on_host and not self._grad_norm
-        self._hook = self.optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._hooks = [o.register_step_pre_hook(self._before_optimizer_step) for o in self.optimizers]
         self.rec.state = RunState.RUNNING
         self.rec.t0 = time.perf_counter()
         if self.store is not None:
             self.rec.open(script_path=self.script_path, script_hash=_hash_of(self.script_path),
-                          config=self._config(), device=self.device or "cpu", name=self.name)
+                          config=self._config(), device=self.device or "cpu", name=self.name, kind="tracked")
         if self.listen is not False and (self.store is not None or isinstance(self.listen, str)):
             self._serve()
         return self
+
+    def _across_ranks(self) -> bool:
+        """Whether this run spans the ranks of a process group (every rank tracks; rank 0 records). A
+        loop that tracks on one rank only is recorded there alone, watch-only, after a warning."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or self.read_only:
+            return False
+        from .distributed import every_rank_tracks
+
+        if every_rank_tracks():
+            return True
+        self.read_only = ("only this rank of the process group called lrviz.track, and steering one rank alone "
+                          "would train different weights: call lrviz.track on every rank to steer")
+        print(f"lrviz: warning: {self.read_only} (recording this rank, watch-only)", file=sys.stderr)
+        return False
 
     def _join_ranks(self, device: torch.device) -> None:
         """Under a process group: rows and commands are exchanged among the ranks at agreed steps (see
@@ -237,8 +276,8 @@ class TrackedRun:
             return
         self._finished = True
         self._fast = False
-        if self._hook is not None:
-            self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         final = state or (RunState.STOPPED if self.should_stop else RunState.FINISHED)
         dist = self.dist
         try:
@@ -277,7 +316,11 @@ class TrackedRun:
 
     # ---- in the loop -----------------------------------------------------------------------------------
     def step(self, loss: Any) -> None:
-        """Record one step (its loss, and the LR each group used); apply steering; block while paused."""
+        """Record one step (its loss, and the LR each group used); apply steering; block while paused.
+
+        ``loss`` None: a step whose loss was not measured (a trainer that logs every n steps),
+        recorded as NaN without a warning.
+        """
         if self._fast:  # the common case, kept to a few attribute reads: a CPU loss, no gradient norm
             try:
                 lf = loss.item()
@@ -312,7 +355,10 @@ class TrackedRun:
             self._used = None
             gn2 = self._gn2
             self._gn2 = None
-            if not isinstance(loss, torch.Tensor):
+            missing = loss is None
+            if missing:
+                loss = torch.tensor(_NAN, dtype=torch.float64)
+            elif not isinstance(loss, torch.Tensor):
                 loss = torch.tensor(float(loss), dtype=torch.float64)
             elif loss.numel() != 1:
                 raise ConfigError(f"run.step() takes the batch's loss, a scalar; got a tensor of shape "
@@ -320,12 +366,16 @@ class TrackedRun:
             staging = self._staging
             if staging.on_host:
                 lf, _ = staging.record_host(self.epoch, now, loss, gn2, lrs)
-                if not math.isfinite(lf):
+                if not missing and not math.isfinite(lf):
                     self._nonfinite(step, lf)
             else:
+                if missing:
+                    self._missing.append(step)
                 flushed = staging.stage(self.epoch, now, loss, gn2, lrs)
                 if flushed is not None:
                     self._check(flushed)
+            if missing:
+                self._last_missing = step
             self.step_index = step + 1
             if self.control.attention:
                 self._attend()
@@ -367,6 +417,16 @@ class TrackedRun:
         except Exception as exc:  # noqa: BLE001
             self._broken(exc)
 
+    def hold_rates(self) -> None:
+        """Once lrviz holds the rate: write it into the param groups now (after a trainer's own
+        scheduler stepped), so that they show what the next step will use to anything that reads
+        them in between (a checkpoint, a logger). The next step gets lrviz's rate either way."""
+        if self.overridden and not self._off:
+            try:
+                self.rates.write(self.rates.at_step(self.step_index))
+            except Exception as exc:  # noqa: BLE001
+                self._broken(exc)
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next steps belong to (recorded with each step)."""
         self.epoch = int(epoch)
@@ -381,6 +441,8 @@ class TrackedRun:
                 cmd = Command(kind)
             except ValueError:
                 raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            if self.read_only is not None:
+                raise ConfigError(f"this run can be watched, not steered: {self.read_only}")
             if cmd in (Command.RANGE_TEST, Command.CANCEL_RANGE_TEST, Command.ROLLBACK, Command.CHECKPOINT):
                 raise ConfigError(f"{cmd.value} needs lrviz's own runner (`lrviz run`); a tracked loop "
                                   "can be paused, stopped and have its rate, schedule, momentum and weight decay set")
@@ -405,33 +467,22 @@ class TrackedRun:
             return fut
         return self.control.enqueue(cmd.value, data, fut, state=lambda: str(self.state))
 
-    def pause(self) -> Future:
-        return self.submit(Command.PAUSE)
-
-    def resume(self) -> Future:
-        return self.submit(Command.RESUME)
-
-    def stop(self) -> Future:
-        return self.submit(Command.STOP)
-
-    def set_lr(self, lr: float) -> Future:
-        return self.submit(Command.SET_LR, {"lr": lr})
-
-    def set_schedule(self, spec: str | None) -> Future:
-        return self.submit(Command.SET_SCHEDULE, {"spec": spec})
+    def command(self, kind: str, **data: Any) -> Future:
+        """Ask for ``kind`` with ``data`` as keywords (the :class:`~lrviz.control.Steering` methods use this)."""
+        return self.submit(kind, data)
 
     # ---- internals -----------------------------------------------------------------------------------
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Just before each optimizer.step(): lrviz's rates when it holds them; note what is used."""
         if not (self.control.attention or self.overridden or self._grad_norm):
-            self._used = [g["lr"] for g in optimizer.param_groups]
+            self._used = [g["lr"] for g in self.optimizer.param_groups]
             return
         try:
             if self.control.attention and self.dist is None:  # a new rate/schedule/momentum: in this very step
                 self.control.apply_settings(self._apply, self.step_index, self._on_reject)
             if self.overridden:  # whatever the loop's own scheduler wrote since
                 self.rates.write(self.rates.at_step(self.step_index))
-            self._used = [float(g["lr"]) for g in optimizer.param_groups]
+            self._used = [float(g["lr"]) for g in self.optimizer.param_groups]
             if self._grad_norm:
                 grads = [p.grad for p in self._params if p.grad is not None]
                 if grads:
@@ -474,7 +525,9 @@ class TrackedRun:
 
     def _check(self, flushed: Any) -> None:
         first, loss, _ = flushed
-        bad = [i for i, v in enumerate(loss.tolist()) if not math.isfinite(v)]
+        missing = set(self._missing)
+        self._missing.clear()
+        bad = [i for i, v in enumerate(loss.tolist()) if not math.isfinite(v) and first + i not in missing]
         if bad:
             self._nonfinite(first + bad[0], float(loss[bad[0]]))
 
@@ -520,7 +573,8 @@ class TrackedRun:
     def _config(self) -> dict[str, Any]:
         opt = self.optimizer
         g = opt.param_groups[0]
-        out = {"optimizer": type(opt).__name__, "lr": float(g["lr"]), "param_groups": len(opt.param_groups)}
+        out = {"optimizer": "+".join(type(o).__name__ for o in self.optimizers), "lr": float(g["lr"]),
+               "param_groups": len(opt.param_groups)}
         for key in ("momentum", "weight_decay", "betas"):
             if key in g:
                 out[key] = g[key]
@@ -536,6 +590,17 @@ class TrackedRun:
 
         listen = self.listen if isinstance(self.listen, str) else None
         self._endpoint = serve_recorded(self, self.store, listen=listen, announce=listen is not None and not self.quiet)
+
+
+class Optimizers:
+    """Several optimizers stepped by one loop, seen as one: their param groups, in order."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
 
 
 def _open_store(store: Any) -> Any:

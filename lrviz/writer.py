@@ -27,6 +27,7 @@ class StoreWriter:
         # rows, events and validation points already stored (a resumed run)
         self._steps, self._events, self._vals = start
         self._status = "running"
+        self._scalars: dict[str, int] = {}  # points of each extra scalar series already stored
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="lrviz-store-writer", daemon=True)
@@ -62,10 +63,20 @@ class StoreWriter:
                     store.add_events(self.run_id, eng.events[self._events:ne])
                 if nv > self._vals:
                     store.add_validation(self.run_id, eng.validation[self._vals:nv])
+                scalars = getattr(eng, "scalars", None)
+                written = {}
+                for name, (steps, values, times) in list((scalars or {}).items()):
+                    k, done = len(steps), self._scalars.get(name, 0)
+                    if k > done:
+                        store.add_scalars(self.run_id, name, steps[done:k], values[done:k], times[done:k])
+                        written[name] = k
                 if status != self._status:
                     store.set_status(self.run_id, status)
                 store.heartbeat(self.run_id)
             self._steps, self._events, self._vals, self._status = n, ne, nv, status
+            self._scalars.update(written)
+        if buf is not None:
+            buf.seal()  # stored chunks are kept compressed in memory too (off the training thread)
 
     def close(self, state: str, summary: dict[str, Any], error: str | None) -> None:
         """Stop the thread, write the rest and the final status."""

@@ -63,6 +63,18 @@ def _isolated_settings():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: the models of the tests are tiny, and one thread is
+    faster, far faster on shared cores. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_dangling_threads(monkeypatch: pytest.MonkeyPatch):
     """Fail a test that leaves an 'lrviz-engine' thread or a QThread running."""

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
+import csv
 import io
+import json
 import math
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from lrviz.cli import main
 from lrviz.diagnostics import (
     UPDATE_RATIO_REFERENCE,
     EarlyStopping,
@@ -19,6 +24,10 @@ from lrviz.diagnostics import (
     generalization,
 )
 from lrviz.errors import ConfigError
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---- the generalization gap ----------------------------------------------------------------------
 STEPS = np.arange(5000)
@@ -107,6 +116,128 @@ def test_report_to_dict_is_plain():
     assert all(isinstance(v, float) for v in d["gap"])
     assert all(isinstance(v, float) or v is None for v in d["details"].values())
     assert isinstance(GapReport.__doc__, str)
+
+
+def gpt_like(seed: int, train_tau: float = 150.0, val_tau: float = 200.0):
+    """A language model with dropout: validation (dropout off) below training, both still falling,
+    the training loss falling faster, so ``val - train`` is negative and rising towards zero."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(600)
+    val_steps = np.arange(50, 601, 50) - 1
+    train = 3.0 + 14 * np.exp(-steps / train_tau) + 0.05 * rng.normal(size=steps.size)
+    val = 2.0 + 3.0 * np.exp(-val_steps / val_tau) + 0.01 * rng.normal(size=val_steps.size)
+    return steps, train, val_steps, val
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("val_tau", [200.0, 400.0])
+def test_validation_below_training_and_both_falling_is_not_overfitting(seed, val_tau):
+    # Before the fix: "overfitting" (the negative gap grew towards zero).
+    steps, train, vs, val = gpt_like(seed, val_tau=val_tau)
+    report = generalization(steps, train, vs, val)
+    assert np.all(report.val[-5:] < report.train[-5:])
+    assert np.all(np.diff(report.val[-5:]) < 0.02) and report.train[-1] < report.train[-5]
+    assert report.details["gap_change"] > 0.05  # the gap does grow: that alone is not overfitting
+    assert report.verdict == "ok", report.explanation
+    assert "below the training loss" in report.explanation
+
+
+def test_percentages_of_a_falling_loss_never_exceed_100():
+    # Before the fix: "training 154% over steps 239-399" (a change relative to the window's mean).
+    rng = np.random.default_rng(0)
+    steps = np.arange(400)
+    train = 0.05 + 12 * np.exp(-steps / 60) + 0.01 * rng.normal(size=steps.size)
+    vs = np.arange(40, 401, 40) - 1
+    cases = [0.6 + 3 * np.exp(-vs / 150),                                    # both falling
+             0.3 + 12 * np.exp(-vs / 60) + 2e-3 * np.maximum(vs - 150, 0)]  # rising again
+    for val in cases:
+        report = generalization(steps, train, vs, val)
+        figures = [int(p) for p in re.findall(r"(\d+)%", report.explanation)]
+        assert figures and all(f <= 100 for f in figures), report.explanation
+        # and each figure is the fall it names, from the numbers beside it
+        for a, b, pct in re.findall(r"from ([\d.]+) to ([\d.]+) \(-(\d+)%\)", report.explanation):
+            assert int(pct) == round(100 * (float(a) - float(b)) / float(a))
+
+
+def test_overfitting_is_judged_against_the_best_validation_loss():
+    """Validation bottoms out early and rises slowly while training keeps falling: the last few
+    points alone show little, the whole run since the best shows it plainly."""
+    rng = np.random.default_rng(4)
+    steps = np.arange(1500)
+    train = 0.02 + 0.7 * np.exp(-steps / 60) + 0.02 * np.exp(-steps / 600) + 0.004 * rng.normal(size=steps.size)
+    vs = np.arange(10, 1501, 10) - 1
+    val = 0.12 + 0.8 * np.exp(-vs / 40) + 5e-5 * np.maximum(vs - 170, 0) + 0.01 * rng.normal(size=vs.size)
+    report = generalization(steps, train, vs, val)
+    assert report.verdict == "overfitting", report.explanation
+    assert report.details["best_val_step"] < 400
+    assert report.details["val_now"] > report.details["val_then"]
+    assert report.details["gap_now"] > report.details["gap_then"] > 0
+    assert "validation loss rose" in report.explanation
+
+
+def test_a_validation_plateau_while_training_falls_is_overfitting():
+    steps = np.arange(2000)
+    train = 0.05 + 1.0 * np.exp(-steps / 500)
+    vs = np.arange(100, 2001, 100) - 1
+    val = np.maximum(0.05 + 1.0 * np.exp(-vs / 500) + 0.05, 0.6)  # flat at 0.6 from about step 300
+    report = generalization(steps, train, vs, val)
+    assert report.verdict == "overfitting", report.explanation
+    assert "stopped improving" in report.explanation
+
+
+def test_rising_training_loss_is_not_overfitting():
+    steps = np.arange(1000)
+    train = 0.5 + 1e-3 * steps  # training gets worse (too high a rate), validation even more
+    vs = np.arange(100, 1001, 100) - 1
+    val = 0.6 + 2e-3 * vs
+    assert generalization(steps, train, vs, val).verdict != "overfitting"
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())["summary"]
+
+
+@pytest.mark.slow
+def test_headless_run_of_a_memorizing_mlp_says_overfitting_in_run_json(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "overfit", "--param", "n_train=24", "--steps", "600", "--out", str(out),
+                 "--store", str(tmp_path / "store"), "--quiet"]) == 0
+    g = _summary(out)["generalization"]
+    assert g["verdict"] == "overfitting", g
+    # the figures are the run's own: validation rose from its best while training fell
+    val = json.loads((out / "run.json").read_text())["validation"]
+    losses = [v["loss"] for v in val]
+    assert g["best_val"] == min(losses) and g["best_val_step"] == val[losses.index(min(losses))]["step"]
+    assert g["val_now"] > g["val_then"] and g["train_now"] < g["train_then"] and g["gap_now"] > 0
+    assert g["points"] == len(val) and isinstance(g["explanation"], str)
+
+
+@pytest.mark.slow
+def test_headless_run_of_a_tiny_transformer_below_its_validation_is_not_overfitting(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", str(SCRIPTS / "tiny_gpt.py"), "--out", str(out), "--store", str(tmp_path / "store"),
+                 "--quiet"]) == 0
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    loss = np.array([float(r["loss"]) for r in rows])
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    # the property this test is about, measured on the run itself: validation below training,
+    # and both still falling over the last validation points
+    last = [v for _, v in val[-5:]]
+    train_at = [loss[max(0, s - 24):s + 1].mean() for s, _ in val[-5:]]
+    assert all(v < t for v, t in zip(last, train_at))
+    assert last[-1] < last[0] and train_at[-1] < train_at[0]
+    g = _summary(out)["generalization"]
+    assert g["verdict"] == "ok", g
+    assert g["gap"] < 0 and "not overfitting" in g["explanation"]
+
+
+def test_a_run_without_validation_data_says_why_in_its_summary(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", str(SCRIPTS / "tiny.py"), "--param", "val=False", "--steps", "30", "--out", str(out),
+                 "--store", str(tmp_path / "store"), "--quiet"]) == 0
+    g = _summary(out)["generalization"]
+    assert g["verdict"] == "not enough data" and "no validation data" in g["explanation"]
 
 
 def test_generalization_rejects_bad_arguments():

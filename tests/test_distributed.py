@@ -343,3 +343,18 @@ def test_the_distributed_record_is_kept_in_a_stored_config_and_absent_from_one_p
     cfg = RunConfig.from_dict({**RunConfig().to_dict(), "distributed": rec})
     assert cfg.validated().to_dict()["distributed"] == rec
     assert math.isfinite(cfg.validated().lr)
+
+
+def test_track_on_one_rank_only_is_decided_once_for_all_ranks_without_waiting_for_a_group(monkeypatch):
+    """A loop that calls lrviz.track on rank 0 only must not wait for a group the others never join."""
+    import lrviz.distributed as d
+
+    store = tdist.HashStore()
+    monkeypatch.setattr(d, "_default_store", lambda: store)
+    monkeypatch.setattr(tdist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(d, "_joins", iter([0, 0, 1, 1]))
+    assert d.every_rank_tracks(timeout=0.2) is False  # alone: the other rank did not come in time
+    assert d.every_rank_tracks(timeout=60) is False  # it comes late: it keeps to what was decided
+    store.add("lrviz/track-1/count", 1)  # the other rank of the next run is there
+    assert d.every_rank_tracks(timeout=60) is True
+    assert d.every_rank_tracks(timeout=0) is True

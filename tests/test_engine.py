@@ -283,24 +283,25 @@ def test_device_staging_keeps_the_rows_staged_when_the_buffer_grows(tiny, monkey
         run_to_end(staged, 120)
         stored = store.load_steps(staged.run_id)
     a, b = host.buffer.view(), staged.buffer.view()
-    assert len(b["loss"]) == 4160 and staged.buffer._cols.capacity > 4096
+    assert len(b["loss"]) == 4160 and len(staged.buffer._chunks) == 2  # the rows crossed into a second chunk
     assert a["loss"].tobytes() == b["loss"].tobytes()
     assert a["lr"].tobytes() == b["lr"].tobytes() and a["epoch"].tobytes() == b["epoch"].tobytes()
     assert np.all(np.diff(b["time"]) >= 0) and b["time"][0] > 0
     assert stored["lr"].tobytes() == a["lr"].tobytes() and stored["epoch"].tobytes() == a["epoch"].tobytes()
 
 
-def test_reserving_a_row_past_the_capacity_keeps_staged_rows():
-    from lrviz.records import StepBuffer
+def test_rows_staged_across_a_chunk_boundary_are_kept():
+    from lrviz.records import CHUNK_ROWS, StepBuffer
 
-    buf = StepBuffer(groups=1, capacity=16)
-    for row in range(20):  # rows 0..19 staged: filled, none published
-        cols = buf.reserve_row(row)
-        cols.epoch[row], cols.time[row], cols.lr[row] = 1, row + 1.0, 0.5
-    buf.n = 20
+    buf = StepBuffer(groups=1)
+    last = CHUNK_ROWS + 20
+    for row in range(last):  # rows staged (filled), none published, across the first chunk's end
+        buf.write(row, epoch=(1,), time=(row + 1.0,), lr=(0.5,))
+    buf.write(0, loss=np.arange(last, dtype=np.float64))
+    buf.publish(last)
     v = buf.view()
-    assert list(v["time"]) == [row + 1.0 for row in range(20)]
-    assert np.all(v["lr"] == 0.5) and np.all(v["epoch"] == 1)
+    assert list(v["time"]) == [row + 1.0 for row in range(last)]
+    assert np.all(v["lr"] == 0.5) and np.all(v["epoch"] == 1) and list(v["loss"]) == list(range(last))
 
 
 def test_nan_loss_stops_as_diverged_with_the_step(tiny):

@@ -320,13 +320,24 @@ def test_export_unknown_run(stored_run, tmp_path: Path):
         export_run(store, 999, tmp_path / "o", formats="csv")
 
 
-def test_plots_without_qt_are_a_config_error(stored_run, tmp_path: Path, monkeypatch):
+def test_plots_without_a_renderer_are_a_config_error(stored_run, tmp_path: Path, monkeypatch):
     store, run_id, _ = stored_run
-    monkeypatch.setitem(sys.modules, "lrviz.ui.render", None)  # import fails as if Qt were missing
-    with pytest.raises(ConfigError, match="plot export needs PySide6"):
+    monkeypatch.setattr(export, "_plot_renderer", None)  # as in a process that never loaded the Qt layer
+    with pytest.raises(ConfigError, match="plot export needs the app's renderer"):
         export_run(store, run_id, tmp_path / "o", formats="png,csv")
     assert not (tmp_path / "o").exists()
     assert export_run(store, run_id, tmp_path / "o", formats="csv,json")  # no plot asked: fine
+
+
+def test_lrviz_export_without_qt_says_what_to_install(stored_run, tmp_path: Path, monkeypatch, capsys):
+    from lrviz.cli import main
+
+    store, run_id, _ = stored_run
+    monkeypatch.setattr(export, "_plot_renderer", None)
+    monkeypatch.setitem(sys.modules, "lrviz.ui.render", None)  # import fails as if Qt were missing
+    assert main(["export", str(run_id), "--store", str(store.path), "--out", str(tmp_path / "o"),
+                 "--format", "png"]) == 1
+    assert "plot export needs PySide6" in capsys.readouterr().err
 
 
 def test_parse_formats():

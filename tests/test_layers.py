@@ -71,3 +71,38 @@ def test_no_core_file_mentions_a_qt_import():
                 bad.append(f"{path.relative_to(ROOT)}:{i}: {s}")
     allowed = ("lrviz/cli.py",)  # the composition root imports the Qt layer lazily
     assert [b for b in bad if not b.startswith(allowed)] == []
+
+
+def test_the_core_does_not_name_the_ui_either():
+    """Not even by string (importlib.import_module("lrviz.ui...")): only the CLI, the composition root, may."""
+    import re
+
+    hits = []
+    for path in sorted((ROOT / "lrviz").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ("lrviz/cli.py", "lrviz/__main__.py"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"""['"]lrviz\\.ui|^\\s*(from|import)\\s+(PySide6|pyqtgraph|shiboken6|lrviz\\.ui)\\b""", line):
+                hits.append(f"{rel}:{i}: {line.strip()}")
+    assert not hits, hits
+
+
+def test_every_package_folder_is_packaged():
+    """A wheel holds only the packages pyproject.toml lists (package-dir maps ui/ to lrviz.ui): every
+    folder of Python modules must be listed, with its __init__.py, or the installed app lacks it."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    roots = {src: name for name, src in conf["package-dir"].items()}
+    missing = []
+    for src, name in roots.items():
+        for init_dir in sorted({p.parent for p in (ROOT / src).rglob("*.py")}):
+            if "__pycache__" in init_dir.parts:
+                continue
+            rel = init_dir.relative_to(ROOT / src)
+            pkg = ".".join((name, *rel.parts))
+            if not (init_dir / "__init__.py").exists() or pkg not in listed:
+                missing.append(pkg)
+    assert not missing, f"not packaged (add __init__.py and list them in pyproject.toml): {missing}"

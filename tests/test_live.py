@@ -229,7 +229,10 @@ def test_connection_file_is_private_registered_and_removed_at_the_end(store):
         assert info.run_id == eng.run_id and info.token == ep.token
         assert find_live(store.path, eng.run_id) is not None
         assert eng.run_id in live_runs(store.path)
+        row = store.get_run(eng.run_id).endpoint  # the row says where it is served, never the token
+        assert row["address"] == info.address and row["pid"] == os.getpid() and "token" not in row
     assert not path.exists()
+    assert store.get_run(eng.run_id).endpoint is None
     assert find_live(store.path, eng.run_id) is None
 
 

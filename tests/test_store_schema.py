@@ -40,7 +40,8 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def test_the_fixture_is_schema_1_as_written():
-    with sqlite3.connect(f"{v1.FIXTURE.as_uri()}?mode=ro", uri=True) as c:
+    # immutable: reading leaves no -wal/-shm files beside the fixture in the source tree
+    with sqlite3.connect(f"{v1.FIXTURE.as_uri()}?mode=ro&immutable=1", uri=True) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == 1
         assert c.execute("SELECT count(*) FROM runs").fetchone()[0] == len(v1.runs())
     assert v1.FIXTURE.stat().st_size < 32_000

@@ -172,9 +172,12 @@ def test_validation_and_other_scalars_are_logged(tmp_path):
             train_steps(run, model, opt, x, y, 10)
             run.log(val_loss=0.5, val_accuracy=0.75)
             train_steps(run, model, opt, x, y, 10)
-            run.log(val_loss=0.25)
+            run.log(val_loss=0.25, bleu=0.3)
         val = store.load_validation(run.run_id)
+        scalars = store.load_scalars(run.run_id)
+        assert store.get_run(run.run_id).kind == "tracked"
     assert [(p.step, p.loss, p.accuracy) for p in val] == [(9, 0.5, 0.75), (19, 0.25, None)]
+    assert {k: (list(v[0]), list(v[1])) for k, v in scalars.items()} == {"bleu": ([19], [0.3])}
 
 
 def test_bad_input_gets_one_clear_message_and_never_breaks_the_loop():

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFormLayout, QLabel, QSizePolicy
+from PySide6.QtCore import QEvent, Qt
+from PySide6.QtWidgets import QFormLayout, QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
@@ -51,6 +51,60 @@ def note_label(text: str = "", colour: str = theme.GREY) -> QLabel:
     lab.setStyleSheet(f"color: {colour};")
     lab.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return lab
+
+
+class _FitScrollArea(QScrollArea):
+    """A scroll area whose content fills its height, and scrolls only when the content's minimum
+    height (at the width it has, word-wrapped labels included) is more than that."""
+
+    def __init__(self, parent: QWidget):
+        super().__init__(parent)
+        self.setWidgetResizable(False)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def setWidget(self, widget: QWidget) -> None:  # noqa: N802
+        super().setWidget(widget)
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj: Any, event: QEvent) -> bool:  # noqa: N802
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self._fit()
+        return super().eventFilter(obj, event)
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        inner = self.widget()
+        layout = inner.layout() if inner is not None else None
+        if layout is None:
+            return
+        width = self.viewport().width()
+        if self.verticalScrollBar().isVisible():
+            width = self.width() - self.frameWidth() * 2
+        need = layout.minimumHeightForWidth(width) if layout.hasHeightForWidth() else layout.minimumSize().height()
+        scroll = need > self.height()
+        if scroll:
+            width = self.width() - self.verticalScrollBar().sizeHint().width()
+            need = layout.minimumHeightForWidth(width) if layout.hasHeightForWidth() else need
+        inner.resize(width, max(need, self.height() if not scroll else need))
+
+
+def scroll_column(panel: QWidget) -> QVBoxLayout:
+    """The column layout of a panel whose content scrolls when its dock is too short for it, so
+    labels, legends and plots keep their sizes instead of being drawn over one another; with room
+    to spare, the content fills the dock."""
+    outer = QVBoxLayout(panel)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = _FitScrollArea(panel)
+    area.setObjectName(f"{panel.objectName() or 'panel'}Scroll")
+    inner = QWidget()
+    column = QVBoxLayout(inner)
+    area.setWidget(inner)
+    outer.addWidget(area)
+    return column
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -33,7 +33,7 @@ from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
-from .lab_common import RUN_COLOURS, fmt, lab_plot, note_label
+from .lab_common import RUN_COLOURS, fmt, lab_plot, note_label, scroll_column
 from .widgets import ValidatedLineEdit, parse_float_in, parse_int_at_least
 
 if TYPE_CHECKING:
@@ -43,6 +43,30 @@ VERDICT_COLOURS = {"overfitting": theme.VERMILLION, "underfitting": theme.ORANGE
                    "not enough data": theme.GREY}
 MAX_LAYERS = 12
 LAYER_EVERY_TICKS = 6
+#: Columns of the per-layer key (a table above the plots, never over them).
+KEY_COLUMNS = 2
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Parameter names without the dotted prefix they all share (``transformer.h.0.attn.weight`` and
+    ``transformer.h.1.attn.weight`` become ``h.0.attn.weight`` and ``h.1.attn.weight``); a name
+    keeps at least its last two parts."""
+    parts = [n.split(".") for n in names]
+    if len(parts) < 2:
+        return list(names)
+    common = 0
+    while all(len(p) > common + 2 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+def key_table(entries: list[str], columns: int, tail: str = "") -> str:
+    """Rich text: ``entries`` in a table of ``columns`` columns (row by row), then ``tail`` on its own row."""
+    rows = ["<tr>" + "".join(f"<td style='padding-right:10px'>{e}</td>" for e in entries[i:i + columns]) + "</tr>"
+            for i in range(0, len(entries), columns)]
+    if tail:
+        rows.append(f"<tr><td colspan='{columns}'>{tail}</td></tr>")
+    return "<table cellspacing='0' cellpadding='0'>" + "".join(rows) + "</table>" if rows else ""
 
 
 def _parse_factor(text: str) -> float:
@@ -68,6 +92,7 @@ class DiagnosticsPanel(QWidget):
         self._layer_steps = -1
         self._ticks = 0
         self._layer_curves: dict[str, tuple[Any, Any]] = {}
+        self._key: tuple[list[str], list[str], str] = ([], [], "")  # entries, their plain names, the last row
         self._previous: Any = None  # the mean update ratio of the run shown before
         self._previous_label = ""
 
@@ -135,7 +160,7 @@ class DiagnosticsPanel(QWidget):
         plateau.addWidget(QLabel("flat validations"))
         plateau.addStretch(1)
 
-        col = QVBoxLayout(self)
+        col = scroll_column(self)
         col.setContentsMargins(4, 4, 4, 4)
         col.setSpacing(4)
         col.addWidget(self.verdict)
@@ -254,6 +279,7 @@ class DiagnosticsPanel(QWidget):
             self.ratio_plot.getPlotItem().removeItem(ratio)
             self.grad_plot.getPlotItem().removeItem(grad)
         self._layer_curves = {}
+        self._key = ([], [], "")
         self.layer_key.setText("")
 
     def _on_biases_toggled(self, _on: bool) -> None:
@@ -287,6 +313,7 @@ class DiagnosticsPanel(QWidget):
         x = np.asarray(steps, dtype=np.float64)
         ratio = np.asarray(data["update_ratio"], dtype=np.float64)
         grad = np.asarray(data["grad_norm"], dtype=np.float64)
+        short = short_names([names[k] for k in shown])
         key = []
         for j, k in enumerate(shown):
             name = names[k]
@@ -296,7 +323,8 @@ class DiagnosticsPanel(QWidget):
                 r = self.ratio_plot.getPlotItem().plot(pen=theme.pen(colour, 1.6, dashed=dashed))
                 g = self.grad_plot.getPlotItem().plot(pen=theme.pen(colour, 1.4, dashed=dashed))
                 self._layer_curves[name] = (r, g)
-            key.append(f"<span style='color:{colour}'>&#9644;</span>&nbsp;{name}")
+            key.append(f"<span style='color:{colour}'>{'- -' if dashed else '&#9644;'}</span>&nbsp;"
+                       f"{html.escape(short[j])}")
             r, g = self._layer_curves[name]
             if len(x):
                 yr = ratio[:, k].copy()
@@ -305,9 +333,24 @@ class DiagnosticsPanel(QWidget):
                 yg[~(yg > 0)] = np.nan
                 r.setData(x, yr, connect="finite")
                 g.setData(x, yg, connect="finite")
-        if self._previous is not None:
-            key.append(f"<span style='color:{theme.GREY}'><b>- -</b>&nbsp;{self._previous_label} (mean)</span>")
-        self.layer_key.setText(" &nbsp; ".join(key))
+        self._key = (key, short, f"<span style='color:{theme.GREY}'><b>- -</b>&nbsp;{self._previous_label} (mean)"
+                     "</span>" if self._previous is not None else "")
+        self._show_key()
+        self.layer_key.setToolTip("\n".join(names[k] for k in shown))
+
+    def _show_key(self) -> None:
+        """The per-layer key in as many columns (up to KEY_COLUMNS) as its longest name allows."""
+        entries, plain, tail = self._key
+        fm = self.layer_key.fontMetrics()
+        widest = max((fm.horizontalAdvance(f"-- {t}") for t in plain), default=0) + 12
+        room = self.width() - 40  # the panel's margins and a scroll bar
+        columns = max(1, min(KEY_COLUMNS, room // max(widest, 1)))
+        self.layer_key.setText(key_table(entries, columns, tail))
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        if self._key[0]:
+            self._show_key()
 
     # ---- ReduceLROnPlateau -------------------------------------------------------------------------
     def plateau_spec(self) -> str:

@@ -4,12 +4,19 @@ With a live run (running or paused) the test runs inside the engine on the run's
 which are restored exactly afterwards (``engine.range_test``). With nothing running it builds a
 fresh model from the script (``find_lr``) in a background thread. Either way the curve is drawn
 live from the panel's timer; nothing touches a widget off the GUI thread.
+
+Confirmation (``lrviz.rangetest.confirm_rates``) trains a few rates from the suggestion band from
+the same weights for a short while and picks the one whose loss fell most: after the test when it
+costs less than the test (or always, or never), or on its own with "Confirm" (``engine.confirm_lr``
+on a live run, ``confirm_experiment`` on a fresh model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -21,33 +28,62 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from lrviz.errors import ConfigError, LrvizError
-from lrviz.rangetest import METHODS, RangeTestProgress, RangeTestResult, Suggestions, smooth
+from lrviz.rangetest import (
+    CONFIRM_STEPS,
+    METHODS,
+    Confirmation,
+    RangeTestProgress,
+    RangeTestResult,
+    Suggestions,
+    adopt,
+    candidates,
+    loss_axis_range,
+    smooth,
+)
 
 from . import (
     _compat,  # noqa: F401  (must run first: PySide6 6.12 signal refcount defect)
     theme,
 )
-from .lab_common import TERMINAL, Worker, fmt, form, lab_plot, note_label
+from .lab_common import TERMINAL, Worker, fmt, form, lab_plot, note_label, scroll_column
 from .widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
 
 if TYPE_CHECKING:
     from .lab import Lab
 
 #: How each suggestion method is named on the plot and in the method list.
-METHOD_LABELS = {"steepest": "steepest", "valley": "valley", "minimum_tenth": "min / 10"}
+METHOD_LABELS = {"steepest": "steepest", "valley": "valley", "minimum_tenth": "min / 10", "confirmed": "confirmed"}
 METHOD_TIPS = {
     "steepest": "the rate where the smoothed loss falls fastest against log(lr)",
-    "valley": "fastai's valley: about 2/3 of the way into the longest descent of the loss",
-    "minimum_tenth": "a tenth of the rate at the lowest smoothed loss",
+    "valley": "fastai's valley: about half-way along the longest descent of the smoothed loss",
+    "minimum_tenth": "a tenth of the rate at the lowest smoothed loss (fastai's minimum)",
+    "confirmed": "of a few rates from the band, each trained a short while from the same weights, the one "
+                 "whose loss fell most",
 }
-METHOD_COLOURS = {"steepest": theme.PURPLE, "valley": theme.GREEN, "minimum_tenth": theme.ORANGE}
+METHOD_COLOURS = {"steepest": theme.PURPLE, "valley": theme.GREEN, "minimum_tenth": theme.ORANGE,
+                  "confirmed": theme.VERMILLION}
+#: The entries of the method list: the suggestion methods, then the confirmed rate.
+CHOICES = (*METHODS, "confirmed")
+#: Confirmation after a range test: (label, the ``confirm`` argument of ``range_test``).
+CONFIRM_MODES = (("when cheaper than the test", None), ("always", True), ("never", False))
 CHOSEN_COLOUR = theme.VERMILLION
 BETA = 0.98
+
+
+class _ConfirmProgress:
+    """Where a running confirmation is (written by its thread, read by the panel's timer)."""
+
+    def __init__(self) -> None:
+        self.trial = -1
+        self.step = -1
+        self.lr = math.nan
+
+    def record(self, trial: int, step: int, lr: float, _loss: float) -> None:
+        self.lr, self.step, self.trial = lr, step, trial
 
 
 def _parse_positive(what: str):  # noqa: ANN202 - returns a parser
@@ -78,6 +114,8 @@ class RangeTestPanel(QWidget):
         self._engine: Any = None
         self._engine_list: Any = None  # the engine's progress list before this test (to tell them apart)
         self._drawn = -1
+        self._job = ""  # "range test" or "confirmation" while one runs
+        self._confirming: _ConfirmProgress | None = None
         self._items: list[Any] = []
         self.lines: dict[str, pg.InfiniteLine] = {}
         self.band: pg.LinearRegionItem | None = None
@@ -94,13 +132,23 @@ class RangeTestPanel(QWidget):
         self.stop_factor.setObjectName("rtStopFactor")
         self.method = QComboBox()
         self.method.setObjectName("rtMethod")
-        for m in METHODS:
+        for m in CHOICES:
             self.method.addItem(METHOD_LABELS[m], m)
             self.method.setItemData(self.method.count() - 1, METHOD_TIPS[m], Qt.ItemDataRole.ToolTipRole)
-        self.method.setCurrentIndex(METHODS.index("valley"))
-        self.method.setToolTip("which suggestion is \"the\" one (all three are drawn)")
+        self.method.setCurrentIndex(CHOICES.index("valley"))
+        self.method.setToolTip("which suggestion is \"the\" one (all are drawn); a confirmation chooses "
+                               "its winner")
+        self.confirm_mode = QComboBox()
+        self.confirm_mode.setObjectName("rtConfirmMode")
+        for label, _value in CONFIRM_MODES:
+            self.confirm_mode.addItem(label)
+        self.confirm_mode.setToolTip("after the test, train a few rates from the band from the same weights "
+                                     "for a short while and choose the one whose loss fell most")
+        self.confirm_steps = ValidatedLineEdit(parse_int_at_least(2, "confirmation steps"), str(CONFIRM_STEPS),
+                                               tooltip="steps each rate trains for when confirming")
+        self.confirm_steps.setObjectName("rtConfirmSteps")
         self.errors = ErrorLabel()
-        self.errors.watch(self.start, self.end, self.steps, self.stop_factor)
+        self.errors.watch(self.start, self.end, self.steps, self.stop_factor, self.confirm_steps)
 
         f = form()
         row = QHBoxLayout()
@@ -115,22 +163,34 @@ class RangeTestPanel(QWidget):
         row.addWidget(QLabel("x best"))
         f.addRow("steps", row)
         f.addRow("suggest by", self.method)
+        row = QHBoxLayout()
+        row.addWidget(self.confirm_mode, 2)
+        row.addWidget(self.confirm_steps, 1)
+        row.addWidget(QLabel("steps"))
+        f.addRow("confirm", row)
 
         self.run_button = QPushButton("Run range test")
         self.run_button.setObjectName("rtRun")
         self.run_button.setToolTip("sweep the learning rate up exponentially and watch where the loss falls fastest")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setObjectName("rtCancel")
+        self.confirm_button = QPushButton("Confirm")
+        self.confirm_button.setObjectName("rtConfirm")
+        self.confirm_button.setToolTip("train a few rates from the suggestion band from the same weights for a "
+                                       "short while, and choose the one whose loss fell most")
         self.use_button = QPushButton("Use this LR")
         self.use_button.setObjectName("rtUse")
         self.use_button.setToolTip("set the suggested rate (mid-run: from the next step on)")
-        for b in (self.run_button, self.cancel_button, self.use_button):
+        for b in (self.run_button, self.cancel_button, self.confirm_button, self.use_button):
             b.setAutoDefault(False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         buttons.addStretch(1)
-        buttons.addWidget(self.use_button)
+        after = QHBoxLayout()  # a second row: four buttons do not fit a narrow dock
+        after.addWidget(self.confirm_button)
+        after.addStretch(1)
+        after.addWidget(self.use_button)
 
         self.mode_label = note_label()
         self.mode_label.setObjectName("rtMode")
@@ -147,21 +207,26 @@ class RangeTestPanel(QWidget):
         self.suggestion_label.setObjectName("rtSuggestion")
         self.stop_label = note_label()
         self.stop_label.setObjectName("rtStopReason")
+        self.confirm_label = note_label("", theme.FOREGROUND)
+        self.confirm_label.setObjectName("rtConfirmation")
 
-        col = QVBoxLayout(self)
+        col = scroll_column(self)
         col.setContentsMargins(4, 4, 4, 4)
         col.setSpacing(4)
         col.addLayout(f)
         col.addWidget(self.errors)
         col.addLayout(buttons)
+        col.addLayout(after)
         col.addWidget(self.mode_label)
         col.addWidget(self.key)
         col.addWidget(self.plot, 1)
         col.addWidget(self.suggestion_label)
+        col.addWidget(self.confirm_label)
         col.addWidget(self.stop_label)
 
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)
+        self.confirm_button.clicked.connect(self._on_confirm)
         self.use_button.clicked.connect(self._on_use)
         self.method.currentIndexChanged.connect(self._on_method_changed)
         self._update_buttons()
@@ -191,6 +256,9 @@ class RangeTestPanel(QWidget):
         busy = self.busy()
         self.run_button.setEnabled(not busy and self.lab.experiment is not None)
         self.cancel_button.setEnabled(busy)
+        r = self.result
+        self.confirm_button.setEnabled(not busy and r is not None and r.suggestions.reason is None
+                                       and self.lab.experiment is not None)
         s = self.suggestions
         self.use_button.setEnabled(not busy and s is not None and s.best is not None)
         if s is not None and s.best is not None:
@@ -199,17 +267,28 @@ class RangeTestPanel(QWidget):
             self.use_button.setText("Use this LR")
 
     def _settings(self) -> dict[str, Any]:
-        bad = [f for f in (self.start, self.end, self.steps, self.stop_factor) if not f.is_valid()]
+        bad = [f for f in (self.start, self.end, self.steps, self.stop_factor, self.confirm_steps)
+               if not f.is_valid()]
         if bad:
             bad[0].setFocus()
             raise ConfigError(bad[0].error() or "invalid value")
+        method = self.method.currentData()
         kw = {"start": self.start.value(), "end": self.end.value(), "steps": self.steps.value(),
-              "stop_factor": self.stop_factor.value(), "method": self.method.currentData(), "beta": BETA}
+              "stop_factor": self.stop_factor.value(), "method": method if method in METHODS else "valley",
+              "beta": BETA, "confirm": CONFIRM_MODES[self.confirm_mode.currentIndex()][1],
+              "confirm_steps": self.confirm_steps.value()}
         if kw["end"] <= kw["start"]:
             raise ConfigError(f"the end rate ({fmt(kw['end'])}) must be above the start ({fmt(kw['start'])})")
         return kw
 
     # ---- running ------------------------------------------------------------------------------------
+    def _live_engine(self) -> Any:
+        """The engine of the live run a test would use (None: a fresh model)."""
+        eng = self.lab.engine
+        if self.lab.active() and eng is not None and eng.state in ("running", "paused", "preparing"):
+            return eng
+        return None
+
     def run_test(self) -> bool:
         """Start a range test (the Run button); False when refused (the reason is shown)."""
         if self.busy():
@@ -225,12 +304,62 @@ class RangeTestPanel(QWidget):
             return False
         self.errors.show_error(None)
         self._clear()
-        eng = self.lab.engine
-        if self.lab.active() and eng is not None and eng.state in ("running", "paused", "preparing"):
+        self._confirming = _ConfirmProgress()
+        kw["on_confirm_step"] = self._confirming.record
+
+        def fresh(cfg: Any) -> Callable[[Callable[[], bool]], RangeTestResult]:
+            from lrviz.rangetest import find_lr
+
+            progress = RangeTestProgress(kw["steps"], BETA)
+            self._progress = progress
+            return lambda should_stop: find_lr(exp, cfg, on_step=progress.record, should_stop=should_stop, **kw)
+
+        if not self._launch("range test", lambda eng: eng.range_test(**kw), fresh):
+            return False
+        self.stop_label.setText("running…")
+        return True
+
+    def confirm_now(self) -> bool:
+        """Confirm the suggestions of the test shown (the Confirm button): train the candidate rates
+        from the same weights for a short while; False when refused (the reason is shown)."""
+        r = self.result
+        exp = self.lab.experiment
+        if self.busy() or r is None or r.suggestions.reason is not None or exp is None:
+            return False
+        if not self.confirm_steps.is_valid():
+            self.errors.show_error(self.confirm_steps.error() or "invalid confirmation steps")
+            return False
+        kw = {"steps": self.confirm_steps.value(), "stop_factor": r.stop_factor}
+        rates = candidates(r.suggestions)
+        progress = _ConfirmProgress()
+
+        def fresh(cfg: Any) -> Callable[[Callable[[], bool]], Confirmation]:
+            from lrviz.rangetest import confirm_experiment
+
+            return lambda should_stop: confirm_experiment(exp, cfg, rates, should_stop=should_stop,
+                                                          on_step=progress.record, **kw)
+
+        self._progress = None  # the curve stays as it is
+        if not self._launch("confirmation", lambda eng: eng.confirm_lr(rates=rates, on_step=progress.record, **kw),
+                            fresh):
+            return False
+        self.errors.show_error(None)
+        self._confirming = progress
+        self.confirm_label.setText(f"confirming {len(rates)} rates for {kw['steps']} steps each…")
+        return True
+
+    def _launch(self, job: str, live: Callable[[Any], Future], fresh: Callable[[Any], Callable[..., Any]]) -> bool:
+        """Run ``job`` ("range test" or "confirmation") inside the live run's engine (``live(engine)``
+        returns its Future), or on a fresh model in a worker thread (``fresh(config)`` returns the
+        work); False (the reason shown) when the settings are wrong."""
+        verb = "Testing" if job == "range test" else "Confirming on"
+        eng = self._live_engine()
+        if eng is not None:
             self._engine = eng
             self._engine_list = eng.range_test_progress
-            self._future = eng.range_test(**kw)
-            self.mode_label.setText(f"Testing on the live run's weights at step {eng.step:,} "
+            self._future = live(eng)
+            self.mode_label.setText(f"{'Testing' if job == 'range test' else 'Confirming'} on the live run's "
+                                    f"weights at step {eng.step:,} "
                                     "(training waits; the weights are restored afterwards)…")
         else:
             try:
@@ -238,19 +367,12 @@ class RangeTestPanel(QWidget):
             except LrvizError as exc:
                 self.errors.show_error(f"cannot start: {exc}")
                 return False
-            from lrviz.rangetest import find_lr
-
-            progress = RangeTestProgress(kw["steps"], BETA)
-            self._progress = progress
-
-            def work(should_stop: Any) -> RangeTestResult:
-                return find_lr(exp, cfg, on_step=progress.record, should_stop=should_stop, **kw)
-
-            self._worker = Worker("lrviz-rangetest", work)
+            self._worker = Worker(f"lrviz-{job.replace(' ', '-')}", fresh(cfg))
             self._worker.start()
-            self.mode_label.setText(f"Testing a fresh model from {exp.path.name} ({cfg.optimizer}, "
+            exp = self.lab.experiment
+            self.mode_label.setText(f"{verb} a fresh model from {exp.path.name} ({cfg.optimizer}, "
                                     f"seed {cfg.seed})…")
-        self.stop_label.setText("running…")
+        self._job = job
         self._update_buttons()
         self.lab.wake()
         return True
@@ -272,6 +394,9 @@ class RangeTestPanel(QWidget):
     def _on_run(self) -> None:
         self.run_test()
 
+    def _on_confirm(self) -> None:
+        self.confirm_now()
+
     def _on_cancel(self) -> None:
         self.cancel()
         self.stop_label.setText("cancelling…")
@@ -279,10 +404,11 @@ class RangeTestPanel(QWidget):
     # ---- the timer ----------------------------------------------------------------------------------
     def tick(self) -> None:
         """Draw new points of a running test; take its result when it has ended."""
+        self._show_confirming()
         if self._worker is not None:
-            assert self._progress is not None
-            v = self._progress.view()
-            self._draw_curve(v["lr"], v["loss"], v["smoothed"])
+            if self._progress is not None:
+                v = self._progress.view()
+                self._draw_curve(v["lr"], v["loss"], v["smoothed"])
             if self._worker.done:
                 worker, self._worker = self._worker, None
                 worker.join()
@@ -313,10 +439,17 @@ class RangeTestPanel(QWidget):
                 fut.cancel()
                 self._future = None
                 self._engine = None
-                self.stop_label.setText("the run ended before the test could run")
+                self.stop_label.setText(f"the run ended before the {self._job or 'test'} could run")
                 self._update_buttons()
         else:
             self.update_mode()
+
+    def _show_confirming(self) -> None:
+        """Say which rate a running confirmation is training."""
+        c = self._confirming
+        if c is None or c.trial < 0 or not self.busy():
+            return
+        self.confirm_label.setText(f"confirming: rate {c.trial + 1} (lr {fmt(c.lr)}), step {c.step + 1}…")
 
     def _draw_curve(self, lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray) -> None:
         n = len(lrs)
@@ -330,33 +463,35 @@ class RangeTestPanel(QWidget):
         self._fit_y(losses, smoothed)
 
     def _fit_y(self, losses: np.ndarray, smoothed: np.ndarray) -> None:
-        """Show the whole fall of the loss; the blow-up at the end is cut a little above the stop threshold."""
-        sm = smoothed[np.isfinite(smoothed)]
-        raw = losses[np.isfinite(losses)]
-        if not sm.size or not raw.size:
-            return
-        try:
-            factor = float(self.stop_factor.value())
-        except ConfigError:
-            factor = 4.0
-        best = float(sm.min())
-        cap = best + (factor - 1.0) * abs(best) * 1.15
-        hi = max(float(sm[0]), min(float(sm.max()), cap), float(np.quantile(raw, 0.5)))
-        lo = min(best, float(raw.min()))
-        if hi <= lo:
-            hi = lo + 1.0
-        pad = 0.06 * (hi - lo)
-        self.plot.getPlotItem().setYRange(lo - pad, hi + pad, padding=0)
+        """The curve up to its lowest point fills the height; the blow-up after it leaves at the top."""
+        span = loss_axis_range(losses, smoothed)
+        if span is not None:
+            self.plot.getPlotItem().setYRange(*span, padding=0)
 
     def _failed(self, exc: BaseException) -> None:
-        self.stop_label.setText("")
-        self.errors.show_error(f"the range test failed: {exc}")
-        self.lab.status(f"range test failed: {exc}")
+        job, self._job = self._job or "range test", ""
+        if job == "range test":
+            self.stop_label.setText("")
+        else:
+            self.confirm_label.setText("")
+        self.errors.show_error(f"the {job} failed: {exc}")
+        self.lab.status(f"{job} failed: {exc}")
         self.update_mode()
 
-    def _finished(self, result: RangeTestResult) -> None:
+    def _finished(self, result: RangeTestResult | Confirmation) -> None:
+        self._job = ""
+        if isinstance(result, Confirmation):
+            r = self.result
+            assert r is not None
+            r.confirmation, r.confirm_note = result, ""
+            r.suggestions.confirmed = None
+            if r.suggestions.chosen == "confirmed":
+                r.suggestions.chosen = "valley"
+            adopt(r)
+            result = r
         self.show_result(result)
-        s = result.suggestions
+        s = self.suggestions
+        assert s is not None
         if s.best is not None:
             self.lab.status(f"range test: suggested learning rate {fmt(s.best)} ({METHOD_LABELS[s.chosen]})")
         else:
@@ -369,8 +504,22 @@ class RangeTestPanel(QWidget):
         self.result = result
         self._drawn = -1
         self._draw_curve(result.lrs, result.losses, result.smoothed)
+        confirmed = result.suggestions.confirmed is not None
+        self.method.model().item(CHOICES.index("confirmed")).setEnabled(confirmed)
         method = self.method.currentData()
+        if confirmed:
+            method = "confirmed"
+        elif method == "confirmed":
+            method = "valley"
+        self.method.blockSignals(True)
+        self.method.setCurrentIndex(CHOICES.index(method))
+        self.method.blockSignals(False)
         self.suggestions = dataclasses.replace(result.suggestions, chosen=method)
+        c = result.confirmation
+        if c is not None:
+            self.confirm_label.setText(f"<b>Confirmation</b> ({len(c.trials)} rates): {html.escape(c.reason)}")
+        else:
+            self.confirm_label.setText(html.escape(result.confirm_note))
         if result.stop_reason:
             self.stop_label.setText(f"Stopped: {result.stop_reason} ({len(result):,} of {result.steps:,} steps).")
         else:
@@ -392,6 +541,7 @@ class RangeTestPanel(QWidget):
         self.smooth_curve.setData([], [])
         self.suggestion_label.setText("")
         self.stop_label.setText("")
+        self.confirm_label.setText("")
         p.enableAutoRange()
 
     def _draw_suggestions(self) -> None:
@@ -418,16 +568,19 @@ class RangeTestPanel(QWidget):
         p.addItem(region, ignoreBounds=True)
         self._items.append(region)
         self.band = region
-        values = s.values()
-        positions = (0.93, 0.8, 0.67)
+        values: dict[str, float | None] = dict(s.values())
+        if s.confirmed is not None and s.confirmed not in values.values():  # a rate between the suggestions
+            values["confirmed"] = s.confirmed
+        positions = (0.93, 0.8, 0.67, 0.54)
         r = self.result
         span = (math.log10(float(r.lrs[0])), math.log10(float(r.lrs[-1]))) if r is not None and len(r) > 1 else None
-        order = sorted((m for m in METHODS if values[m] is not None), key=lambda m: values[m])
+        order = sorted((m for m in values if values[m] is not None), key=lambda m: values[m])
         for k, m in enumerate(order):
             v = values[m]
-            chosen = m == s.chosen
+            chosen = m == s.chosen or (s.chosen == "confirmed" and v == s.confirmed)
             colour = CHOSEN_COLOUR if chosen else METHOD_COLOURS[m]
-            text = f"{METHOD_LABELS[m]} {fmt(v)}" + (" ✔" if chosen else "")
+            confirmed_here = s.confirmed is not None and v == s.confirmed and m != "confirmed"
+            text = f"{METHOD_LABELS[m]} {fmt(v)}" + (" confirmed" if confirmed_here else "") + (" ✔" if chosen else "")
             right = span is not None and span[1] > span[0] and (math.log10(v) - span[0]) / (span[1] - span[0]) > 0.55
             anchor = (1.04, 0.5) if right else (-0.04, 0.5)  # keep the label inside the plot
             line = pg.InfiniteLine(
@@ -442,9 +595,13 @@ class RangeTestPanel(QWidget):
             p.addItem(line, ignoreBounds=True)
             self._items.append(line)
             self.lines[m] = line
+            if confirmed_here:
+                self.lines["confirmed"] = line  # the confirmed rate is this suggestion's line
         rows = []
-        for m in METHODS:
-            v = values[m]
+        for m in CHOICES:
+            v = s.confirmed if m == "confirmed" else values[m]
+            if m == "confirmed" and v is None:
+                continue
             colour = CHOSEN_COLOUR if m == s.chosen else METHOD_COLOURS[m]
             mark = "<b>" if m == s.chosen else ""
             unmark = "</b>" if m == s.chosen else ""
@@ -457,7 +614,10 @@ class RangeTestPanel(QWidget):
     def _on_method_changed(self, _index: int) -> None:
         if self.result is None:
             return
-        self.suggestions = dataclasses.replace(self.result.suggestions, chosen=self.method.currentData())
+        method = self.method.currentData()
+        if method == "confirmed" and self.result.suggestions.confirmed is None:
+            return
+        self.suggestions = dataclasses.replace(self.result.suggestions, chosen=method)
         self._draw_suggestions()
         self._update_buttons()
 

@@ -49,6 +49,7 @@ from PySide6.QtGui import QColor, QFont, QFontMetrics, QImage, QPageSize, QPaint
 from PySide6.QtSvg import QSvgGenerator
 from PySide6.QtWidgets import QApplication, QSizePolicy
 
+from lrviz import export as _export_module
 from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError
 from lrviz.export import FigureSpec, atomic_write, event_markers, format_number, smoothing_label
@@ -658,30 +659,14 @@ _RT_SMOOTH = "#0072B2"
 _RT_BAND = "#009E73"
 _RT_CHOSEN = "#D55E00"
 _RT_METHODS = {"steepest": ("steepest", "#CC79A7"), "valley": ("valley", "#009E73"),
-               "minimum_tenth": ("min / 10", "#E69F00")}
-
-
-def _rt_y_range(losses: np.ndarray, smoothed: np.ndarray, stop_factor: float) -> tuple[float, float] | None:
-    """The fall of the loss in full; the blow-up at the end cut a little above the stop threshold."""
-    sm = smoothed[np.isfinite(smoothed)]
-    raw = losses[np.isfinite(losses)]
-    if not sm.size or not raw.size:
-        return None
-    best = float(sm.min())
-    cap = best + (stop_factor - 1.0) * abs(best) * 1.15
-    hi = max(float(sm[0]), min(float(sm.max()), cap), float(np.quantile(raw, 0.5)))
-    lo = min(best, float(raw.min()))
-    if hi <= lo:
-        hi = lo + 1.0
-    pad = 0.05 * (hi - lo)
-    return lo - pad, hi + pad
+               "minimum_tenth": ("min / 10", "#E69F00"), "confirmed": ("confirmed", _RT_CHOSEN)}
 
 
 class _RangeTestFigure:
     """The range test's curve, suggestion band and suggestion lines, ready to be painted."""
 
     def __init__(self, result: Any, *, title: str | None, size: tuple[int, int]):
-        from lrviz.rangetest import METHODS
+        from lrviz.rangetest import loss_axis_range
 
         self.width, self.height = int(size[0]), int(size[1])
         base = max(9.0, min(self.width, self.height * 1.5) / 75.0)
@@ -760,7 +745,7 @@ class _RangeTestFigure:
         legend.append((smooth_item, f"smoothed (EMA {result.beta:g})"))
         if done:
             plot.setXRange(math.log10(float(lrs[0])), math.log10(float(lrs[-1])), padding=0.02)
-        yr = _rt_y_range(losses, smoothed, float(result.stop_factor))
+        yr = loss_axis_range(losses, smoothed)  # the same range as the range-test panel
         if yr is not None:
             plot.setYRange(*yr, padding=0)
         band = s.band()
@@ -772,15 +757,19 @@ class _RangeTestFigure:
             sample = pg.PlotDataItem([0], [0], pen=pg.mkPen(_color(_RT_BAND, 160), width=8))
             legend.append((sample, "suggestion band"))
             values = s.values()
+            if s.confirmed is not None and s.confirmed not in values.values():  # a rate between them
+                values["confirmed"] = s.confirmed
             span = (math.log10(float(lrs[0])), math.log10(float(lrs[-1]))) if done > 1 else (0.0, 1.0)
-            order = sorted((m for m in METHODS if values[m] is not None), key=lambda m: values[m])
+            order = sorted((m for m in values if values[m] is not None), key=lambda m: values[m])
             for k, m in enumerate(order):
                 v = float(values[m])
                 name, colour = _RT_METHODS[m]
-                chosen = m == s.chosen
+                chosen = m == s.chosen or (s.chosen == "confirmed" and v == s.confirmed)
                 if chosen:
                     colour = _RT_CHOSEN
-                text = f"{name} {format_number(v)}" + (" (chosen)" if chosen else "")
+                text = f"{name} {format_number(v)}" + (
+                    " (confirmed)" if chosen and s.chosen == "confirmed" and m != "confirmed"
+                    else " (chosen)" if chosen else "")
                 right = span[1] > span[0] and (math.log10(v) - span[0]) / (span[1] - span[0]) > 0.55
                 anchor = (1.04, 0.5) if right else (-0.04, 0.5)
                 pen = pg.mkPen(colour, width=3.2 if chosen else 1.6,
@@ -870,3 +859,7 @@ def render_range_test(
     finally:
         fig.close()
     return atomic_write(target, content)
+
+
+# the core exports plots through this module without naming it (it never imports the Qt layer)
+_export_module.use_plot_renderer(sys.modules[__name__])

@@ -1,9 +1,13 @@
 """A run's series as the plots draw them: kept decimated and up to date, without Qt.
 
-A :class:`RunTrace` wraps a :class:`~lrviz.records.StepBuffer` (a live engine's, or one built from
+A :class:`RunTrace` wraps a :class:`~lrviz.records.StepBuffer` (a live run's, or one built from
 the store) and the run's events and validation points. ``update()`` folds in only the rows added
 since the last call (called from the redraw timer); ``query()`` returns what to draw for a step
 range at a pixel width.
+
+Memory: a trace keeps no copy of the history. Its min/max pyramids hold float32 block extremes
+(factor 8: about 1.2 bytes a step per series); the smoothed loss is not stored but recomputed for
+the rows a query needs, from the smoother's state saved every ``SMOOTH_BLOCK`` rows.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from lrviz.decimate import EmaSmoother, GrowableArray, PeakPyramid
+from lrviz.decimate import EmaSmoother, PeakPyramid
 from lrviz.records import Event, StepBuffer, ValPoint
 
 #: Series names besides ``lr0``, ``lr1``, ... (one per param group).
 SERIES = ("loss", "loss_smooth", "grad_norm")
+#: The smoother's state is kept at every this many rows (the smoothed loss is recomputed from there).
+SMOOTH_BLOCK = 4096
+#: Pyramid settings: coarser levels (factor 8) of float32 extremes, growing by a quarter at a time.
+PYRAMID = {"factor": 8, "dtype": np.float32, "growth": 1.25}
 
 
 class RunTrace:
@@ -52,7 +60,7 @@ class RunTrace:
         self.groups = 0
         self._smoothing = smoothing
         self._smoother = EmaSmoother(smoothing)
-        self._smooth = GrowableArray(4096)
+        self._smooth_states: list[tuple[float, int]] = []  # the smoother before rows 0, B, 2B, ...
         self._pyr: dict[str, PeakPyramid] = {}
         self._n_events = 0
         self._n_val = 0
@@ -95,15 +103,39 @@ class RunTrace:
             self.first_step = buf.first_step
             self.groups = v["lr"].shape[1] if v["lr"].ndim == 2 else 1
         loss = v["loss"]
-        smooth = self._smoother.extend(loss)
-        self._smooth.extend(smooth)
+        smooth = self._smooth_rows(start, loss)
         lr = v["lr"].reshape(len(loss), -1)
         columns: dict[str, np.ndarray] = {"loss": loss, "loss_smooth": smooth, "grad_norm": v["grad_norm"]}
         for g in range(self.groups):
             columns[f"lr{g}"] = lr[:, g]
         for name, values in columns.items():
-            self._pyr.setdefault(name, PeakPyramid()).extend(values)
+            self._pyr.setdefault(name, PeakPyramid(**PYRAMID)).extend(values)
         self.rows = stop
+
+    def _smooth_rows(self, start: int, loss: np.ndarray) -> np.ndarray:
+        """The smoothed values of new rows ``start..``, noting the smoother's state at block starts."""
+        sm = self._smoother
+        out = np.empty(len(loss))
+        done = 0
+        while done < len(loss):
+            row = start + done
+            if row % SMOOTH_BLOCK == 0 and row // SMOOTH_BLOCK == len(self._smooth_states):
+                self._smooth_states.append((sm._last, sm._count))
+            take = min(len(loss) - done, SMOOTH_BLOCK - row % SMOOTH_BLOCK)
+            out[done:done + take] = sm.extend(loss[done:done + take])
+            done += take
+        return out
+
+    def _smoothed(self, a: int, b: int) -> np.ndarray:
+        """The smoothed loss of rows ``a:b`` (recomputed from the state at the block holding ``a``)."""
+        buf = self._get_buffer()
+        k = min(a // SMOOTH_BLOCK, len(self._smooth_states) - 1)
+        if buf is None or k < 0 or b <= a:
+            return np.empty(0)
+        base = k * SMOOTH_BLOCK
+        sm = EmaSmoother(self._smoothing)
+        sm._last, sm._count = self._smooth_states[k]
+        return sm.extend(buf.view(base, b)["loss"])[a - base:]
 
     def set_smoothing(self, weight: float) -> None:
         """Recompute the smoothed loss with another weight (whole history: O(n), vectorised)."""
@@ -111,15 +143,18 @@ class RunTrace:
             return
         self._smoothing = weight
         self._smoother = EmaSmoother(weight)
-        self._smooth = GrowableArray(max(4096, self.rows))
-        pyr = PeakPyramid()
+        self._smooth_states = []
+        pyr = PeakPyramid(**PYRAMID)
         buf = self._get_buffer()
-        if buf is not None and self.rows:
-            loss = buf.view(0, self.rows)["loss"]
-            smooth = self._smoother.extend(loss)
-            self._smooth.extend(smooth)
-            pyr.extend(smooth)
+        for a in range(0, self.rows if buf is not None else 0, SMOOTH_BLOCK):
+            b = min(self.rows, a + SMOOTH_BLOCK)
+            pyr.extend(self._smooth_rows(a, buf.view(a, b)["loss"]))
         self._pyr["loss_smooth"] = pyr
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the trace itself keeps (its pyramids), besides the buffer it reads."""
+        return sum(p.nbytes for p in self._pyr.values()) + 16 * len(self._smooth_states)
 
     # ---- reading ------------------------------------------------------------------------------
     @property
@@ -129,7 +164,7 @@ class RunTrace:
 
     def _raw(self, name: str) -> Callable[[int, int], np.ndarray]:
         if name == "loss_smooth":
-            return lambda a, b: self._smooth.data[a:b]
+            return self._smoothed
 
         def read(a: int, b: int) -> np.ndarray:
             buf = self._get_buffer()
@@ -164,7 +199,7 @@ class RunTrace:
             "step": int(step),
             "epoch": int(v["epoch"][0]),
             "loss": float(v["loss"][0]),
-            "loss_smooth": float(self._smooth.data[row]) if row < len(self._smooth) else math.nan,
+            "loss_smooth": float(self._smoothed(row, row + 1)[0]) if row < self.rows else math.nan,
             "grad_norm": float(v["grad_norm"][0]),
             "lr": [float(x) for x in np.asarray(v["lr"]).reshape(-1)],
         }

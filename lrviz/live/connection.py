@@ -155,19 +155,10 @@ def socket_path(folder: Path | None) -> Path:
 
 def write_connection(path: Path, info: ConnectionInfo) -> None:
     """Write ``info`` atomically, readable and writable by this user only."""
+    from lrviz.export import atomic_write
+
     private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(info.to_dict(), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, json.dumps(info.to_dict(), indent=1), mode=0o600)
 
 
 def read_connection(path: str | os.PathLike) -> ConnectionInfo:

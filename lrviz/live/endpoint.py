@@ -124,6 +124,7 @@ class LiveEndpoint:
         self._closing = threading.Event()
         self._ids = itertools.count(1)
         self._threads: list[threading.Thread] = []
+        self._row: Any = None  # (store, run_id) whose row names this endpoint
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> ConnectionInfo:
@@ -154,8 +155,10 @@ class LiveEndpoint:
         t.start()
         return info
 
-    def register(self, path: Path, run_id: int | None = None, store: str | None = None) -> None:
-        """Write the connection file at ``path`` (user-only), naming the run."""
+    def register(self, path: Path, run_id: int | None = None, store: str | None = None,
+                 row: Any = None) -> None:
+        """Write the connection file at ``path`` (user-only), naming the run; with ``row`` (a RunStore),
+        also note on the run's row where it is served (never the token)."""
         assert self.info is not None
         if run_id is not None:
             self.info.run_id = run_id
@@ -163,6 +166,12 @@ class LiveEndpoint:
             self.info.store = store
         write_connection(path, self.info)
         self.connection_file = path
+        if row is not None and run_id is not None:
+            try:
+                row.set_endpoint(run_id, self.info)
+                self._row = (row, run_id)
+            except Exception as exc:  # noqa: BLE001 - the file is what clients use; the row is a courtesy
+                log.warning("could not note the endpoint on run %s: %s", run_id, exc)
 
     @property
     def clients(self) -> int:
@@ -172,6 +181,13 @@ class LiveEndpoint:
     def close(self, linger: float = 2.0) -> None:
         """Send the rest and the end to every client (waiting up to ``linger`` s), then shut down."""
         remove_quietly(self.connection_file)
+        if self._row is not None:
+            store, run_id = self._row
+            self._row = None
+            try:
+                store.set_endpoint(run_id, None)
+            except Exception as exc:  # noqa: BLE001 - a closed store: the stale-file check covers it
+                log.debug("could not clear the endpoint of run %s: %s", run_id, exc)
         self._closing.set()
         deadline = time.monotonic() + linger
         for t in list(self._threads):

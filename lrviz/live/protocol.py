@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 import secrets
 import socket
@@ -27,6 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from lrviz.store_codec import jsonable
 
 #: Bumped when a message changes incompatibly; both sides say theirs in the handshake.
 PROTOCOL_VERSION = 1
@@ -97,36 +98,6 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
 
 def _json_default(obj: Any) -> Any:
     return jsonable(obj)
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON values: NumPy scalars/arrays and tensors as numbers and lists,
-    non-finite floats as the strings "nan", "inf", "-inf", anything else as its text."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((jsonable(v) for v in obj), key=repr)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        try:
-            return jsonable(tolist())
-        except Exception:  # noqa: BLE001 - fall back to the text form
-            pass
-    return str(obj)
 
 
 # ---- the handshake -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lrviz.control import Steering
 from lrviz.records import Event, StepBuffer, ValPoint
 from lrviz.states import Command, RunState, is_terminal
 
@@ -26,7 +27,7 @@ from .connection import ConnectionInfo
 __all__ = ["CommandRejected", "LocalRun", "NotLive", "RemoteRun", "Run"]
 
 
-class Run:
+class Run(Steering):
     """What every run offers its watchers. Fields are plain attributes, read from any thread."""
 
     run_id: int | None = None
@@ -53,37 +54,10 @@ class Run:
     range_test_result: dict[str, Any] | None = None
     done: threading.Event
 
-    # ---- commands -------------------------------------------------------------------------------------
+    # ---- commands (the Steering methods call this) ----------------------------------------------------
     def command(self, kind: str, **data: Any) -> Future:
         """Ask the run for ``kind`` (a :class:`lrviz.states.Command`); a Future of the ack."""
         raise NotImplementedError
-
-    def pause(self) -> Future:
-        return self.command(Command.PAUSE)
-
-    def resume(self) -> Future:
-        return self.command(Command.RESUME)
-
-    def step_once(self) -> Future:
-        return self.command(Command.STEP_ONCE)
-
-    def stop(self) -> Future:
-        return self.command(Command.STOP)
-
-    def set_lr(self, lr: float) -> Future:
-        return self.command(Command.SET_LR, lr=lr)
-
-    def set_schedule(self, spec: str | None) -> Future:
-        return self.command(Command.SET_SCHEDULE, spec=spec)
-
-    def set_hyperparams(self, momentum: float | None = None, weight_decay: float | None = None) -> Future:
-        return self.command(Command.SET_HYPERPARAMS, momentum=momentum, weight_decay=weight_decay)
-
-    def rollback(self, lr_factor: float = 0.1) -> Future:
-        return self.command(Command.ROLLBACK, lr_factor=lr_factor)
-
-    def checkpoint(self) -> Future:
-        return self.command(Command.CHECKPOINT)
 
     def range_test(self, **kwargs: Any) -> Future:
         """Run the LR range test on the run's current weights; the ack's ``data["result"]`` holds it."""
@@ -95,12 +69,6 @@ class Run:
 
         fut.add_done_callback(keep)
         return fut
-
-    def cancel_range_test(self) -> Future:
-        return self.command(Command.CANCEL_RANGE_TEST)
-
-    def set_pace(self, steps_per_second: float | None) -> Future:
-        return self.command(Command.SET_PACE, steps_per_second=steps_per_second)
 
     # ---- reading --------------------------------------------------------------------------------------
     @property
@@ -302,6 +270,7 @@ class RemoteRun(Run):
             cols = {k: v[skip:] for k, v in cols.items()}
         buf.extend(cols)
         self._next_row = row + max(skip, 0) + len(cols["loss"])
+        buf.seal()  # the history is kept compressed (in this reader thread, never the GUI's)
 
     @staticmethod
     def _extend(target: list, h: dict[str, Any], items: list) -> None:

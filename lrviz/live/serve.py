@@ -29,7 +29,7 @@ def serving(engine: Any, store: Any, *, listen: str | None = None, announce: boo
 
     def opened(run_id: int) -> None:
         if store_path is not None:
-            endpoint.register(connection_path(store_path, run_id), run_id, store_path)
+            endpoint.register(connection_path(store_path, run_id), run_id, store_path, row=store)
         if announce:
             print(how_to_connect(info, run_id), file=sys.stderr, flush=True)
 
@@ -47,7 +47,7 @@ def serve_recorded(run: Any, store: Any, *, listen: str | None = None, announce:
                             folder=live_dir(store_path) if store_path else None)
     info = endpoint.start()
     if store_path is not None and run.run_id is not None:
-        endpoint.register(connection_path(store_path, run.run_id), run.run_id, store_path)
+        endpoint.register(connection_path(store_path, run.run_id), run.run_id, store_path, row=store)
     if announce:
         print(how_to_connect(info, run.run_id), file=sys.stderr, flush=True)
     return endpoint
