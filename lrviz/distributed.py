@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .control import CONTROL_FLAGS, RunControl, Stopped, ack
+from .control import RunControl, Stopped, apply_commands
 from .errors import ConfigError, LrvizError, ScriptError
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ RECORDED_WAIT_S = 15.0
 #: Header of an exchange: magic, next agreed step, flags, command bytes, rows, step.
 _HEADER = 6
 _PAUSE, _STOP = 1, 2
+#: Commands only rank 0 carries out (it keeps the checkpoints); the others pass over them.
+_RANK0_ONLY = frozenset({"checkpoint"})
 #: Words of a collective failure caused by another rank (gloo and NCCL say it in these words).
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
               "timed out", "process group", "processgroup", "c10d")
@@ -631,24 +633,10 @@ class StepExchange:
             if flushed is not None:
                 self.check(*flushed)
             self.at = int(head[1])
-            commands = self._commands(queued, int(head[3]))
-            for i, (kind, data) in enumerate(commands):
-                fut = queued[i][2] if main else None
-                if kind in CONTROL_FLAGS:
-                    if fut is not None:
-                        fut.set_result(ack(kind, step()))
-                    continue
-                if kind == "checkpoint" and not main:
-                    continue  # rank 0 writes checkpoints
-                try:
-                    applied = apply(kind, queued[i][1] if main else data)
-                except LrvizError as exc:
-                    on_reject(kind, exc)
-                    if fut is not None:
-                        fut.set_exception(exc)
-                    continue
-                if fut is not None:
-                    fut.set_result(ack(kind, step(), applied))
+            commands = queued if main else [(k, d, None) for k, d in self._commands(int(head[3]))]
+            if main and head[3]:
+                self.dist._broadcast_bytes(self._payload)
+            apply_commands(commands, apply, step, on_reject, skip=_RANK0_ONLY if not main else frozenset())
             flags = int(head[2])
             if flags & _STOP:
                 raise Stopped
@@ -698,13 +686,11 @@ class StepExchange:
             at = min(at, (s // self.align + 1) * self.align)
         return at
 
-    def _commands(self, queued: list[Any], size: int) -> list[tuple[str, dict[str, Any]]]:
+    def _commands(self, size: int) -> list[tuple[str, dict[str, Any]]]:
+        """Rank 0's commands (on another rank), when the header announced ``size`` bytes of them."""
         if not size:
             return []
-        text = self.dist._broadcast_bytes(self._payload if self.dist.is_main else b"")
-        if self.dist.is_main:
-            return [(k, d) for k, d, _ in queued]
-        return [(str(k), dict(d)) for k, d in json.loads(text.decode())]
+        return [(str(k), dict(d)) for k, d in json.loads(self.dist._broadcast_bytes(b"").decode())]
 
     def _exchange(self, words: list[float]) -> tuple[np.ndarray, tuple[int, np.ndarray, np.ndarray] | None]:
         """One all-reduce: rank 0's header words, every rank's row count and step, every rank's losses

@@ -9,7 +9,6 @@ at the same step on both ranks: one applied a step late on one rank trains other
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -21,9 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from store_events import wait_until
+from test_live_processes import read_csv, wait_live
 
 from lrviz.cli import main
-from lrviz.live.connection import live_runs
 from lrviz.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -65,29 +65,11 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def wait_live(store: Path, proc: subprocess.Popen) -> int:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended before its run was live: {proc.stderr.read()}")
-        if (store / "runs.sqlite").exists():
-            live = live_runs(store / "runs.sqlite")
-            if live:
-                return next(iter(live))
-        time.sleep(0.1)
-    raise AssertionError("the run never became live")
-
-
 def steer(capsys: pytest.CaptureFixture, run_id: int, store: Path, *flags: str) -> list[int]:
     """``lrviz steer RUN FLAGS``; the step each flag's ack names."""
     assert main(["steer", str(run_id), *flags, "--store", str(store)]) == 0
     said = capsys.readouterr().out
     return [int(m) for m in re.findall(r"(?:before step|at step|from step|runs step) (\d+)", said)]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_json(out: Path) -> dict:
@@ -107,14 +89,12 @@ def announced(proc: subprocess.Popen) -> tuple[str, str, str]:
 
 
 def wait_paused_at(store: Path, run_id: int, step: int) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
+    def paused_there() -> bool:
         with RunStore(store) as s:
             info = s.get_run(run_id)
-        if info.status == "paused" and info.steps == step:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the run did not pause at step {step}")
+        return info.status == "paused" and info.steps == step
+
+    wait_until(f"a pause at step {step}", paused_there)
 
 
 def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
