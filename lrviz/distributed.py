@@ -147,10 +147,13 @@ class Distributed:
         elif dev.type == "mps":
             raise ConfigError("torch.distributed does not train on MPS; use --device cpu")
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+        timeout = timedelta(seconds=max(TRAINING_TIMEOUT_S, timeout_s()))
         try:
-            tdist.init_process_group(backend, timeout=timedelta(seconds=max(TRAINING_TIMEOUT_S, timeout_s())),
-                                     **kwargs)
+            try:
+                kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+                tdist.init_process_group(backend, timeout=timeout, **kwargs)
+            except TypeError:  # torch before 2.3 takes no device_id
+                tdist.init_process_group(backend, timeout=timeout)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot join the torchrun job ({backend}): {exc}; if gloo cannot resolve this "
                               "host's name, set GLOO_SOCKET_IFNAME (e.g. lo on one machine)") from None
@@ -837,8 +840,9 @@ def follow(dist: Distributed) -> int:
     try:
         plan = dist.share(None)
     except RuntimeError as exc:
-        print(f"lrviz: rank {dist.rank}: rank 0 ended before training began (its own output says why): {exc}",
-              file=sys.stderr)
+        theirs = dist.fault(wait=FAULT_WAIT_S)
+        why = remote_error(theirs) if theirs is not None else f"rank 0 ended before training began ({exc})"
+        print(f"lrviz: rank {dist.rank}: {why}", file=sys.stderr)
         return 1
     try:
         exp = load_experiment(plan["script"])

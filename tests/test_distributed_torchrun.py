@@ -204,7 +204,7 @@ def test_a_tracked_loop_that_raises_on_one_rank_is_recorded_failed_with_that_ran
     assert "rank 1: the training loop raised RuntimeError: rank 1's loop cannot go on at step 30" in info.error
 
 
-def test_a_distributed_run_replays_identically_and_a_fork_continues_exactly_as_its_parent(tmp_path):
+def test_a_distributed_run_replays_identically_a_fork_continues_as_its_parent_and_a_resume_as_itself(tmp_path):
     store = tmp_path / "store"
     first = lrviz_job("run", TINY, "--steps", "90", "--device", "cpu", "--checkpoint-every", "40", "--quiet",
                       store=store)
@@ -223,6 +223,13 @@ def test_a_distributed_run_replays_identically_and_a_fork_continues_exactly_as_i
     assert info.parent_id == 1 and info.summary["ranks_in_sync"] is True
     # every rank loaded rank 0's checkpoint (weights, momentum, data position): the same steps follow
     assert child["loss"].tolist() == parent["loss"][40:].tolist()
+    resume = lrviz_job("resume", "1", "--steps", "120", "--quiet", store=store)  # from its checkpoint at step 80
+    status, err = finish(resume)
+    assert status == 0, err
+    with RunStore(store) as s:
+        again, info = s.load_steps(1), s.get_run(1)
+    assert info.status == "finished" and info.steps == 120 and info.summary["ranks_in_sync"] is True
+    assert again["loss"][:90].tolist() == parent["loss"].tolist()  # steps 80..89 run again, exactly
 
 
 def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(tmp_path):
