@@ -1,7 +1,7 @@
 """DDP overhead: the same 2-rank gloo job (a small MLP, DistributedDataParallel, each rank its half of the
-batches) as a plain DDP loop, under the lrviz engine (what ``torchrun -m lrviz run`` trains: rank 0
-records into a store and the ranks exchange rows and commands at agreed steps), and as the plain loop
-with ``lrviz.track``. One torchrun job runs all three in turns, in rounds, so machine noise hits all
+batches) as a plain DDP loop, under the lrviz engine (``engine``: what ``torchrun -m lrviz run`` trains,
+rank 0 records into a store and the ranks exchange rows and commands at agreed steps; ``bare``: the
+same without a store), and as the plain loop with ``lrviz.track`` (rank 0 records into a store). One torchrun job runs all three in turns, in rounds, so machine noise hits all
 alike. Rank 0 times each block from its first step's loss to its last (the script stamps them, the
 same in every mode): the wall time, and the CPU time of the training thread (what lrviz's work adds,
 even on a machine busy with other work); the driver prints medians and ratios.
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-MODES = ("plain", "engine", "track")
+MODES = ("plain", "engine", "bare", "track")
 
 SCRIPT = '''
 import time
@@ -171,6 +171,8 @@ def worker(args: argparse.Namespace) -> None:
                     row[m] = plain(exp, args.steps, rank, world)
                 elif m == "engine":
                     row[m] = engine(exp, args.steps, dist, store)
+                elif m == "bare":
+                    row[m] = engine(exp, args.steps, dist, None)
                 else:
                     row[m] = plain(exp, args.steps, rank, world, track_store)
             if rank == 0:
