@@ -11,6 +11,7 @@ Python values inside. :func:`check` proves a loaded checkpoint usable before any
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Mapping
@@ -112,16 +113,31 @@ def save(path: Path, payload: dict[str, Any]) -> None:
 
 def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; ConfigError when it is missing or not one."""
+    return load_bytes(read_bytes(path), path, map_location)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A checkpoint file's bytes; ConfigError when it is missing or unreadable."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"checkpoint {p} does not exist (deleted with its run?)")
     try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
+        return p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {p}: {exc.strerror or exc}") from None
+
+
+def load_bytes(data: bytes, path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint from the bytes of the file at ``path`` (read here, or on another rank), with
+    ``weights_only=True``; ConfigError when it is not one."""
+    p = Path(path)
+    try:
+        out = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot read checkpoint {p}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
+    if not isinstance(out, dict) or out.get("format") not in READABLE_FORMATS:
         raise ConfigError(f"{p} is not an lrviz checkpoint (or from another version)")
-    return data
+    return out
 
 
 def _whole(value: Any) -> bool:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -547,7 +548,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             cfg = config_from_args(exp, args)
         check_at_steps(args.at, own_ats, cfg.steps)
-        engine = TrainingEngine(exp, cfg, store, interventions=ats, name=args.name, origin=origin)
+        engine = TrainingEngine(exp, cfg, store, interventions=ats, name=args.name, origin=origin,
+                                distributed=getattr(args, "distributed", None))
         with _serving(engine, store, args):
             train_headless(engine, args.quiet)
         status = finish_run(engine, store, out, args.quiet)
@@ -633,7 +635,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_dict(info.config)
         if args.steps is not None:
             cfg.steps, cfg.epochs = args.steps, None
-        engine = TrainingEngine(exp, cfg, store, origin=Origin("resume", info.id, Path(points[step]), step))
+        engine = TrainingEngine(exp, cfg, store, origin=Origin("resume", info.id, Path(points[step]), step),
+                                distributed=getattr(args, "distributed", None))
         print(f"resuming run {info.id} from its checkpoint at step {step}", file=sys.stderr)
         with _serving(engine, store, args):
             train_headless(engine, args.quiet)
@@ -678,7 +681,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             cfg.steps, cfg.epochs = first + info.steps, None  # exactly as many steps as the original ran
         events = store.load_events(info.id)
         engine = TrainingEngine(exp, cfg, store, interventions=from_events(events), origin=origin,
-                                name=f"replay of {info.name}")
+                                name=f"replay of {info.name}", distributed=getattr(args, "distributed", None))
         with _serving(engine, store, args):
             train_headless(engine, args.quiet)
         status = finish_run(engine, store, out, args.quiet)
@@ -910,6 +913,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return command(args, plot=_plot_overlay)
 
 
+def across_ranks(args: argparse.Namespace) -> int:
+    """``torchrun ... -m lrviz run|resume|replay``: join the job; rank 0 runs the command (it records and
+    serves the run), the other ranks follow it."""
+    from .distributed import Distributed, follow, terminable
+
+    dist = Distributed.from_env(getattr(args, "device", None))
+    try:
+        with terminable(dist):  # SIGTERM (torchrun stopping the job): the ranks stop together, the run is saved
+            if not dist.is_main:
+                return follow(dist)
+            args.distributed = dist
+            if getattr(args, "listen", None):  # the node to tunnel to: rank 0 serves the run
+                print(f"lrviz: rank 0 of {dist.world_size} runs on {socket.gethostname()}", file=sys.stderr,
+                      flush=True)
+            return HANDLERS[args.command](args)
+    except LrvizError as exc:  # the others hear it (a failure before training, too)
+        dist.report(exc)
+        raise
+    finally:
+        dist.mark_recorded()
+        dist.close()
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting its environment) started this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+#: The commands that train across the ranks of a torchrun job.
+DISTRIBUTED_COMMANDS = ("run", "resume", "replay")
+
 HANDLERS = {"run": cmd_run, "find-lr": cmd_find_lr, "sweep": cmd_sweep, "replay": cmd_replay, "resume": cmd_resume,
             "runs": cmd_runs, "export": cmd_export, "import": cmd_import, "steer": cmd_steer}
 
@@ -1011,6 +1045,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args = build_parser().parse_args(argv)
                 _logging(args.debug)
                 _absolute_paths(args)
+                if launched():
+                    if args.command in DISTRIBUTED_COMMANDS:
+                        return across_ranks(args)
+                    if args.command in ("find-lr", "sweep"):
+                        raise ConfigError(f"`lrviz {args.command}` trains in one process; under torchrun, use "
+                                          f"lrviz {', '.join(DISTRIBUTED_COMMANDS)}")
                 return HANDLERS[args.command](args)
             if argv and argv[0] in COMMANDS:
                 raise ConfigError(f"`lrviz {argv[0]}` is not available in this version")

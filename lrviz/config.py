@@ -138,6 +138,9 @@ class RunConfig:
     accumulate: int = 1
     #: Clip the gradient norm to this value before each update (torch's clip_grad_norm_); None: no clipping.
     clip_grad_norm: float | None = None
+    #: How a torchrun run was spread (world size, backend, every rank's device, the hosts): recorded
+    #: by the run, not a setting; None (and absent from ``to_dict``) for a run in one process.
+    distributed: dict[str, Any] | None = None
 
     def validated(self) -> RunConfig:
         """Check every field; raise ConfigError naming the setting and the problem."""
@@ -183,7 +186,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as stored with the run."""
-        return asdict(self)
+        d = asdict(self)
+        if d["distributed"] is None:
+            del d["distributed"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -38,6 +38,31 @@ def ack(kind: str, step: int, data: dict[str, Any] | None = None) -> dict[str, A
     return {"kind": str(kind), "step": int(step), "data": data or {}}
 
 
+def apply_commands(commands: list[tuple[str, dict[str, Any], Future | None]],
+                   apply: Callable[[str, dict[str, Any]], dict[str, Any] | None], step: Callable[[], int],
+                   on_reject: Callable[[str, LrvizError], None], skip: frozenset[str] = frozenset()) -> None:
+    """Apply queued ``(kind, data, future)`` commands in order, between two steps. A control (pause,
+    stop...) was acted on when it came: its ack names the step it came before. A setting is applied:
+    its ack names the step and what was applied, or the future gets the reason it was refused. Kinds
+    in ``skip`` are passed over."""
+    for kind, data, fut in commands:
+        if kind in CONTROL_FLAGS:
+            if fut is not None:
+                fut.set_result(ack(kind, step()))
+            continue
+        if kind in skip:
+            continue
+        try:
+            applied = apply(kind, data)
+        except LrvizError as exc:  # e.g. a plateau schedule without validation data
+            on_reject(kind, exc)
+            if fut is not None:
+                fut.set_exception(exc)
+            continue
+        if fut is not None:
+            fut.set_result(ack(kind, step(), applied))
+
+
 class RunControl:
     """Flags and a command queue between any thread and one training loop."""
 
@@ -111,24 +136,7 @@ class RunControl:
         """
         paused = False
         while True:
-            with self._cond:
-                self.attention = False
-                commands = list(self._commands)
-                self._commands.clear()
-            for kind, data, fut in commands:
-                if kind in CONTROL_FLAGS:  # already acted on; the ack names the step it came before
-                    if fut is not None:
-                        fut.set_result(ack(kind, step()))
-                    continue
-                try:
-                    applied = apply(kind, data)
-                except LrvizError as exc:  # e.g. a plateau schedule without validation data
-                    on_reject(kind, exc)
-                    if fut is not None:
-                        fut.set_exception(exc)
-                    continue
-                if fut is not None:
-                    fut.set_result(ack(kind, step(), applied))
+            apply_commands(self.take(), apply, step, on_reject)
             with self._cond:
                 if self.stop_requested:
                     raise Stopped
@@ -155,16 +163,22 @@ class RunControl:
             if not settings:
                 return
             self._commands = deque(c for c in self._commands if c[0] in CONTROL_FLAGS)
-        for kind, data, fut in settings:
-            try:
-                applied = apply(kind, data)
-            except LrvizError as exc:
-                on_reject(kind, exc)
-                if fut is not None:
-                    fut.set_exception(exc)
-                continue
-            if fut is not None:
-                fut.set_result(ack(kind, step, applied))
+        apply_commands(settings, apply, lambda: step, on_reject)
+
+    def take(self) -> list[tuple[str, dict[str, Any], Future | None]]:
+        """Every queued command, taken off the queue, and the attention flag lowered: for a loop that
+        applies them elsewhere (rank 0 of a distributed run sends them to every rank)."""
+        with self._cond:
+            self.attention = False
+            out = list(self._commands)
+            self._commands.clear()
+        return out
+
+    def wait_while_paused(self, timeout: float) -> None:
+        """Block while a pause is asked and nothing is queued, at most ``timeout`` seconds."""
+        with self._cond:
+            if self.pause_requested and not self.stop_requested and not self._commands:
+                self._cond.wait(timeout)
 
     def count_step(self) -> None:
         """One step done: a step-once budget that runs out pauses the loop before the next."""

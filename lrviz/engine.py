@@ -109,6 +109,7 @@ class TrainingEngine:
         checkpoint_dir: str | Path | None = None,
         keep_checkpoints: int = 5,
         layer_stats_every: int | None = None,
+        distributed: Any = None,
     ):
         self.experiment = experiment
         self.config = config.validated()
@@ -135,6 +136,11 @@ class TrainingEngine:
         self.detection: Any = None  # the guard's last Detection, until a roll-back or resume
         self.layer_stats_every = layer_stats_every
         self.layer_probe: Any = None
+        #: This rank's place in a torchrun job (a :class:`lrviz.distributed.Distributed`), or None.
+        self.dist = distributed
+        #: At the end of a distributed run: whether every rank's parameters are identical.
+        self.ranks_in_sync: bool | None = None
+        self._train_model: torch.nn.Module | None = None  # the model in DistributedDataParallel
         self._pending = sorted(interventions)
         self._thread: threading.Thread | None = None
         self._train_data: Any = None
@@ -319,6 +325,8 @@ class TrainingEngine:
             elif cmd == Command.CHECKPOINT and self._ckpts.folder is None and self.store is None:
                 raise ConfigError("this run keeps no checkpoints (it is not saved in a store)")
             elif cmd in (Command.RANGE_TEST, Command.CONFIRM_LR):
+                if self.dist is not None:
+                    raise ConfigError("the LR range test runs in one process (lrviz find-lr SCRIPT), not across ranks")
                 return self._submit_lab(cmd, data)
         except LrvizError as exc:
             fut.set_exception(exc)
@@ -392,7 +400,7 @@ class TrainingEngine:
             self._open_run()
             # the time column counts from the start of training (continuing a checkpoint's time)
             self.rec.t0 = time.perf_counter() - self._time_offset
-            if self.control.stop_requested:
+            if self.control.stop_requested and self.dist is None:  # across ranks: at the first agreed step
                 raise Stopped
             self._train()
             self.state = "finished"
@@ -438,6 +446,8 @@ class TrainingEngine:
         return self.state
 
     def _fail(self, err: LrvizError, exc: BaseException | None = None) -> None:
+        if self.dist is not None:  # another rank's message when it caused this; else ours, told to the others
+            err = self.dist.failed(err)
         self.state = "failed"
         self.error = err
         cause = exc or err.__cause__ or err
@@ -448,11 +458,17 @@ class TrainingEngine:
     def _prepare(self) -> None:
         cfg = self.config
         exp = self.experiment
-        self.device = resolve_device(cfg.device)
+        dist = self.dist
+        if dist is not None:
+            dist.begin(self)
+        self.device = resolve_device(cfg.device) if dist is None else dist.device
         check_amp(cfg.amp, self.device)
         seed_everything(cfg.seed)
         model = exp.make_model(cfg.params).to(self.device)
-        train, val = exp.make_data(cfg.batch_size, cfg.params)
+        if dist is None:
+            train, val = exp.make_data(cfg.batch_size, cfg.params)
+        else:
+            train, val = dist.make_data(exp, cfg.batch_size, cfg.params, seed=cfg.seed, epoch=lambda: self.epoch)
         self._train_data, self._val_data = train, val
         self._data_gens = data_generators(train)
         opt = exp.make_optimizer(model, cfg.lr)
@@ -492,6 +508,8 @@ class TrainingEngine:
         self._watch = StepWatch(self.buffer, self._event, clip=self._clip, count_skips=cfg.amp == "fp16")
         if self.origin is not None:
             self._load_origin()
+        if dist is not None:
+            dist.prepared(self)
 
     def _make_updater(self) -> None:
         """An UpdateStep when the run needs more than a plain step (mixed precision, accumulation, clipping)."""
@@ -528,7 +546,7 @@ class TrainingEngine:
         applied at the same steps.
         """
         o = self.origin
-        data = ckpt.load(o.checkpoint, map_location=self.device)
+        data = self._load_checkpoint(o.checkpoint)
         try:
             per_epoch = len(self._train_data)  # type: ignore[arg-type]
         except TypeError:
@@ -640,9 +658,16 @@ class TrainingEngine:
             info = self._ckpts.find(path)
         else:
             margin = getattr(getattr(self.guard, "config", None), "oscillation_window", 20)
-            info = self._ckpts.good(det, self.events, margin=margin, start_step=self._start_step)
-            path = info.path
-        saved = ckpt.load(path, map_location=self.device)
+
+            def pick() -> CheckpointInfo:
+                return self._ckpts.good(det, self.events, margin=margin, start_step=self._start_step)
+
+            if self.dist is None:
+                info = pick()
+                path = info.path
+            else:  # rank 0 keeps the checkpoints and chooses
+                info, path = self.dist.pick_checkpoint(pick)
+        saved = self._load_checkpoint(path)
         ckpt.check(saved, path, groups=self.rates.groups)
         self._flush_device()
         self._restore_training_state(saved, path)
@@ -658,6 +683,11 @@ class TrainingEngine:
         if data.get("auto"):
             out["auto"] = True
         return out
+
+    def _load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        if self.dist is None:
+            return ckpt.load(path, map_location=self.device)
+        return self.dist.load_checkpoint(path, self.device)  # rank 0's file, on every rank
 
     def _on_detection(self, det: Any) -> None:
         """The guard saw divergence or oscillation: stop, pause or roll back, as configured."""
@@ -743,7 +773,7 @@ class TrainingEngine:
         """Write the rows recorded since the last flush (a stop, an error): kept, not judged again."""
         if self._staging is not None:
             try:
-                self._staging.flush(self.rec.clock())
+                self._staging.publish(self.rec.clock())
             except Exception:  # a device that failed mid-run: what was written stays
                 log.exception("could not copy the last steps from the device")
 
@@ -751,6 +781,8 @@ class TrainingEngine:
         self._publish()
         if self._watch is not None:
             self._watch.scan()
+        if self.dist is not None:
+            self.dist.ended(self)
         self.control.close(str(self.state), self.step)
         self.rec.close(self.summary(), str(self.error) if self.error else None)
         self.done.set()
@@ -762,7 +794,19 @@ class TrainingEngine:
             out.update(self._watch.summary())
         if self.error is not None:
             out["error"] = str(self.error)
+        if self.ranks_in_sync is not None:
+            out["ranks_in_sync"] = self.ranks_in_sync
         return out
+
+    def abandon(self, err: LrvizError) -> None:
+        """End the run as failed from another thread, when its loop cannot end by itself (a collective
+        of a distributed run that waits on a rank that failed)."""
+        if self.done.is_set():
+            return
+        self.state = "failed"
+        self.error = err
+        self._event("error", {"message": str(err)})
+        self._finish()
 
     # ---- between steps --------------------------------------------------------------------------------
     def _event(self, kind: str, data: dict[str, Any], step: int | None = None) -> Event:
@@ -770,8 +814,9 @@ class TrainingEngine:
 
     def _attend(self) -> None:
         """Apply queued commands, wait while paused, raise Stopped on stop (see RunControl.attend)."""
-        self.control.attend(self._apply, lambda: self.step, on_pause=self._on_pause, on_resume=self._on_resume,
-                            on_reject=self._on_reject)
+        control = self.control if self.dist is None else self._staging  # across ranks: at agreed steps
+        control.attend(self._apply, lambda: self.step, on_pause=self._on_pause, on_resume=self._on_resume,
+                       on_reject=self._on_reject)
 
     def _on_pause(self) -> None:
         self._flush_device()
@@ -823,7 +868,8 @@ class TrainingEngine:
     def _train(self) -> None:
         cfg = self.config
         exp = self.experiment
-        model, opt = self.model, self.optimizer
+        model = self.model if self._train_model is None else self._train_model
+        opt = self.optimizer
         assert model is not None and opt is not None and self.buffer is not None
         device = self.device
         move = device is not None and device.type != "cpu"
@@ -834,7 +880,12 @@ class TrainingEngine:
         gnorm = self._gnorm = GradNorm(params)
         flat = None
         upd = self._updater  # None: a plain step (refreshed wherever a command may change it)
-        staging = self._staging = Staging(self.buffer, device, on_host)
+        if self.dist is None:
+            staging = self._staging = Staging(self.buffer, device, on_host)
+        else:
+            staging = self._staging = self.dist.staging(
+                self.buffer, device, self.control, check=self._check_flushed,
+                align=self.checkpoint_every if self._ckpts.folder is not None else None)
         control = self.control
         rates = self.rates
         max_steps = cfg.steps
@@ -1061,13 +1112,15 @@ class TrainingEngine:
         self._flush_device()
 
         def check_stop() -> None:
-            if self.control.stop_requested:
+            if self.control.stop_requested and self.dist is None:  # across ranks: at the next agreed step
                 raise Stopped
 
         upd = self._updater
         with upd.autocast() if upd is not None else contextlib.nullcontext():  # the training's precision
             vloss, acc = validate(self.experiment, self.model, self._val_data, self.device,
                                   after_step=self.step - 1, check_stop=check_stop)
+        if self.dist is not None:
+            vloss, acc = self.dist.agree_validation(vloss, acc)
         self.validation.append(ValPoint(self.step - 1, self.epoch, vloss, acc, self.rec.clock()))
         if math.isfinite(vloss) and self.rates.observe_validation(vloss, self.step):
             self._event("lr_reduced", {"lr": self.lrs[0], "val_loss": vloss})

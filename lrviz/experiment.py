@@ -190,12 +190,16 @@ class Experiment:
         return model
 
     def make_data(
-        self, batch_size: int | None = None, params: dict[str, Any] | None = None
+        self, batch_size: int | None = None, params: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
     ) -> tuple[Iterable[Any], Iterable[Any] | None]:
-        """Call ``build_data`` and return ``(train, val)``; ``val`` is None when not given."""
+        """Call ``build_data`` and return ``(train, val)``; ``val`` is None when not given.
+
+        ``extra``: more arguments for a ``build_data`` that takes them (a distributed run's ``rank``
+        and ``world_size``)."""
         kw = self._knobs(params)
         if batch_size is not None:
             kw["batch_size"] = batch_size
+        kw.update(extra or {})
         out = self._call("build_data", **kw)
         line = self._line_of("build_data")
         path = str(self.path)

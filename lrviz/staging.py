@@ -149,6 +149,11 @@ class Staging:
             return self.flush(now)
         return None
 
+    def publish(self, now: float) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The flush of an error path (here the same; a distributed run's staging waits on no other rank
+        in it: :class:`lrviz.distributed.StepExchange`)."""
+        return self.flush(now)
+
     def flush(self, now: float) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Publish every row recorded so far; staged rows come from the device in one transfer
         (returned for the caller to check; rows read on the host were checked as they came)."""

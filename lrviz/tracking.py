@@ -39,6 +39,7 @@ import torch
 
 from . import interventions as iv
 from .control import RunControl, Steering, Stopped, ack
+from .distributed import rank_of_process
 from .errors import ConfigError, LrvizError
 from .optim import apply_hyperparams
 from .rates import RateControl
@@ -114,9 +115,14 @@ class TrackedRun(Steering):
         self.on_stop = on_stop
         self.total_steps = steps
         self.settings = dict(config or {})
-        self.store = _open_store(store)
+        follower = rank_of_process() > 0  # under a process group, rank 0 records and serves
+        self.store = None if follower else _open_store(store)
         self._own_store = self.store is not None and not hasattr(store, "create_run")
-        self.listen = listen
+        self.listen = False if follower else listen
+        #: This rank's place in the process group the loop initialized (made by start()), or None.
+        self.dist: Any = None
+        #: At the end of a run under a process group: whether every rank's parameters are identical.
+        self.ranks_in_sync: bool | None = None
         self.rec = RunRecorder(self.store)
         self.control = RunControl()
         self.rates = RateControl(optimizer)
@@ -184,6 +190,8 @@ class TrackedRun(Steering):
             out["final_loss"] = float(finite[-1]) if finite.size else None
         if self.error:
             out["error"] = self.error
+        if self.ranks_in_sync is not None:
+            out["ranks_in_sync"] = self.ranks_in_sync
         return out
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -191,7 +199,10 @@ class TrackedRun(Steering):
         groups = len(self.optimizer.param_groups)
         self.rec.buffer = StepBuffer(groups=groups, capacity=4096, first_step=self.first_step)
         dev = self._params[0].device if self._params else torch.device("cpu")
-        self._staging = Staging(self.rec.buffer, dev, on_host=dev.type == "cpu")
+        if self._across_ranks():
+            self._join_ranks(dev)
+        else:
+            self._staging = Staging(self.rec.buffer, dev, on_host=dev.type == "cpu")
         self._rows = self._staging._rows
         self._fast = self._staging.on_host and not self._grad_norm
         self._hooks = [o.register_step_pre_hook(self._before_optimizer_step) for o in self.optimizers]
@@ -203,6 +214,42 @@ class TrackedRun(Steering):
         if self.listen is not False and (self.store is not None or isinstance(self.listen, str)):
             self._serve()
         return self
+
+    def _across_ranks(self) -> bool:
+        """Whether this run spans the ranks of a process group (every rank tracks; rank 0 records). A
+        loop that tracks on one rank only is recorded there alone, watch-only, after a warning."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or self.read_only:
+            return False
+        from .distributed import every_rank_tracks
+
+        if every_rank_tracks():
+            return True
+        self.read_only = ("only this rank of the process group called lrviz.track, and steering one rank alone "
+                          "would train different weights: call lrviz.track on every rank to steer")
+        print(f"lrviz: warning: {self.read_only} (recording this rank, watch-only)", file=sys.stderr)
+        return False
+
+    def _join_ranks(self, device: torch.device) -> None:
+        """Under a process group: rows and commands are exchanged among the ranks at agreed steps (see
+        :mod:`lrviz.distributed`); rank 0 records and serves, the other ranks follow it."""
+        from .distributed import Distributed, FollowerControl
+
+        self.dist = dist = Distributed.attach(device)
+        if not dist.is_main:
+            self.control = FollowerControl()
+        self._staging = dist.staging(self.rec.buffer, device, self.control, check=lambda *rows: self._check(rows))
+        if dist.is_main:
+            dist.watch(self._on_fault)
+
+    def _on_fault(self, fault: dict[str, Any]) -> None:
+        """Another rank failed (rank 0, in the watcher's thread): the run ends failed with its message;
+        that rank waits for this before it exits."""
+        from .distributed import remote_error
+
+        if not self._finished:
+            self.error = str(remote_error(fault))
+            self.finish(RunState.FAILED)
+        self.dist.mark_recorded()
 
     def __enter__(self) -> TrackedRun:
         return self
@@ -216,6 +263,10 @@ class TrackedRun(Steering):
         else:
             self.error = f"the training loop raised {type(exc).__name__}: {exc}"
             self.error_detail = "".join(traceback.format_exception(exc_type, exc, tb))
+            if self.dist is not None:  # another rank's message when it caused this; else ours, told to the others
+                err = LrvizError(self.error)
+                err.__cause__ = exc
+                self.error = str(self.dist.failed(err))
             self.finish(RunState.FAILED)
         return False
 
@@ -228,8 +279,14 @@ class TrackedRun(Steering):
         for hook in self._hooks:
             hook.remove()
         final = state or (RunState.STOPPED if self.should_stop else RunState.FINISHED)
+        dist = self.dist
         try:
-            self._flush()
+            if dist is not None and final == RunState.FAILED:
+                self._staging.publish(self.rec.clock())  # waits on no other rank
+            else:
+                self._flush()
+            if dist is not None and final != RunState.FAILED and not dist.closed:
+                self.ranks_in_sync = dist.in_sync(self._params)
             self.rec.state = final
             if final == RunState.STOPPED:
                 self.rec.event("stop", {}, self.step_index)
@@ -245,6 +302,17 @@ class TrackedRun(Steering):
                 self._endpoint.close()
             if self._own_store:
                 self.store.close()
+            if dist is not None:
+                self._leave_ranks(final)
+
+    def _leave_ranks(self, final: str) -> None:
+        dist = self.dist
+        if dist.is_main:
+            dist.mark_recorded()
+        elif final == RunState.FAILED:
+            dist.wait_recorded()  # rank 0 records this rank's message before torchrun stops the job
+        if threading.current_thread() is threading.main_thread() or final != RunState.FAILED:
+            dist.close()
 
     # ---- in the loop -----------------------------------------------------------------------------------
     def step(self, loss: Any) -> None:
@@ -319,8 +387,9 @@ class TrackedRun(Steering):
             self._broken(exc)
 
     def _attend(self) -> None:
-        self.control.attend(self._apply, lambda: self.step_index, on_pause=self._on_pause,
-                            on_resume=self._on_resume, on_reject=self._on_reject)
+        control = self.control if self.dist is None else self._staging  # across ranks: at agreed steps
+        control.attend(self._apply, lambda: self.step_index, on_pause=self._on_pause,
+                       on_resume=self._on_resume, on_reject=self._on_reject)
 
     def _stopped(self) -> None:
         self.should_stop = True
@@ -335,7 +404,8 @@ class TrackedRun(Steering):
             at = (self.step_index - 1) if step is None else int(step)
             if "val_loss" in scalars:
                 acc = scalars.get("val_accuracy")
-                self._flush()
+                if self.dist is None:  # under a process group, the rows come at the next agreed step
+                    self._flush()
                 self.rec.validation.append(ValPoint(at, self.epoch, float(scalars["val_loss"]),
                                                     None if acc is None else float(acc), self.rec.clock()))
                 if self.rates.observe_validation(float(scalars["val_loss"]), self.step_index):
@@ -383,6 +453,12 @@ class TrackedRun(Steering):
                 return fut
             if cmd in SETTING_COMMANDS:
                 data = iv.check(cmd.value, data)
+                if cmd == Command.SET_SCHEDULE and self.dist is not None and data["spec"] is not None:
+                    from .schedules import parse_schedule
+
+                    if parse_schedule(data["spec"]).stateful:
+                        raise ConfigError("ReduceLROnPlateau is not available in a tracked loop across ranks: "
+                                          "each rank would need the same validation loss at the same step")
                 if cmd == Command.SET_HYPERPARAMS:
                     g = self.optimizer.param_groups[0]
                     if "momentum" in data and "momentum" not in g and "betas" not in g:
@@ -403,7 +479,7 @@ class TrackedRun(Steering):
             self._used = [g["lr"] for g in self.optimizer.param_groups]
             return
         try:
-            if self.control.attention:  # a new rate/schedule/momentum takes effect in this very step
+            if self.control.attention and self.dist is None:  # a new rate/schedule/momentum: in this very step
                 self.control.apply_settings(self._apply, self.step_index, self._on_reject)
             if self.overridden:  # whatever the loop's own scheduler wrote since
                 self.rates.write(self.rates.at_step(self.step_index))
@@ -471,6 +547,12 @@ class TrackedRun(Steering):
         self._off = True
         self._fast = False
         self.error = f"lrviz stopped recording: {type(exc).__name__}: {exc}"
+        if self.dist is not None:  # the other ranks stop recording too (their exchange fails); training goes on
+            err = LrvizError(self.error)
+            err.__cause__ = exc
+            told = self.dist.failed(err)
+            if told is not err:
+                self.error = f"lrviz stopped recording: {told}"
         self.error_detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         print(f"lrviz: warning: {self.error} (your training continues; the run is marked failed)", file=sys.stderr)
         log.debug("%s", self.error_detail)
@@ -499,6 +581,8 @@ class TrackedRun(Steering):
                 out[key] = g[key]
         if self.total_steps:
             out["steps"] = self.total_steps
+        if self.dist is not None:
+            out["distributed"] = self.dist.describe()
         out.update(self.settings)
         return out
 

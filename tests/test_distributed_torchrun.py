@@ -1,0 +1,247 @@
+"""Real torchrun jobs: two ranks, gloo on the CPU. lrviz run steered by lrviz steer (the LR, a pause
+longer than lrviz's collective timeout, a roll-back, a stop), a plain DDP loop recorded with
+lrviz.track, a rank that raises or is killed, replay and fork of a distributed run.
+
+Each test waits on events (acks, the processes' exits), never on the clock; WAIT only ends a broken
+test. ``ranks_in_sync`` (every rank's parameters identical at the end) is what proves a command landed
+at the same step on both ranks: one applied a step late on one rank trains other weights there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from store_events import wait_until
+from test_live_processes import read_csv, wait_live
+
+from lrviz.cli import main
+from lrviz.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(SCRIPTS / "ddp_tiny.py")
+WAIT = 300
+#: lrviz's collective timeout in these jobs: a pause outlasts it (heartbeats keep the ranks waiting).
+TIMEOUT_S = 4
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LRVIZ_DIST_TIMEOUT": str(TIMEOUT_S)}
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError:  # gloo cannot resolve this host's name: use the loopback interface
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return {**env, **extra}
+
+
+def torchrun(*args: str, **env: str) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port of its own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor-interval=0.2", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
+
+
+def lrviz_job(*args: str, store: Path, **env: str) -> subprocess.Popen:
+    return torchrun("-m", "lrviz", *args, "--store", str(store), **env)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def steer(capsys: pytest.CaptureFixture, run_id: int, store: Path, *flags: str) -> list[int]:
+    """``lrviz steer RUN FLAGS``; the step each flag's ack names."""
+    assert main(["steer", str(run_id), *flags, "--store", str(store)]) == 0
+    said = capsys.readouterr().out
+    return [int(m) for m in re.findall(r"(?:before step|at step|from step|runs step) (\d+)", said)]
+
+
+def run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def announced(proc: subprocess.Popen) -> tuple[str, str, str]:
+    """What rank 0 of a job started with --listen says on stderr: its host, and HOST:PORT and token."""
+    host = None
+    for line in proc.stderr:
+        if line.startswith("lrviz: rank 0 of 2 runs on "):
+            host = line.split()[-1]
+        m = re.search(r"steer it:  lrviz steer (\S+) --token (\S+)", line)
+        if m:
+            return host, m.group(1), m.group(2)
+    raise AssertionError(f"the job ended without saying where it listens ({proc.wait()})")
+
+
+def wait_paused_at(store: Path, run_id: int, step: int) -> None:
+    def paused_there() -> bool:
+        with RunStore(store) as s:
+            info = s.get_run(run_id)
+        return info.status == "paused" and info.steps == step
+
+    wait_until(f"a pause at step {step}", paused_there)
+
+
+def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "out"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--checkpoint-every", "100",
+                     "--listen", "127.0.0.1:0", "--out", str(out), "--quiet", store=store)
+    try:
+        host, address, token = announced(proc)  # rank 0 alone listens, and says where
+        assert host == socket.gethostname()
+        run_id = wait_live(store, proc)
+        assert main(["steer", address, "--token", token, "--lr", "0.0125"]) == 0  # as through an SSH tunnel
+        [s1] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
+        [paused] = steer(capsys, run_id, store, "--pause")
+        time.sleep(2 * TIMEOUT_S)  # paused for longer than lrviz's collective timeout: nothing may time out
+        wait_paused_at(store, run_id, paused)  # no rank went on
+        [once] = steer(capsys, run_id, store, "--step-once")
+        wait_paused_at(store, run_id, paused + 1)  # one step on every rank, then all wait again
+        s2, resumed = steer(capsys, run_id, store, "--lr", "0.02", "--resume")
+        [saved] = steer(capsys, run_id, store, "--checkpoint")
+        [rolled] = steer(capsys, run_id, store, "--rollback")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    assert s1 < paused == once and paused + 1 == s2 == resumed <= saved <= rolled < stopped
+    lrs = [float(r["lr"]) for r in read_csv(out / "metrics.csv")]
+    assert len(lrs) == stopped
+    assert set(lrs[:s1]) == {0.05} and set(lrs[s1:paused + 1]) == {0.0125} and set(lrs[s2:rolled]) == {0.02}
+    assert set(lrs[rolled:]) == {0.02 * 0.1}  # the checkpoint asked for restored, at a tenth of its rate
+    doc = run_json(out)
+    assert doc["summary"]["ranks_in_sync"] is True
+    assert doc["config"]["distributed"]["world_size"] == 2 and doc["config"]["distributed"]["backend"] == "gloo"
+    events = doc["events"]
+    kinds = [(e["kind"], e["step"]) for e in events if e["kind"] != "checkpoint"]
+    assert kinds == [("set_lr", s1), ("pause", paused), ("resume", paused), ("pause", paused + 1), ("set_lr", s2),
+                     ("resume", s2), ("rollback", rolled), ("stop", stopped)]
+    [manual] = [e for e in events if e["kind"] == "checkpoint" and e["data"]["reason"] == "manual"]
+    assert manual["step"] == saved and Path(manual["data"]["path"]).exists()  # written by rank 0
+
+
+def test_the_loss_is_the_mean_over_ranks_and_ranks_in_sync_is_false_when_one_rank_trains_other_weights(tmp_path):
+    store, out, losses = tmp_path / "store", tmp_path / "out", tmp_path / "losses"
+    losses.mkdir()
+    proc = lrviz_job("run", TINY, "--steps", "60", "--device", "cpu", "--out", str(out), "--quiet", store=store,
+                     PERTURB_RANK="1", PERTURB_STEP="20", LOSSES_DIR=str(losses))
+    status, err = finish(proc)
+    assert status == 0, err
+    doc = run_json(out)
+    assert doc["summary"]["ranks_in_sync"] is False
+    assert [e["data"]["kind"] for e in doc["events"] if e["kind"] == "warning"] == ["ranks_out_of_sync"]
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    recorded = [float(r["loss"]) for r in read_csv(out / "metrics.csv")]
+    assert len(recorded) == len(mine[0]) == len(mine[1]) == 60
+    assert recorded == [(a + b) / 2 for a, b in zip(*mine)]  # exactly: the mean over ranks
+
+
+def test_a_tracked_ddp_loop_records_the_mean_loss_over_ranks_and_follows_steering(tmp_path, capsys):
+    store, losses = tmp_path / "store", tmp_path / "losses"
+    losses.mkdir()
+    proc = torchrun(str(SCRIPTS / "ddp_track.py"), str(store), "100000000", str(losses))
+    try:
+        run_id = wait_live(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", "0.01")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' loops stopped at the same step
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        steps = s.load_steps(run_id)
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2
+    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
+    lrs = steps["lr"][:, 0].tolist()
+    assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_one_rank_failing_ends_the_run_on_both_with_its_message(tmp_path, how):
+    store = tmp_path / "store"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--quiet", store=store,
+                     FAIL_RANK="1", FAIL_STEP="30", FAIL_HOW=how)
+    status, err = finish(proc)  # returns: no rank is left hanging
+    assert status != 0
+    with RunStore(store) as s:
+        [info] = s.list_runs()
+    assert info.status == "failed"
+    if how == "raise":
+        assert "rank 1: training step 30 (epoch 2) raised ValueError: rank 1 cannot go on at step 30" in info.error
+        assert "lrviz: rank 1: error:" in err  # the failing rank says it too
+    else:
+        assert re.search(r"rank 1 \(pid \d+ on .+\) of this torchrun job ended without a message", info.error)
+
+
+def test_a_tracked_loop_that_raises_on_one_rank_is_recorded_failed_with_that_ranks_message(tmp_path):
+    store = tmp_path / "store"
+    proc = torchrun(str(SCRIPTS / "ddp_track.py"), str(store), "100000000", FAIL_RANK="1", FAIL_STEP="30")
+    status, err = finish(proc)
+    assert status != 0
+    with RunStore(store) as s:
+        [info] = s.list_runs()
+    assert info.status == "failed"
+    assert "rank 1: the training loop raised RuntimeError: rank 1's loop cannot go on at step 30" in info.error
+
+
+def test_a_distributed_run_replays_identically_a_fork_continues_as_its_parent_and_a_resume_as_itself(tmp_path):
+    store = tmp_path / "store"
+    first = lrviz_job("run", TINY, "--steps", "90", "--device", "cpu", "--checkpoint-every", "40", "--quiet",
+                      store=store)
+    status, err = finish(first)
+    assert status == 0, err
+    replay = lrviz_job("replay", "1", "--quiet", store=store)
+    status, err = finish(replay)
+    assert status == 0, err
+    assert "replay 2 of run 1: loss trace identical (90 steps)" in err
+    fork = lrviz_job("run", TINY, "--fork", "1@40", "--steps", "90", "--device", "cpu", "--quiet", store=store)
+    status, err = finish(fork)
+    assert status == 0, err
+    with RunStore(store) as s:
+        parent, child = s.load_steps(1), s.load_steps(3)
+        info = s.get_run(3)
+    assert info.parent_id == 1 and info.summary["ranks_in_sync"] is True
+    # every rank loaded rank 0's checkpoint (weights, momentum, data position): the same steps follow
+    assert child["loss"].tolist() == parent["loss"][40:].tolist()
+    resume = lrviz_job("resume", "1", "--steps", "120", "--quiet", store=store)  # from its checkpoint at step 80
+    status, err = finish(resume)
+    assert status == 0, err
+    with RunStore(store) as s:
+        again, info = s.load_steps(1), s.get_run(1)
+    assert info.status == "finished" and info.steps == 120 and info.summary["ranks_in_sync"] is True
+    assert again["loss"][:90].tolist() == parent["loss"].tolist()  # steps 80..89 run again, exactly
+
+
+def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(tmp_path):
+    """SIGTERM to torchrun (a batch system's time limit, scancel): torchrun passes it to every rank."""
+    store = tmp_path / "store"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--quiet", store=store)
+    try:
+        run_id = wait_live(store, proc)
+        proc.send_signal(signal.SIGTERM)
+        finish(proc)
+    finally:
+        proc.kill()
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
