@@ -91,7 +91,7 @@ def check_engine(exp, dist, steps: int, warm: int) -> tuple[int, SyncCounter]:
     """The lrviz engine (rank 0 records into a store, as ``lrviz run`` does)."""
     from lrviz.config import RunConfig
     from lrviz.engine import TrainingEngine
-    from lrviz.store import RunStore
+    from lrviz.store.runs import RunStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp) / "runs.sqlite") if dist.is_main else None

@@ -150,7 +150,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from lrviz.distributed import Distributed
     from lrviz.experiment import load_experiment
-    from lrviz.store import RunStore
+    from lrviz.store.runs import RunStore
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo")

@@ -24,7 +24,7 @@ import torch
 from lrviz.config import RunConfig
 from lrviz.engine import TrainingEngine, seed_everything
 from lrviz.experiment import load_experiment
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 HERE = Path(__file__).parent
 

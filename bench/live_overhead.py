@@ -25,7 +25,7 @@ from lrviz.config import RunConfig
 from lrviz.engine import TrainingEngine
 from lrviz.experiment import load_experiment
 from lrviz.live.serve import serving
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 HERE = Path(__file__).parent
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import lrviz
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 
 def make(seed: int = 0):

@@ -51,7 +51,7 @@ from PySide6.QtCore import QElapsedTimer, QEventLoop, Qt, QTimer  # noqa: E402
 from lrviz.config import RunConfig  # noqa: E402
 from lrviz.live.child import WorkerPool  # noqa: E402
 from lrviz.records import Event, StepBuffer, ValPoint  # noqa: E402
-from lrviz.store import RunStore  # noqa: E402
+from lrviz.store.runs import RunStore  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

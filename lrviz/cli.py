@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="write lr_find.csv, lr_find.json and lr_find.png here")
     _common(p)
 
-    from . import sweep
+    from .lab import sweep
 
     p = sub.add_parser("sweep", help="train at several learning rates, one after another; compare them")
     sweep.add_arguments(p)
@@ -344,7 +344,7 @@ class Progress:
 
 
 def open_store(path: str | None) -> Any:
-    from .store import RunStore
+    from .store.runs import RunStore
 
     return RunStore(path)
 
@@ -837,7 +837,7 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
 
     from .experiment import load_experiment
     from .export import atomic_write
-    from .rangetest import find_lr, write_csv
+    from .lab.rangetest import find_lr, write_csv
 
     exp = load_experiment(args.script)
     for name in ("lr", "schedule", "steps", "epochs", "eval_every", "nesterov", "checkpoint_every",
@@ -908,7 +908,7 @@ def _plot_overlay(rows: list[Any], out: Path, store_path: str | None, script: st
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import command
+    from .lab.sweep import command
 
     return command(args, plot=_plot_overlay)
 
@@ -988,7 +988,7 @@ def _unknown_command(word: str) -> UsageError | None:
 def _absolute_paths(args: argparse.Namespace) -> None:
     """Resolve ``--store`` (or its default), ``--out`` and a script path once, against the folder the
     command was started in."""
-    from .store import RunStore
+    from .store.runs import RunStore
 
     if hasattr(args, "store"):
         args.store = str(RunStore.resolve_path(args.store))

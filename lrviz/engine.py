@@ -266,7 +266,7 @@ class TrainingEngine:
     def range_test(self, **kwargs: Any) -> Future:
         """Run the LR range test on the current weights between two steps (best while paused).
 
-        Keyword arguments go to :func:`lrviz.rangetest.range_test` (start, end, steps, beta,
+        Keyword arguments go to :func:`lrviz.lab.rangetest.range_test` (start, end, steps, beta,
         stop_factor); its steps are made as the run's (mixed precision, accumulation, the clipping in
         force) unless they say otherwise. Model, optimizer and RNG are restored exactly afterwards.
         Returns a Future holding the RangeTestResult; ``range_test_progress`` fills with (lr, loss)
@@ -277,7 +277,7 @@ class TrainingEngine:
     def confirm_lr(self, **kwargs: Any) -> Future:
         """Confirm candidate rates on the current weights between two steps, like :meth:`range_test`.
 
-        Keyword arguments go to :func:`lrviz.rangetest.confirm_rates` (rates, steps, stop_factor,
+        Keyword arguments go to :func:`lrviz.lab.rangetest.confirm_rates` (rates, steps, stop_factor,
         on_step); its steps are made as the run's, as the range test's are. Model, optimizer and RNG
         are restored exactly afterwards. Returns a Future holding the Confirmation;
         :meth:`cancel_range_test` ends it early.
@@ -498,11 +498,11 @@ class TrainingEngine:
             # fp16: a step the scaler skipped (inf/NaN gradients) is the scaler's business, not a divergence
             self._guard_feed = ScalerAwareGuard(self.guard) if cfg.amp == "fp16" else self.guard
         if self.layer_stats_every:
-            from .diagnostics import LayerProbe
+            from .lab.diagnostics import LayerProbe
 
             self.layer_probe = LayerProbe(model, every=self.layer_stats_every)
         if cfg.early_stopping:
-            from .diagnostics import EarlyStopping
+            from .lab.diagnostics import EarlyStopping
 
             self._early = EarlyStopping(cfg.early_stopping)
         self._watch = StepWatch(self.buffer, self._event, clip=self._clip, count_skips=cfg.amp == "fp16")
@@ -730,7 +730,7 @@ class TrainingEngine:
         self.rec.record_probe(step, numbers)
 
     def _run_range_test(self, data: dict[str, Any], kind: str = "range_test") -> None:
-        from .rangetest import confirm_rates, range_test
+        from .lab.rangetest import confirm_rates, range_test
 
         fut: Future = data["future"]
         if not fut.set_running_or_notify_cancel():

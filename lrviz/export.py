@@ -50,7 +50,7 @@ import numpy as np
 
 from lrviz.errors import ConfigError
 from lrviz.records import Event, ValPoint
-from lrviz.store_codec import jsonable
+from lrviz.store.codec import jsonable
 
 __all__ = [
     "DEFAULT_SMOOTHING",

@@ -1,5 +1,5 @@
 """What a run records, for any training loop: step columns, events, validation points, lab data,
-and the run's row in the store (written in batches by a :class:`~lrviz.writer.StoreWriter`).
+and the run's row in the store (written in batches by a :class:`~lrviz.store.writer.StoreWriter`).
 
 The built-in engine and ``lrviz.track`` each own one recorder; the live endpoint and the app read
 it. Every list here is append-only and only its loop appends (readers in other threads take a
@@ -64,11 +64,11 @@ class RunRecorder:
         """Create the run's store row (or take over ``run_id``), mark it running, start saving.
 
         ``row``: ``script_path``, ``script_hash``, ``config``, ``device``, ``name``, ``parent_id``,
-        ``fork_step``, ``kind`` as :meth:`lrviz.store.RunStore.create_run` takes them. No store: nothing.
+        ``fork_step``, ``kind`` as :meth:`lrviz.store.runs.RunStore.create_run` takes them. No store: nothing.
         """
         if self.store is None:
             return None
-        from .writer import StoreWriter
+        from .store.writer import StoreWriter
 
         self.run_id = run_id if run_id is not None else self.store.create_run(**row)
         self.store.set_status(self.run_id, "running")
@@ -109,7 +109,7 @@ class RunRecorder:
             if self.validation[-1].accuracy is not None:
                 out["final_val_accuracy"] = self.validation[-1].accuracy
         if buf is not None and len(buf):
-            from .diagnostics import run_generalization
+            from .lab.diagnostics import run_generalization
 
             v = buf.view()
             out["generalization"] = run_generalization(v["step"], v["loss"], list(self.validation), has_validation)

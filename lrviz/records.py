@@ -50,12 +50,12 @@ class _Sealed:
     __slots__ = ("header", "data")
 
     def __init__(self, cols: _Columns):
-        from .store_codec import pack
+        from .store.codec import pack
 
         self.header, self.data = pack(CHUNK_ROWS, cols.as_dict())
 
     def decode(self) -> dict[str, np.ndarray]:
-        from .store_codec import unpack
+        from .store.codec import unpack
 
         return unpack(self.header, self.data, "a sealed chunk of the step buffer")
 

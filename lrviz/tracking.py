@@ -73,7 +73,7 @@ def track(optimizer: Any, *, model: Any = None, name: str | None = None, store: 
     ``optimizer``: a ``torch.optim.Optimizer``, or a list of them stepped by the same loop (a GAN's
     two): their param groups are recorded in order, one LR series each.
 
-    ``store``: a :class:`lrviz.store.RunStore`, a path, or None for no store (default: the default
+    ``store``: a :class:`lrviz.store.runs.RunStore`, a path, or None for no store (default: the default
     store, as ``lrviz run`` uses). ``listen``: ``HOST:PORT`` to serve over TCP as well, False for no
     endpoint (default: a local socket when there is a store). ``config``: settings to keep with the
     run. ``steps``: the planned number of steps (for progress). ``grad_norm``: also record the
@@ -607,7 +607,7 @@ class Optimizers:
 def _open_store(store: Any) -> Any:
     if store is None:
         return None
-    from .store import RunStore
+    from .store.runs import RunStore
 
     if store is _DEFAULT:
         return RunStore(None)

@@ -35,7 +35,7 @@ import pytest
 from store_events import stored_steps, wait_for_running_steps, wait_until
 
 from lrviz.cli import main
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 OK = CORPUS / "ok.py"
@@ -604,8 +604,8 @@ def test_a_busy_store_is_a_line_not_a_traceback(store, tmp_path):
     path, _ = store
     code = textwrap.dedent(f"""
         import sys
-        import lrviz.store
-        lrviz.store.BUSY_TIMEOUT_S = 0.3  # the real 15 s, shortened
+        import lrviz.store.runs
+        lrviz.store.runs.BUSY_TIMEOUT_S = 0.3  # the real 15 s, shortened
         from lrviz.cli import main
         sys.exit(main(["run", {str(OK)!r}, "--steps", "10000000", "--quiet", "--store", {str(path)!r}]))
     """)

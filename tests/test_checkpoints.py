@@ -14,7 +14,7 @@ from lrviz.config import RunConfig
 from lrviz.engine import Origin, TrainingEngine
 from lrviz.experiment import load_experiment
 from lrviz.interventions import Intervention
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

@@ -18,7 +18,7 @@ import pytest
 from store_events import wait_for_commits, wait_for_running_steps, wait_until
 
 from lrviz.cli import main
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def lrviz_process(*argv: str, cwd: Path = ROOT, env: dict[str, str] | None = Non
 def test_killed_run_leaves_an_intact_store_marked_interrupted(tmp_path):
     """SIGKILL mid-run: the store opens, passes integrity_check, and keeps every step the writer had
     committed; the writer commits at least every flush interval's worth of the run's own steps."""
-    from lrviz.writer import FLUSH_INTERVAL
+    from lrviz.store.writer import FLUSH_INTERVAL
 
     store = tmp_path / "store"
     db = store / "runs.sqlite"

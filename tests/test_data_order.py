@@ -20,7 +20,7 @@ from lrviz.cli import main
 from lrviz.config import RunConfig
 from lrviz.engine import Origin, TrainingEngine
 from lrviz.experiment import load_experiment
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SEEDED = SCRIPTS / "seeded_loader.py"

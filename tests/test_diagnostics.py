@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from lrviz.cli import main
-from lrviz.diagnostics import (
+from lrviz.errors import ConfigError
+from lrviz.lab.diagnostics import (
     UPDATE_RATIO_REFERENCE,
     EarlyStopping,
     GapReport,
     LayerProbe,
     generalization,
 )
-from lrviz.errors import ConfigError
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

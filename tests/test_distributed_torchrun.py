@@ -24,7 +24,7 @@ from store_events import wait_until
 from test_live_processes import read_csv, wait_live
 
 from lrviz.cli import main
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 pytestmark = pytest.mark.slow
 

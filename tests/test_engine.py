@@ -271,7 +271,7 @@ def test_device_staging_keeps_the_rows_staged_when_the_buffer_grows(tiny, monkey
     """An epochs-based run starts with room for 4096 rows; staged in blocks of 100 (never flushed by
     time), rows 4000-4095 are still on the 'device' when row 4096 makes the buffer grow."""
     import lrviz.staging as staging_module
-    from lrviz.store import RunStore
+    from lrviz.store.runs import RunStore
 
     monkeypatch.setattr(staging_module, "STAGE_STEPS", 100)
     monkeypatch.setattr(staging_module, "FLUSH_SECONDS", float("inf"))

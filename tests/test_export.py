@@ -19,7 +19,7 @@ from lrviz import export
 from lrviz.errors import ConfigError, StoreError
 from lrviz.export import atomic_write, export_run, parse_formats, write_metrics_csv, write_run_json
 from lrviz.records import Event, StepBuffer, ValPoint
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]

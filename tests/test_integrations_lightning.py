@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lrviz.errors import ConfigError  # noqa: E402
 from lrviz.integrations.lightning import LrvizCallback  # noqa: E402
 from lrviz.live.run import RemoteRun  # noqa: E402
-from lrviz.store import RunStore  # noqa: E402
+from lrviz.store.runs import RunStore  # noqa: E402
 
 WAIT = 60
 

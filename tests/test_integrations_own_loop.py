@@ -12,7 +12,7 @@ import pytest
 from lrviz.cli import main
 from lrviz.errors import ScriptError
 from lrviz.experiment import example_paths, examples_dir, is_plain_script, resolve_script
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 WAIT = 120
 

@@ -14,7 +14,7 @@ from torch import nn
 import lrviz
 from lrviz.errors import ConfigError
 from lrviz.staging import Staging
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 WAIT = 60
 

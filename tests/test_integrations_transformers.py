@@ -18,7 +18,7 @@ pytest.importorskip("accelerate", reason="the Trainer needs accelerate: pip inst
 from lrviz.cli import main  # noqa: E402
 from lrviz.errors import ConfigError  # noqa: E402
 from lrviz.integrations.transformers import LrvizCallback  # noqa: E402
-from lrviz.store import RunStore  # noqa: E402
+from lrviz.store.runs import RunStore  # noqa: E402
 
 WAIT = 60
 

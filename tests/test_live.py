@@ -35,7 +35,7 @@ from lrviz.live.run import CommandRejected, LocalRun, RemoteRun
 from lrviz.live.serve import serving
 from lrviz.live.source import EngineSource
 from lrviz.states import Command, RunState
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
 WAIT = 60  # seconds: only a ceiling for a broken test, never a measure
@@ -346,7 +346,7 @@ def test_endpoint_adds_no_thread_that_outlives_the_run(store):
 
 
 def test_a_confirmation_over_the_channel_names_the_winner_and_restores_the_weights(served):
-    from lrviz.rangecurve import Confirmation, RangeTestResult
+    from lrviz.lab.rangecurve import Confirmation, RangeTestResult
 
     eng, ep = served
     run = attach(ep)
@@ -368,7 +368,7 @@ def test_a_confirmation_over_the_channel_names_the_winner_and_restores_the_weigh
 
 
 def test_a_range_test_result_travels_as_plain_values_and_back(served):
-    from lrviz.rangecurve import RangeTestResult
+    from lrviz.lab.rangecurve import RangeTestResult
 
     eng, ep = served
     run = attach(ep)

@@ -20,7 +20,7 @@ from lrviz.live.child import ChildRun, WorkerProcess
 from lrviz.live.connection import find_live, live_runs
 from lrviz.live.steer import connect_to
 from lrviz.states import RunState
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from torch import nn
 from lrviz.config import RunConfig
 from lrviz.errors import ConfigError, ScriptError
 from lrviz.experiment import load_experiment
-from lrviz.rangetest import (
+from lrviz.lab.rangetest import (
     METHODS,
     MIN_POINTS,
     TRIM_END,
@@ -910,7 +910,7 @@ BUDGET = 300  # steps each rate trains for, grid and confirmed alike
 def _final_smoothed_losses(exp, cfg, rates) -> dict[float, float]:
     """Train a fresh model at each rate for BUDGET steps (lrviz's own engine, the script's seed);
     the final smoothed training loss of each (inf when it diverged)."""
-    from lrviz.sweep import run_sweep
+    from lrviz.lab.sweep import run_sweep
 
     engines = {}
     run_sweep(exp, cfg.merged({"steps": BUDGET, "epochs": None, "eval_every": None}), rates,

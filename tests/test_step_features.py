@@ -20,10 +20,10 @@ from lrviz.engine import Origin, TrainingEngine
 from lrviz.errors import ConfigError, ScriptError
 from lrviz.experiment import load_experiment
 from lrviz.interventions import Intervention, parse_at
+from lrviz.lab.rangetest import find_lr, range_test
+from lrviz.lab.sweep import run_sweep
 from lrviz.live.serve import serving
-from lrviz.rangetest import find_lr, range_test
-from lrviz.store import RunStore
-from lrviz.sweep import run_sweep
+from lrviz.store.runs import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
 #: torch warns when a by-hand loop's scheduler steps after a step its gradient scaler skipped.
@@ -534,7 +534,7 @@ def test_range_test_with_accumulation_takes_n_batches_a_step_and_records_their_m
 
 
 def test_a_confirmation_step_takes_n_batches_too(tiny):
-    from lrviz.rangetest import confirm_rates, held_out
+    from lrviz.lab.rangetest import confirm_rates, held_out
 
     torch.manual_seed(0)
     batches = [(torch.randn(16, 4), torch.randn(16, 1)) for _ in range(40)]

@@ -1,4 +1,4 @@
-"""Tests of the run store (lrviz.store): chunked step series, runs, events, files and concurrency."""
+"""Tests of the run store (lrviz.store.runs): chunked step series, runs, events, files and concurrency."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from hypothesis.extra import numpy as hnp
 from store_events import wait_until
 
 from lrviz.errors import StoreError
-from lrviz.store import (
+from lrviz.store.codec import decode_column, encode_column
+from lrviz.store.runs import (
     RUN_STATUSES,
     Event,
     RunInfo,
     RunStore,
     ValPoint,
 )
-from lrviz.store_codec import decode_column, encode_column
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -479,7 +479,7 @@ def test_closed_store_raises(tmp_path: Path):
 def test_running_run_of_a_dead_process_is_interrupted_on_reopen(tmp_path: Path):
     code = """
         import os, sys
-        from lrviz.store import RunStore
+        from lrviz.store.runs import RunStore
         s = RunStore(sys.argv[1])
         run = s.create_run(script_path="t.py", script_hash="h", config={}, device="cpu")
         s.set_status(run, "running")
@@ -576,7 +576,7 @@ def test_second_connection_and_subprocess_read_while_writing(tmp_path: Path):
     reader = RunStore(tmp_path)
     code = """
         import sys
-        from lrviz.store import RunStore
+        from lrviz.store.runs import RunStore
         with RunStore(sys.argv[1]) as s:
             info = s.get_run(int(sys.argv[2]))
             steps = s.load_steps(info.id)
@@ -599,7 +599,7 @@ def test_second_connection_and_subprocess_read_while_writing(tmp_path: Path):
     code = """
         import sys
         import numpy as np
-        from lrviz.store import RunStore
+        from lrviz.store.runs import RunStore
         with RunStore(sys.argv[1]) as s:
             run = s.create_run(script_path="other.py", script_hash="h", config={}, device="cpu")
             for i in range(0, 20000, 500):

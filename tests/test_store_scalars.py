@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lrviz.errors import StoreError
-from lrviz.store import SCALAR_CHUNK, Event, RunStore, ValPoint
+from lrviz.store.runs import SCALAR_CHUNK, Event, RunStore, ValPoint
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import pytest
 import store_fixture_v1 as v1
 from test_broken_inputs import _read_only_runner
 
-import lrviz.store
+import lrviz.store.runs
 from lrviz.errors import ConfigError, StoreError
-from lrviz.store import MIGRATIONS, SCHEMA_VERSION, Migration, RunStore
-from lrviz.store_codec import jsonable
+from lrviz.store.codec import jsonable
+from lrviz.store.runs import MIGRATIONS, SCHEMA_VERSION, Migration, RunStore
 
 
 def fixture_copy(folder: Path) -> Path:
@@ -158,8 +158,8 @@ def test_each_migration_step_is_one_transaction(tmp_path: Path, monkeypatch: pyt
         run = store.create_run(script_path="t.py", script_hash="h", config={"lr": 0.1}, device="cpu")
     db = tmp_path / "runs.sqlite"
     broken = Migration(SCHEMA_VERSION + 1, "broken", "CREATE TABLE half (x); INSERT INTO nothing VALUES (1);")
-    monkeypatch.setattr(lrviz.store, "MIGRATIONS", (*MIGRATIONS, broken))
-    monkeypatch.setattr(lrviz.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(lrviz.store.runs, "MIGRATIONS", (*MIGRATIONS, broken))
+    monkeypatch.setattr(lrviz.store.runs, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     before = schema_of(db)
     with pytest.raises(StoreError, match="nothing"):
         RunStore(tmp_path)
@@ -168,7 +168,7 @@ def test_each_migration_step_is_one_transaction(tmp_path: Path, monkeypatch: pyt
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
     colour = Migration(SCHEMA_VERSION + 1, "a colour per run", "ALTER TABLE runs ADD COLUMN colour TEXT;")
-    monkeypatch.setattr(lrviz.store, "MIGRATIONS", (*MIGRATIONS, colour))
+    monkeypatch.setattr(lrviz.store.runs, "MIGRATIONS", (*MIGRATIONS, colour))
     with RunStore(tmp_path) as store:
         assert store.schema_version() == SCHEMA_VERSION + 1
         assert store.get_run(run).config == {"lr": 0.1}

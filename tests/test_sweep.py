@@ -15,7 +15,7 @@ import torch
 from lrviz.config import RunConfig
 from lrviz.errors import ConfigError, ScriptError
 from lrviz.experiment import load_experiment
-from lrviz.sweep import (
+from lrviz.lab.sweep import (
     SweepRow,
     add_arguments,
     command,
@@ -164,7 +164,7 @@ def test_stop_from_on_run_and_should_stop(linear):
 
 
 def test_sweep_runs_are_stored_with_names(linear, tmp_path):
-    from lrviz.store import RunStore
+    from lrviz.store.runs import RunStore
 
     store = RunStore(tmp_path / "runs.sqlite")
     try:

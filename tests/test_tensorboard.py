@@ -23,7 +23,7 @@ from test_broken_inputs import assert_one_clean_message, run_main
 from lrviz.decimate import ema_debiased
 from lrviz.export import DEFAULT_SMOOTHING
 from lrviz.records import Event, ValPoint
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'lrviz[tensorboard]')")
 
@@ -355,7 +355,7 @@ def test_tensorboard_export_and_import_import_neither_torch_nor_qt(store: RunSto
     run = rich_run(store)
     code = f"""
 import sys
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 from lrviz.export import export_run
 from lrviz.tensorboard import import_logs
 with RunStore({str(store.path)!r}) as s:

@@ -16,7 +16,7 @@ from lrviz.cli import main
 from lrviz.errors import ConfigError
 from lrviz.live.connection import find_live
 from lrviz.live.run import RemoteRun
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 WAIT = 60
 

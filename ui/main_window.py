@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from lrviz.live.child import ChildRun, WorkerPool
     from lrviz.live.run import Run
     from lrviz.scriptinfo import ScriptInfo
-    from lrviz.store import RunStore
+    from lrviz.store.runs import RunStore
 
 __all__ = ["APP", "ORG", "MainWindow"]
 
@@ -132,7 +132,7 @@ class MainWindow(QMainWindow):
         self._timer.timeout.connect(self._on_tick)
         self.lab: Any = None
         try:
-            from .lab import Lab
+            from .lab.panels import Lab
 
             self.lab = Lab(self)
             self.lab.install()
@@ -271,7 +271,7 @@ class MainWindow(QMainWindow):
 
     # ---- building ----------------------------------------------------------------------------------
     def _open_store(self, store_path: str | os.PathLike[str] | None) -> None:
-        from lrviz.store import RunStore
+        from lrviz.store.runs import RunStore
 
         try:
             self.store = RunStore(store_path)

@@ -670,7 +670,7 @@ class _RangeTestFigure:
     """The range test's curve, suggestion band and suggestion lines, ready to be painted."""
 
     def __init__(self, result: Any, *, title: str | None, size: tuple[int, int]):
-        from lrviz.rangetest import loss_axis_range
+        from lrviz.lab.rangetest import loss_axis_range
 
         self.width, self.height = int(size[0]), int(size[1])
         base = max(9.0, min(self.width, self.height * 1.5) / 75.0)
@@ -837,7 +837,7 @@ def render_range_test(
     title: str | None = None,
     size: tuple[int, int] = (1200, 800),
 ) -> Path:
-    """Draw an LR range test (:class:`lrviz.rangetest.RangeTestResult`) and write it to ``path`` atomically.
+    """Draw an LR range test (:class:`lrviz.lab.rangetest.RangeTestResult`) and write it to ``path`` atomically.
 
     Loss per batch and smoothed loss against the learning rate on a log axis; the band between the
     suggestions shaded; each method's suggestion a labelled vertical line, the chosen one solid and

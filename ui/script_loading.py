@@ -45,7 +45,7 @@ def dropped_script(event: Any) -> str | None:
 def notes_of(info: ScriptInfo) -> str:
     """The Script panel's text: the script's docstring ("what to try"), knobs and defaults."""
     try:
-        from .lab_notes import notes_html
+        from .lab.notes import notes_html
 
         return notes_html(info)
     except Exception:  # the lab's renderer is another room: a plain version rather than nothing

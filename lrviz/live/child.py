@@ -389,7 +389,7 @@ class ChildRun(RemoteRun):
 def fix_store_row(store_path: str, run_id: int, state: str, message: str) -> None:
     """Put a run's row right after its process died without saying so (never raises)."""
     try:
-        from lrviz.store import RunStore
+        from lrviz.store.runs import RunStore
 
         store = RunStore(store_path)
         try:

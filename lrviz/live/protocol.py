@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lrviz.store_codec import jsonable
+from lrviz.store.codec import jsonable
 
 #: Bumped when a message changes incompatibly; both sides say theirs in the handshake.
 PROTOCOL_VERSION = 1

@@ -89,7 +89,7 @@ def build_engine(spec: dict[str, Any]) -> tuple[Any, Any]:
         origin = Origin(str(o["kind"]), int(o["run_id"]), Path(o["checkpoint"]), int(o["step"]))
     store = None
     if spec.get("store"):
-        from lrviz.store import RunStore
+        from lrviz.store.runs import RunStore
 
         store = RunStore(spec["store"])
     extra = {k: v for k, v in (spec.get("engine") or {}).items()

@@ -26,7 +26,7 @@ def resolve(ref: str, *, store_path: str | None = None, token: str | None = None
         if not token:
             raise ConfigError(f"{ref}: give the run's --token (printed by `lrviz run --listen`)")
         return ConnectionInfo("tcp", m.group(1).strip("[]"), token, port=int(m.group(2)), pid=0, hostname=""), ref
-    from lrviz.store import RunStore
+    from lrviz.store.runs import RunStore
 
     store = RunStore(store_path)
     try:

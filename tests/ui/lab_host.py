@@ -1,4 +1,4 @@
-"""A stand-in for the main window that offers the lab exactly its seam (``lrviz.ui.lab.LabWindow``),
+"""A stand-in for the main window that offers the lab exactly its seam (``lrviz.ui.lab.panels.LabWindow``),
 so the lab's panels can be tested on in-process runs (:class:`lrviz.live.run.LocalRun`): fast, and
 independent of how the window itself trains. ``start_run(spec)`` builds the spec's engine here and
 trains it in a thread, as a worker process would (``lrviz.live.serve.build_engine``).
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lrviz.ui.lab import Lab
+from lrviz.ui.lab.panels import Lab
 from lrviz.ui.widgets import LrControl
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QDockWidget, QMainWindow, QPushButton, QVBoxLayout, QWidget
@@ -23,7 +23,7 @@ from lrviz.live.run import LocalRun
 from lrviz.live.serve import build_engine
 from lrviz.live.worker import describe_experiment
 from lrviz.scriptinfo import ScriptInfo
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 
 class _Schedule(QWidget):

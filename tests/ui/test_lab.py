@@ -19,16 +19,16 @@ import pytest
 import torch
 from lab_host import host_fixture  # noqa: F401  (the ``host`` fixture)
 from lrviz.ui import lab as lab_module
-from lrviz.ui.lab import PANELS, Lab, Panel
-from lrviz.ui.lab_common import LabPanel, fmt
-from lrviz.ui.lab_notes import notes_html
+from lrviz.ui.lab.common import LabPanel, fmt
+from lrviz.ui.lab.notes import notes_html
+from lrviz.ui.lab.panels import PANELS, Lab, Panel
 from PySide6.QtCore import QObject, Qt, QTimer
 
 from lrviz.config import RunConfig
 from lrviz.experiment import load_experiment
-from lrviz.rangecurve import METHODS
+from lrviz.lab.rangecurve import METHODS
+from lrviz.lab.sweep import run_sweep
 from lrviz.states import EventKind, RunState
-from lrviz.sweep import run_sweep
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 WAIT = 60000  # ms: only a ceiling for a broken test
@@ -394,7 +394,7 @@ def test_the_lab_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nimport lrviz.ui.lab, lrviz.ui.lab_notes\n"
+    code = ("import sys\nimport lrviz.ui.lab.panels, lrviz.ui.lab.notes\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
@@ -404,7 +404,7 @@ def test_the_lab_never_imports_torch():
 def test_render_range_test_writes_png_svg_pdf(tmp_path):
     from lrviz.ui.render import render_range_test
 
-    from lrviz.rangetest import find_lr
+    from lrviz.lab.rangetest import find_lr
 
     exp = load_experiment("regression")
     result = find_lr(exp, RunConfig(**exp.defaults), start=1e-5, steps=60)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lrviz.ui.lab_common import fmt
+from lrviz.ui.lab.common import fmt
 from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import Qt
 
@@ -27,7 +27,7 @@ from lrviz.experiment import load_experiment
 from lrviz.guard import GuardConfig
 from lrviz.live.child import ChildRun
 from lrviz.states import EventKind, RunState
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lab_host import host_fixture  # noqa: F401  (the ``host`` fixture)
-from lrviz.ui.lab_range_test import CHOICES, CONFIRM_MODES
+from lrviz.ui.lab.range_test import CHOICES, CONFIRM_MODES
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextDocument
 

@@ -30,7 +30,7 @@ from window_driving import (
 
 from lrviz.live.connection import find_live, live_runs, pid_alive
 from lrviz.states import RunState
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 pytestmark = pytest.mark.slow
 

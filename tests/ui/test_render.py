@@ -16,7 +16,7 @@ from PySide6.QtGui import QImage
 from lrviz import export
 from lrviz.errors import ConfigError
 from lrviz.records import Event, ValPoint
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 # Before pytest-qt creates the QApplication: no display needed.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

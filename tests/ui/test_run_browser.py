@@ -25,7 +25,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QAbstractItemView, QMessageBox
 
 from lrviz.errors import StoreError
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 # Before pytest-qt creates the QApplication: no display needed.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

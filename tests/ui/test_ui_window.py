@@ -25,7 +25,7 @@ from window_driving import (
 )
 
 from lrviz.states import RunState
-from lrviz.store import RunStore
+from lrviz.store.runs import RunStore
 
 pytestmark = pytest.mark.slow
 

@@ -28,15 +28,15 @@ from lrviz.config import RunConfig, parse_lr
 from lrviz.errors import ConfigError, LrvizError
 from lrviz.states import EventKind, RunState
 
-from . import theme
-from .lab_common import LabPanel, fmt, form, note_label
-from .widgets import ErrorLabel, ValidatedLineEdit
+from .. import theme
+from ..widgets import ErrorLabel, ValidatedLineEdit
+from .common import LabPanel, fmt, form, note_label
 
 if TYPE_CHECKING:
     from lrviz.live.child import ChildRun
     from lrviz.live.run import Run
 
-    from .lab import Lab
+    from .panels import Lab
 
 RESUMABLE = (RunState.STOPPED, RunState.INTERRUPTED, RunState.FAILED, RunState.DIVERGED, RunState.CREATED)
 STEP_ROLE = Qt.ItemDataRole.UserRole + 1

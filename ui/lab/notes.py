@@ -13,7 +13,7 @@ import re
 from html import escape
 from typing import TYPE_CHECKING
 
-from . import theme
+from .. import theme
 
 if TYPE_CHECKING:
     from lrviz.scriptinfo import ScriptInfo

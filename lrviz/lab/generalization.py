@@ -1,7 +1,7 @@
 """The generalization gap and its verdict, with no torch (the app reads it too): :func:`generalization`
 compares the validation loss with the (smoothed) training loss at the validation steps and says
 whether the run is overfitting, underfitting or fine; :func:`run_generalization` is the run
-summary's ``generalization`` entry. :mod:`lrviz.diagnostics` re-exports all of it.
+summary's ``generalization`` entry. :mod:`lrviz.lab.diagnostics` re-exports all of it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: The usual healthy update-to-weight ratio per step, on the log10 scale (updates ~1e-3 of the weights).
 UPDATE_RATIO_REFERENCE = -3.0

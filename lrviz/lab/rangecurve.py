@@ -3,7 +3,7 @@
 the suggestions (:func:`suggest`, fastai's :func:`valley_index`), the rates a confirmation tries
 (:func:`candidates`) and how it judges them.
 
-:mod:`lrviz.rangetest` runs the test and the confirmation on a model (and re-exports all of this);
+:mod:`lrviz.lab.rangetest` runs the test and the confirmation on a model (and re-exports all of this);
 the app, which never imports torch, reads a test's result here (``RangeTestResult.from_dict`` of what
 a run sends).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: The suggestion methods, in the order they are shown.
 METHODS = ("steepest", "valley", "minimum_tenth")

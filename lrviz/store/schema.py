@@ -1,10 +1,10 @@
 """The run store's schema: every version of it, as the migration steps that make it.
 
 A new store runs every step; a store written by an older lrviz runs the steps it lacks when it is
-opened (:class:`lrviz.store.RunStore`), each in one transaction. To change the schema, add one
+opened (:class:`lrviz.store.runs.RunStore`), each in one transaction. To change the schema, add one
 :class:`Migration` at the end of :data:`MIGRATIONS` (a nullable column or a new table is additive: an
 older lrviz can still list and export the store read-only; a step that renames or retypes something
-is marked ``breaks_readers=True``), and teach :mod:`lrviz.store` to use what it adds.
+is marked ``breaks_readers=True``), and teach :mod:`lrviz.store.runs` to use what it adds.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each rate is a child run (``window.start_run(spec, show=False)``, saved in the app's run store),
 started when the one before has ended; the panel's tick reads the running member's
-:class:`~lrviz.live.run.Run` and, once it has ended, its row (:func:`lrviz.sweep.outcome`, as
+:class:`~lrviz.live.run.Run` and, once it has ended, its row (:func:`lrviz.lab.sweep.outcome`, as
 ``lrviz sweep`` computes it). The table says how each rate did: final and best losses, the steps it
 took to reach a common target loss (the speed of convergence) and whether it diverged. Selecting
 rows highlights their curves; Stop stops the member that is training and starts no other.
@@ -35,8 +35,7 @@ from PySide6.QtWidgets import (
 from lrviz.config import RunConfig
 from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError, LrvizError
-from lrviz.states import RunState
-from lrviz.sweep import (
+from lrviz.lab.sweep import (
     SMOOTH_BETA,
     Outcome,
     SweepRow,
@@ -46,15 +45,16 @@ from lrviz.sweep import (
     sweep_config,
     with_target,
 )
+from lrviz.states import RunState
 
-from . import theme
-from .lab_common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label
-from .widgets import ErrorLabel, ValidatedLineEdit
+from .. import theme
+from ..widgets import ErrorLabel, ValidatedLineEdit
+from .common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
 
-    from .lab import Lab
+    from .panels import Lab
 
 COLUMNS = ("lr", "state", "final", "best", "final val", "best val", "to target", "diverged")
 COLUMN_TIPS = (

@@ -7,7 +7,7 @@ show=False)``, not stored: it never trains, so it is not listed), tests it, and 
 the curve is drawn from ``run.range_test_progress`` as it comes, and the result arrives in the
 command's ack; the panel's tick hands both to the widgets on the GUI thread.
 
-Confirmation (:func:`lrviz.rangetest.confirm_rates`) trains a few rates from the suggestion band from
+Confirmation (:func:`lrviz.lab.rangetest.confirm_rates`) trains a few rates from the suggestion band from
 the same weights for a short while and picks the one whose loss fell most: after the test when it
 costs less than the test (or always, or never), or on its own with "Confirm" (``run.confirm_lr``, on
 the live run or on a fresh model again).
@@ -35,7 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from lrviz.errors import ConfigError, LrvizError
-from lrviz.rangecurve import (
+from lrviz.lab.rangecurve import (
     CONFIRM_STEPS,
     METHODS,
     Confirmation,
@@ -47,14 +47,14 @@ from lrviz.rangecurve import (
     smooth,
 )
 
-from . import theme
-from .lab_common import LabPanel, fmt, form, is_live, lab_plot, note_label, scroll_column
-from .widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
+from .. import theme
+from ..widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
+from .common import LabPanel, fmt, form, is_live, lab_plot, note_label, scroll_column
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
 
-    from .lab import Lab
+    from .panels import Lab
 
 #: How each suggestion method is named on the plot and in the method list.
 METHOD_LABELS = {"steepest": "steepest", "valley": "valley", "minimum_tenth": "min / 10", "confirmed": "confirmed"}

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunConfig, parse_lr
-from .errors import ConfigError
+from ..config import RunConfig, parse_lr
+from ..errors import ConfigError
 from .rangecurve import smooth
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def run_sweep(
     ``target_loss`` None: the target is 1.1 x the best final smoothed training loss of the runs that
     neither diverged nor failed, computed after all runs.
     """
-    from .engine import TrainingEngine
+    from ..engine import TrainingEngine
 
     rates = [parse_lr(x) for x in lrs]
     if not rates:
@@ -263,7 +263,7 @@ def _cell(value: Any) -> str:
 
 def write_table_csv(rows: Sequence[SweepRow], path: str | Path) -> None:
     """Write the rows as CSV (a header of the :class:`SweepRow` fields; empty cells for None) atomically."""
-    from .export import atomic_write
+    from ..export import atomic_write
 
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
@@ -331,7 +331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set one of the script's PARAMS knobs (repeatable)")
-    from .cli import step_args
+    from ..cli import step_args
 
     step_args(p)
     p.add_argument("--on-divergence", choices=("stop", "off"), dest="divergence",
@@ -363,7 +363,7 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     1 when the script or a setting is wrong (raised as LrvizError for the caller to print);
     130 when interrupted with Ctrl+C (the rows so far are printed and written).
     """
-    from .cli import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
+    from ..cli import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
 
     exp = load_script(args.script)
     lrs = parse_lrs(args.lrs)

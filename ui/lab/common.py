@@ -1,7 +1,7 @@
 """Shared pieces of the learning-rate lab panels: the panel base class, axes, colours, and the
 answers of commands sent to runs, handed to the GUI thread.
 
-Nothing here talks to the main window; the panels reach the app through :class:`lrviz.ui.lab.Lab`.
+Nothing here talks to the main window; the panels reach the app through :class:`lrviz.ui.lab.panels.Lab`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from PySide6.QtWidgets import QFormLayout, QFrame, QLabel, QScrollArea, QSizePol
 from lrviz.errors import LrvizError
 from lrviz.states import is_terminal
 
-from . import theme
-from .axes import ValueAxis
-from .futures import GuiFutures
-from .widgets import format_number
+from .. import theme
+from ..axes import ValueAxis
+from ..futures import GuiFutures
+from ..widgets import format_number
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
     from lrviz.scriptinfo import ScriptInfo
 
-    from .lab import Lab
+    from .panels import Lab
 
 #: Colours of runs drawn side by side in a lab panel (Okabe-Ito, no yellow).
 RUN_COLOURS = (theme.BLUE, theme.ORANGE, theme.GREEN, theme.PURPLE, theme.BLACK, theme.VERMILLION,
@@ -147,7 +147,7 @@ def add_legend(plot: pg.PlotWidget, corner: str = "top-right") -> pg.LegendItem:
 
 # ---- the panel ---------------------------------------------------------------------------------------
 class LabPanel(QWidget):
-    """A lab panel: built as ``cls(lab)`` from :data:`lrviz.ui.lab.PANELS`, shown in a dock, and told
+    """A lab panel: built as ``cls(lab)`` from :data:`lrviz.ui.lab.panels.PANELS`, shown in a dock, and told
     what happens by the lab. Every method has a default, so a panel overrides only what it needs.
 
     ``tick(run)`` is called by the window's redraw timer (at most 30 times a second) with the run the

@@ -1,7 +1,7 @@
 """The diagnostics panel: is the run generalizing, and how big is each layer's step?
 
 - Train vs validation loss with the generalization gap, and the verdict of
-  :func:`lrviz.generalization.generalization` (overfitting, underfitting, ok) in words.
+  :func:`lrviz.lab.generalization.generalization` (overfitting, underfitting, ok) in words.
 - Per layer, the update-to-weight ratio ``log10(||dw|| / ||w||)`` with a reference line at -3
   (updates of 1/1000 of the weights per step): this is the *effective* step. With SGD it follows the
   learning rate times the gradient; with Adam it is about the learning rate whatever the gradient.
@@ -28,17 +28,17 @@ from PySide6.QtWidgets import (
 )
 
 from lrviz.errors import LrvizError
-from lrviz.generalization import UPDATE_RATIO_REFERENCE, GapReport, generalization
+from lrviz.lab.generalization import UPDATE_RATIO_REFERENCE, GapReport, generalization
 
-from . import theme
-from .lab_common import RUN_COLOURS, LabPanel, fmt, lab_plot, note_label, same_script, scroll_column
-from .widgets import ValidatedLineEdit, parse_float_in, parse_int_at_least
+from .. import theme
+from ..widgets import ValidatedLineEdit, parse_float_in, parse_int_at_least
+from .common import RUN_COLOURS, LabPanel, fmt, lab_plot, note_label, same_script, scroll_column
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
     from lrviz.scriptinfo import ScriptInfo
 
-    from .lab import Lab
+    from .panels import Lab
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class RunData:
     """Diagnostics data of the run the window shows (live or just ended), read through its Run."""
 
     def __init__(self, run: Run):
-        from .lab_surface import run_label
+        from .surface import run_label
 
         self.run = run
         self.has_validation = True

@@ -30,15 +30,15 @@ from PySide6.QtWidgets import (
 
 from lrviz.states import EventKind, RunState
 
-from . import theme
-from .lab_common import Answers, fmt, form, is_live, note_label
-from .widgets import FlowLayout
+from .. import theme
+from ..widgets import FlowLayout
+from .common import Answers, fmt, form, is_live, note_label
 
 if TYPE_CHECKING:
     from lrviz.config import RunConfig
     from lrviz.live.run import Run
 
-    from .lab import Lab
+    from .panels import Lab
 
 #: Checkpoints every this many steps in app runs (and at every pause), so there is something to roll back to.
 CHECKPOINT_EVERY = 200

@@ -4,7 +4,7 @@ validation points, events and extra scalar series.
 One file (``runs.sqlite``, WAL journal) shared by the threads of one process and by several
 processes (the app and the CLI). Checkpoints of run ``N`` live beside it in ``checkpoints/N/``.
 Its parts: this module, :class:`RunStore` (every public method one transaction on the shared
-connection); :mod:`lrviz.store_schema`, the schema as migration steps; :mod:`lrviz.store_codec`, how
+connection); :mod:`lrviz.store.schema`, the schema as migration steps; :mod:`lrviz.store.codec`, how
 JSON fields and the compressed column chunks are encoded. The module is long because the class is:
 splitting the transactions of one connection across files would hide what each one touches.
 
@@ -39,8 +39,8 @@ import numpy as np
 
 from lrviz.errors import ConfigError, StoreError
 from lrviz.records import Event, ValPoint
-from lrviz.store_codec import dumps, jsonable, loads, loss_stats, pack, unpack
-from lrviz.store_schema import MIGRATIONS, SCHEMA_VERSION, Migration, statements
+from lrviz.store.codec import dumps, jsonable, loads, loss_stats, pack, unpack
+from lrviz.store.schema import MIGRATIONS, SCHEMA_VERSION, Migration, statements
 
 __all__ = [
     "MIGRATIONS",

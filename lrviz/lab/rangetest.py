@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .devices import to_device
-from .errors import ConfigError, LrvizError, ScriptError
+from ..devices import to_device
+from ..errors import ConfigError, LrvizError, ScriptError
+from ..staging import GradNorm
 from .rangecurve import (  # the curve, its suggestions and a confirmation's judgement: no torch
     CONFIRM_STEPS,
     METHODS,
@@ -63,7 +64,6 @@ from .rangecurve import (  # the curve, its suggestions and a confirmation's jud
     suggest,
     valley_index,
 )
-from .staging import GradNorm
 
 __all__ = [
     "CONFIRM_STEPS",
@@ -533,8 +533,8 @@ def confirm_rates(
 def _update_step(optimizer: torch.optim.Optimizer, dev: torch.device | None, amp: str | None, accumulate: Any,
                  clip_grad_norm: Any) -> Any:
     """The UpdateStep of a range test with those settings (None: a plain step); ConfigError when one is bad."""
-    from .config import RunConfig
-    from .update import UpdateStep, check_amp
+    from ..config import RunConfig
+    from ..update import UpdateStep, check_amp
 
     cfg = RunConfig(amp=amp, accumulate=accumulate, clip_grad_norm=clip_grad_norm).validated()
     where = dev if dev is not None else torch.device("cpu")
@@ -584,7 +584,7 @@ class _ScriptData:
             except LrvizError:
                 raise
             except Exception as exc:
-                from .experiment import error_from_exception
+                from ..experiment import error_from_exception
 
                 raise error_from_exception(exc, self.path, f"iterating the training data (epoch {self.epoch})"
                                            ) from exc
@@ -598,9 +598,9 @@ class _ScriptData:
 def _build(experiment: Any, config: Any, what: str) -> tuple[Any, ...]:
     """Seed, then build model, training data, optimizer and loss the way the engine does; and how the
     config makes each step (``amp``, ``accumulate``, ``clip_grad_norm``, as keyword arguments)."""
-    from .devices import resolve_device
-    from .engine import seed_everything
-    from .optim import build_optimizer
+    from ..devices import resolve_device
+    from ..engine import seed_everything
+    from ..optim import build_optimizer
 
     cfg = config.validated()
     device = resolve_device(cfg.device)
@@ -694,7 +694,7 @@ def confirm_experiment(
 
 def write_csv(result: RangeTestResult, path: str | Path) -> None:
     """Write ``lr,loss,smoothed`` rows (shortest round-trip floats, ``nan``/``inf``) atomically."""
-    from .export import atomic_write
+    from ..export import atomic_write
 
     lines = ["lr,loss,smoothed"]
     for a, b, c in zip(result.lrs.tolist(), result.losses.tolist(), result.smoothed.tolist()):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .generalization import (  # the gap and its verdict: no torch
     UPDATE_RATIO_REFERENCE,
     VERDICTS,

@@ -30,13 +30,13 @@ from PySide6.QtWidgets import (
 
 from lrviz.examples import example_paths
 
-from . import theme
-from .lab_common import LabPanel, add_legend, fmt, lab_plot, note_label, same_script, surface_for
+from .. import theme
+from .common import LabPanel, add_legend, fmt, lab_plot, note_label, same_script, surface_for
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
 
-    from .lab import Lab
+    from .panels import Lab
 
 LEVELS = 14
 MAX_KEPT = 6

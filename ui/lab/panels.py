@@ -23,13 +23,13 @@ from PySide6.QtWidgets import QTabBar
 from lrviz.config import RunConfig
 from lrviz.errors import LrvizError
 
-from .lab_common import LabPanel, is_live, same_script, surface_for
-from .lab_diagnostics import DiagnosticsPanel
-from .lab_fork import ForkPanel
-from .lab_guard import DivergenceBanner, RunOptions
-from .lab_range_test import RangeTestPanel
-from .lab_surface import SurfacePanel
-from .lab_sweep import SweepPanel
+from .common import LabPanel, is_live, same_script, surface_for
+from .diagnostics import DiagnosticsPanel
+from .fork import ForkPanel
+from .guard import DivergenceBanner, RunOptions
+from .range_test import RangeTestPanel
+from .surface import SurfacePanel
+from .sweep import SweepPanel
 
 if TYPE_CHECKING:
     from lrviz.live.child import ChildRun
