@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from lab_host import host_fixture  # noqa: F401  (the ``host`` fixture)
-from lrviz.ui import lab as lab_module
+from lrviz.ui.lab import panels as lab_module
 from lrviz.ui.lab.common import LabPanel, fmt
 from lrviz.ui.lab.notes import notes_html
 from lrviz.ui.lab.panels import PANELS, Lab, Panel
