@@ -65,22 +65,32 @@ def step_args(p: argparse.ArgumentParser) -> None:
                    "(torch's clip_grad_norm_); the recorded norm is the one before clipping; off: no clipping")
 
 
-def _training_args(p: argparse.ArgumentParser) -> None:
+def config_args(p: argparse.ArgumentParser, each_run: bool = False) -> None:
+    """The options that make a run's configuration (``run``, ``replay``; ``sweep`` with ``each_run``:
+    the same settings for every run of the sweep, whose rates come from ``--lrs`` instead of ``--lr``)."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=str, help="train for N optimizer steps")
-    g.add_argument("--epochs", type=str, help="train for E epochs")
-    p.add_argument("--lr", type=str, help="learning rate, e.g. 0.01 or 3e-4")
+    each = " each run" if each_run else ""
+    g.add_argument("--steps", type=str, help=f"train{each} for N optimizer steps")
+    g.add_argument("--epochs", type=str, help=f"train{each} for E epochs")
+    if not each_run:
+        p.add_argument("--lr", type=str, help="learning rate, e.g. 0.01 or 3e-4")
     p.add_argument("--optimizer", help="sgd, adam, adamw, rmsprop or adagrad")
     p.add_argument("--momentum", type=str, help="momentum (beta1 for adam/adamw)")
     p.add_argument("--weight-decay", type=str, help="weight decay")
     p.add_argument("--nesterov", action="store_true", default=None, help="nesterov momentum (sgd)")
-    p.add_argument("--schedule", metavar="SPEC", help="e.g. CosineAnnealingLR:T_max=1000 (torch names)")
+    p.add_argument("--schedule", metavar="SPEC", help="the same schedule in every run, from its rate" if each_run
+                   else "e.g. CosineAnnealingLR:T_max=1000 (torch names)")
     p.add_argument("--batch-size", type=str, help="batch size, when the script's build_data takes one")
-    p.add_argument("--seed", type=str, help="random seed (Python, NumPy, torch)")
+    p.add_argument("--seed", type=str, help="random seed (the same in every run)" if each_run
+                   else "random seed (Python, NumPy, torch)")
     p.add_argument("--eval-every", type=str, help="validate every N steps (default: once per epoch)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set one of the script's PARAMS knobs (repeatable)")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
     p.add_argument("--checkpoint-every", type=str, metavar="N", help="save a checkpoint every N steps")
     p.add_argument("--on-divergence", choices=("stop", "pause", "rollback", "off"), dest="divergence",
                    help="when the loss explodes or turns NaN: stop (exit 2; default), pause and wait for "

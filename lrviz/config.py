@@ -32,14 +32,20 @@ def parse_lr(value: Any, what: str = "learning rate") -> float:
     return lr
 
 
-def _non_negative(value: Any, what: str) -> float:
+def parse_finite(value: Any, what: str, at_least: float | None = None) -> float:
+    """A finite number (``>= at_least`` when given) from text or a number; ``what`` names it in the message."""
+    need = "" if at_least is None else f" >= {at_least:g}"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number >= 0, not {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ConfigError(f"{what} must be a finite number >= 0, not {value!r}")
+        raise ConfigError(f"{what} must be a number{need}, not {value!r}") from None
+    if not math.isfinite(v) or (at_least is not None and v < at_least):
+        raise ConfigError(f"{what} must be a finite number{need}, not {value!r}")
     return v
+
+
+def _non_negative(value: Any, what: str) -> float:
+    return parse_finite(value, what, at_least=0)
 
 
 def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:

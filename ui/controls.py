@@ -4,7 +4,6 @@ window's run control sends it to the run."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, Signal
@@ -22,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.config import OPTIMIZER_NAMES, RunConfig
+from lrviz.config import OPTIMIZER_NAMES, RunConfig, parse_finite
 from lrviz.errors import ConfigError
 
 from .schedule_editor import ScheduleEditor
@@ -51,13 +50,7 @@ def _param_parser(default: Any, name: str):  # noqa: ANN202 - returns a parser
             except ValueError:
                 raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
         if isinstance(default, float):
-            try:
-                v = float(text)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, not {text!r}") from None
-            if not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, not {text!r}")
-            return v
+            return parse_finite(text, name)
         return text
 
     return parse

@@ -233,12 +233,60 @@ def _positive(y: np.ndarray) -> np.ndarray:
     return y
 
 
-class _Figure:
+class _OffscreenFigure:
+    """What both figures share: a white, frameless layout the size of the image, shown offscreen only,
+    with fonts and margins in proportion to it (``base`` px), painted once and closed."""
+
+    def __init__(self, size: tuple[int, int], spacing: float):
+        self.width, self.height = int(size[0]), int(size[1])
+        self.base = base = max(9.0, min(self.width, self.height * 1.5) / 75.0)  # 16 px at 1200 x 800
+        self.pad = pad = round(base * 0.6)
+        win = self.win = pg.GraphicsLayoutWidget()
+        win.setBackground("w")
+        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
+        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setFrameShape(win.Shape.NoFrame)
+        win.resize(self.width, self.height)
+        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
+        win.ci.setSpacing(round(base * spacing))
+
+    def _boxed_plot(self, row: int, axes: dict[str, pg.AxisItem], tick_px: int,
+                    bottom_values: bool = True) -> pg.PlotItem:
+        """A plot at ``row`` framed by four axes in the figure's style: values on the left and (with
+        ``bottom_values``) at the bottom, the left axis wide enough for its tick labels."""
+        plot = self.win.addPlot(row=row, col=0, axisItems=axes)
+        plot.setMenuEnabled(False)
+        plot.hideButtons()
+        plot.showGrid(x=True, y=True, alpha=0.12)
+        plot.showAxis("top")
+        plot.showAxis("right")
+        tick_font = _font(tick_px)
+        for side in ("left", "bottom", "top", "right"):
+            axis = plot.getAxis(side)
+            axis.setPen(pg.mkPen(_AXIS, width=1))
+            axis.setTextPen(pg.mkPen(_TEXT))
+            axis.enableAutoSIPrefix(False)
+            axis.setStyle(tickFont=tick_font, tickLength=-round(tick_px * 0.45), tickTextOffset=round(tick_px * 0.4))
+            if side in ("top", "right") or (side == "bottom" and not bottom_values):
+                axis.setStyle(showValues=False)
+        plot.getAxis("left").setWidth(round(tick_px * 4.6))
+        return plot
+
+    def paint(self, painter: QPainter) -> None:
+        self.win.render(painter, QRectF(0, 0, self.width, self.height), self.win.viewport().rect())
+
+    def close(self) -> None:
+        self.win.close()
+        self.win.deleteLater()
+
+
+class _Figure(_OffscreenFigure):
     """The title, legend row, event strip and panels a :class:`FigureSpec` describes, ready to be painted."""
 
     def __init__(self, runs: Sequence[RunData], spec: FigureSpec, size: tuple[int, int]):
-        self.width, self.height = int(size[0]), int(size[1])
-        base = max(9.0, min(self.width, self.height * 1.5) / 75.0)  # 16 px at 1200 x 800
+        super().__init__(size, spacing=0.3)
+        base, pad, win = self.base, self.pad, self.win
         self.tick_px = round(base * 0.82)
         self.label_px = round(base * 0.95)
         self.legend_px = round(base * 0.82)
@@ -248,18 +296,6 @@ class _Figure:
         self.spec = spec
         self.colours = self._run_colours()
         self.bins = max(50, self.width)
-
-        win = pg.GraphicsLayoutWidget()
-        win.setBackground("w")
-        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
-        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setFrameShape(win.Shape.NoFrame)
-        win.resize(self.width, self.height)
-        pad = round(base * 0.6)
-        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
-        win.ci.setSpacing(round(base * 0.3))
-        self.win = win
 
         self.legend: list[tuple[pg.PlotDataItem, str]] = []
         row = 0
@@ -318,28 +354,13 @@ class _Figure:
     # ---- layout ----
 
     def _add_plot(self, row: int, name: str, last: bool) -> pg.PlotItem:
-        plot = self.win.addPlot(row=row, col=0, axisItems={"bottom": StepAxis("bottom"), "left": panel_axis(name)})
-        plot.setMenuEnabled(False)
-        plot.hideButtons()
+        axes = {"bottom": StepAxis("bottom"), "left": panel_axis(name)}
+        plot = self._boxed_plot(row, axes, self.tick_px, bottom_values=last)
         plot.setClipToView(False)
         plot.setDownsampling(auto=False)
-        plot.showGrid(x=True, y=True, alpha=0.12)
-        plot.showAxis("top")
-        plot.showAxis("right")
-        tick_font = _font(self.tick_px)
         style = {"font-size": f"{self.label_px}px", "color": _TEXT}
-        for side in ("left", "bottom", "top", "right"):
-            axis = plot.getAxis(side)
-            axis.setPen(pg.mkPen(_AXIS, width=1))
-            axis.setTextPen(pg.mkPen(_TEXT))
-            axis.enableAutoSIPrefix(False)
-            axis.setStyle(tickFont=tick_font, tickLength=-round(self.tick_px * 0.45),
-                          tickTextOffset=round(self.tick_px * 0.4))
-            if side in ("top", "right") or (side == "bottom" and not last):
-                axis.setStyle(showValues=False)
         if not last:
             plot.getAxis("bottom").setHeight(round(self.tick_px * 0.5))
-        plot.getAxis("left").setWidth(round(self.tick_px * 4.6))
         plot.setLabel("left", PANEL_TITLES[name], **style)
         if last:
             plot.setLabel("bottom", "step (optimizer updates)", **style)
@@ -531,14 +552,6 @@ class _Figure:
         if self.ribbon is not None:
             self.ribbon.relayout()
 
-    def paint(self, painter: QPainter) -> None:
-        target = QRectF(0, 0, self.width, self.height)
-        self.win.render(painter, target, self.win.viewport().rect())
-
-    def close(self) -> None:
-        self.win.close()
-        self.win.deleteLater()
-
 
 def _normalise(data: RunData | Sequence[RunData]) -> list[RunData]:
     runs = [data] if isinstance(data, RunData) else list(data)
@@ -666,27 +679,16 @@ _RT_METHODS = {"steepest": ("steepest", "#CC79A7"), "valley": ("valley", "#009E7
                "minimum_tenth": ("min / 10", "#E69F00"), "confirmed": ("confirmed", _RT_CHOSEN)}
 
 
-class _RangeTestFigure:
+class _RangeTestFigure(_OffscreenFigure):
     """The range test's curve, suggestion band and suggestion lines, ready to be painted."""
 
     def __init__(self, result: Any, *, title: str | None, size: tuple[int, int]):
         from lrviz.lab.rangetest import loss_axis_range
 
-        self.width, self.height = int(size[0]), int(size[1])
-        base = max(9.0, min(self.width, self.height * 1.5) / 75.0)
+        super().__init__(size, spacing=0.4)
+        base, pad, win = self.base, self.pad, self.win
         tick_px, label_px, title_px = round(base * 0.82), round(base * 0.95), round(base * 1.1)
         legend_px = round(base * 0.82)
-        win = pg.GraphicsLayoutWidget()
-        win.setBackground("w")
-        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
-        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setFrameShape(win.Shape.NoFrame)
-        win.resize(self.width, self.height)
-        pad = round(base * 0.6)
-        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
-        win.ci.setSpacing(round(base * 0.4))
-        self.win = win
         s = result.suggestions
         lrs = np.asarray(result.lrs, dtype=np.float64)
         losses = np.asarray(result.losses, dtype=np.float64)
@@ -716,23 +718,8 @@ class _RangeTestFigure:
             row += 1
 
         axes: dict[str, pg.AxisItem] = {"bottom": ValueAxis("bottom"), "left": ValueAxis("left")}
-        plot = win.addPlot(row=row + 1, col=0, axisItems=axes)
-        plot.setMenuEnabled(False)
-        plot.hideButtons()
-        plot.showGrid(x=True, y=True, alpha=0.12)
-        plot.showAxis("top")
-        plot.showAxis("right")
+        plot = self._boxed_plot(row + 1, axes, tick_px)
         style = {"font-size": f"{label_px}px", "color": _TEXT}
-        for name in ("left", "bottom", "top", "right"):
-            axis = plot.getAxis(name)
-            axis.setPen(pg.mkPen(_AXIS, width=1))
-            axis.setTextPen(pg.mkPen(_TEXT))
-            axis.enableAutoSIPrefix(False)
-            axis.setStyle(tickFont=_font(tick_px), tickLength=-round(tick_px * 0.45),
-                          tickTextOffset=round(tick_px * 0.4))
-            if name in ("top", "right"):
-                axis.setStyle(showValues=False)
-        plot.getAxis("left").setWidth(round(tick_px * 4.6))
         plot.setLabel("left", "training loss", **style)
         plot.setLabel("bottom", "learning rate (log scale)", **style)
         plot.setLogMode(x=True, y=False)
@@ -820,13 +807,6 @@ class _RangeTestFigure:
         app = QApplication.instance()
         for _ in range(4):
             app.processEvents()
-
-    def paint(self, painter: QPainter) -> None:
-        self.win.render(painter, QRectF(0, 0, self.width, self.height), self.win.viewport().rect())
-
-    def close(self) -> None:
-        self.win.close()
-        self.win.deleteLater()
 
 
 def render_range_test(

@@ -486,12 +486,8 @@ class RangeTestPanel(LabPanel):
         self._update_buttons()
 
     def _clear(self) -> None:
+        self._remove_suggestions()
         p = self.plot.getPlotItem()
-        for item in self._items:
-            p.removeItem(item)
-        self._items = []
-        self.lines = {}
-        self.band = None
         self.result = None
         self.suggestions = None
         self._drawn = -1
@@ -502,13 +498,17 @@ class RangeTestPanel(LabPanel):
         self.confirm_label.setText("")
         p.enableAutoRange()
 
-    def _draw_suggestions(self) -> None:
+    def _remove_suggestions(self) -> None:
         p = self.plot.getPlotItem()
         for item in self._items:
             p.removeItem(item)
         self._items = []
         self.lines = {}
         self.band = None
+
+    def _draw_suggestions(self) -> None:
+        self._remove_suggestions()
+        p = self.plot.getPlotItem()
         s = self.suggestions
         if s is None:
             return

@@ -32,9 +32,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.config import RunConfig
+from lrviz.config import RunConfig, parse_finite
 from lrviz.decimate import EmaSmoother
-from lrviz.errors import ConfigError, LrvizError
+from lrviz.errors import LrvizError
 from lrviz.lab.sweep import (
     SMOOTH_BETA,
     Outcome,
@@ -72,13 +72,7 @@ DIVERGED_BG = "#FBE3D6"
 
 
 def _parse_target(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ConfigError(f"target loss must be a number, not {text!r}") from None
-    if not math.isfinite(v):
-        raise ConfigError(f"target loss must be a finite number, not {text!r}")
-    return v
+    return parse_finite(text, "target loss")
 
 
 @dataclass
