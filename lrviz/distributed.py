@@ -859,7 +859,7 @@ def follow(dist: Distributed) -> int:
 
 def run_rank(dist: Distributed, engine: Any) -> int:
     """Train ``engine`` on a rank other than 0 (Ctrl+C is left to rank 0); the exit status."""
-    from .cli import train_headless
+    from .cli.common import train_headless
 
     train_headless(engine, quiet=True)
     state = str(engine.state)

@@ -337,7 +337,7 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     1 when the script or a setting is wrong (raised as LrvizError for the caller to print);
     130 when interrupted with Ctrl+C (the rows so far are printed and written).
     """
-    from ..cli import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
+    from ..cli.common import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
 
     exp = load_script(args.script)
     lrs = parse_lrs(args.lrs)
