@@ -56,17 +56,25 @@ from PySide6.QtWidgets import QApplication, QSizePolicy
 from lrviz import export as _export_module
 from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError
-from lrviz.export import FigureSpec, atomic_write, event_markers, format_number, smoothing_label
+from lrviz.export import (
+    FigureSpec,
+    PlotPanel,
+    atomic_write,
+    event_markers,
+    format_number,
+    plot_panel,
+    plot_panels,
+    smoothing_label,
+)
 from lrviz.records import Event, ValPoint
 
 from . import theme
-from .axes import PANEL_TITLES, StepAxis, ValueAxis, panel_axis
+from .axes import StepAxis, ValueAxis, panel_axis
 from .ribbon import EventRibbon
 
 __all__ = [
     "KINDS",
     "PALETTE",
-    "PANELS",
     "RENDER_FORMATS",
     "RunData",
     "ensure_app",
@@ -80,7 +88,6 @@ log = logging.getLogger(__name__)
 
 RENDER_FORMATS = ("png", "svg", "pdf")
 KINDS = ("loss", "lr", "both")
-PANELS = ("loss", "lr", "grad", "acc")
 #: Okabe-Ito: distinguishable with the common colour-vision deficiencies (yellow left out: too pale).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 _TEXT = "#222222"
@@ -317,14 +324,17 @@ class _Figure(_OffscreenFigure):
                                       font=_font(self.marker_px))
             win.addItem(self.ribbon, row=row, col=0)
             row += 1
-        panels = [p for p in spec.panels if p in PANELS and (p != "acc" or self._has_accuracy())] or ["loss"]
-        stretch = {"loss": 5, "lr": 3, "grad": 3, "acc": 3}
+        known = {p.key: p for p in plot_panels()}
+        panels = [p for p in spec.panels if p in known and (p != "acc" or self._has_accuracy())] or ["loss"]
         self.plots: dict[str, pg.PlotItem] = {}
         for k, name in enumerate(panels):
             plot = self._add_plot(row, name, last=k == len(panels) - 1)
-            win.ci.layout.setRowStretchFactor(row, stretch[name])
+            win.ci.layout.setRowStretchFactor(row, known[name].stretch)
             row += 1
-            getattr(self, f"_draw_{name}")(plot)
+            if known[name].column is not None:
+                self._draw_column(plot, known[name])
+            else:
+                getattr(self, f"_draw_{name}")(plot)
         first = self.plots[panels[0]]
         for plot in self.plots.values():
             if plot is not first:
@@ -361,7 +371,7 @@ class _Figure(_OffscreenFigure):
         style = {"font-size": f"{self.label_px}px", "color": _TEXT}
         if not last:
             plot.getAxis("bottom").setHeight(round(self.tick_px * 0.5))
-        plot.setLabel("left", PANEL_TITLES[name], **style)
+        plot.setLabel("left", plot_panel(name).title, **style)
         if last:
             plot.setLabel("bottom", "step (optimizer updates)", **style)
         plot.vb.setDefaultPadding(0.015)
@@ -432,12 +442,14 @@ class _Figure(_OffscreenFigure):
                 y = _positive(lr[:, g]) if self.spec.log_lr else lr[:, g]
                 self._curve(plot, x, y, name=name, pen=pg.mkPen(c, width=2.0))
 
-    def _draw_grad(self, plot: pg.PlotItem) -> None:
-        plot.setLogMode(x=False, y=bool(self.spec.log_grad))
+    def _draw_column(self, plot: pg.PlotItem, panel: PlotPanel) -> None:
+        """A panel of one per-step column, each run's as it is (the gradient norm's axis may be log)."""
+        log = bool(self.spec.log_grad) if panel.key == "grad" else False
+        plot.setLogMode(x=False, y=log)
         for run, colour in zip(self.runs, self.colours):
-            g = np.asarray(run.steps.get("grad_norm", np.empty(0)), dtype=np.float64)
-            y = _positive(g) if self.spec.log_grad else g
-            c = _color(theme.GRAD_NORM) if colour is None else _color(colour, 200)
+            g = np.asarray(run.steps.get(panel.column, np.empty(0)), dtype=np.float64)
+            y = _positive(g) if log else g
+            c = _color(theme.panel_colour(panel.key)) if colour is None else _color(colour, 200)
             self._curve(plot, _x_of(run.steps, len(g)), y, pen=pg.mkPen(c, width=1.4))
 
     def _draw_acc(self, plot: pg.PlotItem) -> None:

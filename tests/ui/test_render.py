@@ -205,3 +205,42 @@ def test_peak_decimation_non_finite():
     assert np.nanmax(ys) == 1.0  # inf is never picked over finite values
     short_x, short_y = peak_decimate(np.arange(10), np.arange(10.0), 100)
     assert len(short_x) == 10
+
+
+def test_a_new_plot_panel_is_one_table_entry(monkeypatch):
+    """One PlotPanel entry naming a recorded column: the live plots and the exported figure both get the
+    panel, with its title, and both draw that column."""
+    from lrviz.ui import render
+    from lrviz.ui.plots import TrainingPlots
+    from lrviz.ui.trace import RunTrace
+
+    from lrviz.records import StepBuffer
+
+    title = "epoch (test)"
+    monkeypatch.setattr(export, "PLOT_PANELS", (*export.PLOT_PANELS, export.PlotPanel("epochs", title, column="epoch")))
+    buf = StepBuffer(groups=1, capacity=16)
+    for i in range(300):
+        buf.append(i // 100, i * 0.01, 1.0 / (i + 1), 0.5, [0.1])
+
+    plots = TrainingPlots()
+    try:
+        assert plots.PLOTS[-1] == "epochs" and "epochs" in plots._shown
+        assert plots.plots["epochs"].getAxis("left").labelText == title
+        plots.set_primary(RunTrace(buf))
+        assert plots.refresh(force=True)
+        x, y = plots.primary.curves["epoch"].getData()
+        assert len(x) and set(np.unique(y)) == {0.0, 1.0, 2.0}
+        assert plots.figure_spec().panels[-1] == "epochs"
+    finally:
+        plots.close()
+
+    data = RunData("run", {k: np.array(v) for k, v in buf.view().items()})
+    fig = render._Figure([data], export.FigureSpec(panels=("loss", "epochs")), size=(800, 600))
+    try:
+        assert fig.plots["epochs"].getAxis("left").labelText == title
+        (curve,) = fig.plots["epochs"].listDataItems()
+        assert set(np.unique(curve.getData()[1])) == {0.0, 1.0, 2.0}
+    finally:
+        fig.close()
+    svg = ET.fromstring(render_bytes(data, "svg", figure=export.FigureSpec(panels=("loss", "epochs"))))
+    assert title in "".join(svg.itertext())
