@@ -30,6 +30,11 @@ Files
 
 Every file goes through :func:`atomic_write`: it is written under a temporary name in the same
 folder and moved into place, so a failed or interrupted export never leaves a partial file.
+
+Why ~800 lines in one module: the files of one run (CSV with its sparse columns, JSON, the plots through
+the renderer) and the description of a plot that both the app and the files follow (:data:`PLOT_PANELS`,
+:class:`FigureSpec`, the event markers' texts) are the one contract "an export is what was seen"; the
+TensorBoard writer already lives apart (:mod:`lrviz.tensorboard`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ lrviz's rates just before each step, so a torch scheduler of the loop no longer 
 override is recorded as an event). On a GPU the losses stay on the device and are copied once per
 flush (no host sync per step). An error inside lrviz never stops the training: it is printed once,
 the run is marked, and ``step`` becomes a no-op.
+
+Why ~630 lines in one module: :class:`TrackedRun` is one object that a user's loop calls per step; its
+fast path, its steering and its recovery from its own errors read the same state. The recording and the
+store are :class:`lrviz.recorder.RunRecorder`'s, the commands' queue :class:`lrviz.control.RunControl`'s.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ or never falls, every suggestion is ``None`` and ``reason`` says why: it never g
 optimizer from an experiment exactly as :class:`lrviz.engine.TrainingEngine` does and runs the test.
 
 This module never imports Qt and never prints; progress goes through ``on_step``.
+
+Why ~700 lines in one module: the range test and the confirmation share the snapshot that restores
+everything bit for bit and the step they make as the run would; the curve and its suggestions, which
+need no torch, already live apart (:mod:`lrviz.lab.rangecurve`).
 """
 
 from __future__ import annotations
