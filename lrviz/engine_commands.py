@@ -18,7 +18,7 @@ from . import interventions as iv
 from .control import ack
 from .errors import ConfigError, LrvizError
 from .optim import apply_hyperparams
-from .states import SETTING_COMMANDS, Command
+from .states import SETTING_COMMANDS, Command, parse_command
 
 __all__ = ["EngineCommands"]
 
@@ -135,10 +135,7 @@ class EngineCommands:
         fut: Future = Future()
         data = dict(data or {})
         try:
-            try:
-                cmd = Command(kind)
-            except ValueError:
-                raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            cmd = parse_command(kind)
             if cmd in SETTING_COMMANDS:
                 data = self._checked(cmd.value, data)
             elif cmd == Command.SET_PACE:

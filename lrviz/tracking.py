@@ -50,7 +50,7 @@ from .rates import RateControl
 from .recorder import RunRecorder, recorded
 from .records import StepBuffer, ValPoint
 from .staging import FLUSH_SECONDS, Staging
-from .states import SETTING_COMMANDS, Command, RunState
+from .states import SETTING_COMMANDS, Command, RunState, parse_command
 
 __all__ = ["StopTraining", "TrackedRun", "track"]
 
@@ -441,10 +441,7 @@ class TrackedRun(Steering):
         fut: Future = Future()
         data = dict(data or {})
         try:
-            try:
-                cmd = Command(kind)
-            except ValueError:
-                raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            cmd = parse_command(kind)
             if self.read_only is not None:
                 raise ConfigError(f"this run can be watched, not steered: {self.read_only}")
             if cmd in (Command.RANGE_TEST, Command.CONFIRM_LR, Command.CANCEL_RANGE_TEST, Command.ROLLBACK,

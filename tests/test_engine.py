@@ -112,18 +112,25 @@ def test_pause_resume_stop_lose_and_repeat_no_step(tiny):
     assert kinds.count("pause") == 20 and kinds.count("resume") == 20 and kinds[-1] == "stop"
 
 
-def test_lr_set_while_paused_is_the_lr_of_the_next_step(tiny):
-    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100_000, seed=0))
+def change_while_paused(eng: TrainingEngine, after: int, change, then: int) -> int:
+    """Start ``eng``, pause it past step ``after``, ``change()`` it, resume it for ``then`` more steps and
+    stop it; returns the first step run after the change."""
     eng.start()
-    wait_for(lambda: eng.step > 20)
+    wait_for(lambda: eng.step > after)
     eng.pause()
     wait_for(lambda: eng.state == "paused")
-    s = eng.step - 1  # the last step done
-    eng.set_lr("3e-3")
+    k = eng.step
+    change()
     eng.resume()
-    wait_for(lambda: eng.step > s + 10)
+    wait_for(lambda: eng.step > k + then)
     eng.stop()
     eng.join(10)
+    return k
+
+
+def test_lr_set_while_paused_is_the_lr_of_the_next_step(tiny):
+    eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100_000, seed=0))
+    s = change_while_paused(eng, 20, lambda: eng.set_lr("3e-3"), 10) - 1  # the last step done before
     lr = eng.buffer.view()["lr"][:, 0]
     assert lr[s] == 0.05 and lr[s + 1] == 0.003 and np.all(lr[s + 1:] == 0.003)
     ev = [e for e in eng.events if e.kind == "set_lr"]
@@ -198,17 +205,12 @@ def test_set_lr_during_schedule_rescales_the_rest(tiny):
 
 def test_set_schedule_mid_run_starts_from_current_lr(tiny):
     eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=100_000))
-    eng.start()
-    wait_for(lambda: eng.step > 10)
-    eng.pause()
-    wait_for(lambda: eng.state == "paused")
-    k = eng.step
-    eng.set_lr(0.04)
-    eng.set_schedule("StepLR:step_size=5,gamma=0.5")
-    eng.resume()
-    wait_for(lambda: eng.step > k + 20)
-    eng.stop()
-    eng.join(10)
+
+    def change() -> None:
+        eng.set_lr(0.04)
+        eng.set_schedule("StepLR:step_size=5,gamma=0.5")
+
+    k = change_while_paused(eng, 10, change, 20)
     lr = eng.buffer.view()["lr"][:, 0]
     expect = 0.04 * 0.5 ** (np.arange(20) // 5)
     np.testing.assert_allclose(lr[k:k + 20], expect, rtol=1e-12)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import needs_permissions, read_only_folder
 
 from lrviz import export
 from lrviz.errors import ConfigError, StoreError
@@ -244,17 +245,12 @@ def test_replace_failure_removes_the_temp_file(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+@needs_permissions
 def test_read_only_folder(tmp_path: Path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
+    with read_only_folder(tmp_path) as folder:
         with pytest.raises(ConfigError, match="permission denied"):
             atomic_write(folder / "x.csv", b"x")
         assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o700)
 
 
 def test_missing_folder_and_folder_target(tmp_path: Path):

@@ -6,7 +6,7 @@ and any number of overlaid runs. It never reacts to training steps: the main win
 only when something changed, drawing at most ~2 points per pixel column of each series for the
 visible step range (min/max per column, so a one-step spike stays visible at any zoom).
 
-Why ~650 lines in one module: the layout, the traces' plot items, the frame (ranges, follow, redraw
+Why ~680 lines in one module: the layout, the traces' plot items, the frame (ranges, follow, redraw
 budget), the event markers and the crosshair readout all work on the same plot items and view
 ranges of one widget; the pieces that stand alone already live elsewhere (the decimated series in
 :mod:`.trace`, the axes in :mod:`.axes`, the marker strip in :mod:`.ribbon`).

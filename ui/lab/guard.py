@@ -59,6 +59,18 @@ _INFO_STYLE = (f"QFrame#divergenceBanner {{ background: #EAF4FB; border: 2px sol
                "border-radius: 4px; }")
 
 
+def _count_box(name: str, top: int, value: int, zero_text: str, suffix: str, tip: str) -> QSpinBox:
+    """A spin box of a count from 0 (shown as ``zero_text``) to ``top``."""
+    box = QSpinBox()
+    box.setObjectName(name)
+    box.setRange(0, top)
+    box.setValue(value)
+    box.setSpecialValueText(zero_text)
+    box.setSuffix(suffix)
+    box.setToolTip(tip)
+    return box
+
+
 class RunOptions(QGroupBox):
     """Guard and stopping settings of app runs: roll-back policy, checkpoints, early stopping, layer stats."""
 
@@ -70,30 +82,18 @@ class RunOptions(QGroupBox):
         self.auto_rollback.setToolTip(
             "when the guard sees the run diverge: off = pause and explain (you choose); on = go back to the "
             "last good checkpoint with the learning rate divided by 10 and carry on (at most 3 times)")
-        self.checkpoint_every = QSpinBox()
-        self.checkpoint_every.setObjectName("checkpointEvery")
-        self.checkpoint_every.setRange(0, 10_000_000)
-        self.checkpoint_every.setValue(CHECKPOINT_EVERY)
-        self.checkpoint_every.setSpecialValueText("only at pauses")
-        self.checkpoint_every.setSuffix(" steps")
-        self.checkpoint_every.setToolTip("save a checkpoint every this many steps (to roll back to or fork "
-                                         "from); the last 5 are kept, plus one at every pause")
-        self.early_stopping = QSpinBox()
-        self.early_stopping.setObjectName("earlyStopping")
-        self.early_stopping.setRange(0, 100_000)
-        self.early_stopping.setValue(0)
-        self.early_stopping.setSpecialValueText("off")
-        self.early_stopping.setSuffix(" validations")
-        self.early_stopping.setToolTip("stop when the validation loss has not improved for this many "
-                                       "validation passes (patience); off: train to the end")
-        self.layer_stats = QSpinBox()
-        self.layer_stats.setObjectName("layerStatsEvery")
-        self.layer_stats.setRange(0, 1_000_000)
-        self.layer_stats.setValue(LAYER_STATS_EVERY)
-        self.layer_stats.setSpecialValueText("off")
-        self.layer_stats.setSuffix(" steps")
-        self.layer_stats.setToolTip("record each layer's gradient norm and update/weight ratio every this many "
-                                    "steps (the Diagnostics panel)")
+        self.checkpoint_every = _count_box(
+            "checkpointEvery", 10_000_000, CHECKPOINT_EVERY, "only at pauses", " steps",
+            "save a checkpoint every this many steps (to roll back to or fork from); the last 5 are kept, "
+            "plus one at every pause")
+        self.early_stopping = _count_box(
+            "earlyStopping", 100_000, 0, "off", " validations",
+            "stop when the validation loss has not improved for this many validation passes (patience); "
+            "off: train to the end")
+        self.layer_stats = _count_box(
+            "layerStatsEvery", 1_000_000, LAYER_STATS_EVERY, "off", " steps",
+            "record each layer's gradient norm and update/weight ratio every this many steps (the Diagnostics "
+            "panel)")
         f = form()
         f.addRow(self.auto_rollback)
         f.addRow("checkpoint every", self.checkpoint_every)
