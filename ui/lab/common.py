@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt
-from PySide6.QtWidgets import QFormLayout, QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QFormLayout,
+    QFrame,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from lrviz.errors import LrvizError
 from lrviz.states import is_terminal
@@ -45,6 +54,16 @@ def form() -> QFormLayout:
     f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
     f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
     return f
+
+
+def push_button(text: str, name: str, tip: str = "") -> QPushButton:
+    """A panel's button: object name ``name``, tooltip ``tip``, never the default button."""
+    b = QPushButton(text)
+    b.setObjectName(name)
+    if tip:
+        b.setToolTip(tip)
+    b.setAutoDefault(False)
+    return b
 
 
 def note_label(text: str = "", colour: str = theme.GREY) -> QLabel:

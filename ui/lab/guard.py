@@ -22,7 +22,6 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -32,7 +31,7 @@ from lrviz.states import EventKind, RunState
 
 from .. import theme
 from ..widgets import FlowLayout
-from .common import Answers, fmt, form, is_live, note_label
+from .common import Answers, fmt, form, is_live, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.config import RunConfig
@@ -143,22 +142,17 @@ class DivergenceBanner(QFrame):
         self.explanation = note_label("", theme.FOREGROUND)
         self.explanation.setObjectName("bannerExplanation")
         self.explanation.setStyleSheet("border: none; background: none; font-size: 9pt;")
-        self.rollback_button = QPushButton("Roll back to the last good checkpoint with LR / 10")
-        self.rollback_button.setObjectName("bannerRollback")
-        self.rollback_button.setToolTip("restore the weights, optimizer and schedule of the last checkpoint "
-                                        "before the trouble, and continue with the learning rate divided by 10")
-        self.resume_button = QPushButton("Resume anyway")
-        self.resume_button.setObjectName("bannerResume")
-        self.resume_button.setToolTip("continue with the current weights and rate (the guard stays on)")
+        self.rollback_button = push_button("Roll back to the last good checkpoint with LR / 10", "bannerRollback",
+            "restore the weights, optimizer and schedule of the last checkpoint before the trouble, and "
+            "continue with the learning rate divided by 10")
+        self.resume_button = push_button("Resume anyway", "bannerResume",
+            "continue with the current weights and rate (the guard stays on)")
         self.resume_after = QCheckBox("resume after roll-back")
         self.resume_after.setObjectName("bannerResumeAfter")
         self.resume_after.setChecked(True)
         self.resume_after.setStyleSheet("border: none; background: none;")
         self.resume_after.setToolTip("off: stay paused after the roll-back, to look at the restored run first")
-        self.dismiss_button = QPushButton("Dismiss")
-        self.dismiss_button.setObjectName("bannerDismiss")
-        for b in (self.rollback_button, self.resume_button, self.dismiss_button):
-            b.setAutoDefault(False)
+        self.dismiss_button = push_button("Dismiss", "bannerDismiss")
         self.rollback_button.setStyleSheet(f"QPushButton {{ font-weight: 600; color: {theme.VERMILLION}; }}")
 
         text = QVBoxLayout()

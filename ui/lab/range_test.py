@@ -30,7 +30,6 @@ from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
     QLabel,
-    QPushButton,
     QWidget,
 )
 
@@ -49,7 +48,7 @@ from lrviz.lab.rangecurve import (
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
-from .common import LabPanel, fmt, form, is_live, lab_plot, note_label, scroll_column
+from .common import LabPanel, fmt, form, is_live, lab_plot, note_label, push_button, scroll_column
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -157,20 +156,14 @@ class RangeTestPanel(LabPanel):
         row.addWidget(QLabel("steps"))
         f.addRow("confirm", row)
 
-        self.run_button = QPushButton("Run range test")
-        self.run_button.setObjectName("rtRun")
-        self.run_button.setToolTip("sweep the learning rate up exponentially and watch where the loss falls fastest")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setObjectName("rtCancel")
-        self.confirm_button = QPushButton("Confirm")
-        self.confirm_button.setObjectName("rtConfirm")
-        self.confirm_button.setToolTip("train a few rates from the suggestion band from the same weights for a "
-                                       "short while, and choose the one whose loss fell most")
-        self.use_button = QPushButton("Use this LR")
-        self.use_button.setObjectName("rtUse")
-        self.use_button.setToolTip("set the suggested rate (mid-run: from the next step on)")
-        for b in (self.run_button, self.cancel_button, self.confirm_button, self.use_button):
-            b.setAutoDefault(False)
+        self.run_button = push_button("Run range test", "rtRun",
+            "sweep the learning rate up exponentially and watch where the loss falls fastest")
+        self.cancel_button = push_button("Cancel", "rtCancel")
+        self.confirm_button = push_button("Confirm", "rtConfirm",
+            "train a few rates from the suggestion band from the same weights for a short while, and choose"
+            " the one whose loss fell most")
+        self.use_button = push_button("Use this LR", "rtUse",
+            "set the suggested rate (mid-run: from the next step on)")
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)

@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QPushButton,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -49,7 +48,7 @@ from lrviz.states import RunState
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label
+from .common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -134,17 +133,11 @@ class SweepPanel(LabPanel):
         row.addWidget(self.target_edit, 3)
         f.addRow("steps each", row)
 
-        self.run_button = QPushButton("Run sweep")
-        self.run_button.setObjectName("sweepRun")
-        self.run_button.setToolTip("train the script once per rate, one after another (saved in the run store)")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setObjectName("sweepStop")
-        self.overlay_button = QPushButton("Show in main plots")
-        self.overlay_button.setObjectName("sweepOverlay")
-        self.overlay_button.setToolTip("overlay the selected runs in the main plots (none selected: every run that "
-                                       "did not diverge)")
-        for b in (self.run_button, self.stop_button, self.overlay_button):
-            b.setAutoDefault(False)
+        self.run_button = push_button("Run sweep", "sweepRun",
+            "train the script once per rate, one after another (saved in the run store)")
+        self.stop_button = push_button("Stop", "sweepStop")
+        self.overlay_button = push_button("Show in main plots", "sweepOverlay",
+            "overlay the selected runs in the main plots (none selected: every run that did not diverge)")
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
