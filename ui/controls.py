@@ -29,6 +29,7 @@ from .widgets import (
     ErrorLabel,
     LrControl,
     ValidatedLineEdit,
+    form_layout,
     format_number,
     parse_float_in,
     parse_int_at_least,
@@ -63,13 +64,7 @@ def _param_choices(info: ScriptInfo) -> dict[str, tuple]:
 
 
 def _form() -> QFormLayout:
-    f = QFormLayout()
-    f.setContentsMargins(6, 4, 6, 4)
-    f.setHorizontalSpacing(8)
-    f.setVerticalSpacing(4)
-    f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
-    return f
+    return form_layout((6, 4), 4)
 
 
 class ControlPanel(QScrollArea):

@@ -76,15 +76,12 @@ def checkpoint_events(store: Any, run_id: int) -> dict[int, str]:
 def fork_origin(store: Any, ref: str, args: argparse.Namespace, ats: list[Any]) -> tuple[Any, list[Any]]:
     """The Origin of ``--fork RUN@STEP``; the settings given on the command line apply from STEP."""
     from ..engine import Origin
-    from ..interventions import Intervention, check
+    from ..interventions import Intervention, check, step_number
 
     run_ref, at, step_text = ref.rpartition("@")
     if not at or not run_ref:
         raise ConfigError(f"--fork {ref!r}: use RUN@STEP, e.g. 3@500 (see `lrviz runs`)")
-    try:
-        step = int(step_text)
-    except ValueError:
-        raise ConfigError(f"--fork {ref!r}: {step_text!r} is not a step number") from None
+    step = step_number(step_text, f"--fork {ref!r}")
     parent = store.get_run(run_ref)
     parent.require_trainable("forked")
     points = checkpoint_events(store, parent.id)
@@ -104,16 +101,27 @@ def fork_origin(store: Any, ref: str, args: argparse.Namespace, ats: list[Any]) 
     return Origin("fork", parent.id, Path(points[step]), step), extra + ats
 
 
+def _stored_run(args: argparse.Namespace, verb: str) -> tuple[Path | None, Any, Any]:
+    """The output folder, the open store and run ``args.run`` in it, which can be ``verb`` (else a
+    ConfigError, with the store closed). The caller closes the store."""
+    out = check_out_dir(args.out)
+    store = open_store(args.store)
+    try:
+        info = store.get_run(args.run)
+        info.require_trainable(verb)
+    except BaseException:
+        store.close()
+        raise
+    return out, store, info
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from ..config import RunConfig
     from ..engine import Origin, TrainingEngine
     from ..experiment import load_experiment
 
-    out = check_out_dir(args.out)
-    store = open_store(args.store)
+    out, store, info = _stored_run(args, "resumed")
     try:
-        info = store.get_run(args.run)
-        info.require_trainable("resumed")
         if info.status in ("running", "paused"):
             raise ConfigError(f"run {info.id} is {info.status} in another process; stop it there first")
         points = checkpoint_events(store, info.id)
@@ -155,11 +163,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ..experiment import load_experiment
     from ..interventions import from_events
 
-    out = check_out_dir(args.out)
-    store = open_store(args.store)
+    out, store, info = _stored_run(args, "replayed")
     try:
-        info = store.get_run(args.run)
-        info.require_trainable("replayed")
         exp = load_experiment(info.script_path)
         if exp.source_hash != info.script_hash:
             print(f"lrviz: warning: {info.script_path} changed since run {info.id}; the replay may differ",

@@ -17,6 +17,7 @@ from PySide6.QtCore import QEvent, Qt
 from PySide6.QtWidgets import (
     QFormLayout,
     QFrame,
+    QHBoxLayout,
     QLabel,
     QPushButton,
     QScrollArea,
@@ -31,7 +32,7 @@ from lrviz.states import is_terminal
 from .. import theme
 from ..axes import ValueAxis
 from ..futures import GuiFutures
-from ..widgets import format_number
+from ..widgets import form_layout, format_number
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -46,14 +47,8 @@ RUN_COLOURS = (theme.BLUE, theme.ORANGE, theme.GREEN, theme.PURPLE, theme.BLACK,
 
 # ---- small widgets ------------------------------------------------------------------------------
 def form() -> QFormLayout:
-    """A compact form layout like the control panel's."""
-    f = QFormLayout()
-    f.setContentsMargins(4, 2, 4, 2)
-    f.setHorizontalSpacing(8)
-    f.setVerticalSpacing(3)
-    f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
-    return f
+    """A compact form layout like the control panel's, a little tighter."""
+    return form_layout((4, 2), 3)
 
 
 def push_button(text: str, name: str, tip: str = "") -> QPushButton:
@@ -64,6 +59,17 @@ def push_button(text: str, name: str, tip: str = "") -> QPushButton:
         b.setToolTip(tip)
     b.setAutoDefault(False)
     return b
+
+
+def button_row(*items: QWidget | None) -> QHBoxLayout:
+    """A row of widgets, left to right; ``None`` is a stretch (what is after it goes to the right)."""
+    row = QHBoxLayout()
+    for item in items:
+        if item is None:
+            row.addStretch(1)
+        else:
+            row.addWidget(item)
+    return row
 
 
 def note_label(text: str = "", colour: str = theme.GREY) -> QLabel:

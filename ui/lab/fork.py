@@ -30,7 +30,7 @@ from lrviz.states import EventKind, RunState
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import LabPanel, fmt, form, note_label, push_button
+from .common import LabPanel, button_row, fmt, form, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.child import ChildRun
@@ -105,10 +105,7 @@ class ForkPanel(LabPanel):
         f.addRow("checkpoint", self.checkpoints)
         f.addRow("new LR", self.lr)
         f.addRow("schedule", self.schedule)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.fork_button)
-        buttons.addWidget(self.resume_button)
-        buttons.addStretch(1)
+        buttons = button_row(self.fork_button, self.resume_button, None)
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)
         col.addLayout(f)

@@ -48,7 +48,7 @@ from lrviz.states import RunState
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label, push_button
+from .common import RUN_COLOURS, LabPanel, button_row, fmt, form, lab_plot, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -138,12 +138,7 @@ class SweepPanel(LabPanel):
         self.stop_button = push_button("Stop", "sweepStop")
         self.overlay_button = push_button("Show in main plots", "sweepOverlay",
             "overlay the selected runs in the main plots (none selected: every run that did not diverge)")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.stop_button)
-        buttons.addWidget(self.log_y)
-        buttons.addStretch(1)
-        buttons.addWidget(self.overlay_button)
+        buttons = button_row(self.run_button, self.stop_button, self.log_y, None, self.overlay_button)
         self.progress_label = note_label()
         self.progress_label.setObjectName("sweepProgress")
 
