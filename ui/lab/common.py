@@ -72,9 +72,11 @@ def button_row(*items: QWidget | None) -> QHBoxLayout:
     return row
 
 
-def note_label(text: str = "", colour: str = theme.GREY) -> QLabel:
-    """A word-wrapped, selectable label for explanations and results."""
+def note_label(text: str = "", colour: str = theme.GREY, name: str = "") -> QLabel:
+    """A word-wrapped, selectable label for explanations and results (object name ``name``)."""
     lab = QLabel(text)
+    if name:
+        lab.setObjectName(name)
     lab.setWordWrap(True)
     lab.setTextFormat(Qt.TextFormat.RichText)
     lab.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)

@@ -94,8 +94,7 @@ class ForkPanel(LabPanel):
             "a new child run from the selected checkpoint, drawn over its parent")
         self.resume_button = push_button("Resume run", "resumeButton",
             "continue the run itself from its last checkpoint")
-        self.info = note_label()
-        self.info.setObjectName("forkInfo")
+        self.info = note_label(name="forkInfo")
 
         f = form()
         top = QHBoxLayout()

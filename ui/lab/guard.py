@@ -136,11 +136,9 @@ class DivergenceBanner(QFrame):
         self.icon.setObjectName("bannerIcon")
         self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 18pt; border: none; background: none;")
         self.icon.setAlignment(Qt.AlignmentFlag.AlignTop)
-        self.title = note_label("", theme.FOREGROUND)
-        self.title.setObjectName("bannerTitle")
+        self.title = note_label("", theme.FOREGROUND, name="bannerTitle")
         self.title.setStyleSheet("border: none; background: none; font-size: 10pt;")
-        self.explanation = note_label("", theme.FOREGROUND)
-        self.explanation.setObjectName("bannerExplanation")
+        self.explanation = note_label("", theme.FOREGROUND, name="bannerExplanation")
         self.explanation.setStyleSheet("border: none; background: none; font-size: 9pt;")
         self.rollback_button = push_button("Roll back to the last good checkpoint with LR / 10", "bannerRollback",
             "restore the weights, optimizer and schedule of the last checkpoint before the trouble, and "

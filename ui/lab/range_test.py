@@ -167,8 +167,7 @@ class RangeTestPanel(LabPanel):
         buttons = button_row(self.run_button, self.cancel_button, None)
         after = button_row(self.confirm_button, None, self.use_button)  # four buttons do not fit a narrow dock
 
-        self.mode_label = note_label()
-        self.mode_label.setObjectName("rtMode")
+        self.mode_label = note_label(name="rtMode")
         self.plot = lab_plot("learning rate (log scale)", "loss", log_x=True)
         self.plot.setObjectName("rtPlot")
         p = self.plot.getPlotItem()
@@ -178,12 +177,9 @@ class RangeTestPanel(LabPanel):
         self.key = note_label(f"<span style='color:{theme.LOSS_RAW}'>&#9644;</span> loss per batch &nbsp; "
                               f"<span style='color:{theme.LOSS_SMOOTH}'>&#9644;</span> smoothed (EMA 0.98) &nbsp; "
                               f"<span style='color:{theme.GREEN}'>&#9646;</span> suggestion band")
-        self.suggestion_label = note_label("", theme.FOREGROUND)
-        self.suggestion_label.setObjectName("rtSuggestion")
-        self.stop_label = note_label()
-        self.stop_label.setObjectName("rtStopReason")
-        self.confirm_label = note_label("", theme.FOREGROUND)
-        self.confirm_label.setObjectName("rtConfirmation")
+        self.suggestion_label = note_label("", theme.FOREGROUND, name="rtSuggestion")
+        self.stop_label = note_label(name="rtStopReason")
+        self.confirm_label = note_label("", theme.FOREGROUND, name="rtConfirmation")
 
         col = scroll_column(self)
         col.setContentsMargins(4, 4, 4, 4)

@@ -139,8 +139,7 @@ class SweepPanel(LabPanel):
         self.overlay_button = push_button("Show in main plots", "sweepOverlay",
             "overlay the selected runs in the main plots (none selected: every run that did not diverge)")
         buttons = button_row(self.run_button, self.stop_button, self.log_y, None, self.overlay_button)
-        self.progress_label = note_label()
-        self.progress_label.setObjectName("sweepProgress")
+        self.progress_label = note_label(name="sweepProgress")
 
         self.plot = lab_plot("step", "smoothed training loss", log_y=True)
         self.plot.setObjectName("sweepPlot")
@@ -167,8 +166,7 @@ class SweepPanel(LabPanel):
         header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         for c in (0, 1):
             header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
-        self.target_label = note_label()
-        self.target_label.setObjectName("sweepTargetLabel")
+        self.target_label = note_label(name="sweepTargetLabel")
 
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)
