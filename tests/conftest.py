@@ -5,7 +5,8 @@
 - A test that leaves an ``lrviz-*`` thread, a child process, a QThread or a running QTimer behind fails,
   with where each was started (``_no_leaks``).
 
-Nothing here needs Qt: the core's tests run without PySide6 installed.
+Nothing here needs Qt: the core's tests run without PySide6 installed. ``LRVIZ_TEST_NO_QT=1`` makes
+PySide6, pyqtgraph and lrviz.ui unimportable here (tests/qt_block.py), as .ci/test runs the core's tests.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ _CONFIG_HOME = tempfile.mkdtemp(prefix="lrviz-test-config-")
 os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME  # QSettings' native format on Linux lives here
 
 import pytest  # noqa: E402
+
+if os.environ.get("LRVIZ_TEST_NO_QT"):  # the core's tests as on a machine without Qt (.ci/test)
+    import qt_block
+
+    qt_block.install()
 
 try:
     from lrviz.ui import _compat  # noqa: F401  (PySide6 6.12 drops references to True on every emit)

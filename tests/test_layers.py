@@ -7,22 +7,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+from qt_block import SOURCE
+
 ROOT = Path(__file__).resolve().parents[1]
 
-BLOCK_QT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class BlockQt(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6') \\
-                    or name.startswith('lrviz.ui'):
-                raise ImportError(f'{name} is blocked: the core must not import Qt')
-            return None
-
-    sys.meta_path.insert(0, BlockQt())
-    """
-)
+BLOCK_QT = SOURCE
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:
