@@ -266,6 +266,7 @@ def test_device_staging_records_the_same_values_as_host_path(tiny):
     assert a["lr"].tobytes() == b["lr"].tobytes() and a["epoch"].tobytes() == b["epoch"].tobytes()
 
 
+@pytest.mark.slow
 def test_device_staging_keeps_the_rows_staged_when_the_buffer_grows(tiny, monkeypatch, tmp_path):
     """An epochs-based run starts with room for 4096 rows; staged in blocks of 100 (never flushed by
     time), rows 4000-4095 are still on the 'device' when row 4096 makes the buffer grow."""
@@ -313,6 +314,7 @@ def test_nan_loss_stops_as_diverged_with_the_step(tiny):
     assert eng.events[-1].kind == "diverged"
 
 
+@pytest.mark.slow
 def test_buffer_readers_see_consistent_views_while_training(tiny):
     eng = TrainingEngine(tiny, RunConfig(lr=0.05, steps=10_000))
     eng.start()

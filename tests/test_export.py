@@ -137,6 +137,7 @@ def test_csv_rejects_ragged_columns(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_csv_million_rows_is_fast(tmp_path: Path):
     """A million rows cost about ten times a hundred thousand (linear, chunked), never more than twice
     that: bounded relative to the same writer on this machine, not by wall-clock seconds."""

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from qt_block import SOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ def test_every_core_module_imports_with_qt_blocked():
     assert int(r.stdout.split()[0]) >= 10
 
 
+@pytest.mark.slow
 def test_core_trains_and_stores_with_qt_blocked(tmp_path):
     r = run_blocked(
         f"""
