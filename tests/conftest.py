@@ -42,6 +42,15 @@ if QSettings is not None:
     for _fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
         QSettings.setPath(_fmt, QSettings.Scope.UserScope, _CONFIG_HOME)
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``qt`` (the core's commands that also draw) are skipped where Qt cannot be imported."""
+    if QSettings is None:
+        skip = pytest.mark.skip(reason="draws with Qt, and PySide6 cannot be imported here")
+        for item in items:
+            if item.get_closest_marker("qt") is not None:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _lrviz_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """A fresh, empty LRVIZ_HOME (so the default run store) for every test."""

@@ -29,6 +29,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.qt
 def test_run_with_interventions_writes_exact_metrics(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["run", "regression", "--steps", "300", "--lr", "0.05", "--at", "100:lr=0.01",
@@ -96,6 +97,7 @@ def test_replay_of_a_stopped_app_style_run_replays_its_live_commands(tmp_path, c
     assert f"identical ({n} steps)" in capsys.readouterr().err
 
 
+@pytest.mark.qt
 def test_runs_lists_and_export_writes_formats(tmp_path, capsys):
     store = str(tmp_path / "store")
     assert main(["run", "regression", "--steps", "20", "--store", store, "--quiet", "--name", "first"]) == 0
