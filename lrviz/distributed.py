@@ -895,6 +895,7 @@ def terminable(dist: Distributed) -> Iterator[None]:
                  "(torchrun stops the job when a rank fails, on Ctrl+C, or at a batch system's time limit)"}
         timer = threading.Timer(TERM_GRACE_S, abandon, (dist, engine, fault, 0.0))
         timer.daemon = True
+        timer.name = "lrviz-dist-term"
         timer.start()
 
     previous = signal.signal(signal.SIGTERM, on_term)

@@ -59,6 +59,7 @@ def logged(trainer, key):
     return {h["step"]: h[key] for h in trainer.state.log_history if key in h}
 
 
+@pytest.mark.slow
 def test_the_stored_run_is_what_the_trainer_logged(tmp_path):
     store_path = tmp_path / "runs.sqlite"
     cb = LrvizCallback(store=store_path)

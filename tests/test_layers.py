@@ -7,22 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+from qt_block import SOURCE
+
 ROOT = Path(__file__).resolve().parents[1]
 
-BLOCK_QT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class BlockQt(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6') \\
-                    or name.startswith('lrviz.ui'):
-                raise ImportError(f'{name} is blocked: the core must not import Qt')
-            return None
-
-    sys.meta_path.insert(0, BlockQt())
-    """
-)
+BLOCK_QT = SOURCE
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:
@@ -46,6 +36,7 @@ def test_every_core_module_imports_with_qt_blocked():
     assert int(r.stdout.split()[0]) >= 10
 
 
+@pytest.mark.slow
 def test_core_trains_and_stores_with_qt_blocked(tmp_path):
     r = run_blocked(
         f"""

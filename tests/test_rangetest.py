@@ -1024,14 +1024,16 @@ def test_engine_confirms_between_two_steps_and_training_goes_on_exactly(tmp_path
     exp = load_experiment(script)
     ref = TrainingEngine(exp, RunConfig(**exp.defaults))
     ref.run()
-    eng = TrainingEngine(exp, RunConfig(**exp.defaults))
+    # paused at exactly step 5, early: from there the range test's loss still falls (a run paused "soon
+    # after step 5" by a polling test went on for as many steps as a busy machine delayed the test)
+    eng = TrainingEngine(exp, RunConfig(**exp.defaults), start_paused=True)
     eng.start()
     deadline = time.monotonic() + 60
-    while eng.step < 5 and time.monotonic() < deadline:  # early: from here the range test's loss still falls
-        time.sleep(0.001)
-    eng.pause()
-    while eng.state != "paused" and time.monotonic() < deadline:
-        time.sleep(0.005)
+    for k in range(1, 6):
+        eng.step_once()
+        while not (eng.step == k and eng.state == "paused") and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert eng.step == 5 and eng.state == "paused"
     try:
         result = eng.range_test(start=1e-4, end=10, steps=100, confirm=True, confirm_steps=5).result(timeout=60)
         c = eng.confirm_lr(rates=[1e-3, 1e-2, 0.1], steps=5).result(timeout=60)

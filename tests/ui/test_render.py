@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -121,15 +122,23 @@ def test_each_kind_and_empty_or_broken_runs(tmp_path: Path):
 
 
 def test_million_steps_render_fast(tmp_path: Path):
+    """A million steps render in about the time of two thousand (decimated: the figure's own set-up
+    dominates), bounded relative to that render on this machine, not by wall-clock seconds."""
+    small = math.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        render_run(run_data(2000), tmp_path / "small.svg", kind="both", title="2e3 steps")
+        small = min(small, time.perf_counter() - t0)
     n = 1_000_000
     data = run_data(n)
     data.steps["loss"][600_000] = 50.0  # a single-step spike
     t0 = time.perf_counter()
     path = render_run(data, tmp_path / "big.svg", kind="both", title="1e6 steps")
     elapsed = time.perf_counter() - t0
-    print(f"render 1e6 steps (svg, both plots): {elapsed:.2f} s, {path.stat().st_size / 1e3:.0f} kB")
-    log.info("render 1e6 steps: %.2f s", elapsed)
-    assert elapsed < 20
+    print(f"render 1e6 steps (svg, both plots): {elapsed:.2f} s, {path.stat().st_size / 1e3:.0f} kB; "
+          f"2e3 steps: {small:.2f} s")
+    log.info("render 1e6 steps: %.2f s (2e3 steps: %.2f s)", elapsed, small)
+    assert elapsed < 10 * small, (elapsed, small)
     assert path.stat().st_size < 2_000_000  # decimated: not a million points
     t0 = time.perf_counter()
     render_run(data, tmp_path / "big.png", kind="both")
