@@ -109,8 +109,8 @@ def test_surface_script_contract(path):
     exp = load_experiment(path)
     mod = exp.module
     assert set(exp.params) == {"surface", "start_x", "start_y"}
-    assert mod.SURFACE is surface_module().SURFACES[exp.params["surface"]]
-    assert set(mod.PARAM_CHOICES["surface"]) == set(surface_module().SURFACES)
+    assert mod.SURFACE is mod.SURFACES[exp.params["surface"]]
+    assert set(mod.PARAM_CHOICES["surface"]) == set(mod.SURFACES)
     assert path.stem == f"surface_{exp.params['surface']}"
     for key in ("fn", "xlim", "ylim", "minima"):
         assert key in mod.SURFACE

@@ -17,11 +17,10 @@ What to try:
 """
 
 from lrviz.resources.examples import _surfaces
-from lrviz.resources.examples._surfaces import build_data, build_model, compute_loss, probe
+from lrviz.resources.examples._surfaces import build_data, build_model, compute_loss, probe  # noqa: F401
 
-__all__ = ["build_data", "build_model", "compute_loss", "probe"]
-
-SURFACE = _surfaces.SURFACES["rastrigin"]
+SURFACES = _surfaces.SURFACES  # every surface: the surface knob chooses among them
+SURFACE = SURFACES["rastrigin"]
 DEFAULTS = {"lr": 0.003, "optimizer": "sgd", "momentum": 0.0, "steps": 2000, "seed": 0}
 #: The choices of the text knobs (for a drop-down list).
 PARAM_CHOICES = {"surface": _surfaces.SURFACE_NAMES}
