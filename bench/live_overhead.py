@@ -33,6 +33,7 @@ HERE = Path(__file__).parent
 CLIENT = """
 import json, sys
 from lrviz.live.connection import ConnectionInfo
+from lrviz.live.run import RemoteRun
 r = RemoteRun(ConnectionInfo.from_dict(json.loads(sys.argv[1])), name="bench").connect()
 r.resume().result(60)
 r.done.wait(600)
