@@ -387,9 +387,10 @@ def test_pace_slows_the_run_and_stays_steerable(tiny):
     try:
         wait_for(lambda: eng.step > 0)  # the first step of a process imports torch._dynamo (~1 s)
         n0 = eng.step
-        wait_for(lambda: eng.step >= n0 + 30)
-        # never faster than asked: a run that fell behind may catch up by at most 0.1 s (2 steps) at once
-        assert 30 <= 20 * seconds_between(eng, n0, n0 + 30) + 3
+        wait_for(lambda: eng.step >= n0 + 40)
+        # never faster than asked (2 s for 40 steps): a run that fell behind catches up by at most 0.1 s,
+        # and a step's time is recorded after its own work, which a busy machine stretches (0.25 s more)
+        assert 40 <= 20 * seconds_between(eng, n0, n0 + 40) + 20 * (0.1 + 0.25)
         n = eng.step
         eng.set_pace(None)
         wait_for(lambda: eng.step > n + 160)
