@@ -224,4 +224,9 @@ def _no_leaks(monkeypatch: pytest.MonkeyPatch, session_owned: list):
         left = leftovers()
     left = leftovers()
     if left:
+        for t in threading.enumerate():  # a run left training would draw from torch's global RNG under
+            owner = getattr(t, "_lrviz_owner", None)  # the next tests of this process: stop it now
+            if t.name == "lrviz-engine" and t not in threads_before and hasattr(owner, "stop"):
+                owner.stop()
+                t.join(THREAD_GRACE_S)
         pytest.fail("the test left these running:\n" + "\n".join(left), pytrace=False)

@@ -948,6 +948,7 @@ def test_torch_lr_finders_steepest_does_not_learn_on_digits_and_the_confirmed_ra
 # --------------------------------------------------------------------------- lrviz find-lr
 
 
+@pytest.mark.qt
 def test_find_lr_command_confirms_and_says_which_rate_won_and_why(tmp_path, capsys, one_torch_thread):
     import json
 
