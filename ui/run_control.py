@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QObject, Signal
@@ -212,6 +213,9 @@ class RunControl(QObject):
         """A run started elsewhere: its script in the Script panel (when it is on this machine) and its
         settings in the controls, so what they show is what it trains with."""
         w = self.window
+        if getattr(run, "describe", {}).get("kind") == "tracked":
+            self._show_tracked_settings(run)  # its script is the user's own loop: never imported here
+            return
         script = run.script_path
         info = w.script_info
         if script and os.path.isfile(script) and (info is None or os.path.realpath(info.path) !=
@@ -219,6 +223,16 @@ class RunControl(QObject):
             w.load_script(script)  # the controls then show its settings again, below
         if w.script_info is not None:
             self.script_loaded(w.script_info)
+
+    def _show_tracked_settings(self, run: Run) -> None:
+        """A user's loop (``lrviz.track``, a trainer's callback): the controls show the rate, momentum,
+        weight decay and length it recorded at its start; what it has no word for keeps the defaults."""
+        known = {f.name for f in fields(RunConfig)}
+        cfg = {k: v for k, v in dict(run.config).items() if k in known}
+        try:
+            self.window.controls.show_config(RunConfig.from_dict(cfg))
+        except (LrvizError, TypeError, ValueError):
+            pass
 
     def watch(self, run_id: int) -> None:
         """Follow run ``run_id`` of the window's store, live (Watch in the run browser)."""

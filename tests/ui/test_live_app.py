@@ -151,6 +151,36 @@ def test_watch_a_terminal_run_from_the_run_browser_and_steer_it(qtbot, window, t
     assert lrs[step - 1] == 0.05 and lrs[step] == 0.0125
 
 
+def test_watching_a_users_own_loop_never_loads_it_as_an_experiment(qtbot, window, tmp_path, monkeypatch):
+    """A tracked run's script is the user's training script: importing it would train again (or fail
+    as an experiment, as the own-loop example did with "no build_model()"). Its recorded settings show."""
+    store = Path(window.store_path).parent
+    proc = subprocess.Popen([sys.executable, "-m", "lrviz.resources.examples.own_loop", "--store", str(store)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+    loaded: list[str] = []
+    monkeypatch.setattr(window, "load_script", lambda path, *a, **k: loaded.append(str(path)))
+    try:
+        run_id = wait_live(qtbot, store, proc)
+        window.run_browser.refresh()
+        window.run_browser.select_runs([run_id])
+        click(qtbot, window.run_browser.watch_button)
+        qtbot.waitUntil(lambda: window.run is not None and window.run.run_id == run_id, timeout=WAIT_MS)
+        run = window.run
+        assert run.script_path.endswith("own_loop.py")
+        # the loop's SGD(lr=0.05, momentum=0.9) and its length, as it recorded them
+        qtbot.waitUntil(lambda: window.controls.momentum.text() == "0.9", timeout=WAIT_MS)
+        assert window.controls.lr.value() == 0.05 and window.controls.length.value() == run.total_steps
+        assert loaded == [] and not window.messages
+        wait_steps(qtbot, window, run.step + 50)
+        type_into(qtbot, window.controls.lr.edit, "0.01", enter=True)
+        wait_answer(qtbot, window, "lr 0.01 from step")
+        click(qtbot, button(window, window.act_stop))
+        wait_ended(qtbot, window)
+        assert proc.wait(WAIT_MS / 1000) == 0
+    finally:
+        proc.kill()
+
+
 def test_connect_to_a_run_by_address_and_token(qtbot, window, tmp_path, monkeypatch, shown):
     from lrviz.ui.connect_dialog import ConnectDialog
 
