@@ -30,7 +30,7 @@ from lrviz.live.client import CommandRejected
 from lrviz.live.connection import ConnectionInfo, find_live
 from lrviz.live.run import RemoteRun
 from lrviz.live.steer import ack_phrase, command_words
-from lrviz.states import RunState, is_terminal
+from lrviz.states import EventKind, RunState, is_terminal
 
 from .futures import GuiFutures
 from .trace import RunTrace
@@ -230,7 +230,7 @@ class RunControl(QObject):
         known = {f.name for f in fields(RunConfig)}
         cfg = {k: v for k, v in dict(run.config).items() if k in known}
         try:
-            self.window.controls.show_config(RunConfig.from_dict(cfg))
+            self.window.controls.show_config(RunConfig.from_dict(steered_config(run, cfg)))
         except (LrvizError, TypeError, ValueError):
             pass
 
@@ -274,7 +274,7 @@ class RunControl(QObject):
         if self.active() and run is not None and run.script_path and \
                 os.path.realpath(run.script_path) == os.path.realpath(info.path):
             try:
-                self.window.controls.show_config(RunConfig.from_dict(dict(run.config)))
+                self.window.controls.show_config(RunConfig.from_dict(steered_config(run, dict(run.config))))
             except (LrvizError, TypeError, ValueError):
                 pass
 
@@ -500,3 +500,17 @@ class RunControl(QObject):
         held = [*self.started, *self.hidden, *([self.run] if self.run is not None else [])]
         for r in {id(r): r for r in held}.values():
             r.close()
+
+
+def steered_config(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (what the run started with) as steered since: its current rate (group 0), and the last
+    schedule, momentum and weight decay set (those its events received so far name)."""
+    out = dict(cfg)
+    for e in list(run.events):
+        if e.kind == EventKind.SET_SCHEDULE:
+            out["schedule"] = e.data.get("spec")
+        elif e.kind == EventKind.SET_HYPERPARAMS:
+            out.update({k: e.data[k] for k in ("momentum", "weight_decay") if e.data.get(k) is not None})
+    if run.lrs:
+        out["lr"] = float(run.lrs[0])
+    return out

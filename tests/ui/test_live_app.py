@@ -151,6 +151,30 @@ def test_watch_a_terminal_run_from_the_run_browser_and_steer_it(qtbot, window, t
     assert lrs[step - 1] == 0.05 and lrs[step] == 0.0125
 
 
+def test_watching_a_run_steered_before_shows_its_settings_as_steered(qtbot, window, tmp_path, capsys):
+    """The controls showed the settings the run started with (lr 0.05), not the rate it trains with."""
+    from lrviz.cli import main
+
+    store = Path(window.store_path).parent
+    proc = lrviz_run(str(SCRIPTS / "tiny.py"), "--steps", "3000000", "--lr", "0.05", store=store)
+    try:
+        run_id = wait_live(qtbot, store, proc)
+        assert main(["steer", str(run_id), "--lr", "0.002", "--momentum", "0.5", "--store", str(store)]) == 0
+        assert "accepted" in capsys.readouterr().out
+        qtbot.waitUntil(lambda: any(e.kind == "set_hyperparams" for e in window.store.load_events(run_id)),
+                        timeout=WAIT_MS)
+        window.run_browser.refresh()
+        window.run_browser.select_runs([run_id])
+        click(qtbot, window.run_browser.watch_button)
+        qtbot.waitUntil(lambda: window.script_info is not None and window.script_info.name == "tiny", timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: window.controls.length.value() == 3_000_000, timeout=WAIT_MS)
+        assert window.controls.lr.value() == 0.002 and window.controls.momentum.text() == "0.5"
+        click(qtbot, button(window, window.act_stop))
+        wait_ended(qtbot, window)
+    finally:
+        proc.kill()
+
+
 def test_watching_a_users_own_loop_never_loads_it_as_an_experiment(qtbot, window, tmp_path, monkeypatch):
     """A tracked run's script is the user's training script: importing it would train again (or fail
     as an experiment, as the own-loop example did with "no build_model()"). Its recorded settings show."""
