@@ -511,6 +511,9 @@ def steered_config(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
             out["schedule"] = e.data.get("spec")
         elif e.kind == EventKind.SET_HYPERPARAMS:
             out.update({k: e.data[k] for k in ("momentum", "weight_decay") if e.data.get(k) is not None})
-    if run.lrs:
+    buf = run.buffer
+    if buf is not None and len(buf):  # the rate the last step used (a tracked loop's own scheduler moves it)
+        out["lr"] = float(buf.view(len(buf) - 1)["lr"][-1, 0])
+    elif run.lrs:
         out["lr"] = float(run.lrs[0])
     return out

@@ -191,9 +191,9 @@ def test_watching_a_users_own_loop_never_loads_it_as_an_experiment(qtbot, window
         qtbot.waitUntil(lambda: window.run is not None and window.run.run_id == run_id, timeout=WAIT_MS)
         run = window.run
         assert run.script_path.endswith("own_loop.py")
-        # the loop's SGD(lr=0.05, momentum=0.9) and its length, as it recorded them
+        # the loop's SGD(momentum=0.9) and its length, as it recorded them; the rate its cosine has reached
         qtbot.waitUntil(lambda: window.controls.momentum.text() == "0.9", timeout=WAIT_MS)
-        assert window.controls.lr.value() == 0.05 and window.controls.length.value() == run.total_steps
+        assert 0.04 < window.controls.lr.value() <= 0.05 and window.controls.length.value() == run.total_steps
         assert loaded == [] and not window.messages
         wait_steps(qtbot, window, run.step + 50)
         type_into(qtbot, window.controls.lr.edit, "0.01", enter=True)

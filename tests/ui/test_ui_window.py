@@ -412,3 +412,10 @@ def test_a_local_run_is_drawn_and_ended_like_any_other(qtbot, window, make_scrip
     assert ended.args == ["finished"]
     assert window.plots.primary.trace.rows == 40
     assert window.status.step_label.text() == "step 40 / 40" and window.status.state == "finished"
+
+
+def test_a_rate_of_zero_shown_in_the_lr_field_does_not_raise(window):
+    """A watched run warming up from 0 (the HF Trainer's default) has rate 0: showing it raised a math
+    domain error, and the rest of the run's settings were never shown."""
+    window.controls.lr.set_value(0.0)
+    assert window.controls.lr.edit.text() == "0" and window.controls.lr.slider.value() == 0
