@@ -228,7 +228,10 @@ class RunControl(QObject):
         """A user's loop (``lrviz.track``, a trainer's callback): the controls show the rate, momentum,
         weight decay and length it recorded at its start; what it has no word for keeps the defaults."""
         known = {f.name for f in fields(RunConfig)}
-        cfg = {k: v for k, v in dict(run.config).items() if k in known}
+        recorded = dict(run.config)
+        cfg = {k: v for k, v in recorded.items() if k in known}
+        if "momentum" not in cfg and isinstance(recorded.get("betas"), (list, tuple)) and recorded["betas"]:
+            cfg["momentum"] = recorded["betas"][0]  # Adam's beta1: what lrviz's momentum sets for Adam
         try:
             self.window.controls.show_config(RunConfig.from_dict(steered_config(run, cfg)))
         except (LrvizError, TypeError, ValueError):
