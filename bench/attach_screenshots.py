@@ -21,19 +21,16 @@ user's. Needs ImageMagick's ``import``; the extras ``lightning`` and ``transform
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lrviz.ui.app import create_app  # noqa: E402
 from lrviz.ui.main_window import MainWindow  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
-from ui_screenshots import ROOT, set_lr, settle, wait  # noqa: E402  (sets a temporary LRVIZ_HOME)
+from ui_screenshots import ROOT, run_shots, set_lr, settle, wait  # noqa: E402  (sets a temporary LRVIZ_HOME)
 
 from lrviz.live.connection import live_runs  # noqa: E402
 
@@ -110,24 +107,7 @@ SHOTS = {"own-loop": own_loop, "lightning": lightning, "trainer": trainer, "torc
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs"))
-    ap.add_argument("--only", default=",".join(SHOTS))
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    app = create_app()
-    w = MainWindow()
-    w.resize(1280, 800)
-    w.move(0, 0)
-    w.show()
-    for name in args.only.split(","):
-        t = time.monotonic()
-        SHOTS[name](app, w, out)
-        print(f"wrote {out / f'screenshot-attach-{name}.png'} ({time.monotonic() - t:.0f} s)")
-    w.shutdown(30)
-    w.close()
-    return 0
+    return run_shots(SHOTS, __doc__.splitlines()[0], "screenshot-attach-{}.png")
 
 
 if __name__ == "__main__":
