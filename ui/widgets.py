@@ -265,6 +265,8 @@ class LrControl(QWidget):
             self._syncing = False
 
     def _sync_slider(self, lr: float) -> None:
+        if not (lr > 0 and math.isfinite(lr)):  # a watched run's rate can be 0 (a warm-up from 0)
+            lr = 10.0 ** self.LOG_MIN
         pos = (math.log10(lr) - self.LOG_MIN) / (self.LOG_MAX - self.LOG_MIN) * self.TICKS
         self.slider.blockSignals(True)
         self.slider.setValue(int(round(min(max(pos, 0), self.TICKS))))
