@@ -245,3 +245,62 @@ def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(t
     with RunStore(store) as s:
         info = s.get_run(run_id)
     assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+
+
+def test_a_lightning_ddp_fit_with_the_callback_is_one_run_steered_and_paused_on_both_ranks(tmp_path, capsys):
+    """Lightning's own DDP strategy (2 CPU processes, gloo), which joins torchrun's job: every rank's
+    LrvizCallback tracks, rank 0 records the mean loss and serves."""
+    pytest.importorskip("lightning")
+    store, losses = tmp_path / "store", tmp_path / "losses"
+    losses.mkdir()
+    proc = torchrun(str(SCRIPTS / "ddp_lightning.py"), str(store), "100000000", str(losses))
+    try:
+        run_id = wait_live(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", "0.01")
+        [paused] = steer(capsys, run_id, store, "--pause")
+        wait_paused_at(store, run_id, paused)  # both ranks wait: neither runs ahead into DDP's reduction
+        [resumed] = steer(capsys, run_id, store, "--resume")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' fits stopped after the same step
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        steps = s.load_steps(run_id)
+        events = [(e.kind, e.step) for e in s.load_events(run_id)]
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2 and info.config["trainer"] == "lightning"
+    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
+    lrs = steps["lr"][:, 0].tolist()
+    assert at < paused == resumed < stopped
+    assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
+    assert [k for k in events if k[0] in ("set_lr", "pause", "resume", "stop")] == [
+        ("set_lr", at), ("pause", paused), ("resume", paused), ("stop", stopped)]
+
+
+def test_a_hugging_face_trainer_under_torchrun_is_one_run_steered_at_the_same_step_on_both_ranks(tmp_path, capsys):
+    """transformers' Trainer on 2 CPU processes (DDP through accelerate, gloo) with LrvizCallback."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    store = tmp_path / "store"
+    proc = torchrun(str(SCRIPTS / "ddp_transformers.py"), str(store), "100000000")
+    try:
+        run_id = wait_live(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", "0.003")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    used = [[float(v) for v in Path(f"{store}.rank{r}.lrs").read_text().split()] for r in range(2)]
+    assert used[0] == used[1] and len(used[0]) == stopped  # every update, the same rate on both ranks
+    assert set(used[0][:at]) == {0.01} and set(used[0][at:]) == {0.003}
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        lrs = s.load_steps(run_id)["lr"][:, 0].tolist()
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2
+    assert lrs == used[0]
