@@ -1,7 +1,9 @@
 """DDP overhead: the same 2-rank gloo job (a small MLP, DistributedDataParallel, each rank its half of the
 batches) as a plain DDP loop, under the lrviz engine (``engine``: what ``torchrun -m lrviz run`` trains,
 rank 0 records into a store and the ranks exchange rows and commands at agreed steps; ``bare``: the
-same without a store), and as the plain loop with ``lrviz.track`` (rank 0 records into a store). One torchrun job runs all three in turns, in rounds, so machine noise hits all
+same without a store; ``unniced``: the engine with rank 0's store writer thread at the training's
+priority, as before lrviz.store.writer.NICE), and as the plain loop with ``lrviz.track`` (rank 0
+records into a store). One torchrun job runs them all in turns, in rounds, so machine noise hits all
 alike. Rank 0 times each block from its first step's loss to its last (the script stamps them, the
 same in every mode): the wall time, and the CPU time of the training thread (what lrviz's work adds,
 even on a machine busy with other work); the driver prints medians and ratios.
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-MODES = ("plain", "engine", "bare", "track")
+MODES = ("plain", "engine", "unniced", "bare", "track")
 
 SCRIPT = '''
 import time
@@ -150,6 +152,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from lrviz.distributed import Distributed
     from lrviz.experiment import load_experiment
+    from lrviz.store import writer
     from lrviz.store.runs import RunStore
 
     torch.set_num_threads(1)
@@ -171,6 +174,10 @@ def worker(args: argparse.Namespace) -> None:
                     row[m] = plain(exp, args.steps, rank, world)
                 elif m == "engine":
                     row[m] = engine(exp, args.steps, dist, store)
+                elif m == "unniced":
+                    nice, writer.NICE = writer.NICE, 0
+                    row[m] = engine(exp, args.steps, dist, store)
+                    writer.NICE = nice
                 elif m == "bare":
                     row[m] = engine(exp, args.steps, dist, None)
                 else:

@@ -5,7 +5,9 @@ one-rank process group, faults told across ranks, the config's record. The real 
 from __future__ import annotations
 
 import math
+import os
 import socket
+import sys
 import threading
 import time
 import types
@@ -358,3 +360,30 @@ def test_track_on_one_rank_only_is_decided_once_for_all_ranks_without_waiting_fo
     store.add("lrviz/track-1/count", 1)  # the other rank of the next run is there
     assert d.every_rank_tracks(timeout=60) is True
     assert d.every_rank_tracks(timeout=0) is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_the_store_writer_thread_runs_nicer_than_the_training_thread_which_keeps_its_priority(tmp_path):
+    """Rank 0's writer must not take a core from the ranks' steps (bench/ddp_overhead.py, 'unniced')."""
+    from contextlib import nullcontext
+
+    from store_events import wait_until
+
+    from lrviz.store import writer
+
+    calls = []
+    store = types.SimpleNamespace(batch=nullcontext, heartbeat=calls.append,
+                                  set_status=lambda *a, **k: calls.append(a))
+    engine = types.SimpleNamespace(buffer=None, events=[], validation=[], state="running")
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    w = writer.StoreWriter(store, 1, engine, interval=3600)
+    w.start()
+    try:
+        tid = w._thread.native_id
+        wait_until("the writer's lower priority",
+                   lambda: os.getpriority(os.PRIO_PROCESS, tid) == min(19, me + writer.NICE))
+    finally:
+        w.close("finished", {}, None)
+    assert writer.NICE > 0
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me  # only the writer's thread
+    assert calls == [1, (1, "finished")]  # close() still wrote the end, from this thread
