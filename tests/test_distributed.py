@@ -362,28 +362,18 @@ def test_track_on_one_rank_only_is_decided_once_for_all_ranks_without_waiting_fo
     assert d.every_rank_tracks(timeout=0) is True
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
-def test_the_store_writer_thread_runs_nicer_than_the_training_thread_which_keeps_its_priority(tmp_path):
-    """Rank 0's writer must not take a core from the ranks' steps (bench/ddp_overhead.py, 'unniced')."""
-    from contextlib import nullcontext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here it would run the check itself")
+def test_the_nccl_check_refuses_cleanly_where_there_is_no_cuda():
+    """bench/ddp_nccl_check.py is for a machine with GPUs: without CUDA it says so and exits 2, before
+    joining any job (its --device cpu dry run is in test_distributed_torchrun.py)."""
+    import subprocess
 
-    from store_events import wait_until
-
-    from lrviz.store import writer
-
-    calls = []
-    store = types.SimpleNamespace(batch=nullcontext, heartbeat=calls.append,
-                                  set_status=lambda *a, **k: calls.append(a))
-    engine = types.SimpleNamespace(buffer=None, events=[], validation=[], state="running")
-    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    w = writer.StoreWriter(store, 1, engine, interval=3600)
-    w.start()
-    try:
-        tid = w._thread.native_id
-        wait_until("the writer's lower priority",
-                   lambda: os.getpriority(os.PRIO_PROCESS, tid) == min(19, me + writer.NICE))
-    finally:
-        w.close("finished", {}, None)
-    assert writer.NICE > 0
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me  # only the writer's thread
-    assert calls == [1, (1, "finished")]  # close() still wrote the end, from this thread
+    script = Path(__file__).resolve().parents[1] / "bench" / "ddp_nccl_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    done = subprocess.run([sys.executable, str(script), "--steps", "10"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("no CUDA here: run this on a machine with GPUs (--device cpu: a dry run with "
+                                   "gloo)")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 from typing import Any
 
@@ -12,22 +10,6 @@ log = logging.getLogger(__name__)
 
 #: A killed process loses at most this much (plus one flush's duration) of the run.
 FLUSH_INTERVAL = 0.5
-#: The writer thread runs this much nicer than the training (Linux, per thread): where the ranks of a
-#: torchrun job fill the cores, rank 0's writer takes the time they leave instead of delaying a step
-#: that every rank then waits for in DDP's reduction.
-NICE = 10
-
-
-def lower_priority(nice: int) -> None:
-    """Make the calling thread ``nice`` steps nicer (Linux only: there a thread id is a target of
-    setpriority; elsewhere nothing). Best effort: a refusal leaves the thread as it was."""
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:
-        log.debug("could not lower the store writer's priority", exc_info=True)
 
 
 class StoreWriter:
@@ -54,7 +36,6 @@ class StoreWriter:
         self._thread.start()
 
     def _loop(self) -> None:
-        lower_priority(NICE)
         while not self._closed.wait(self.interval):
             try:
                 self.flush()
