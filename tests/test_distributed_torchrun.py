@@ -98,6 +98,34 @@ def wait_paused_at(store: Path, run_id: int, step: int) -> None:
     wait_until(f"a pause at step {step}", paused_there)
 
 
+def lr_then_stop(proc: subprocess.Popen, capsys: pytest.CaptureFixture, store: Path, lr: str) -> tuple[int, int, int]:
+    """Steer the job's run to ``lr``, then stop it; wait for the job to end well. The run, and the
+    steps the LR and the stop landed at."""
+    try:
+        run_id = wait_live(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", lr)
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    return run_id, at, stopped
+
+
+def stopped_as_one_run(store: Path, run_id: int, losses: Path, stopped: int) -> tuple[object, list[float]]:
+    """A run every rank stopped at step ``stopped``, recorded as the mean of the ranks' own losses (in
+    ``losses``), with identical parameters at the end; its record and LR trace."""
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' loops stopped at the same step
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        steps = s.load_steps(run_id)
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2
+    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
+    return info, steps["lr"][:, 0].tolist()
+
+
 def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
     store, out = tmp_path / "store", tmp_path / "out"
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--checkpoint-every", "100",
@@ -157,23 +185,8 @@ def test_a_tracked_ddp_loop_records_the_mean_loss_over_ranks_and_follows_steerin
     store, losses = tmp_path / "store", tmp_path / "losses"
     losses.mkdir()
     proc = torchrun(str(SCRIPTS / "ddp_track.py"), str(store), "100000000", str(losses))
-    try:
-        run_id = wait_live(store, proc)
-        [at] = steer(capsys, run_id, store, "--lr", "0.01")
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
-    finally:
-        proc.kill()
-    assert status == 0, err
-    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
-    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' loops stopped at the same step
-    with RunStore(store) as s:
-        info = s.get_run(run_id)
-        steps = s.load_steps(run_id)
-    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
-    assert info.config["distributed"]["world_size"] == 2
-    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
-    lrs = steps["lr"][:, 0].tolist()
+    run_id, at, stopped = lr_then_stop(proc, capsys, store, "0.01")
+    _, lrs = stopped_as_one_run(store, run_id, losses, stopped)
     assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
 
 
@@ -266,16 +279,10 @@ def test_a_lightning_ddp_fit_with_the_callback_is_one_run_steered_and_paused_on_
     finally:
         proc.kill()
     assert status == 0, err
-    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
-    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' fits stopped after the same step
+    info, lrs = stopped_as_one_run(store, run_id, losses, stopped)
+    assert info.config["trainer"] == "lightning"
     with RunStore(store) as s:
-        info = s.get_run(run_id)
-        steps = s.load_steps(run_id)
         events = [(e.kind, e.step) for e in s.load_events(run_id)]
-    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
-    assert info.config["distributed"]["world_size"] == 2 and info.config["trainer"] == "lightning"
-    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
-    lrs = steps["lr"][:, 0].tolist()
     assert at < paused == resumed < stopped
     assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
     assert [k for k in events if k[0] in ("set_lr", "pause", "resume", "stop")] == [
@@ -288,14 +295,7 @@ def test_a_hugging_face_trainer_under_torchrun_is_one_run_steered_at_the_same_st
     pytest.importorskip("accelerate")
     store = tmp_path / "store"
     proc = torchrun(str(SCRIPTS / "ddp_transformers.py"), str(store), "100000000")
-    try:
-        run_id = wait_live(store, proc)
-        [at] = steer(capsys, run_id, store, "--lr", "0.003")
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
-    finally:
-        proc.kill()
-    assert status == 0, err
+    run_id, at, stopped = lr_then_stop(proc, capsys, store, "0.003")
     used = [[float(v) for v in Path(f"{store}.rank{r}.lrs").read_text().split()] for r in range(2)]
     assert used[0] == used[1] and len(used[0]) == stopped  # every update, the same rate on both ranks
     assert set(used[0][:at]) == {0.01} and set(used[0][at:]) == {0.003}
