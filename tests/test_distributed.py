@@ -377,3 +377,20 @@ def test_the_nccl_check_refuses_cleanly_where_there_is_no_cuda():
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("no CUDA here: run this on a machine with GPUs (--device cpu: a dry run with "
                                    "gloo)")
+
+
+def test_stopping_the_fault_watcher_waits_until_it_is_out_of_the_jobs_store():
+    """close() destroys the process group and its store next: a watcher still inside a store call then
+    aborts the process ('terminate called without an active exception', seen at a job's end)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def fault():
+        inside.set()
+        release.wait(60)
+
+    w = FaultWatcher(types.SimpleNamespace(rank=0, fault=fault), lambda f: None)
+    w.start()
+    assert inside.wait(60)
+    threading.Timer(0.2, release.set).start()
+    w.stop()
+    assert release.is_set() and not w._thread.is_alive()
