@@ -17,13 +17,7 @@ EXAMPLES = example_paths()
 SURFACE_SCRIPTS = [p for p in EXAMPLES if p.stem.startswith("surface_")]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config_for(exp, steps: int | None = None, **overrides) -> RunConfig:
@@ -115,8 +109,8 @@ def test_surface_script_contract(path):
     exp = load_experiment(path)
     mod = exp.module
     assert set(exp.params) == {"surface", "start_x", "start_y"}
-    assert mod.SURFACE is mod.SURFACES[exp.params["surface"]]
-    assert set(mod.PARAM_CHOICES["surface"]) == set(mod.SURFACES)
+    assert mod.SURFACE is surface_module().SURFACES[exp.params["surface"]]
+    assert set(mod.PARAM_CHOICES["surface"]) == set(surface_module().SURFACES)
     assert path.stem == f"surface_{exp.params['surface']}"
     for key in ("fn", "xlim", "ylim", "minima"):
         assert key in mod.SURFACE

@@ -25,12 +25,7 @@ from lrviz.store.runs import RunStore  # noqa: E402
 WAIT = 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Regression(L.LightningModule):

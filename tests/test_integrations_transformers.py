@@ -23,12 +23,7 @@ from lrviz.store.runs import RunStore  # noqa: E402
 WAIT = 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -64,6 +59,7 @@ def logged(trainer, key):
     return {h["step"]: h[key] for h in trainer.state.log_history if key in h}
 
 
+@pytest.mark.slow
 def test_the_stored_run_is_what_the_trainer_logged(tmp_path):
     store_path = tmp_path / "runs.sqlite"
     cb = LrvizCallback(store=store_path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import needs_permissions, read_only_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -435,16 +436,10 @@ def test_unwritable_path_gives_store_error(tmp_path: Path):
         RunStore(blocker / "sub" / "runs.sqlite")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs file permissions to apply")
+@needs_permissions
 def test_read_only_folder_gives_store_error(tmp_path: Path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        with pytest.raises(StoreError, match="cannot write the run store|unable to open"):
-            RunStore(folder)
-    finally:
-        folder.chmod(0o700)
+    with read_only_folder(tmp_path) as folder, pytest.raises(StoreError, match="cannot write the run store|unable to open"):
+        RunStore(folder)
 
 
 def test_corrupt_file_gives_store_error(tmp_path: Path):

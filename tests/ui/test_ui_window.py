@@ -13,16 +13,7 @@ from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
-from window_driving import (
-    WAIT_MS,
-    acked_step,
-    button,
-    click,
-    type_into,
-    wait_answer,
-    wait_ended,
-    wait_steps,
-)
+from window_driving import WAIT_MS, acked_step, button, click, type_into, wait_answer, wait_ended, wait_steps
 
 from lrviz.states import RunState
 from lrviz.store.runs import RunStore

@@ -30,7 +30,7 @@ from lrviz.states import EventKind, RunState
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import LabPanel, fmt, form, note_label
+from .common import LabPanel, button_row, fmt, form, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.child import ChildRun
@@ -90,16 +90,11 @@ class ForkPanel(LabPanel):
         self.schedule.setObjectName("forkSchedule")
         self.errors = ErrorLabel()
         self.errors.watch(self.lr, self.schedule)
-        self.fork_button = QPushButton("Fork from checkpoint")
-        self.fork_button.setObjectName("forkButton")
-        self.fork_button.setToolTip("a new child run from the selected checkpoint, drawn over its parent")
-        self.resume_button = QPushButton("Resume run")
-        self.resume_button.setObjectName("resumeButton")
-        self.resume_button.setToolTip("continue the run itself from its last checkpoint")
-        for b in (self.fork_button, self.resume_button):
-            b.setAutoDefault(False)
-        self.info = note_label()
-        self.info.setObjectName("forkInfo")
+        self.fork_button = push_button("Fork from checkpoint", "forkButton",
+            "a new child run from the selected checkpoint, drawn over its parent")
+        self.resume_button = push_button("Resume run", "resumeButton",
+            "continue the run itself from its last checkpoint")
+        self.info = note_label(name="forkInfo")
 
         f = form()
         top = QHBoxLayout()
@@ -109,10 +104,7 @@ class ForkPanel(LabPanel):
         f.addRow("checkpoint", self.checkpoints)
         f.addRow("new LR", self.lr)
         f.addRow("schedule", self.schedule)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.fork_button)
-        buttons.addWidget(self.resume_button)
-        buttons.addStretch(1)
+        buttons = button_row(self.fork_button, self.resume_button, None)
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)
         col.addLayout(f)
