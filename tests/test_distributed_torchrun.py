@@ -89,6 +89,19 @@ def announced(proc: subprocess.Popen) -> tuple[str, str, str]:
     raise AssertionError(f"the job ended without saying where it listens ({proc.wait()})")
 
 
+def trained(store: Path, proc: subprocess.Popen) -> int:
+    """The id of the job's run once it is live and has recorded a step (a command sent before the first
+    step lands at step 0, and the LR before it would be no trace at all)."""
+    run_id = wait_live(store, proc)
+
+    def stepped() -> bool:
+        with RunStore(store) as s:
+            return s.get_run(run_id).steps >= 1
+
+    wait_until("the first recorded step", stepped, lambda: proc.poll() is None)
+    return run_id
+
+
 def wait_paused_at(store: Path, run_id: int, step: int) -> None:
     def paused_there() -> bool:
         with RunStore(store) as s:
@@ -102,7 +115,7 @@ def lr_then_stop(proc: subprocess.Popen, capsys: pytest.CaptureFixture, store: P
     """Steer the job's run to ``lr``, then stop it; wait for the job to end well. The run, and the
     steps the LR and the stop landed at."""
     try:
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         [at] = steer(capsys, run_id, store, "--lr", lr)
         [stopped] = steer(capsys, run_id, store, "--stop")
         status, err = finish(proc)
@@ -133,7 +146,7 @@ def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
     try:
         host, address, token = announced(proc)  # rank 0 alone listens, and says where
         assert host == socket.gethostname()
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         assert main(["steer", address, "--token", token, "--lr", "0.0125"]) == 0  # as through an SSH tunnel
         [s1] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
         [paused] = steer(capsys, run_id, store, "--pause")
@@ -251,7 +264,7 @@ def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(t
     store = tmp_path / "store"
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--quiet", store=store)
     try:
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         proc.send_signal(signal.SIGTERM)
         finish(proc)
     finally:
@@ -269,7 +282,7 @@ def test_a_lightning_ddp_fit_with_the_callback_is_one_run_steered_and_paused_on_
     losses.mkdir()
     proc = torchrun(str(SCRIPTS / "ddp_lightning.py"), str(store), "100000000", str(losses))
     try:
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         [at] = steer(capsys, run_id, store, "--lr", "0.01")
         [paused] = steer(capsys, run_id, store, "--pause")
         wait_paused_at(store, run_id, paused)  # both ranks wait: neither runs ahead into DDP's reduction
@@ -330,7 +343,7 @@ def test_momentum_weight_decay_clipping_and_a_schedule_land_at_the_same_step_on_
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--out", str(out), "--quiet",
                      store=store)
     try:
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         [m] = steer(capsys, run_id, store, "--momentum", "0.5")
         [w] = steer(capsys, run_id, store, "--weight-decay", "0.01")
         [c] = steer(capsys, run_id, store, "--clip-grad-norm", "0.01")  # below the gradients' norm: it clips
@@ -372,6 +385,7 @@ def test_the_multi_node_form_with_a_c10d_rendezvous_on_one_node_is_steered_throu
                     "127.0.0.1:0", "--store", str(store), "--quiet", launch=launch)
     try:
         _, address, token = announced(proc)
+        trained(store, proc)
         assert main(["steer", address, "--token", token, "--lr", "0.02"]) == 0
         [at] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
         assert main(["steer", address, "--token", token, "--stop"]) == 0
