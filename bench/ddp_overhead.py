@@ -6,6 +6,9 @@ alike. Rank 0 times each block from its first step's loss to its last (the scrip
 same in every mode): the wall time, and the CPU time of the training thread (what lrviz's work adds,
 even on a machine busy with other work); the driver prints medians and ratios.
 
+Also printed: the CPU time rank 0's store writer thread spends per step (its flushes, timed in its
+own thread), which says how much of a difference between ``engine`` and ``bare`` the writer can be.
+
 Goal: engine/plain and track/plain <= 1.03. On a machine busy with other work, the ratio of the
 fastest blocks (each mode's least disturbed one) says more than the median of the rounds.
 
@@ -105,7 +108,29 @@ def plain(exp, steps: int, rank: int, world: int, track_store: str | None = None
     return per_step(exp)
 
 
-def engine(exp, steps: int, dist, store) -> tuple[float, float]:
+#: CPU seconds rank 0's store writer thread spent in its flushes (all it does), per engine block's step.
+WRITER: list[float] = []
+
+
+def writer_cpu() -> list[float]:
+    """Times every flush of the store writer in its own thread's CPU time; the list gets each block's sum."""
+    from lrviz.store.writer import StoreWriter
+
+    spent = [0.0]
+    flush = StoreWriter.flush
+
+    def timed(self) -> None:
+        t = time.thread_time()
+        try:
+            flush(self)
+        finally:
+            spent[0] += time.thread_time() - t
+
+    StoreWriter.flush = timed
+    return spent
+
+
+def engine(exp, steps: int, dist, store, spent: list[float] | None = None) -> tuple[float, float]:
     """Seconds per step of the lrviz engine on this rank (its own first to last step)."""
     from lrviz.config import RunConfig
     from lrviz.engine import TrainingEngine
@@ -114,9 +139,12 @@ def engine(exp, steps: int, dist, store) -> tuple[float, float]:
     eng = TrainingEngine(exp, cfg, store if dist.is_main else None, distributed=dist)
     if not dist.is_main:
         dist.share(None)  # the plan rank 0's engine sends (lrviz run's other ranks build theirs from it)
+    before = spent[0] if spent else 0.0
     eng.run()
     assert eng.state == "finished", eng.error
     wall, cpu = per_step(exp)
+    if spent and store is not None:
+        WRITER.append((spent[0] - before) / steps)
     EXCHANGES.append(eng._staging.exchanges / (wall * steps))
     return wall, cpu
 
@@ -157,6 +185,7 @@ def worker(args: argparse.Namespace) -> None:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     dist = Distributed.attach(torch.device("cpu"))
     exp = load_experiment(args.script)
+    spent = writer_cpu()
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp) / "runs.sqlite") if rank == 0 else None
         track_store = str(Path(tmp) / "track.sqlite") if rank == 0 else ""
@@ -170,7 +199,7 @@ def worker(args: argparse.Namespace) -> None:
                 if m == "plain":
                     row[m] = plain(exp, args.steps, rank, world)
                 elif m == "engine":
-                    row[m] = engine(exp, args.steps, dist, store)
+                    row[m] = engine(exp, args.steps, dist, store, spent)
                 elif m == "bare":
                     row[m] = engine(exp, args.steps, dist, None)
                 else:
@@ -179,7 +208,7 @@ def worker(args: argparse.Namespace) -> None:
                 print("ROUND " + json.dumps(row), flush=True)
         cost = {str(n): exchange_cost(dist, n) for n in (0, 100, 256)}
         if rank == 0:
-            print("EXCHANGE " + json.dumps({"cost": cost, "per_s": EXCHANGES}), flush=True)
+            print("EXCHANGE " + json.dumps({"cost": cost, "per_s": EXCHANGES, "writer": WRITER}), flush=True)
         if store is not None:
             store.close()
     dist.close()
@@ -224,6 +253,8 @@ def main() -> None:
     print("the exchange (one all-reduce of rank 0's header and every rank's rows; gloo, lrviz's group): "
           + ", ".join(f"{n} rows {t * 1e6:.0f} us" for n, t in ex["cost"].items())
           + f"; the engine made {statistics.median(ex['per_s']):.1f} a second")
+    print(f"rank 0's store writer thread (the engine): {statistics.median(ex['writer']) * 1e6:.1f} us CPU per step "
+          f"(median of the blocks, every flush included)")
     print("goal: engine and track <= 1.03")
 
 

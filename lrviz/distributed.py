@@ -531,6 +531,8 @@ class FaultWatcher:
     """
 
     POLL_S = 0.25
+    #: The longest stop() waits for a poll in progress (the store answers in microseconds when it is there).
+    JOIN_S = 5.0
 
     def __init__(self, dist: Distributed, on_fault: Callable[[dict[str, Any]], None]):
         self.dist = dist
@@ -542,7 +544,11 @@ class FaultWatcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling, and wait (bounded) until the thread is out of the store: a thread inside a call to
+        the job's store when the process group (and the store) is destroyed aborts the process."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.JOIN_S)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.POLL_S):

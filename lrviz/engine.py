@@ -790,7 +790,8 @@ class TrainingEngine(EngineCommands):
         ``accumulate`` of them (the update is then the mean of those taken).
         """
         exp = self.experiment
-        model, gnorm, layers = self.model, self._gnorm, self.layer_probe
+        model = self.model if self._train_model is None else self._train_model  # DDP reduces the gradients
+        gnorm, layers = self._gnorm, self.layer_probe
         n = upd.accumulate
         total = None
         taken = 0

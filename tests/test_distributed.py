@@ -5,7 +5,9 @@ one-rank process group, faults told across ranks, the config's record. The real 
 from __future__ import annotations
 
 import math
+import os
 import socket
+import sys
 import threading
 import time
 import types
@@ -358,3 +360,37 @@ def test_track_on_one_rank_only_is_decided_once_for_all_ranks_without_waiting_fo
     store.add("lrviz/track-1/count", 1)  # the other rank of the next run is there
     assert d.every_rank_tracks(timeout=60) is True
     assert d.every_rank_tracks(timeout=0) is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here it would run the check itself")
+def test_the_nccl_check_refuses_cleanly_where_there_is_no_cuda():
+    """bench/ddp_nccl_check.py is for a machine with GPUs: without CUDA it says so and exits 2, before
+    joining any job (its --device cpu dry run is in test_distributed_torchrun.py)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ddp_nccl_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    done = subprocess.run([sys.executable, str(script), "--steps", "10"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("no CUDA here: run this on a machine with GPUs (--device cpu: a dry run with "
+                                   "gloo)")
+
+
+def test_stopping_the_fault_watcher_waits_until_it_is_out_of_the_jobs_store():
+    """close() destroys the process group and its store next: a watcher still inside a store call then
+    aborts the process ('terminate called without an active exception', seen at a job's end)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def fault():
+        inside.set()
+        release.wait(60)
+
+    w = FaultWatcher(types.SimpleNamespace(rank=0, fault=fault), lambda f: None)
+    w.start()
+    assert inside.wait(60)
+    threading.Timer(0.2, release.set).start()
+    w.stop()
+    assert release.is_set() and not w._thread.is_alive()

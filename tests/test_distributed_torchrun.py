@@ -45,9 +45,10 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def torchrun(*args: str, **env: str) -> subprocess.Popen:
-    """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port of its own)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(*args: str, launch: tuple[str, ...] = ("--standalone",), **env: str) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port of its own), or ``launch`` in place
+    of ``--standalone``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc_per_node=2",
            "--monitor-interval=0.2", *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
 
@@ -88,6 +89,19 @@ def announced(proc: subprocess.Popen) -> tuple[str, str, str]:
     raise AssertionError(f"the job ended without saying where it listens ({proc.wait()})")
 
 
+def trained(store: Path, proc: subprocess.Popen) -> int:
+    """The id of the job's run once it is live and has recorded a step (a command sent before the first
+    step lands at step 0, and the LR before it would be no trace at all)."""
+    run_id = wait_live(store, proc)
+
+    def stepped() -> bool:
+        with RunStore(store) as s:
+            return s.get_run(run_id).steps >= 1
+
+    wait_until("the first recorded step", stepped, lambda: proc.poll() is None)
+    return run_id
+
+
 def wait_paused_at(store: Path, run_id: int, step: int) -> None:
     def paused_there() -> bool:
         with RunStore(store) as s:
@@ -97,6 +111,34 @@ def wait_paused_at(store: Path, run_id: int, step: int) -> None:
     wait_until(f"a pause at step {step}", paused_there)
 
 
+def lr_then_stop(proc: subprocess.Popen, capsys: pytest.CaptureFixture, store: Path, lr: str) -> tuple[int, int, int]:
+    """Steer the job's run to ``lr``, then stop it; wait for the job to end well. The run, and the
+    steps the LR and the stop landed at."""
+    try:
+        run_id = trained(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", lr)
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    return run_id, at, stopped
+
+
+def stopped_as_one_run(store: Path, run_id: int, losses: Path, stopped: int) -> tuple[object, list[float]]:
+    """A run every rank stopped at step ``stopped``, recorded as the mean of the ranks' own losses (in
+    ``losses``), with identical parameters at the end; its record and LR trace."""
+    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' loops stopped at the same step
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        steps = s.load_steps(run_id)
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2
+    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
+    return info, steps["lr"][:, 0].tolist()
+
+
 def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
     store, out = tmp_path / "store", tmp_path / "out"
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--checkpoint-every", "100",
@@ -104,7 +146,7 @@ def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
     try:
         host, address, token = announced(proc)  # rank 0 alone listens, and says where
         assert host == socket.gethostname()
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         assert main(["steer", address, "--token", token, "--lr", "0.0125"]) == 0  # as through an SSH tunnel
         [s1] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
         [paused] = steer(capsys, run_id, store, "--pause")
@@ -156,23 +198,8 @@ def test_a_tracked_ddp_loop_records_the_mean_loss_over_ranks_and_follows_steerin
     store, losses = tmp_path / "store", tmp_path / "losses"
     losses.mkdir()
     proc = torchrun(str(SCRIPTS / "ddp_track.py"), str(store), "100000000", str(losses))
-    try:
-        run_id = wait_live(store, proc)
-        [at] = steer(capsys, run_id, store, "--lr", "0.01")
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
-    finally:
-        proc.kill()
-    assert status == 0, err
-    mine = [[float(v) for v in (losses / f"rank{r}.txt").read_text().split()] for r in range(2)]
-    assert len(mine[0]) == len(mine[1]) == stopped  # both ranks' loops stopped at the same step
-    with RunStore(store) as s:
-        info = s.get_run(run_id)
-        steps = s.load_steps(run_id)
-    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
-    assert info.config["distributed"]["world_size"] == 2
-    assert steps["loss"].tolist() == [(a + b) / 2 for a, b in zip(*mine)]  # the mean over ranks, exactly
-    lrs = steps["lr"][:, 0].tolist()
+    run_id, at, stopped = lr_then_stop(proc, capsys, store, "0.01")
+    _, lrs = stopped_as_one_run(store, run_id, losses, stopped)
     assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
 
 
@@ -237,7 +264,7 @@ def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(t
     store = tmp_path / "store"
     proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--quiet", store=store)
     try:
-        run_id = wait_live(store, proc)
+        run_id = trained(store, proc)
         proc.send_signal(signal.SIGTERM)
         finish(proc)
     finally:
@@ -245,3 +272,142 @@ def test_torchrun_stopping_the_job_stops_every_rank_together_and_saves_the_run(t
     with RunStore(store) as s:
         info = s.get_run(run_id)
     assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+
+
+def test_a_lightning_ddp_fit_with_the_callback_is_one_run_steered_and_paused_on_both_ranks(tmp_path, capsys):
+    """Lightning's own DDP strategy (2 CPU processes, gloo), which joins torchrun's job: every rank's
+    LrvizCallback tracks, rank 0 records the mean loss and serves."""
+    pytest.importorskip("lightning")
+    store, losses = tmp_path / "store", tmp_path / "losses"
+    losses.mkdir()
+    proc = torchrun(str(SCRIPTS / "ddp_lightning.py"), str(store), "100000000", str(losses))
+    try:
+        run_id = trained(store, proc)
+        [at] = steer(capsys, run_id, store, "--lr", "0.01")
+        [paused] = steer(capsys, run_id, store, "--pause")
+        wait_paused_at(store, run_id, paused)  # both ranks wait: neither runs ahead into DDP's reduction
+        [resumed] = steer(capsys, run_id, store, "--resume")
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    info, lrs = stopped_as_one_run(store, run_id, losses, stopped)
+    assert info.config["trainer"] == "lightning"
+    with RunStore(store) as s:
+        events = [(e.kind, e.step) for e in s.load_events(run_id)]
+    assert at < paused == resumed < stopped
+    assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.01}
+    assert [k for k in events if k[0] in ("set_lr", "pause", "resume", "stop")] == [
+        ("set_lr", at), ("pause", paused), ("resume", paused), ("stop", stopped)]
+
+
+def test_a_hugging_face_trainer_under_torchrun_is_one_run_steered_at_the_same_step_on_both_ranks(tmp_path, capsys):
+    """transformers' Trainer on 2 CPU processes (DDP through accelerate, gloo) with LrvizCallback."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    store = tmp_path / "store"
+    proc = torchrun(str(SCRIPTS / "ddp_transformers.py"), str(store), "100000000")
+    run_id, at, stopped = lr_then_stop(proc, capsys, store, "0.003")
+    used = [[float(v) for v in Path(f"{store}.rank{r}.lrs").read_text().split()] for r in range(2)]
+    assert used[0] == used[1] and len(used[0]) == stopped  # every update, the same rate on both ranks
+    assert set(used[0][:at]) == {0.01} and set(used[0][at:]) == {0.003}
+    with RunStore(store) as s:
+        info = s.get_run(run_id)
+        lrs = s.load_steps(run_id)["lr"][:, 0].tolist()
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2
+    assert lrs == used[0]
+
+
+def test_the_nccl_check_runs_end_to_end_as_a_dry_run_with_gloo():
+    """bench/ddp_nccl_check.py --device cpu: every part of the check but the counting (no CUDA here), so
+    that the lead's run on a GPU machine does not fail on the script itself."""
+    proc = torchrun(str(ROOT / "bench" / "ddp_nccl_check.py"), "--device", "cpu", "--steps", "60", "--warm", "10")
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[:2]] == ["engine", "track"]
+    assert all(line.startswith(f"{name:>6}: 0 host syncs in 60 steps") and line.endswith("on 2 rank(s): ok")
+               for name, line in zip(("engine", "track"), lines))
+    assert lines[2].endswith("CPU (dry run), backend gloo")
+
+
+def test_momentum_weight_decay_clipping_and_a_schedule_land_at_the_same_step_on_both_ranks(tmp_path, capsys):
+    """Each changes what every rank's optimizer does from its step on: one applied a step late on one rank
+    trains other weights there, and ``ranks_in_sync`` is false (its negative control is the test above)."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    proc = lrviz_job("run", TINY, "--steps", "100000000", "--device", "cpu", "--out", str(out), "--quiet",
+                     store=store)
+    try:
+        run_id = trained(store, proc)
+        [m] = steer(capsys, run_id, store, "--momentum", "0.5")
+        [w] = steer(capsys, run_id, store, "--weight-decay", "0.01")
+        [c] = steer(capsys, run_id, store, "--clip-grad-norm", "0.01")  # below the gradients' norm: it clips
+        [s] = steer(capsys, run_id, store, "--schedule", "StepLR:step_size=5,gamma=0.5")
+
+        def far_enough() -> bool:
+            with RunStore(store) as st:
+                return st.get_run(run_id).steps >= s + 20
+
+        wait_until("20 steps of the schedule", far_enough, lambda: proc.poll() is None)
+        [stopped] = steer(capsys, run_id, store, "--stop")
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    assert m <= w <= c <= s < stopped
+    doc = run_json(out)
+    assert doc["summary"]["ranks_in_sync"] is True
+    assert doc["config"]["distributed"]["devices"] == ["cpu", "cpu"]
+    steered = ("set_hyperparams", "set_clip", "set_schedule")
+    events = [(e["kind"], e["step"]) for e in doc["events"] if e["kind"] in steered]
+    assert events == [("set_hyperparams", m), ("set_hyperparams", w), ("set_clip", c), ("set_schedule", s)]
+    assert [e["step"] >= c for e in doc["events"] if e["kind"] == "clipping"] == [True]  # it did clip
+    lrs = [float(r["lr"]) for r in read_csv(out / "metrics.csv")]
+    assert set(lrs[:s]) == {0.05} and set(lrs[s:]) <= {0.05 * 0.5 ** k for k in range(64)}
+    assert lrs[s:] == sorted(lrs[s:], reverse=True) and len(set(lrs[s:])) >= 4  # halved every 5 steps
+
+
+def test_the_multi_node_form_with_a_c10d_rendezvous_on_one_node_is_steered_through_rank_0s_address(tmp_path,
+                                                                                                  capsys):
+    """The README's several-machines command with --nnodes=1 (every node runs the same; here one), the
+    run steered as from a laptop through a tunnel: rank 0's address and token."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "store"
+    launch = ("--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=readme")
+    proc = torchrun("-m", "lrviz", "run", TINY, "--steps", "100000000", "--device", "cpu", "--listen",
+                    "127.0.0.1:0", "--store", str(store), "--quiet", launch=launch)
+    try:
+        _, address, token = announced(proc)
+        trained(store, proc)
+        assert main(["steer", address, "--token", token, "--lr", "0.02"]) == 0
+        [at] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
+        assert main(["steer", address, "--token", token, "--stop"]) == 0
+        status, err = finish(proc)
+    finally:
+        proc.kill()
+    assert status == 0, err
+    with RunStore(store) as st:
+        [info] = st.list_runs()
+        lrs = st.load_steps(info.id)["lr"][:, 0].tolist()
+    assert info.status == "stopped" and info.summary["ranks_in_sync"] is True
+    assert info.config["distributed"]["world_size"] == 2 and info.config["distributed"]["nodes"] == 1
+    assert set(lrs[:at]) == {0.05} and set(lrs[at:]) == {0.02}
+
+
+@pytest.mark.parametrize("settings", [("--clip-grad-norm", "0.01"), ("--accumulate", "2"), ("--amp", "bf16")])
+def test_clipping_accumulation_and_mixed_precision_train_through_ddp_on_every_rank(tmp_path, settings):
+    """The update path of these settings must go through DistributedDataParallel too (it once used the bare
+    model: each rank stepped on its own gradients, and the ranks drifted apart)."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    proc = lrviz_job("run", TINY, "--steps", "30", "--device", "cpu", *settings, "--out", str(out), "--quiet",
+                     store=store)
+    status, err = finish(proc)
+    assert status == 0, err
+    assert run_json(out)["summary"]["ranks_in_sync"] is True

@@ -10,9 +10,24 @@ from typing import Any
 
 from lrviz.tracking import TrackedRun
 
-#: Under several processes only rank 0 records; steering one rank alone would train different weights.
-MULTI_PROCESS = ("it trains in {n} processes and lrviz steers one process only for now "
-                 "(rank 0 records; watch it, steer with the trainer's own settings)")
+#: Several processes without a torch.distributed group: only rank 0 records; steering one rank alone
+#: would train different weights.
+MULTI_PROCESS = ("it trains in {n} processes without a torch.distributed process group, and lrviz steers "
+                 "one process only then (rank 0 records; watch it, steer with the trainer's own settings)")
+
+
+def ranks(world: int, rank: int) -> tuple[bool, str | None]:
+    """Whether this process of a trainer's ``world`` processes starts a run, and its ``read_only`` reason.
+
+    Under an initialized process group of that size every rank tracks (:func:`lrviz.track` across
+    ranks: rank 0 records and serves, every rank applies steering at the same step); otherwise only
+    rank 0 records, watch-only when there are several processes.
+    """
+    import torch.distributed as tdist
+
+    if world > 1 and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() == world:
+        return True, None
+    return rank == 0, MULTI_PROCESS.format(n=world) if world > 1 else None
 
 
 def need(module: str, extra: str, what: str) -> Any:

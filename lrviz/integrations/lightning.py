@@ -13,7 +13,8 @@ and its rates the ones each param group used. Validation loss (and accuracy) com
 ``trainer.callback_metrics`` at validation end, and every other value the module logs is kept as an
 extra scalar series. Steering lands on the trainer's optimizer before the next update (from then on
 lrviz's rate holds against the module's own LR scheduler); pause blocks the loop; stop sets
-``trainer.should_stop``. Under several processes rank 0 records and the run is watch-only.
+``trainer.should_stop``. Under DDP (a torch.distributed process group) every rank tracks: rank 0 records
+the mean loss over ranks and serves, and steering lands at the same step on every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from lrviz.states import RunState, is_terminal
 from lrviz.tracking import _DEFAULT, TrackedRun
 
-from ._common import MULTI_PROCESS, TrackOptions, need, plain, scalar, start_run
+from ._common import TrackOptions, need, plain, ranks, scalar, start_run
 
 L = need("lightning.pytorch", "lightning", "Lightning 2.x (the `lightning` package)")
 
@@ -60,20 +61,20 @@ class LrvizCallback(TrackOptions, L.Callback):
     # ---- fit -------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # LearningRateMonitor starts here too: the optimizers and data are set up, the sanity check is over
-        if trainer.global_rank != 0:
+        mine, read_only = ranks(trainer.world_size, trainer.global_rank)
+        if not mine:
             return
         self._end()
         optimizers = list(trainer.optimizers)
         if not optimizers:
             return
         steps = trainer.estimated_stepping_batches
-        world = trainer.world_size
         self.run = start_run(
             optimizers, model=pl_module, name=self.name or type(pl_module).__name__, store=self.store,
             listen=self.listen, config={**self._settings(trainer, pl_module), **self.config},
             steps=int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) else None,
             grad_norm=self.grad_norm, quiet=self.quiet, first_step=trainer.global_step,
-            read_only=MULTI_PROCESS.format(n=world) if world > 1 else None)
+            read_only=read_only)
         self._last_global = trainer.global_step
         self._loss_sum, self._micro = None, 0
         self._last = {}

@@ -14,8 +14,8 @@ recorded with the rate each param group used. Its loss is the one the trainer lo
 are recorded as not measured); ``eval_loss`` (and ``eval_accuracy``) become validation points,
 every other number logged an extra scalar series. Steering lands on the optimizer before the next
 update (from then on lrviz's rate holds against the trainer's scheduler); pause blocks the loop;
-stop sets ``control.should_training_stop``. Under several processes the main process records and
-the run is watch-only.
+stop sets ``control.should_training_stop``. Under DDP (a torch.distributed process group) every
+process tracks: the main process records and serves, and steering lands at the same step on every rank.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from lrviz.states import RunState, is_terminal
 from lrviz.tracking import _DEFAULT, TrackedRun
 
-from ._common import MULTI_PROCESS, TrackOptions, need, plain, start_run
+from ._common import TrackOptions, need, plain, ranks, start_run
 
 transformers = need("transformers", "transformers", "Hugging Face transformers (and accelerate)")
 
@@ -58,17 +58,17 @@ class LrvizCallback(TrackOptions, transformers.TrainerCallback):
     # ---- train -----------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
+        mine, read_only = ranks(args.world_size, 0 if state.is_world_process_zero else 1)
+        if not mine:
             return
         self._end()
         if optimizer is None:
             return
-        world = args.world_size
         self.run = start_run(
             [_unwrapped(optimizer)], model=model, name=self.name or type(model).__name__, store=self.store,
             listen=self.listen, config={**self._settings(args, model), **self.config},
             steps=state.max_steps or None, grad_norm=self.grad_norm, quiet=self.quiet,
-            first_step=state.global_step, read_only=MULTI_PROCESS.format(n=world) if world > 1 else None)
+            first_step=state.global_step, read_only=read_only)
         self._pending = False
         if self.run is not None and not self._exit_hook:
             atexit.register(self._at_exit)  # Trainer has no hook for an exception: end the run with the process
