@@ -70,6 +70,9 @@ __all__ = ["COLUMNS", "RunBrowser", "RunTableModel", "format_duration", "format_
 
 log = logging.getLogger(__name__)
 
+#: A button's frame and margins either side of its text (the style's own, 2 x (6 + 2) px in Fusion).
+BUTTON_PADDING = 18
+
 
 class RunBrowser(QWidget):
     """The table of stored runs with Open, Watch, Overlay, Rename, Delete and Refresh.
@@ -293,6 +296,10 @@ class RunBrowser(QWidget):
 
     def _button(self, action: QAction) -> QPushButton:
         button = QPushButton(action.text(), self)
+        # As narrow as its text (the style's floor is 80 px a button): six buttons of 80 px made the
+        # dock, and with it a 1280-px window, wider than the window once Watch joined the row.
+        label = action.text().replace("&", "")
+        button.setMinimumWidth(button.fontMetrics().horizontalAdvance(label) + BUTTON_PADDING)
         button.setToolTip(action.toolTip())
         button.clicked.connect(action.trigger)
         action.changed.connect(lambda: button.setEnabled(action.isEnabled()))
