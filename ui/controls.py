@@ -82,6 +82,23 @@ ACCUMULATE_TIP = "micro-batches per optimizer update (gradient accumulation): a 
                  "is their mean"
 
 
+def _apply_button(name: str, tip: str) -> QPushButton:
+    """An "Apply to run" button (shown while a run trains): a change sent to the run from its next step."""
+    b = QPushButton("Apply to run")
+    b.setObjectName(name)
+    b.setToolTip(tip)
+    b.setAutoDefault(False)
+    return b
+
+
+def _note() -> QLabel:
+    """A small grey word-wrapped note under a form."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setStyleSheet("color: #777777; font-size: 8pt;")
+    return label
+
+
 def _form() -> QFormLayout:
     f = QFormLayout()
     f.setContentsMargins(6, 4, 6, 4)
@@ -144,13 +161,9 @@ class ControlPanel(QScrollArea):
         self.weight_decay.setObjectName("weightDecayEdit")
         self.nesterov = QCheckBox("Nesterov")
         self.nesterov.setToolTip("Nesterov momentum (SGD with momentum > 0)")
-        self.apply_hyper = QPushButton("Apply to run")
-        self.apply_hyper.setObjectName("applyHyperparams")
-        self.apply_hyper.setToolTip("change momentum and weight decay of the running optimizer from the next step")
-        self.apply_hyper.setAutoDefault(False)
-        self.optimizer_note = QLabel("")
-        self.optimizer_note.setWordWrap(True)
-        self.optimizer_note.setStyleSheet("color: #777777; font-size: 8pt;")
+        self.apply_hyper = _apply_button("applyHyperparams", "change momentum and weight decay of the running "
+                                                             "optimizer from the next step")
+        self.optimizer_note = _note()
         self.optimizer_errors = ErrorLabel()
         self.optimizer_errors.watch(self.momentum, self.weight_decay)
         self.opt_group = QGroupBox("Optimizer")
@@ -180,14 +193,10 @@ class ControlPanel(QScrollArea):
                                       tooltip="clip the gradient norm to this before each update (a number > 0; "
                                               "empty or off: no clipping); mid-run: Apply")
         self.clip.setObjectName("clipEdit")
-        self.apply_clip = QPushButton("Apply to run")
-        self.apply_clip.setObjectName("applyClip")
-        self.apply_clip.setToolTip("clip with this threshold (empty: stop clipping) from the next step")
-        self.apply_clip.setAutoDefault(False)
-        self.clip_status = QLabel("")
+        self.apply_clip = _apply_button("applyClip", "clip with this threshold (empty: stop clipping) from the next "
+                                                     "step")
+        self.clip_status = _note()
         self.clip_status.setObjectName("clipStatus")
-        self.clip_status.setWordWrap(True)
-        self.clip_status.setStyleSheet("color: #777777; font-size: 8pt;")
         self.clip_status.hide()
         self.step_errors = ErrorLabel()
         self.step_errors.watch(self.accumulate, self.clip)
