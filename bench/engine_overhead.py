@@ -10,7 +10,6 @@ stored step takes on disk, and the store's write rate.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _args import rounds_and_steps
 
 from lrviz.config import RunConfig
 from lrviz.engine import TrainingEngine, seed_everything
@@ -81,11 +81,7 @@ def store_write_rate(path: Path, steps: int = 1_000_000, chunk: int = 1000) -> f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=3000)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = rounds_and_steps(__doc__, rounds=6, steps=3000)
     exp = load_experiment(HERE / "tiny_mlp.py")
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp) / "runs.sqlite")

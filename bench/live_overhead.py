@@ -10,7 +10,6 @@ Goal: the endpoint adds <= 1% to the headless engine's step cost with one client
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _args import rounds_and_steps
 
 from lrviz.config import RunConfig
 from lrviz.engine import TrainingEngine
@@ -33,6 +33,7 @@ HERE = Path(__file__).parent
 CLIENT = """
 import json, sys
 from lrviz.live.connection import ConnectionInfo
+from lrviz.live.run import RemoteRun
 r = RemoteRun(ConnectionInfo.from_dict(json.loads(sys.argv[1])), name="bench").connect()
 r.resume().result(60)
 r.done.wait(600)
@@ -64,11 +65,7 @@ def run_once(exp, steps: int, store: RunStore, live: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4000)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = rounds_and_steps(__doc__, rounds=8, steps=4000)
     exp = load_experiment(HERE / "tiny_mlp.py")
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp) / "runs.sqlite")

@@ -13,6 +13,13 @@ Goal (issue 9): <= 24 bytes per retained step in both; 1e7 steps still drawable.
 
     .venv/bin/python bench/memory.py [--steps 10000000]          # the app side
     .venv/bin/python bench/memory.py --train [--steps 1000000]   # the training process
+    .venv/bin/python bench/memory.py --slope [--steps 1000000]   # its RSS over one run, twice
+
+``--slope``: ``lrviz run`` of ``--steps`` steps, twice side by side, their RSS sampled every half second against the
+steps it has stored; the figure is the least-squares slope after the first fifth of the run (the
+warm-up: imports, the first chunks, the allocator's first arenas), one as is and one with
+``MALLOC_ARENA_MAX=1`` (glibc's per-thread malloc arenas are what the store writer's and the live
+endpoint's threads grow through).
 """
 
 from __future__ import annotations
@@ -110,12 +117,60 @@ def train_side(steps: int) -> None:
           f"{(out[big] - out[small]) / (big - small):.1f} bytes per extra step (goal <= 24)")
 
 
+def slope_side(steps: int) -> None:
+    """Both configurations side by side (the same machine conditions), RSS against steps stored."""
+    from lrviz.store.runs import RunStore
+
+    script = HERE / "one_weight.py"
+    configs = (("as is", {}), ("MALLOC_ARENA_MAX=1", {"MALLOC_ARENA_MAX": "1"}))
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, samples = [], []
+        for k, (_, extra) in enumerate(configs):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+            procs.append(subprocess.Popen([sys.executable, "-m", "lrviz", "run", str(script), "--steps", str(steps),
+                                           "--quiet", "--store", str(Path(tmp) / f"s{k}.sqlite")], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            samples.append([])  # (steps stored, RSS bytes)
+        t0 = time.perf_counter()
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            for k, p in enumerate(procs):
+                if p.poll() is not None:
+                    continue
+                try:
+                    with open(f"/proc/{p.pid}/statm") as f:
+                        r = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                    with RunStore(Path(tmp) / f"s{k}.sqlite") as st:
+                        runs = st.list_runs()
+                        n = (runs[0].steps or 0) if runs else 0
+                except Exception:  # noqa: BLE001 - the run ending under us, the store busy
+                    continue
+                if n:
+                    samples[k].append((n, r))
+        for p in procs:
+            if p.returncode != 0:
+                raise SystemExit(f"lrviz run failed: {p.stderr.read()[-2000:]}")
+    print(f"training process (lrviz run of bench/one_weight.py, store and live endpoint), {steps:,} steps, "
+          f"{time.perf_counter() - t0:.0f} s, both side by side:")
+    for (label, _), rows in zip(configs, samples):
+        s = np.array(rows, dtype=np.float64)
+        late = s[s[:, 0] >= steps / 5]
+        slope = np.polyfit(late[:, 0], late[:, 1], 1)[0] if len(late) > 3 else float("nan")
+        per_half = [np.polyfit(h[:, 0], h[:, 1], 1)[0] for h in np.array_split(late, 2) if len(h) > 3]
+        print(f"  {label:20s} RSS {s[0, 1] / 2**20:.1f} -> {s[-1, 1] / 2**20:.1f} MiB ({len(s)} samples); slope "
+              f"after the first fifth {slope:.1f} bytes/step (halves: {', '.join(f'{x:.1f}' for x in per_half)}; "
+              f"goal <= 24)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", action="store_true", help="measure the training process instead of the app")
+    ap.add_argument("--slope", action="store_true", help="the training process's RSS slope over one run")
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args()
-    if args.train:
+    if args.slope:
+        slope_side(args.steps or 1_000_000)
+    elif args.train:
         train_side(args.steps or 1_000_000)
     else:
         app_side(args.steps or 10_000_000)

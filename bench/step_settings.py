@@ -10,13 +10,13 @@ flat-buffer clip (one dot product, torch's formula) against calling torch.nn.uti
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import timeit
 from pathlib import Path
 
 import torch
+from _args import rounds_and_steps
 
 from lrviz.config import RunConfig
 from lrviz.engine import TrainingEngine
@@ -60,11 +60,7 @@ def clip_alone(exp, number: int = 2000) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=1500)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = rounds_and_steps(__doc__, rounds=6, steps=1500)
     exp = load_experiment(HERE / "tiny_mlp.py")
     cpu_per_step(exp, 200, {})  # warm up
     times: dict[str, list[float]] = {k: [] for k in SETTINGS}

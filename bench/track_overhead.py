@@ -9,7 +9,6 @@ Goal: without a store or listener, <= 1% against the same loop without it.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import rounds_and_steps
 from torch import nn
 
 import lrviz
@@ -76,11 +76,7 @@ def blocks(rounds: int, steps: int, store: RunStore) -> tuple[dict[str, list[flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--steps", type=int, default=300)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = rounds_and_steps(__doc__, rounds=60, steps=300)
     modes = ("bare", "track", "served")
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp) / "runs.sqlite")

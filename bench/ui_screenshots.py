@@ -183,10 +183,11 @@ def watch(app: QApplication, w: MainWindow, out: Path) -> None:
 SHOTS = {"training": training, "overlay": overlay, "watch": watch}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_shots(shots: dict, description: str, pattern: str = "screenshot-{}.png") -> int:  # noqa: ANN001
+    """Parse ``--out``/``--only``, show a 1280x800 window at the screen's corner, take ``shots`` in turn."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", default=str(ROOT / "docs"))
-    ap.add_argument("--only", default=",".join(SHOTS))
+    ap.add_argument("--only", default=",".join(shots))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,11 +197,16 @@ def main() -> int:
     w.move(0, 0)
     w.show()
     for name in args.only.split(","):
-        SHOTS[name](app, w, out)
-        print(f"wrote {out / f'screenshot-{name}.png'}")
+        t = time.monotonic()
+        shots[name](app, w, out)
+        print(f"wrote {out / pattern.format(name)} ({time.monotonic() - t:.0f} s)")
     w.shutdown(30)
     w.close()
     return 0
+
+
+def main() -> int:
+    return run_shots(SHOTS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

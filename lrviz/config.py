@@ -19,27 +19,40 @@ AMP_CHOICES = ("bf16", "fp16")
 OFF_WORDS = ("", "off", "none", "no")
 
 
-def parse_lr(value: Any, what: str = "learning rate") -> float:
-    """A learning rate from text or a number: finite and > 0 (``"3e-4"`` is fine)."""
+def parse_positive(value: Any, what: str, not_a_number: str | None = None) -> float:
+    """A finite number > 0 from text or a number; ``not_a_number`` is the message when it is no number
+    at all (a bool, a word), by default the same as for one out of range."""
+    bad = f"{what} must be a finite number > 0, not {value!r}"
     if isinstance(value, bool):
-        raise ConfigError(f"{what} must be a positive number like 0.01 or 3e-4, not {value!r}")
-    try:
-        lr = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a positive number like 0.01 or 3e-4, not {value!r}") from None
-    if not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"{what} must be a finite number > 0, not {value!r}")
-    return lr
-
-
-def _non_negative(value: Any, what: str) -> float:
+        raise ConfigError(not_a_number or bad)
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number >= 0, not {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ConfigError(f"{what} must be a finite number >= 0, not {value!r}")
+        raise ConfigError(not_a_number or bad) from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(bad)
     return v
+
+
+def parse_lr(value: Any, what: str = "learning rate") -> float:
+    """A learning rate from text or a number: finite and > 0 (``"3e-4"`` is fine)."""
+    return parse_positive(value, what, f"{what} must be a positive number like 0.01 or 3e-4, not {value!r}")
+
+
+def parse_finite(value: Any, what: str, at_least: float | None = None) -> float:
+    """A finite number (``>= at_least`` when given) from text or a number; ``what`` names it in the message."""
+    need = "" if at_least is None else f" >= {at_least:g}"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number{need}, not {value!r}") from None
+    if not math.isfinite(v) or (at_least is not None and v < at_least):
+        raise ConfigError(f"{what} must be a finite number{need}, not {value!r}")
+    return v
+
+
+def _non_negative(value: Any, what: str) -> float:
+    return parse_finite(value, what, at_least=0)
 
 
 def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:

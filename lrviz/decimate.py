@@ -151,8 +151,8 @@ class PeakPyramid:
         """Positions and values to draw values ``i0:i1`` on ``width`` pixel columns.
 
         Returns at most ``2 * width + 4`` points: ``raw(i0, i1)`` (the caller's values) when they fit,
-        otherwise the minimum and maximum of each block of the finest level with at most ``width``
-        blocks in range (both at the block's centre, clipped to the range).
+        otherwise the minimum and maximum of each of at most ``width`` blocks, about one per pixel column
+        and never fewer than ``width / 2`` (both at the block's centre, clipped to the range).
         """
         n = self.count
         i0 = max(0, int(i0))
@@ -163,25 +163,30 @@ class PeakPyramid:
         span = i1 - i0
         if span <= 2 * width or not self._mins:
             return np.arange(i0, i1, dtype=np.float64), np.asarray(raw(i0, i1), np.float64).reshape(-1)
+        # The coarsest level with at least one block per pixel column (level 0: the raw values), its
+        # blocks then merged to at most ``width``. Taking the first level with at most ``width`` blocks
+        # instead drew blocks up to ``factor`` pixels wide: a regular min/max zigzag, not the noise.
         f = self.factor
-        level = 1
-        size = f
-        while span // size + 2 > width and level < len(self._mins):
+        level, size = 0, 1
+        while level < len(self._mins) and span // (size * f) >= width:
             level += 1
             size *= f
-        mins, maxs = self._mins[level - 1], self._maxs[level - 1]
         b0 = i0 // size
         b1 = -(-i1 // size)  # ceil
-        top = min(b1, mins.n)
-        lo = mins.data[b0:top]
-        hi = maxs.data[b0:top]
-        if b1 > mins.n:
-            part = self._partial(level)
-            if part is not None:
-                lo = np.append(lo, part[0])
-                hi = np.append(hi, part[1])
+        if level == 0:
+            lo = hi = np.asarray(raw(i0, i1), np.float64).reshape(-1)
+        else:
+            mins, maxs = self._mins[level - 1], self._maxs[level - 1]
+            top = min(b1, mins.n)
+            lo = mins.data[b0:top]
+            hi = maxs.data[b0:top]
+            if b1 > mins.n:
+                part = self._partial(level)
+                if part is not None:
+                    lo = np.append(lo, part[0])
+                    hi = np.append(hi, part[1])
         starts = np.arange(b0, b0 + len(lo), dtype=np.float64) * size
-        if len(lo) > width:  # only when even the coarsest level has too many blocks: merge them
+        if len(lo) > width:  # merge neighbouring blocks, at most ``factor`` (or the raw values per pixel)
             g = -(-len(lo) // width)
             idx = np.arange(0, len(lo), g)
             with np.errstate(invalid="ignore"):

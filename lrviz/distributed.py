@@ -23,6 +23,10 @@ records the run (the store, the live endpoint) and the others follow it.
 * lrviz's collectives run in a process group of its own (gloo, CPU tensors), with its own timeout
   (``LRVIZ_DIST_TIMEOUT`` seconds): on a GPU an exchange costs one device-to-host copy, as a
   single-process run's flush does, and no per-step host sync. Values travel as JSON text, never pickled.
+
+Why ~900 lines in one module: the rank's set-up (:class:`Distributed`), the step exchange, the fault
+watcher, the followers' control and the data sharding are one protocol between ranks: each piece
+assumes the others' message layout and timing, and they are changed together.
 """
 
 from __future__ import annotations
@@ -859,7 +863,7 @@ def follow(dist: Distributed) -> int:
 
 def run_rank(dist: Distributed, engine: Any) -> int:
     """Train ``engine`` on a rank other than 0 (Ctrl+C is left to rank 0); the exit status."""
-    from .cli import train_headless
+    from .cli.common import train_headless
 
     train_headless(engine, quiet=True)
     state = str(engine.state)
@@ -891,6 +895,7 @@ def terminable(dist: Distributed) -> Iterator[None]:
                  "(torchrun stops the job when a rank fails, on Ctrl+C, or at a batch system's time limit)"}
         timer = threading.Timer(TERM_GRACE_S, abandon, (dist, engine, fault, 0.0))
         timer.daemon = True
+        timer.name = "lrviz-dist-term"
         timer.start()
 
     previous = signal.signal(signal.SIGTERM, on_term)

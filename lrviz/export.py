@@ -30,6 +30,11 @@ Files
 
 Every file goes through :func:`atomic_write`: it is written under a temporary name in the same
 folder and moved into place, so a failed or interrupted export never leaves a partial file.
+
+Why ~800 lines in one module: the files of one run (CSV with its sparse columns, JSON, the plots through
+the renderer) and the description of a plot that both the app and the files follow (:data:`PLOT_PANELS`,
+:class:`FigureSpec`, the event markers' texts) are the one contract "an export is what was seen"; the
+TensorBoard writer already lives apart (:mod:`lrviz.tensorboard`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ __all__ = [
     "IMAGE_FORMATS",
     "MARKED_EVENTS",
     "FigureSpec",
+    "PLOT_PANELS",
+    "PlotPanel",
+    "plot_panel",
+    "plot_panels",
     "Marker",
     "atomic_write",
     "column_names",
@@ -536,6 +545,44 @@ class Marker:
         return any(k in ALARM_EVENTS for k in self.kinds)
 
 
+@dataclass(frozen=True)
+class PlotPanel:
+    """One panel of the run plots, the same on screen and in files: ``key`` (as in
+    :attr:`FigureSpec.panels`), the y-axis ``title`` and ``short`` forms of it for a short panel, its
+    share of the height (``stretch``) and, for a panel that draws one per-step column as it is
+    (``grad``), that ``column``; a panel without one is drawn by code of its own (loss, rates, accuracy)."""
+
+    key: str
+    title: str
+    short: tuple[str, ...] = ()
+    stretch: int = 3
+    column: str | None = None
+
+
+#: The panels of the run plots, top to bottom. The app's live plots (lrviz.ui.plots) and the exported
+#: figures (lrviz.ui.render) both lay out their panels from this table, and both draw a panel with a
+#: ``column`` from its entry alone: a new plot of a recorded per-step column is one entry here.
+PLOT_PANELS: tuple[PlotPanel, ...] = (
+    PlotPanel("loss", "loss", stretch=5),
+    PlotPanel("lr", "learning rate", ("LR",)),
+    PlotPanel("grad", "gradient norm (L2)", ("grad norm",), column="grad_norm"),
+    PlotPanel("acc", "val accuracy (%)", ("val acc %", "acc %")),
+)
+
+
+def plot_panels() -> tuple[PlotPanel, ...]:
+    """:data:`PLOT_PANELS`, as it is now (what the screen and the export read when they lay out)."""
+    return PLOT_PANELS
+
+
+def plot_panel(key: str) -> PlotPanel:
+    """The entry of :data:`PLOT_PANELS` for ``key`` (KeyError when there is none)."""
+    for panel in PLOT_PANELS:
+        if panel.key == key:
+            return panel
+    raise KeyError(key)
+
+
 @dataclass
 class FigureSpec:
     """What a plot of runs shows: one description for the app's live plots and the files exported.
@@ -543,8 +590,8 @@ class FigureSpec:
     The app fills it from what is on screen (smoothing slider, log-axis boxes, the steps in view)
     and hands it to the renderer, so the exported plot is what was seen; headless exports use the
     app's defaults. ``log_loss`` None chooses a log axis when the losses are positive and span a
-    factor of 50 or more. ``panels`` are drawn top to bottom, sharing the step axis: ``loss``,
-    ``lr``, ``grad`` (gradient norm), ``acc`` (validation accuracy, when recorded).
+    factor of 50 or more. ``panels`` (keys of :data:`PLOT_PANELS`) are drawn top to bottom, sharing
+    the step axis: ``loss``, ``lr``, ``grad`` (gradient norm), ``acc`` (validation accuracy, when recorded).
     """
 
     title: str = ""

@@ -73,6 +73,14 @@ def check(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     raise ConfigError(f"unknown intervention {kind!r}; known: {', '.join(KINDS)}")
 
 
+def step_number(text: str, where: str, hint: str = "") -> int:
+    """``text`` as a step number, or a ConfigError that starts with ``where`` (the flag and its value)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a step number{hint}") from None
+
+
 def parse_at(text: str) -> Intervention:
     """Parse ``STEP:lr=X``, ``STEP:schedule=SPEC``, ``STEP:momentum=M``, ``STEP:weight_decay=W`` or
     ``STEP:clip_grad_norm=X`` (``off`` stops clipping)."""
@@ -81,10 +89,7 @@ def parse_at(text: str) -> Intervention:
     example = "use STEP:lr=X or STEP:schedule=SPEC, e.g. 100:lr=0.01"
     if not sep or not eq:
         raise ConfigError(f"--at {text!r}: {example}")
-    try:
-        step = int(head)
-    except ValueError:
-        raise ConfigError(f"--at {text!r}: {head!r} is not a step number; {example}") from None
+    step = step_number(head, f"--at {text!r}", f"; {example}")
     if step < 0:
         raise ConfigError(f"--at {text!r}: the step must be >= 0")
     key = key.strip().replace("-", "_")

@@ -45,6 +45,11 @@ Contract (what the engine and the UI rely on):
 * ``ReduceLROnPlateau`` is the one stateful schedule: ``lrs(t)`` returns the current rates
   whatever ``t`` is, and ``observe_validation(metric)`` behaves like torch's
   ``ReduceLROnPlateau.step(metric)``. Its ``min_lr`` floor is absolute and is not rescaled.
+
+Why ~1,100 lines in one module: it is one table (:data:`SCHEDULES`), the pure function of each of
+torch's schedules with its argument checks (the torch-compatible closed forms are short but many), the
+text parser and :class:`ScheduleSpec`; each part is read with the others when a schedule is added, and
+nothing outside needs one part without the rest.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from .errors import ConfigError
+
 
 class _Name(str, Enum):
     def __str__(self) -> str:
@@ -92,6 +94,14 @@ class Command(_Name):
     CONFIRM_LR = "confirm_lr"
     CANCEL_RANGE_TEST = "cancel_range_test"
     SET_PACE = "set_pace"
+
+
+def parse_command(kind: str) -> Command:
+    """The :class:`Command` named ``kind``, or a ConfigError that lists the known ones."""
+    try:
+        return Command(kind)
+    except ValueError:
+        raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
 
 
 #: Commands that change training and are applied between two steps (the rest act on the loop itself).

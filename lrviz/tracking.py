@@ -18,6 +18,10 @@ lrviz's rates just before each step, so a torch scheduler of the loop no longer 
 override is recorded as an event). On a GPU the losses stay on the device and are copied once per
 flush (no host sync per step). An error inside lrviz never stops the training: it is printed once,
 the run is marked, and ``step`` becomes a no-op.
+
+Why ~630 lines in one module: :class:`TrackedRun` is one object that a user's loop calls per step; its
+fast path, its steering and its recovery from its own errors read the same state. The recording and the
+store are :class:`lrviz.recorder.RunRecorder`'s, the commands' queue :class:`lrviz.control.RunControl`'s.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from .rates import RateControl
 from .recorder import RunRecorder, recorded
 from .records import StepBuffer, ValPoint
 from .staging import FLUSH_SECONDS, Staging
-from .states import SETTING_COMMANDS, Command, RunState
+from .states import SETTING_COMMANDS, Command, RunState, parse_command
 
 __all__ = ["StopTraining", "TrackedRun", "track"]
 
@@ -437,10 +441,7 @@ class TrackedRun(Steering):
         fut: Future = Future()
         data = dict(data or {})
         try:
-            try:
-                cmd = Command(kind)
-            except ValueError:
-                raise ConfigError(f"unknown command {kind!r}; known: {', '.join(c.value for c in Command)}") from None
+            cmd = parse_command(kind)
             if self.read_only is not None:
                 raise ConfigError(f"this run can be watched, not steered: {self.read_only}")
             if cmd in (Command.RANGE_TEST, Command.CONFIRM_LR, Command.CANCEL_RANGE_TEST, Command.ROLLBACK,

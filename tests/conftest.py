@@ -2,25 +2,35 @@
 
 - Qt runs offscreen, and its settings (QSettings) live in a temporary folder, never the user's.
 - Every test gets its own run store: ``LRVIZ_HOME`` points at a fresh temporary folder.
-- A test that leaves a training thread ('lrviz-engine') or a QThread running fails: leftover threads
-  are what make Qt test suites crash later, far from the cause (napari's ``_dangling_qthreads``).
+- A test that leaves an ``lrviz-*`` thread, a child process, a QThread or a running QTimer behind fails,
+  with where each was started (``_no_leaks``).
 
-Nothing here needs Qt: the core's tests run without PySide6 installed.
+Nothing here needs Qt: the core's tests run without PySide6 installed. ``LRVIZ_TEST_NO_QT=1`` makes
+PySide6, pyqtgraph and lrviz.ui unimportable here (tests/qt_block.py), as .ci/test runs the core's tests.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
+import weakref
+from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 _CONFIG_HOME = tempfile.mkdtemp(prefix="lrviz-test-config-")
 os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME  # QSettings' native format on Linux lives here
 
 import pytest  # noqa: E402
+
+if os.environ.get("LRVIZ_TEST_NO_QT"):  # the core's tests as on a machine without Qt (.ci/test)
+    import qt_block
+
+    qt_block.install()
 
 try:
     from lrviz.ui import _compat  # noqa: F401  (PySide6 6.12 drops references to True on every emit)
@@ -32,8 +42,13 @@ if QSettings is not None:
     for _fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
         QSettings.setPath(_fmt, QSettings.Scope.UserScope, _CONFIG_HOME)
 
-#: How long a test's threads get to finish after it (a run told to stop ends within a step).
-THREAD_GRACE_S = 3.0
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``qt`` (the core's commands that also draw) are skipped where Qt cannot be imported."""
+    if QSettings is None:
+        skip = pytest.mark.skip(reason="draws with Qt, and PySide6 cannot be imported here")
+        for item in items:
+            if item.get_closest_marker("qt") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -75,36 +90,143 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# ---- leaks: lrviz-* threads, child processes, QThreads and running QTimers ------------------------------
+
+#: How long a test's threads and children get to finish after it (a run told to stop ends within a step).
+THREAD_GRACE_S = 3.0
+_STARTED_AT = "_lrviz_started_at"
+_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _where(obj: object) -> str:
+    """The creation stack recorded for ``obj`` (the test's own frames and lrviz's), or a note why not."""
+    stack = getattr(obj, _STARTED_AT, None)
+    if not stack:
+        return "    (where it started was not recorded)"
+    frames = [f for f in stack if f.filename.startswith(_ROOT) and not f.filename.endswith("conftest.py")
+              and "site-packages" not in f.filename]
+    return "".join(traceback.format_list(frames[-8:])).rstrip()
+
+
+def _record_starts() -> None:
+    """Record where every thread and child process is started (once, for the whole session)."""
+    if getattr(threading.Thread.start, "_lrviz_records", False):
+        return
+    thread_start, popen_init = threading.Thread.start, subprocess.Popen.__init__
+
+    def start(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        setattr(self, _STARTED_AT, traceback.extract_stack()[:-1])
+        self._lrviz_owner = getattr(getattr(self, "_target", None), "__self__", None)
+        return thread_start(self, *args, **kwargs)
+
+    def init(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        setattr(self, _STARTED_AT, traceback.extract_stack()[:-1])
+        popen_init(self, *args, **kwargs)
+        _POPENS[self.pid] = self
+
+    start._lrviz_records = True  # type: ignore[attr-defined]
+    threading.Thread.start = start  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = init  # type: ignore[method-assign]
+
+
+#: Popen objects by pid, to say where a leftover child was started.
+_POPENS: weakref.WeakValueDictionary[int, subprocess.Popen] = weakref.WeakValueDictionary()
+
+
+def _live_children() -> set[int]:
+    """This process's children that still run (zombies, ended but not yet reaped, do not count)."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            pids.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            continue
+    live = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            live.add(pid)
+    return live
+
+
+@pytest.fixture(scope="session")
+def session_owned() -> list:
+    """Callables naming what a session-scoped fixture keeps across tests (the app's warm worker: its
+    process id and its WorkerProcess, whose reader thread lives as long as it): not a test's leak."""
+    return []
+
+
 @pytest.fixture(autouse=True)
-def _no_dangling_threads(monkeypatch: pytest.MonkeyPatch):
-    """Fail a test that leaves an 'lrviz-engine' thread or a QThread running."""
-    started: list = []
+def _no_leaks(monkeypatch: pytest.MonkeyPatch, session_owned: list):
+    """Fail a test that leaves an ``lrviz-*`` thread, a child process, a QThread or a running QTimer of
+    its own behind, saying where each was started: leftovers are what make suites crash or flake later,
+    far from their cause (napari's ``_dangling_qthreads``)."""
+    _record_starts()
+    qthreads: list = []
+    qtimers: list = []
     if QThread is not None and "PySide6.QtCore" in sys.modules:
-        original = QThread.start
+        from PySide6.QtCore import QTimer
 
-        def start(self, *args, **kwargs):  # noqa: ANN001, ANN202
-            started.append(self)
-            return original(self, *args, **kwargs)
+        for cls, seen in ((QThread, qthreads), (QTimer, qtimers)):
+            def record(self, *args, _original=cls.start, _seen=seen, **kwargs):  # noqa: ANN001, ANN202
+                try:
+                    setattr(self, _STARTED_AT, traceback.extract_stack()[:-1])
+                except AttributeError:
+                    pass
+                _seen.append(self)
+                return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(QThread, "start", start)
-    before = {t for t in threading.enumerate() if t.name == "lrviz-engine"}
+            monkeypatch.setattr(cls, "start", record)
+    threads_before = set(threading.enumerate())
+    children_before = _live_children()
     yield
 
+    if qtimers:  # widgets the test closed go now (pytest-qt asked deleteLater), and their timers with them
+        from PySide6.QtCore import QCoreApplication, QEvent
+
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
     def leftovers() -> list[str]:
-        out = [f"threading.Thread {t.name!r}" for t in threading.enumerate()
-               if t.name == "lrviz-engine" and t.is_alive() and t not in before]
-        for qt in started:
+        owned: set = set()
+        for names in session_owned:
+            owned |= names()
+        out = [f"thread {t.name!r}, started at:\n{_where(t)}" for t in threading.enumerate()
+               if t.name.startswith("lrviz-") and t.is_alive() and t not in threads_before
+               and getattr(t, "_lrviz_owner", None) not in owned]
+        for pid in sorted(_live_children() - children_before - owned):
+            out.append(f"child process {pid}, started at:\n{_where(_POPENS.get(pid))}")
+        for qt in qthreads:
             try:
                 if qt.isRunning():
-                    out.append(f"QThread {qt!r}")
+                    out.append(f"QThread {qt!r}, started at:\n{_where(qt)}")
             except RuntimeError:  # its C++ object is gone: not running
+                pass
+        for timer in qtimers:
+            try:
+                if timer.isActive():
+                    parent = timer.parent()
+                    out.append(f"running QTimer of {type(parent).__name__ if parent else 'no parent'}, "
+                               f"started at:\n{_where(timer)}")
+            except RuntimeError:  # deleted with its widget
                 pass
         return out
 
-    deadline = time.monotonic() + THREAD_GRACE_S
     left = leftovers()
-    while left and time.monotonic() < deadline:
+    deadline = time.monotonic() + THREAD_GRACE_S
+    for t in threading.enumerate():  # wait on the threads themselves, bounded, rather than sleep
+        if left and t.name.startswith("lrviz-") and t not in threads_before:
+            t.join(max(0.0, deadline - time.monotonic()))
+    while left and time.monotonic() < deadline:  # children and Qt objects have no join: poll briefly
         time.sleep(0.02)
         left = leftovers()
+    left = leftovers()
     if left:
-        pytest.fail("the test left threads running: " + ", ".join(left), pytrace=False)
+        for t in threading.enumerate():  # a run left training would draw from torch's global RNG under
+            owner = getattr(t, "_lrviz_owner", None)  # the next tests of this process: stop it now
+            if t.name == "lrviz-engine" and t not in threads_before and hasattr(owner, "stop"):
+                owner.stop()
+                t.join(THREAD_GRACE_S)
+        pytest.fail("the test left these running:\n" + "\n".join(left), pytrace=False)

@@ -29,6 +29,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.qt
 def test_run_with_interventions_writes_exact_metrics(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["run", "regression", "--steps", "300", "--lr", "0.05", "--at", "100:lr=0.01",
@@ -96,6 +97,7 @@ def test_replay_of_a_stopped_app_style_run_replays_its_live_commands(tmp_path, c
     assert f"identical ({n} steps)" in capsys.readouterr().err
 
 
+@pytest.mark.qt
 def test_runs_lists_and_export_writes_formats(tmp_path, capsys):
     store = str(tmp_path / "store")
     assert main(["run", "regression", "--steps", "20", "--store", store, "--quiet", "--name", "first"]) == 0
@@ -117,6 +119,7 @@ def lrviz_process(*argv: str, cwd: Path = ROOT, env: dict[str, str] | None = Non
                             stderr=subprocess.PIPE, text=True, env=env or dict(os.environ))
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_an_intact_store_marked_interrupted(tmp_path):
     """SIGKILL mid-run: the store opens, passes integrity_check, and keeps every step the writer had
     committed; the writer commits at least every flush interval's worth of the run's own steps."""
@@ -182,6 +185,7 @@ def interrupt_twice(proc: subprocess.Popen, db: Path) -> tuple[int, str]:
     return run_id, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_keeps_the_outputs_and_saves_the_run_stopped(tmp_path):
     """The second press used to land in the middle of saving (or of Qt's import for the plots): a fatal
     error, no outputs, the run left 'running'."""
@@ -198,6 +202,7 @@ def test_ctrl_c_twice_keeps_the_outputs_and_saves_the_run_stopped(tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_stops_a_sweep_and_saves_its_current_run(tmp_path):
     store, out = tmp_path / "store", tmp_path / "out"
     proc = lrviz_process("sweep", str(SCRIPTS / "tiny.py"), "--lrs", "0.01,0.02", "--steps", "10000000",
@@ -236,6 +241,7 @@ def test_ctrl_c_four_times_quits_a_step_that_never_returns(tmp_path):
         assert s.integrity_ok() and s.get_run(run_id).status == "interrupted"
 
 
+@pytest.mark.slow
 def test_headless_commands_load_qt_only_to_draw(tmp_path):
     """Qt is imported for the plots of --out, after training, and not at all without them."""
     code = """
@@ -269,6 +275,7 @@ def test_headless_commands_load_qt_only_to_draw(tmp_path):
 # --------------------------------------------------------------------------- paths
 
 
+@pytest.mark.slow
 def test_paths_are_resolved_once_before_the_script_changes_folder(tmp_path):
     """A relative --store and --out, and a script that calls os.chdir on import and in build_data: the
     outputs, the store and its checkpoints stay where the command was started, and a resume from another

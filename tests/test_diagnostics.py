@@ -354,15 +354,36 @@ def test_after_step_without_before_step_records_nothing():
 
 
 def test_skipped_steps_cost_about_nothing():
-    probe = LayerProbe(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)]), every=1000)
-    before, after = probe.before_step, probe.after_step
-    n = 50000
-    t0 = time.perf_counter()
-    for step in range(1, n):
-        before(step)
-        after(step)
-    per_pair = (time.perf_counter() - t0) / n
-    assert per_pair < 3e-6  # ~0.2 us in practice; loose for loaded machines
+    """A step the probe skips costs under 2 % of a training step of the model it watches (a tiny one):
+    bounded relative to that step, timed alternately on this machine (best of five), not by wall-clock
+    microseconds (it was ~0.2 us against ~150 us)."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
+    probe = LayerProbe(model, every=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randn(8, 64)
+
+    def skipped_pair() -> float:
+        n = 20000
+        t0 = time.perf_counter()
+        for step in range(1, n):
+            probe.before_step(step)
+            probe.after_step(step)
+        return (time.perf_counter() - t0) / n
+
+    def train_step() -> float:
+        n = 50
+        t0 = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return (time.perf_counter() - t0) / n
+
+    probe_s = step_s = math.inf
+    for _ in range(5):
+        probe_s = min(probe_s, skipped_pair())
+        step_s = min(step_s, train_step())
+    assert probe_s < 0.02 * step_s, (probe_s, step_s)
 
 
 def test_truncate_forgets_later_records():

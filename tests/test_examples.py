@@ -17,13 +17,7 @@ EXAMPLES = example_paths()
 SURFACE_SCRIPTS = [p for p in EXAMPLES if p.stem.startswith("surface_")]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config_for(exp, steps: int | None = None, **overrides) -> RunConfig:

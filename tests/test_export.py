@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import needs_permissions, read_only_folder
 
 from lrviz import export
 from lrviz.errors import ConfigError, StoreError
@@ -137,7 +138,10 @@ def test_csv_rejects_ragged_columns(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_csv_million_rows_is_fast(tmp_path: Path):
+    """A million rows cost about ten times a hundred thousand (linear, chunked), never more than twice
+    that: bounded relative to the same writer on this machine, not by wall-clock seconds."""
     n = 1_000_000
     rng = np.random.default_rng(1)
     lr = np.full((n, 2), 1e-3)
@@ -151,12 +155,16 @@ def test_csv_million_rows_is_fast(tmp_path: Path):
         "lr": lr,
     }
     vals = [ValPoint(s, s // 5000, 0.5, 0.9, 0.0) for s in range(4999, n, 5000)]
+    tenth = {k: v[: n // 10] for k, v in steps.items()}
+    t0 = time.perf_counter()
+    write_metrics_csv(tmp_path / "tenth.csv", tenth, [v for v in vals if v.step < n // 10])
+    small = time.perf_counter() - t0
     t0 = time.perf_counter()
     path = write_metrics_csv(tmp_path / "m.csv", steps, vals)
     elapsed = time.perf_counter() - t0
-    log.info("metrics.csv: 1e6 rows in %.2f s (%.0f MB)", elapsed, path.stat().st_size / 1e6)
-    print(f"metrics.csv: 1e6 rows in {elapsed:.2f} s")
-    assert elapsed < 30  # ~2 s on a desktop, ~5 s on a slow 2-core CI machine
+    log.info("metrics.csv: 1e6 rows in %.2f s (%.0f MB), 1e5 in %.2f s", elapsed, path.stat().st_size / 1e6, small)
+    print(f"metrics.csv: 1e6 rows in {elapsed:.2f} s, 1e5 rows in {small:.2f} s")
+    assert elapsed < 20 * small, (elapsed, small)
     with open(path) as fh:
         fh.readline()
         first = fh.readline().split(",")
@@ -244,17 +252,12 @@ def test_replace_failure_removes_the_temp_file(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+@needs_permissions
 def test_read_only_folder(tmp_path: Path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
+    with read_only_folder(tmp_path) as folder:
         with pytest.raises(ConfigError, match="permission denied"):
             atomic_write(folder / "x.csv", b"x")
         assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o700)
 
 
 def test_missing_folder_and_folder_target(tmp_path: Path):

@@ -25,12 +25,7 @@ from lrviz.store.runs import RunStore  # noqa: E402
 WAIT = 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Regression(L.LightningModule):
@@ -287,3 +282,18 @@ def test_under_several_processes_rank_0_records_a_watch_only_run(tmp_path):
         cb.run.set_lr(0.1).result(WAIT)
     cb.on_train_end(None, model)
     assert cb.run.state == "finished"
+
+
+def test_the_lightning_example_is_a_plain_script_that_records_its_fit(tmp_path):
+    from lrviz.resources.examples import lightning_loop
+
+    from lrviz.experiment import example_paths, examples_dir, is_plain_script
+
+    path = examples_dir() / "lightning_loop.py"
+    assert is_plain_script(path) and path not in example_paths()
+    callback = lightning_loop.main(["--epochs", "1", "--store", str(tmp_path / "runs.sqlite")])
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        info = store.get_run(callback.run.run_id)
+        cols = store.load_steps(info.id)
+    assert info.status == "finished" and info.kind == "tracked" and info.steps == 32
+    assert cols["lr"].shape == (32, 2) and np.allclose(cols["lr"][0], [0.05, 0.005])  # body and head

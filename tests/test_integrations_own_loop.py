@@ -32,6 +32,7 @@ def test_the_own_loop_example_is_a_plain_script_not_an_experiment():
         resolve_script("own_loop")
 
 
+@pytest.mark.slow
 def test_the_own_loop_example_trains_and_stores_its_run(tmp_path):
     store_path = tmp_path / "runs.sqlite"
     proc = spawn("--epochs", "2", "--store", str(store_path))
@@ -48,6 +49,7 @@ def test_the_own_loop_example_trains_and_stores_its_run(tmp_path):
     assert cols["lr"][0, 0] == 0.05 and np.all(np.diff(cols["lr"][:, 0]) < 0)
 
 
+@pytest.mark.slow
 def test_the_own_loop_example_is_steered_and_stopped_from_another_process(tmp_path, capsys):
     store_path = tmp_path / "runs.sqlite"
     proc = spawn("--store", str(store_path))

@@ -23,12 +23,7 @@ from lrviz.store.runs import RunStore  # noqa: E402
 WAIT = 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -64,6 +59,7 @@ def logged(trainer, key):
     return {h["step"]: h[key] for h in trainer.state.log_history if key in h}
 
 
+@pytest.mark.slow
 def test_the_stored_run_is_what_the_trainer_logged(tmp_path):
     store_path = tmp_path / "runs.sqlite"
     cb = LrvizCallback(store=store_path)
@@ -170,3 +166,19 @@ def test_under_several_processes_the_main_process_records_a_watch_only_run(tmp_p
         cb.run.stop().result(WAIT)
     cb.on_train_end(args, None, control)
     assert cb.run.state == "finished" and not control.should_training_stop
+
+
+def test_the_trainer_example_is_a_plain_script_that_records_its_run(tmp_path):
+    from lrviz.resources.examples import hf_trainer
+
+    from lrviz.experiment import example_paths, examples_dir, is_plain_script
+
+    path = examples_dir() / "hf_trainer.py"
+    assert is_plain_script(path) and path not in example_paths()
+    callback = hf_trainer.main(["--steps", "6", "--store", str(tmp_path / "runs.sqlite")])
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        info = store.get_run(callback.run.run_id)
+        cols = store.load_steps(info.id)
+        val = store.load_validation(info.id)
+    assert info.status == "finished" and info.kind == "tracked" and info.steps == 6
+    assert np.all(np.isfinite(cols["loss"])) and len(val) == 6  # eval every step at 6 steps

@@ -659,54 +659,32 @@ def test_valley_index_is_fastais_valley(values):
     assert lrs[valley_index(values)] == lr  # negative indices wrap in both
 
 
-def _fastai_lr_find(tmp_path, seed: int):
-    """fastai's own Learner.lr_find on a small regression: its recorder's rates, smoothed losses and
-    the raw batch losses, and its valley and minimum suggestions."""
+def _fastai_lr_find(seed: int):
+    """fastai's own Learner.lr_find on a small regression (the run tests/peers/record_fastai.py records):
+    its recorder's rates, smoothed losses and the raw batch losses, and its valley and minimum suggestions."""
     pytest.importorskip("fastai.callback.schedule", reason="fastai is not installed (pip install fastai)")
-    from fastai.callback.core import Callback
-    from fastai.callback.schedule import SuggestionMethod
-    from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
+    from peers.record_fastai import lr_find
 
-    class RawLosses(Callback):
-        def before_fit(self):
-            self.values = []
-
-        def after_batch(self):
-            if self.training:
-                self.values.append(float(self.learn.loss.detach()))
-
-    torch.manual_seed(seed)
-    x = torch.randn(512, 4)
-    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.1 * torch.randn(512, 1)
-    ds = torch.utils.data.TensorDataset(x, y)
-    dls = DataLoaders(torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True),
-                      torch.utils.data.DataLoader(ds, batch_size=64))
-    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-    raw = RawLosses()
-    learn = Learner(dls, model, loss_func=nn.MSELoss(), path=tmp_path, cbs=[raw])
-    with learn.no_bar():
-        found = learn.lr_find(show_plot=False, suggest_funcs=(SuggestionMethod.Valley, SuggestionMethod.Minimum))
-    rec = learn.recorder
-    return (np.array(rec.lrs, dtype=np.float64), np.array([float(v) for v in rec.losses]),
-            np.array(raw.values), found)
+    run = lr_find(seed)
+    return (np.array(run["lrs"], dtype=np.float64), np.array(run["smoothed"]), np.array(run["raw"]),
+            run["valley"], run["minimum"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_valley_and_minimum_equal_fastais_lr_find(tmp_path, seed):
-    lrs, smoothed, raw, found = _fastai_lr_find(tmp_path, seed)
+def test_valley_and_minimum_equal_fastais_lr_find(seed):
+    lrs, smoothed, raw, valley, minimum = _fastai_lr_find(seed)
     assert len(lrs) == len(smoothed) == len(raw) > 20
     # fastai's smoothing is lrviz's (debiased EMA, beta 0.98), to float32 precision
     np.testing.assert_allclose(smooth(raw, 0.98), smoothed, rtol=2e-6)
     # fed fastai's own smoothed curve (beta=0: judged as given), lrviz picks what fastai picked
     # (fastai hands back float32 rates)
     ours = suggest(lrs, smoothed, beta=0.0, num_it=100)
-    assert ours.valley == pytest.approx(found.valley, rel=1e-6)
-    assert ours.minimum_tenth == pytest.approx(found.minimum, rel=1e-6)
+    assert ours.valley == pytest.approx(valley, rel=1e-6)
+    assert ours.minimum_tenth == pytest.approx(minimum, rel=1e-6)
     # and from the raw batch losses, smoothing them itself
     mine = suggest(lrs, raw, num_it=100)
-    assert mine.valley == pytest.approx(found.valley, rel=1e-6)
-    assert mine.minimum_tenth == pytest.approx(found.minimum, rel=1e-6)
+    assert mine.valley == pytest.approx(valley, rel=1e-6)
+    assert mine.minimum_tenth == pytest.approx(minimum, rel=1e-6)
 
 
 def _fastai_recorded() -> dict:
@@ -970,6 +948,7 @@ def test_torch_lr_finders_steepest_does_not_learn_on_digits_and_the_confirmed_ra
 # --------------------------------------------------------------------------- lrviz find-lr
 
 
+@pytest.mark.qt
 def test_find_lr_command_confirms_and_says_which_rate_won_and_why(tmp_path, capsys, one_torch_thread):
     import json
 
@@ -1046,14 +1025,16 @@ def test_engine_confirms_between_two_steps_and_training_goes_on_exactly(tmp_path
     exp = load_experiment(script)
     ref = TrainingEngine(exp, RunConfig(**exp.defaults))
     ref.run()
-    eng = TrainingEngine(exp, RunConfig(**exp.defaults))
+    # paused at exactly step 5, early: from there the range test's loss still falls (a run paused "soon
+    # after step 5" by a polling test went on for as many steps as a busy machine delayed the test)
+    eng = TrainingEngine(exp, RunConfig(**exp.defaults), start_paused=True)
     eng.start()
     deadline = time.monotonic() + 60
-    while eng.step < 5 and time.monotonic() < deadline:  # early: from here the range test's loss still falls
-        time.sleep(0.001)
-    eng.pause()
-    while eng.state != "paused" and time.monotonic() < deadline:
-        time.sleep(0.005)
+    for k in range(1, 6):
+        eng.step_once()
+        while not (eng.step == k and eng.state == "paused") and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert eng.step == 5 and eng.state == "paused"
     try:
         result = eng.range_test(start=1e-4, end=10, steps=100, confirm=True, confirm_steps=5).result(timeout=60)
         c = eng.confirm_lr(rates=[1e-3, 1e-2, 0.1], steps=5).result(timeout=60)

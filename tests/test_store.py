@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import needs_permissions, read_only_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -435,16 +436,10 @@ def test_unwritable_path_gives_store_error(tmp_path: Path):
         RunStore(blocker / "sub" / "runs.sqlite")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs file permissions to apply")
+@needs_permissions
 def test_read_only_folder_gives_store_error(tmp_path: Path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        with pytest.raises(StoreError, match="cannot write the run store|unable to open"):
-            RunStore(folder)
-    finally:
-        folder.chmod(0o700)
+    with read_only_folder(tmp_path) as folder, pytest.raises(StoreError, match="cannot write the run store|unable to open"):
+        RunStore(folder)
 
 
 def test_corrupt_file_gives_store_error(tmp_path: Path):
@@ -716,3 +711,15 @@ def test_truncate_run_keeps_only_what_came_before(tmp_path):
         assert [p.step for p in s.load_validation(rid)] == [99]
         s.append_steps(rid, 150, {"loss": np.zeros(5), "lr": np.full((5, 1), 0.1)})
         assert s.get_run(rid).steps == 155
+
+
+def test_a_query_that_must_answer_a_row_and_answers_none_is_the_damaged_message(tmp_path):
+    """A damaged runs page once made `lrviz runs` print "internal error: TypeError: 'NoneType' object is
+    not subscriptable" (a pragma read with fetchone()[0] got no row): it is the damaged-store message."""
+    from lrviz.store.runs import StoreError, _first
+
+    with RunStore(tmp_path / "s.sqlite") as s:
+        with pytest.raises(StoreError, match="damaged or not an lrviz run store") as err:
+            with s._op("reading the schema version") as conn:
+                _first(conn, "SELECT 1 WHERE 0")
+    assert err.value.kind == "damaged" and "move the file aside" in str(err.value)

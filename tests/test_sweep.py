@@ -10,7 +10,6 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
-import torch
 
 from lrviz.config import RunConfig
 from lrviz.errors import ConfigError, ScriptError
@@ -50,12 +49,7 @@ LINEAR = textwrap.dedent(
 HIGH, GOOD, TINY = 3.0, 0.1, 0.01
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

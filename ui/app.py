@@ -8,6 +8,7 @@ first exposed on screen (``bench/ui_startup.py`` measures the time from the proc
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -56,11 +57,17 @@ def run_app(script: str | None = None, store_path: str | None = None) -> int:
     # connection's reader) and frees a Qt object there can deadlock PySide.
     from pyqtgraph.util.garbage_collector import GarbageCollector
 
-    collector = GarbageCollector(interval=1.0, debug=False)  # noqa: F841  (kept alive by this frame)
+    gc_was_on = gc.isenabled()
+    collector = GarbageCollector(interval=1.0, debug=False)  # disables automatic collection
     window = MainWindow(store_path)
     window.show()
     if os.environ.get("LRVIZ_FIRST_PAINT"):
         _FirstPaint(window)
     QTimer.singleShot(0, lambda: window.load_script(os.fspath(script) if script else None))
     QTimer.singleShot(0, window.runs.reattach)
-    return app.exec()
+    try:
+        return app.exec()
+    finally:  # the collector's timer keeps it alive (Qt holds the slot): stop it, restore gc as it was
+        collector.timer.stop()
+        if gc_was_on:
+            gc.enable()

@@ -24,13 +24,12 @@ from typing import Any
 import pyqtgraph as pg
 from PySide6.QtGui import QFont, QFontMetricsF
 
+from lrviz.export import plot_panel
+
 from .widgets import format_number
 
-__all__ = ["PANEL_TITLES", "StepAxis", "ValueAxis", "linear_ticks", "log_ticks", "panel_axis", "step_text"]
+__all__ = ["StepAxis", "ValueAxis", "linear_ticks", "log_ticks", "panel_axis", "step_text"]
 
-#: The y-axis title of each panel of the run plots, and shorter forms for short panels (on screen and in files).
-PANEL_TITLES = {"loss": "loss", "lr": "learning rate", "grad": "gradient norm (L2)", "acc": "val accuracy (%)"}
-SHORT_TITLES = {"lr": ("LR",), "grad": ("grad norm",), "acc": ("val acc %", "acc %")}
 
 _ALL_MULTIPLES = tuple(range(1, 10))
 #: Room along the axis a label takes, in text heights (vertical axes) or in text heights too for
@@ -236,7 +235,7 @@ class StepAxis(ValueAxis):
 
 def panel_axis(panel: str) -> ValueAxis:
     """The left axis of a run-plot panel (``loss``, ``lr``, ``grad``, ``acc``), knowing its short titles;
-    set its title with ``plot.setLabel("left", PANEL_TITLES[panel])``."""
+    set its title with ``plot.setLabel("left", plot_panel(panel).title)`` (:data:`lrviz.export.PLOT_PANELS`)."""
     axis = ValueAxis("left")
-    axis.short_titles = SHORT_TITLES.get(panel, ())
+    axis.short_titles = plot_panel(panel).short
     return axis

@@ -4,7 +4,6 @@ window's run control sends it to the run."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, Signal
@@ -22,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.config import AMP_CHOICES, OPTIMIZER_NAMES, RunConfig, parse_clip
+from lrviz.config import AMP_CHOICES, OPTIMIZER_NAMES, RunConfig, parse_clip, parse_finite
 from lrviz.errors import ConfigError
 
 from .schedule_editor import ScheduleEditor
@@ -30,6 +29,7 @@ from .widgets import (
     ErrorLabel,
     LrControl,
     ValidatedLineEdit,
+    form_layout,
     format_number,
     parse_float_in,
     parse_int_at_least,
@@ -51,13 +51,7 @@ def _param_parser(default: Any, name: str):  # noqa: ANN202 - returns a parser
             except ValueError:
                 raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
         if isinstance(default, float):
-            try:
-                v = float(text)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, not {text!r}") from None
-            if not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, not {text!r}")
-            return v
+            return parse_finite(text, name)
         return text
 
     return parse
@@ -100,13 +94,7 @@ def _note() -> QLabel:
 
 
 def _form() -> QFormLayout:
-    f = QFormLayout()
-    f.setContentsMargins(6, 4, 6, 4)
-    f.setHorizontalSpacing(8)
-    f.setVerticalSpacing(4)
-    f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
-    return f
+    return form_layout((6, 4), 4)
 
 
 class ControlPanel(QScrollArea):

@@ -6,7 +6,7 @@ and any number of overlaid runs. It never reacts to training steps: the main win
 only when something changed, drawing at most ~2 points per pixel column of each series for the
 visible step range (min/max per column, so a one-step spike stays visible at any zoom).
 
-Why ~650 lines in one module: the layout, the traces' plot items, the frame (ranges, follow, redraw
+Why ~680 lines in one module: the layout, the traces' plot items, the frame (ranges, follow, redraw
 budget), the event markers and the crosshair readout all work on the same plot items and view
 ranges of one widget; the pieces that stand alone already live elsewhere (the decimated series in
 :mod:`.trace`, the axes in :mod:`.axes`, the marker strip in :mod:`.ribbon`).
@@ -26,10 +26,10 @@ import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
 from PySide6.QtWidgets import QGraphicsItem, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from lrviz.export import FigureSpec, Marker, event_markers, smoothing_label
+from lrviz.export import FigureSpec, Marker, PlotPanel, event_markers, plot_panels, smoothing_label
 
 from . import theme
-from .axes import PANEL_TITLES, StepAxis, panel_axis
+from .axes import StepAxis, panel_axis
 from .ribbon import EventRibbon
 from .trace import RunTrace
 from .widgets import format_number
@@ -96,10 +96,11 @@ class TrainingPlots(QWidget):
     #: Emitted with the step under the mouse (or -1 when it leaves the plots).
     hoveredStep = Signal(int)
 
-    PLOTS = ("loss", "lr", "grad", "acc")
-
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
+        #: The panels, top to bottom, as lrviz.export.PLOT_PANELS lists them (the exported figures read it too).
+        self.panels = {p.key: p for p in plot_panels()}
+        self.PLOTS = tuple(self.panels)
         theme.configure_pyqtgraph()
         self._setting_range = False
         self._dirty = True
@@ -137,7 +138,7 @@ class TrainingPlots(QWidget):
         self.plots: dict[str, pg.PlotItem] = {}
         for name in self.PLOTS:
             p = pg.PlotItem(axisItems={"bottom": StepAxis("bottom"), "left": panel_axis(name)})
-            p.setLabel("left", PANEL_TITLES[name])
+            p.setLabel("left", self.panels[name].title)
             p.getAxis("left").setWidth(AXIS_WIDTH)
             p.showGrid(x=True, y=True, alpha=theme.GRID_ALPHA)
             p.setClipToView(False)
@@ -157,7 +158,7 @@ class TrainingPlots(QWidget):
             vb.sigRangeChangedManually.connect(lambda *_, n=name: self._on_manual_range(n))
             self.plots[name] = p
         base = self.plots["loss"]
-        for name in ("lr", "grad", "acc"):
+        for name in self.PLOTS[1:]:
             self.plots[name].setXLink(base)
         self.ribbon = EventRibbon(RIBBON_ROWS, axis_width=AXIS_WIDTH)
         self.ribbon.setXLink(base)
@@ -207,11 +208,10 @@ class TrainingPlots(QWidget):
         (Removing items from a pyqtgraph GraphicsLayout and adding them back collapses its rows,
         so every plot stays in the layout and the accuracy plot is hidden at zero height.)
         """
-        wanted = ["loss", "lr", "grad"] + (["acc"] if self._show_accuracy else [])
+        wanted = [name for name in self.PLOTS if name != "acc" or self._show_accuracy]
         if wanted == self._shown:
             return
         ci = self.view.ci
-        stretch = {"loss": 5, "lr": 3, "grad": 3, "acc": 3}
         if not self._shown:
             ci.addItem(self.ribbon, row=0, col=0)
             ci.layout.setRowStretchFactor(0, 0)
@@ -223,7 +223,7 @@ class TrainingPlots(QWidget):
         acc.setMinimumHeight(0)
         for i, name in enumerate(self.PLOTS):
             shown = name in wanted
-            ci.layout.setRowStretchFactor(i + 1, stretch[name] if shown else 0)
+            ci.layout.setRowStretchFactor(i + 1, self.panels[name].stretch if shown else 0)
             ci.layout.setRowSpacing(i + 1, 2 if shown else 0)
             last = name == wanted[-1]
             axis = self.plots[name].getAxis("bottom")
@@ -304,7 +304,8 @@ class TrainingPlots(QWidget):
         items.val_acc = pg.PlotDataItem(pen=theme.pen(theme.ACCURACY, 1), symbol="o", symbolSize=5,
                                         symbolBrush=theme.ACCURACY, symbolPen=None)
         self.plots["acc"].addItem(items.val_acc)
-        c["grad_norm"] = self._curve("grad", theme.pen(theme.GRAD_NORM, 1), 1)
+        for p in self._column_panels():
+            c[p.column] = self._curve(p.key, theme.pen(theme.panel_colour(p.key), 1), 1)
         self._ensure_lr_curves(items, max(1, tr.groups))
 
     def _ensure_lr_curves(self, items: _TraceItems, groups: int) -> None:
@@ -333,12 +334,18 @@ class TrainingPlots(QWidget):
         items.val_acc = pg.PlotDataItem(pen=theme.pen(col, 1), symbol="t", symbolSize=6, symbolBrush=col,
                                         symbolPen=None)
         self.plots["acc"].addItem(items.val_acc)
-        c["grad_norm"] = self._curve("grad", theme.pen(col, 1, alpha=200), 3)
+        for p in self._column_panels():
+            c[p.column] = self._curve(p.key, theme.pen(col, 1, alpha=200), 3)
         self._ensure_lr_curves(items, 1)
+
+    def _column_panels(self) -> list[PlotPanel]:
+        """The panels that draw one per-step column as it is (the gradient norm's...)."""
+        return [p for p in self.panels.values() if p.column is not None]
 
     def _remove_items(self, items: _TraceItems) -> None:
         for name, curve in items.curves.items():
-            plot = "loss" if name.startswith("loss") else "lr" if name.startswith("lr") else "grad"
+            columns = {p.column: p.key for p in self._column_panels()}
+            plot = columns.get(name) or ("loss" if name.startswith("loss") else "lr")
             self.plots[plot].removeItem(curve)
             self._legend_remove(curve)
         for item, plot in ((items.val_loss, "loss"), (items.val_acc, "acc")):

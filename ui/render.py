@@ -56,17 +56,25 @@ from PySide6.QtWidgets import QApplication, QSizePolicy
 from lrviz import export as _export_module
 from lrviz.decimate import EmaSmoother
 from lrviz.errors import ConfigError
-from lrviz.export import FigureSpec, atomic_write, event_markers, format_number, smoothing_label
+from lrviz.export import (
+    FigureSpec,
+    PlotPanel,
+    atomic_write,
+    event_markers,
+    format_number,
+    plot_panel,
+    plot_panels,
+    smoothing_label,
+)
 from lrviz.records import Event, ValPoint
 
 from . import theme
-from .axes import PANEL_TITLES, StepAxis, ValueAxis, panel_axis
+from .axes import StepAxis, ValueAxis, panel_axis
 from .ribbon import EventRibbon
 
 __all__ = [
     "KINDS",
     "PALETTE",
-    "PANELS",
     "RENDER_FORMATS",
     "RunData",
     "ensure_app",
@@ -80,7 +88,6 @@ log = logging.getLogger(__name__)
 
 RENDER_FORMATS = ("png", "svg", "pdf")
 KINDS = ("loss", "lr", "both")
-PANELS = ("loss", "lr", "grad", "acc")
 #: Okabe-Ito: distinguishable with the common colour-vision deficiencies (yellow left out: too pale).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 _TEXT = "#222222"
@@ -233,12 +240,60 @@ def _positive(y: np.ndarray) -> np.ndarray:
     return y
 
 
-class _Figure:
+class _OffscreenFigure:
+    """What both figures share: a white, frameless layout the size of the image, shown offscreen only,
+    with fonts and margins in proportion to it (``base`` px), painted once and closed."""
+
+    def __init__(self, size: tuple[int, int], spacing: float):
+        self.width, self.height = int(size[0]), int(size[1])
+        self.base = base = max(9.0, min(self.width, self.height * 1.5) / 75.0)  # 16 px at 1200 x 800
+        self.pad = pad = round(base * 0.6)
+        win = self.win = pg.GraphicsLayoutWidget()
+        win.setBackground("w")
+        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
+        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        win.setFrameShape(win.Shape.NoFrame)
+        win.resize(self.width, self.height)
+        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
+        win.ci.setSpacing(round(base * spacing))
+
+    def _boxed_plot(self, row: int, axes: dict[str, pg.AxisItem], tick_px: int,
+                    bottom_values: bool = True) -> pg.PlotItem:
+        """A plot at ``row`` framed by four axes in the figure's style: values on the left and (with
+        ``bottom_values``) at the bottom, the left axis wide enough for its tick labels."""
+        plot = self.win.addPlot(row=row, col=0, axisItems=axes)
+        plot.setMenuEnabled(False)
+        plot.hideButtons()
+        plot.showGrid(x=True, y=True, alpha=0.12)
+        plot.showAxis("top")
+        plot.showAxis("right")
+        tick_font = _font(tick_px)
+        for side in ("left", "bottom", "top", "right"):
+            axis = plot.getAxis(side)
+            axis.setPen(pg.mkPen(_AXIS, width=1))
+            axis.setTextPen(pg.mkPen(_TEXT))
+            axis.enableAutoSIPrefix(False)
+            axis.setStyle(tickFont=tick_font, tickLength=-round(tick_px * 0.45), tickTextOffset=round(tick_px * 0.4))
+            if side in ("top", "right") or (side == "bottom" and not bottom_values):
+                axis.setStyle(showValues=False)
+        plot.getAxis("left").setWidth(round(tick_px * 4.6))
+        return plot
+
+    def paint(self, painter: QPainter) -> None:
+        self.win.render(painter, QRectF(0, 0, self.width, self.height), self.win.viewport().rect())
+
+    def close(self) -> None:
+        self.win.close()
+        self.win.deleteLater()
+
+
+class _Figure(_OffscreenFigure):
     """The title, legend row, event strip and panels a :class:`FigureSpec` describes, ready to be painted."""
 
     def __init__(self, runs: Sequence[RunData], spec: FigureSpec, size: tuple[int, int]):
-        self.width, self.height = int(size[0]), int(size[1])
-        base = max(9.0, min(self.width, self.height * 1.5) / 75.0)  # 16 px at 1200 x 800
+        super().__init__(size, spacing=0.3)
+        base, pad, win = self.base, self.pad, self.win
         self.tick_px = round(base * 0.82)
         self.label_px = round(base * 0.95)
         self.legend_px = round(base * 0.82)
@@ -248,18 +303,6 @@ class _Figure:
         self.spec = spec
         self.colours = self._run_colours()
         self.bins = max(50, self.width)
-
-        win = pg.GraphicsLayoutWidget()
-        win.setBackground("w")
-        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
-        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setFrameShape(win.Shape.NoFrame)
-        win.resize(self.width, self.height)
-        pad = round(base * 0.6)
-        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
-        win.ci.setSpacing(round(base * 0.3))
-        self.win = win
 
         self.legend: list[tuple[pg.PlotDataItem, str]] = []
         row = 0
@@ -281,14 +324,17 @@ class _Figure:
                                       font=_font(self.marker_px))
             win.addItem(self.ribbon, row=row, col=0)
             row += 1
-        panels = [p for p in spec.panels if p in PANELS and (p != "acc" or self._has_accuracy())] or ["loss"]
-        stretch = {"loss": 5, "lr": 3, "grad": 3, "acc": 3}
+        known = {p.key: p for p in plot_panels()}
+        panels = [p for p in spec.panels if p in known and (p != "acc" or self._has_accuracy())] or ["loss"]
         self.plots: dict[str, pg.PlotItem] = {}
         for k, name in enumerate(panels):
             plot = self._add_plot(row, name, last=k == len(panels) - 1)
-            win.ci.layout.setRowStretchFactor(row, stretch[name])
+            win.ci.layout.setRowStretchFactor(row, known[name].stretch)
             row += 1
-            getattr(self, f"_draw_{name}")(plot)
+            if known[name].column is not None:
+                self._draw_column(plot, known[name])
+            else:
+                getattr(self, f"_draw_{name}")(plot)
         first = self.plots[panels[0]]
         for plot in self.plots.values():
             if plot is not first:
@@ -318,29 +364,14 @@ class _Figure:
     # ---- layout ----
 
     def _add_plot(self, row: int, name: str, last: bool) -> pg.PlotItem:
-        plot = self.win.addPlot(row=row, col=0, axisItems={"bottom": StepAxis("bottom"), "left": panel_axis(name)})
-        plot.setMenuEnabled(False)
-        plot.hideButtons()
+        axes = {"bottom": StepAxis("bottom"), "left": panel_axis(name)}
+        plot = self._boxed_plot(row, axes, self.tick_px, bottom_values=last)
         plot.setClipToView(False)
         plot.setDownsampling(auto=False)
-        plot.showGrid(x=True, y=True, alpha=0.12)
-        plot.showAxis("top")
-        plot.showAxis("right")
-        tick_font = _font(self.tick_px)
         style = {"font-size": f"{self.label_px}px", "color": _TEXT}
-        for side in ("left", "bottom", "top", "right"):
-            axis = plot.getAxis(side)
-            axis.setPen(pg.mkPen(_AXIS, width=1))
-            axis.setTextPen(pg.mkPen(_TEXT))
-            axis.enableAutoSIPrefix(False)
-            axis.setStyle(tickFont=tick_font, tickLength=-round(self.tick_px * 0.45),
-                          tickTextOffset=round(self.tick_px * 0.4))
-            if side in ("top", "right") or (side == "bottom" and not last):
-                axis.setStyle(showValues=False)
         if not last:
             plot.getAxis("bottom").setHeight(round(self.tick_px * 0.5))
-        plot.getAxis("left").setWidth(round(self.tick_px * 4.6))
-        plot.setLabel("left", PANEL_TITLES[name], **style)
+        plot.setLabel("left", plot_panel(name).title, **style)
         if last:
             plot.setLabel("bottom", "step (optimizer updates)", **style)
         plot.vb.setDefaultPadding(0.015)
@@ -411,12 +442,14 @@ class _Figure:
                 y = _positive(lr[:, g]) if self.spec.log_lr else lr[:, g]
                 self._curve(plot, x, y, name=name, pen=pg.mkPen(c, width=2.0))
 
-    def _draw_grad(self, plot: pg.PlotItem) -> None:
-        plot.setLogMode(x=False, y=bool(self.spec.log_grad))
+    def _draw_column(self, plot: pg.PlotItem, panel: PlotPanel) -> None:
+        """A panel of one per-step column, each run's as it is (the gradient norm's axis may be log)."""
+        log = bool(self.spec.log_grad) if panel.key == "grad" else False
+        plot.setLogMode(x=False, y=log)
         for run, colour in zip(self.runs, self.colours):
-            g = np.asarray(run.steps.get("grad_norm", np.empty(0)), dtype=np.float64)
-            y = _positive(g) if self.spec.log_grad else g
-            c = _color(theme.GRAD_NORM) if colour is None else _color(colour, 200)
+            g = np.asarray(run.steps.get(panel.column, np.empty(0)), dtype=np.float64)
+            y = _positive(g) if log else g
+            c = _color(theme.panel_colour(panel.key)) if colour is None else _color(colour, 200)
             self._curve(plot, _x_of(run.steps, len(g)), y, pen=pg.mkPen(c, width=1.4))
 
     def _draw_acc(self, plot: pg.PlotItem) -> None:
@@ -530,14 +563,6 @@ class _Figure:
             app.processEvents()
         if self.ribbon is not None:
             self.ribbon.relayout()
-
-    def paint(self, painter: QPainter) -> None:
-        target = QRectF(0, 0, self.width, self.height)
-        self.win.render(painter, target, self.win.viewport().rect())
-
-    def close(self) -> None:
-        self.win.close()
-        self.win.deleteLater()
 
 
 def _normalise(data: RunData | Sequence[RunData]) -> list[RunData]:
@@ -666,27 +691,16 @@ _RT_METHODS = {"steepest": ("steepest", "#CC79A7"), "valley": ("valley", "#009E7
                "minimum_tenth": ("min / 10", "#E69F00"), "confirmed": ("confirmed", _RT_CHOSEN)}
 
 
-class _RangeTestFigure:
+class _RangeTestFigure(_OffscreenFigure):
     """The range test's curve, suggestion band and suggestion lines, ready to be painted."""
 
     def __init__(self, result: Any, *, title: str | None, size: tuple[int, int]):
         from lrviz.lab.rangetest import loss_axis_range
 
-        self.width, self.height = int(size[0]), int(size[1])
-        base = max(9.0, min(self.width, self.height * 1.5) / 75.0)
+        super().__init__(size, spacing=0.4)
+        base, pad, win = self.base, self.pad, self.win
         tick_px, label_px, title_px = round(base * 0.82), round(base * 0.95), round(base * 1.1)
         legend_px = round(base * 0.82)
-        win = pg.GraphicsLayoutWidget()
-        win.setBackground("w")
-        win.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
-        win.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        win.setFrameShape(win.Shape.NoFrame)
-        win.resize(self.width, self.height)
-        pad = round(base * 0.6)
-        win.ci.setContentsMargins(pad, pad, pad * 1.5, pad)
-        win.ci.setSpacing(round(base * 0.4))
-        self.win = win
         s = result.suggestions
         lrs = np.asarray(result.lrs, dtype=np.float64)
         losses = np.asarray(result.losses, dtype=np.float64)
@@ -716,23 +730,8 @@ class _RangeTestFigure:
             row += 1
 
         axes: dict[str, pg.AxisItem] = {"bottom": ValueAxis("bottom"), "left": ValueAxis("left")}
-        plot = win.addPlot(row=row + 1, col=0, axisItems=axes)
-        plot.setMenuEnabled(False)
-        plot.hideButtons()
-        plot.showGrid(x=True, y=True, alpha=0.12)
-        plot.showAxis("top")
-        plot.showAxis("right")
+        plot = self._boxed_plot(row + 1, axes, tick_px)
         style = {"font-size": f"{label_px}px", "color": _TEXT}
-        for name in ("left", "bottom", "top", "right"):
-            axis = plot.getAxis(name)
-            axis.setPen(pg.mkPen(_AXIS, width=1))
-            axis.setTextPen(pg.mkPen(_TEXT))
-            axis.enableAutoSIPrefix(False)
-            axis.setStyle(tickFont=_font(tick_px), tickLength=-round(tick_px * 0.45),
-                          tickTextOffset=round(tick_px * 0.4))
-            if name in ("top", "right"):
-                axis.setStyle(showValues=False)
-        plot.getAxis("left").setWidth(round(tick_px * 4.6))
         plot.setLabel("left", "training loss", **style)
         plot.setLabel("bottom", "learning rate (log scale)", **style)
         plot.setLogMode(x=True, y=False)
@@ -820,13 +819,6 @@ class _RangeTestFigure:
         app = QApplication.instance()
         for _ in range(4):
             app.processEvents()
-
-    def paint(self, painter: QPainter) -> None:
-        self.win.render(painter, QRectF(0, 0, self.width, self.height), self.win.viewport().rect())
-
-    def close(self) -> None:
-        self.win.close()
-        self.win.deleteLater()
 
 
 def render_range_test(

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QObject, Signal
@@ -212,6 +213,9 @@ class RunControl(QObject):
         """A run started elsewhere: its script in the Script panel (when it is on this machine) and its
         settings in the controls, so what they show is what it trains with."""
         w = self.window
+        if getattr(run, "describe", {}).get("kind") == "tracked":
+            self._show_tracked_settings(run)  # its script is the user's own loop: never imported here
+            return
         script = run.script_path
         info = w.script_info
         if script and os.path.isfile(script) and (info is None or os.path.realpath(info.path) !=
@@ -219,6 +223,19 @@ class RunControl(QObject):
             w.load_script(script)  # the controls then show its settings again, below
         if w.script_info is not None:
             self.script_loaded(w.script_info)
+
+    def _show_tracked_settings(self, run: Run) -> None:
+        """A user's loop (``lrviz.track``, a trainer's callback): the controls show the rate, momentum,
+        weight decay and length it recorded at its start; what it has no word for keeps the defaults."""
+        known = {f.name for f in fields(RunConfig)}
+        recorded = dict(run.config)
+        cfg = {k: v for k, v in recorded.items() if k in known}
+        if "momentum" not in cfg and isinstance(recorded.get("betas"), (list, tuple)) and recorded["betas"]:
+            cfg["momentum"] = recorded["betas"][0]  # Adam's beta1: what lrviz's momentum sets for Adam
+        try:
+            self.window.controls.show_config(RunConfig.from_dict(steered_config(run, cfg)))
+        except (LrvizError, TypeError, ValueError):
+            pass
 
     def watch(self, run_id: int) -> None:
         """Follow run ``run_id`` of the window's store, live (Watch in the run browser)."""
@@ -260,7 +277,7 @@ class RunControl(QObject):
         if self.active() and run is not None and run.script_path and \
                 os.path.realpath(run.script_path) == os.path.realpath(info.path):
             try:
-                self.window.controls.show_config(RunConfig.from_dict(dict(run.config)))
+                self.window.controls.show_config(RunConfig.from_dict(steered_config(run, dict(run.config))))
             except (LrvizError, TypeError, ValueError):
                 return
             steered = [e for e in list(run.events) if e.kind == EventKind.SET_CLIP]
@@ -510,3 +527,20 @@ class RunControl(QObject):
         held = [*self.started, *self.hidden, *([self.run] if self.run is not None else [])]
         for r in {id(r): r for r in held}.values():
             r.close()
+
+
+def steered_config(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (what the run started with) as steered since: its current rate (group 0), and the last
+    schedule, momentum and weight decay set (those its events received so far name)."""
+    out = dict(cfg)
+    for e in list(run.events):
+        if e.kind == EventKind.SET_SCHEDULE:
+            out["schedule"] = e.data.get("spec")
+        elif e.kind == EventKind.SET_HYPERPARAMS:
+            out.update({k: e.data[k] for k in ("momentum", "weight_decay") if e.data.get(k) is not None})
+    buf = run.buffer
+    if buf is not None and len(buf):  # the rate the last step used (a tracked loop's own scheduler moves it)
+        out["lr"] = float(buf.view(len(buf) - 1)["lr"][-1, 0])
+    elif run.lrs:
+        out["lr"] = float(run.lrs[0])
+    return out

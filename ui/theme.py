@@ -69,3 +69,8 @@ def pen(hex_colour: str, width: float = 1.5, alpha: int = 255, dashed: bool = Fa
         p.setStyle(Qt.PenStyle.DashLine)
     p.setCosmetic(True)
     return p
+
+
+def panel_colour(key: str) -> str:
+    """The colour a run's own curve takes in a panel of one per-step column (grey for a panel with none of its own)."""
+    return {"grad": GRAD_NORM}.get(key, GREY)

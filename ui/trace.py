@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from lrviz.decimate import EmaSmoother, PeakPyramid
+from lrviz.export import plot_panels
 from lrviz.records import Event, StepBuffer, ValPoint
 
-#: Series names besides ``lr0``, ``lr1``, ... (one per param group).
-SERIES = ("loss", "loss_smooth", "grad_norm")
 #: The smoother's state is kept at every this many rows (the smoothed loss is recomputed from there).
 SMOOTH_BLOCK = 4096
 #: Pyramid settings: coarser levels (factor 8) of float32 extremes, growing by a quarter at a time.
@@ -74,9 +73,6 @@ class RunTrace:
     def smoothing(self) -> float:
         return self._smoothing
 
-    def series_names(self) -> list[str]:
-        return [*SERIES, *(f"lr{g}" for g in range(self.groups))]
-
     # ---- folding in new rows ----------------------------------------------------------------
     def update(self) -> bool:
         """Fold in rows, events and validation points added since the last call; True when any."""
@@ -105,7 +101,10 @@ class RunTrace:
         loss = v["loss"]
         smooth = self._smooth_rows(start, loss)
         lr = v["lr"].reshape(len(loss), -1)
-        columns: dict[str, np.ndarray] = {"loss": loss, "loss_smooth": smooth, "grad_norm": v["grad_norm"]}
+        columns: dict[str, np.ndarray] = {"loss": loss, "loss_smooth": smooth}
+        for panel in plot_panels():  # the panels of one per-step column (the gradient norm...)
+            if panel.column is not None and panel.column in v:
+                columns[panel.column] = v[panel.column]
         for g in range(self.groups):
             columns[f"lr{g}"] = lr[:, g]
         for name, values in columns.items():

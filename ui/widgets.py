@@ -8,6 +8,7 @@ from typing import Any
 
 from PySide6.QtCore import QPoint, QRect, QSize, Qt, Signal
 from PySide6.QtWidgets import (
+    QFormLayout,
     QHBoxLayout,
     QLabel,
     QLayout,
@@ -32,6 +33,17 @@ def breakable(text: str) -> str:
     for ch in ",:+;":
         text = text.replace(ch, ch + "\u200b")
     return text
+
+
+def form_layout(margins: tuple[int, int], row_spacing: int) -> QFormLayout:
+    """A compact form: labels right-aligned, fields growing; ``margins`` (left/right, top/bottom)."""
+    f = QFormLayout()
+    f.setContentsMargins(margins[0], margins[1], margins[0], margins[1])
+    f.setHorizontalSpacing(8)
+    f.setVerticalSpacing(row_spacing)
+    f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
+    return f
 
 
 class ErrorLabel(QLabel):
@@ -258,6 +270,8 @@ class LrControl(QWidget):
             self._syncing = False
 
     def _sync_slider(self, lr: float) -> None:
+        if not (lr > 0 and math.isfinite(lr)):  # a watched run's rate can be 0 (a warm-up from 0)
+            lr = 10.0 ** self.LOG_MIN
         pos = (math.log10(lr) - self.LOG_MIN) / (self.LOG_MAX - self.LOG_MIN) * self.TICKS
         self.slider.blockSignals(True)
         self.slider.setValue(int(round(min(max(pos, 0), self.TICKS))))

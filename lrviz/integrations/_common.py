@@ -63,3 +63,16 @@ def scalar(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError, RuntimeError):
         return None
+
+
+class TrackOptions:
+    """What a trainer callback keeps of :func:`lrviz.track`'s options, for each run it starts."""
+
+    def _keep_track_options(self, name: str | None, store: Any, listen: Any, config: dict[str, Any] | None,
+                            grad_norm: bool, quiet: bool) -> None:
+        self.name = name
+        self.store = store
+        self.listen = listen
+        self.config = dict(config or {})
+        self.grad_norm = grad_norm
+        self.quiet = quiet

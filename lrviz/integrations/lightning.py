@@ -24,7 +24,7 @@ from typing import Any
 from lrviz.states import RunState, is_terminal
 from lrviz.tracking import _DEFAULT, TrackedRun
 
-from ._common import MULTI_PROCESS, need, plain, scalar, start_run
+from ._common import MULTI_PROCESS, TrackOptions, need, plain, scalar, start_run
 
 L = need("lightning.pytorch", "lightning", "Lightning 2.x (the `lightning` package)")
 
@@ -36,7 +36,7 @@ VAL_ACCURACY_KEYS = ("val_acc", "val_accuracy", "val/acc", "val/accuracy", "vali
                      "val_accuracy_epoch")
 
 
-class LrvizCallback(L.Callback):
+class LrvizCallback(TrackOptions, L.Callback):
     """Record (and serve, to steer live) each ``fit`` of the trainer it is given to.
 
     ``name``: the run's name (default: the module's class name). ``store``, ``listen``, ``config``,
@@ -48,14 +48,9 @@ class LrvizCallback(L.Callback):
     def __init__(self, name: str | None = None, *, store: Any = _DEFAULT, listen: str | None | bool = _DEFAULT,
                  config: dict[str, Any] | None = None, val_loss: str | None = None, val_accuracy: str | None = None,
                  grad_norm: bool = False, quiet: bool = False):
-        self.name = name
-        self.store = store
-        self.listen = listen
-        self.config = dict(config or {})
+        self._keep_track_options(name, store, listen, config, grad_norm, quiet)
         self.val_loss = val_loss
         self.val_accuracy = val_accuracy
-        self.grad_norm = grad_norm
-        self.quiet = quiet
         self.run: TrackedRun | None = None
         self._last_global = 0
         self._loss_sum: Any = None

@@ -27,7 +27,7 @@ from typing import Any
 from lrviz.states import RunState, is_terminal
 from lrviz.tracking import _DEFAULT, TrackedRun
 
-from ._common import MULTI_PROCESS, need, plain, start_run
+from ._common import MULTI_PROCESS, TrackOptions, need, plain, start_run
 
 transformers = need("transformers", "transformers", "Hugging Face transformers (and accelerate)")
 
@@ -40,7 +40,7 @@ _TRAINING_ARGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_
                   "logging_steps", "optim", "seed", "bf16", "fp16")
 
 
-class LrvizCallback(transformers.TrainerCallback):
+class LrvizCallback(TrackOptions, transformers.TrainerCallback):
     """Record (and serve, to steer live) each ``train()`` of the trainer it is given to.
 
     ``name``: the run's name (default: the model's class name). ``store``, ``listen``, ``config``,
@@ -50,12 +50,7 @@ class LrvizCallback(transformers.TrainerCallback):
 
     def __init__(self, name: str | None = None, *, store: Any = _DEFAULT, listen: str | None | bool = _DEFAULT,
                  config: dict[str, Any] | None = None, grad_norm: bool = False, quiet: bool = False):
-        self.name = name
-        self.store = store
-        self.listen = listen
-        self.config = dict(config or {})
-        self.grad_norm = grad_norm
-        self.quiet = quiet
+        self._keep_track_options(name, store, listen, config, grad_norm, quiet)
         self.run: TrackedRun | None = None
         self._pending = False  # the last update's row waits for the loss the trainer is about to log
         self._exit_hook = False

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import parse_positive
 from ..errors import ConfigError
 
 #: The suggestion methods, in the order they are shown.
@@ -266,18 +267,6 @@ class RangeTestProgress:
 # --------------------------------------------------------------------------- argument checks
 
 
-def _positive(value: Any, what: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be a finite number > 0, not {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a finite number > 0, not {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"{what} must be a finite number > 0, not {value!r}")
-    return v
-
-
 def _check_beta(beta: Any) -> float:
     try:
         b = float(beta)
@@ -297,8 +286,8 @@ def _check_method(method: Any) -> str:
 def _check_sweep(start: Any, end: Any, steps: Any, beta: Any, stop_factor: Any, method: Any
                  ) -> tuple[float, float, int, float, float, str]:
     """Validate every range-test setting up front; ConfigError names the one that is wrong."""
-    s = _positive(start, "range test start lr")
-    e = _positive(end, "range test end lr")
+    s = parse_positive(start, "range test start lr")
+    e = parse_positive(end, "range test end lr")
     if e <= s:
         raise ConfigError(f"range test end lr ({end!r}) must be greater than its start lr ({start!r})")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) < 2:

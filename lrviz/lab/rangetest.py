@@ -19,6 +19,10 @@ or never falls, every suggestion is ``None`` and ``reason`` says why: it never g
 optimizer from an experiment exactly as :class:`lrviz.engine.TrainingEngine` does and runs the test.
 
 This module never imports Qt and never prints; progress goes through ``on_step``.
+
+Why ~700 lines in one module: the range test and the confirmation share the snapshot that restores
+everything bit for bit and the step they make as the run would; the curve and its suggestions, which
+need no torch, already live apart (:mod:`lrviz.lab.rangecurve`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import parse_positive
 from ..devices import to_device
 from ..errors import ConfigError, LrvizError, ScriptError
 from ..staging import GradNorm
@@ -53,7 +58,6 @@ from .rangecurve import (  # the curve, its suggestions and a confirmation's jud
     _check_sweep,
     _fmt,
     _judge,
-    _positive,
     adopt,
     candidates,
     confirm_cost,
@@ -451,7 +455,7 @@ def confirm_rates(
     pairs = [(r, "") if not isinstance(r, tuple) else r for r in rates]
     if not pairs:
         raise ConfigError("no learning rates to confirm")
-    pairs = [(_positive(lr, "learning rate to confirm"), str(src)) for lr, src in pairs]
+    pairs = [(parse_positive(lr, "learning rate to confirm"), str(src)) for lr, src in pairs]
     dev = torch.device(device) if device is not None else None
     move = dev is not None and dev.type != "cpu"
     upd = _update_step(optimizer, dev, amp, accumulate, clip_grad_norm)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RunConfig, parse_lr
+from ..config import RunConfig, parse_finite, parse_lr
 from ..errors import ConfigError
 from .rangecurve import smooth
 
@@ -202,12 +202,7 @@ def run_sweep(
     if not rates:
         raise ConfigError("no learning rates to sweep")
     if target_loss is not None:
-        try:
-            target_loss = float(target_loss)
-        except (TypeError, ValueError):
-            raise ConfigError(f"target loss must be a number, not {target_loss!r}") from None
-        if not math.isfinite(target_loss):
-            raise ConfigError(f"target loss must be a finite number, not {target_loss!r}")
+        target_loss = parse_finite(target_loss, "target loss")
     sweep_config(config, rates[0]).validated()  # a bad setting fails before any training
     outcomes: list[Outcome] = []
     for i, lr in enumerate(rates):
@@ -315,24 +310,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("script", help="experiment script (.py) or a built-in example name")
     p.add_argument("--lrs", required=True, metavar="RATES",
                    help="start:end:count (log-spaced, e.g. 1e-4:1:7) or a list (e.g. 0.1,0.03,0.01)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=str, help="train each run for N optimizer steps")
-    g.add_argument("--epochs", type=str, help="train each run for E epochs")
     p.add_argument("--target-loss", type=str, metavar="X", help="count the steps until the smoothed training "
                    "loss is <= X (default: 1.1 x the best final smoothed loss of the sweep)")
-    p.add_argument("--optimizer", help="sgd, adam, adamw, rmsprop or adagrad")
-    p.add_argument("--momentum", type=str, help="momentum (beta1 for adam/adamw)")
-    p.add_argument("--weight-decay", type=str, help="weight decay")
-    p.add_argument("--nesterov", action="store_true", default=None, help="nesterov momentum (sgd)")
-    p.add_argument("--schedule", metavar="SPEC", help="the same schedule in every run, from its rate")
-    p.add_argument("--batch-size", type=str, help="batch size, when the script's build_data takes one")
-    p.add_argument("--seed", type=str, help="random seed (the same in every run)")
-    p.add_argument("--eval-every", type=str, help="validate every N steps (default: once per epoch)")
-    p.add_argument("--device", help="auto, cpu, cuda or mps")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="set one of the script's PARAMS knobs (repeatable)")
-    from ..cli import step_args
+    from ..cli import config_args, step_args
 
+    config_args(p, each_run=True)
     step_args(p)
     p.add_argument("--on-divergence", choices=("stop", "off"), dest="divergence",
                    help="stop (default): a run whose loss explodes or turns NaN ends as diverged; "
@@ -345,15 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _target_arg(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise ConfigError(f"--target-loss must be a number, not {text!r}") from None
-    if not math.isfinite(v):
-        raise ConfigError(f"--target-loss must be a finite number, not {text!r}")
-    return v
+    return None if text is None else parse_finite(text, "--target-loss")
 
 
 def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -> int:
@@ -363,7 +337,7 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     1 when the script or a setting is wrong (raised as LrvizError for the caller to print);
     130 when interrupted with Ctrl+C (the rows so far are printed and written).
     """
-    from ..cli import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
+    from ..cli.common import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
 
     exp = load_script(args.script)
     lrs = parse_lrs(args.lrs)

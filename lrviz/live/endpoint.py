@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from lrviz.errors import ConfigError, LrvizError
 from lrviz.records import STEP_COLUMNS, Event, ValPoint
-from lrviz.states import Command
+from lrviz.states import parse_command
 
 from .connection import (
     ConnectionInfo,
@@ -300,10 +300,9 @@ class LiveEndpoint:
         data = h.get("data") if isinstance(h.get("data"), dict) else {}
         base = {"t": "ack", "id": cmd_id, "client": c.id, "client_name": c.name, "kind": kind}
         try:
-            Command(kind)
-        except ValueError:
-            known = ", ".join(k.value for k in Command)
-            self._broadcast({**base, "ok": False, "reason": f"unknown command {kind!r}; known: {known}"})
+            parse_command(kind)
+        except ConfigError as exc:
+            self._broadcast({**base, "ok": False, "reason": str(exc)})
             return
         try:
             fut = self.source.submit(kind, dict(data))

@@ -101,6 +101,10 @@ def summarize(buffer: StepBuffer | None, validation: list[ValPoint], step: int, 
     return out
 
 
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 class LocalRun(Run):
     """A run trained by an engine in this process (its records are the engine's own)."""
 
@@ -117,7 +121,7 @@ class LocalRun(Run):
 
     @property
     def error(self) -> str | None:  # type: ignore[override]
-        return str(self.engine.error) if self.engine.error is not None else None
+        return _text_or_none(self.engine.error)
 
     @property
     def detection(self) -> dict[str, Any] | None:  # type: ignore[override]
@@ -130,7 +134,7 @@ class LocalRun(Run):
 
     @property
     def device(self) -> str | None:  # type: ignore[override]
-        return str(self.engine.device) if self.engine.device is not None else None
+        return _text_or_none(self.engine.device)
 
     def command(self, kind: str, **data: Any) -> Future:
         return _rejections_as(self.engine.submit(str(kind), data))

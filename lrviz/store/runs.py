@@ -308,11 +308,11 @@ class RunStore:
     def _setup(self, writable: bool = True) -> None:
         with self._op("opening it") as conn:
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            if _first(conn, "PRAGMA page_count") == 0:
                 # A new file (setting it later needs the write lock and has no effect): lets
                 # delete_run give the space back.
                 conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _first(conn, "PRAGMA journal_mode=WAL")
             if str(mode).lower() != "wal" and writable:  # read-only (immutable) reports 'delete'
                 log.warning("run store %s: journal mode is %s, not WAL (network folder?)", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -329,7 +329,7 @@ class RunStore:
     def schema_version(self) -> int:
         """The version of the schema of the open file (0: a new, empty file)."""
         with self._op("reading the schema version") as conn:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+            return int(_first(conn, "PRAGMA user_version"))
 
     def _open_newer(self, version: int) -> None:
         """A store written by a newer lrviz: read-only when its schema says this version can still read
@@ -358,7 +358,7 @@ class RunStore:
                 version = self.schema_version()
                 if version >= SCHEMA_VERSION:
                     return
-                if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                if version == 0 and _first(conn, "SELECT count(*) FROM sqlite_master"):
                     raise StoreError(
                         f"{self.path} is an SQLite database but not an lrviz run store; "
                         "pass another path or set LRVIZ_HOME to another folder"
@@ -1131,3 +1131,12 @@ class RunStore:
             self._check_run(conn, run_id)
             return [r[0] for r in conn.execute(
                 "SELECT DISTINCT name FROM scalars WHERE run_id=? ORDER BY name", (run_id,)).fetchall()]
+
+
+def _first(conn: sqlite3.Connection, sql: str) -> Any:
+    """The first value of the one row ``sql`` answers. No row where SQLite always gives one (a pragma, a
+    count) means a damaged file: an sqlite3 error that :meth:`RunStore._op` turns into the damaged message."""
+    row = conn.execute(sql).fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError(f"database disk image is malformed ({sql!r} answered no row)")
+    return row[0]

@@ -16,19 +16,12 @@ What to try:
    decaying rate still finds (0, 0); lr 0.003 stops in the nearest dip every time.
 """
 
-from lrviz.resources.examples._surfaces import (
-    SURFACE_NAMES,
-    SURFACES,
-    build_data,
-    build_model,
-    compute_loss,
-    probe,
-)
+from lrviz.resources.examples import _surfaces
+from lrviz.resources.examples._surfaces import build_data, build_model, compute_loss, probe  # noqa: F401
 
-__all__ = ["build_data", "build_model", "compute_loss", "probe"]
-
+SURFACES = _surfaces.SURFACES  # every surface: the surface knob chooses among them
 SURFACE = SURFACES["rastrigin"]
 DEFAULTS = {"lr": 0.003, "optimizer": "sgd", "momentum": 0.0, "steps": 2000, "seed": 0}
 #: The choices of the text knobs (for a drop-down list).
-PARAM_CHOICES = {"surface": SURFACE_NAMES}
+PARAM_CHOICES = {"surface": _surfaces.SURFACE_NAMES}
 PARAMS = {"surface": "rastrigin", "start_x": 3.2, "start_y": 2.1}

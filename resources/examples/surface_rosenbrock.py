@@ -15,19 +15,12 @@ What to try:
    are about lr long, whatever the slope).
 """
 
-from lrviz.resources.examples._surfaces import (
-    SURFACE_NAMES,
-    SURFACES,
-    build_data,
-    build_model,
-    compute_loss,
-    probe,
-)
+from lrviz.resources.examples import _surfaces
+from lrviz.resources.examples._surfaces import build_data, build_model, compute_loss, probe  # noqa: F401
 
-__all__ = ["build_data", "build_model", "compute_loss", "probe"]
-
+SURFACES = _surfaces.SURFACES  # every surface: the surface knob chooses among them
 SURFACE = SURFACES["rosenbrock"]
 DEFAULTS = {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.0, "steps": 3000, "seed": 0}
 #: The choices of the text knobs (for a drop-down list).
-PARAM_CHOICES = {"surface": SURFACE_NAMES}
+PARAM_CHOICES = {"surface": _surfaces.SURFACE_NAMES}
 PARAMS = {"surface": "rosenbrock", "start_x": -1.5, "start_y": 2.0}

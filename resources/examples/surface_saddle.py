@@ -17,19 +17,12 @@ What to try:
    saddle.
 """
 
-from lrviz.resources.examples._surfaces import (
-    SURFACE_NAMES,
-    SURFACES,
-    build_data,
-    build_model,
-    compute_loss,
-    probe,
-)
+from lrviz.resources.examples import _surfaces
+from lrviz.resources.examples._surfaces import build_data, build_model, compute_loss, probe  # noqa: F401
 
-__all__ = ["build_data", "build_model", "compute_loss", "probe"]
-
+SURFACES = _surfaces.SURFACES  # every surface: the surface knob chooses among them
 SURFACE = SURFACES["saddle"]
 DEFAULTS = {"lr": 0.01, "optimizer": "sgd", "momentum": 0.0, "steps": 600, "seed": 0}
 #: The choices of the text knobs (for a drop-down list).
-PARAM_CHOICES = {"surface": SURFACE_NAMES}
+PARAM_CHOICES = {"surface": _surfaces.SURFACE_NAMES}
 PARAMS = {"surface": "saddle", "start_x": -1.8, "start_y": 0.001}

@@ -1,16 +1,6 @@
-import torch
 from torch import nn
+from _linear import build_data, build_model  # noqa: F401
 
 DEFAULTS = {"lr": "fast", "steps": 4}
-
-
-def build_model():
-    return nn.Linear(4, 1)
-
-
-def build_data():
-    x = torch.randn(8, 4)
-    return [(x, x.sum(1, keepdim=True))]
-
 
 loss_fn = nn.MSELoss()

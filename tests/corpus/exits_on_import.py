@@ -1,17 +1,7 @@
 import sys
 
-import torch
 from torch import nn
-
-
-def build_model():
-    return nn.Linear(4, 1)
-
-
-def build_data():
-    x = torch.randn(8, 4)
-    return [(x, x.sum(1, keepdim=True))]
-
+from _linear import build_data, build_model  # noqa: F401
 
 loss_fn = nn.MSELoss()
 

@@ -95,11 +95,17 @@ def shown(monkeypatch: pytest.MonkeyPatch) -> list[QMessageBox]:
 
 
 @pytest.fixture(scope="session")
-def pool(tmp_path_factory: pytest.TempPathFactory):
+def pool(tmp_path_factory: pytest.TempPathFactory, session_owned: list):
     """The app's worker pool, shared by the tests (one warm worker waits; each run gets its own)."""
     from lrviz.live.child import WorkerPool
 
     p = WorkerPool(log_dir=tmp_path_factory.mktemp("worker-logs"), env=CHILD_ENV)
+
+    def spare() -> set:  # the warm worker a test's run left behind is the pool's, not a leak
+        w = p._spare
+        return {w, w.pid} if w is not None else set()
+
+    session_owned.append(spare)
     p.warm()
     yield p
     p.close()

@@ -17,6 +17,8 @@ from window_driving import WAIT_MS, button, click, wait_answer, wait_ended, wait
 from lrviz.records import Event
 from lrviz.states import RunState
 
+pytestmark = pytest.mark.slow  # the real window, its scripts trained in worker processes
+
 
 def start_and_finish(qtbot, window: MainWindow) -> None:
     click(qtbot, button(window, window.act_start))

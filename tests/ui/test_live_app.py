@@ -151,6 +151,60 @@ def test_watch_a_terminal_run_from_the_run_browser_and_steer_it(qtbot, window, t
     assert lrs[step - 1] == 0.05 and lrs[step] == 0.0125
 
 
+def test_watching_a_run_steered_before_shows_its_settings_as_steered(qtbot, window, tmp_path, capsys):
+    """The controls showed the settings the run started with (lr 0.05), not the rate it trains with."""
+    from lrviz.cli import main
+
+    store = Path(window.store_path).parent
+    proc = lrviz_run(str(SCRIPTS / "tiny.py"), "--steps", "3000000", "--lr", "0.05", store=store)
+    try:
+        run_id = wait_live(qtbot, store, proc)
+        assert main(["steer", str(run_id), "--lr", "0.002", "--momentum", "0.5", "--store", str(store)]) == 0
+        assert "accepted" in capsys.readouterr().out
+        qtbot.waitUntil(lambda: any(e.kind == "set_hyperparams" for e in window.store.load_events(run_id)),
+                        timeout=WAIT_MS)
+        window.run_browser.refresh()
+        window.run_browser.select_runs([run_id])
+        click(qtbot, window.run_browser.watch_button)
+        qtbot.waitUntil(lambda: window.script_info is not None and window.script_info.name == "tiny", timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: window.controls.length.value() == 3_000_000, timeout=WAIT_MS)
+        assert window.controls.lr.value() == 0.002 and window.controls.momentum.text() == "0.5"
+        click(qtbot, button(window, window.act_stop))
+        wait_ended(qtbot, window)
+    finally:
+        proc.kill()
+
+
+def test_watching_a_users_own_loop_never_loads_it_as_an_experiment(qtbot, window, tmp_path, monkeypatch):
+    """A tracked run's script is the user's training script: importing it would train again (or fail
+    as an experiment, as the own-loop example did with "no build_model()"). Its recorded settings show."""
+    store = Path(window.store_path).parent
+    proc = subprocess.Popen([sys.executable, "-m", "lrviz.resources.examples.own_loop", "--store", str(store)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+    loaded: list[str] = []
+    monkeypatch.setattr(window, "load_script", lambda path, *a, **k: loaded.append(str(path)))
+    try:
+        run_id = wait_live(qtbot, store, proc)
+        window.run_browser.refresh()
+        window.run_browser.select_runs([run_id])
+        click(qtbot, window.run_browser.watch_button)
+        qtbot.waitUntil(lambda: window.run is not None and window.run.run_id == run_id, timeout=WAIT_MS)
+        run = window.run
+        assert run.script_path.endswith("own_loop.py")
+        # the loop's SGD(momentum=0.9) and its length, as it recorded them; the rate its cosine has reached
+        qtbot.waitUntil(lambda: window.controls.momentum.text() == "0.9", timeout=WAIT_MS)
+        assert 0.04 < window.controls.lr.value() <= 0.05 and window.controls.length.value() == run.total_steps
+        assert loaded == [] and not window.messages
+        wait_steps(qtbot, window, run.step + 50)
+        type_into(qtbot, window.controls.lr.edit, "0.01", enter=True)
+        wait_answer(qtbot, window, "lr 0.01 from step")
+        click(qtbot, button(window, window.act_stop))
+        wait_ended(qtbot, window)
+        assert proc.wait(WAIT_MS / 1000) == 0
+    finally:
+        proc.kill()
+
+
 def test_connect_to_a_run_by_address_and_token(qtbot, window, tmp_path, monkeypatch, shown):
     from lrviz.ui.connect_dialog import ConnectDialog
 

@@ -13,16 +13,7 @@ from lrviz.ui.main_window import MainWindow
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
-from window_driving import (
-    WAIT_MS,
-    acked_step,
-    button,
-    click,
-    type_into,
-    wait_answer,
-    wait_ended,
-    wait_steps,
-)
+from window_driving import WAIT_MS, acked_step, button, click, type_into, wait_answer, wait_ended, wait_steps
 
 from lrviz.states import RunState
 from lrviz.store.runs import RunStore
@@ -412,3 +403,23 @@ def test_a_local_run_is_drawn_and_ended_like_any_other(qtbot, window, make_scrip
     assert ended.args == ["finished"]
     assert window.plots.primary.trace.rows == 40
     assert window.status.step_label.text() == "step 40 / 40" and window.status.state == "finished"
+
+
+def test_a_rate_of_zero_shown_in_the_lr_field_does_not_raise(window):
+    """A watched run warming up from 0 (the HF Trainer's default) has rate 0: showing it raised a math
+    domain error, and the rest of the run's settings were never shown."""
+    window.controls.lr.set_value(0.0)
+    assert window.controls.lr.edit.text() == "0" and window.controls.lr.slider.value() == 0
+
+
+def test_a_watched_adam_loop_shows_its_beta1_as_momentum(window):
+    """lrviz's momentum is Adam's beta1 (lrviz.optim); a tracked AdamW loop records betas, not momentum."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(describe={"kind": "tracked"}, events=[], lrs=[0.001], buffer=None,
+                          config={"optimizer": "AdamW", "lr": 0.001, "betas": [0.85, 0.999], "weight_decay": 0.01,
+                                  "steps": 700, "param_groups": 2})
+    window.runs._show_settings_of(run)
+    c = window.controls
+    assert (c.momentum.text(), c.weight_decay.text(), c.length.value(), c.lr.value()) == ("0.85", "0.01", 700, 0.001)
+    assert c.optimizer.currentText() == "adamw"

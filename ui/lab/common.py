@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt
-from PySide6.QtWidgets import QFormLayout, QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QFormLayout,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from lrviz.errors import LrvizError
 from lrviz.states import is_terminal
@@ -22,7 +32,7 @@ from lrviz.states import is_terminal
 from .. import theme
 from ..axes import ValueAxis
 from ..futures import GuiFutures
-from ..widgets import format_number
+from ..widgets import form_layout, format_number
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -37,19 +47,36 @@ RUN_COLOURS = (theme.BLUE, theme.ORANGE, theme.GREEN, theme.PURPLE, theme.BLACK,
 
 # ---- small widgets ------------------------------------------------------------------------------
 def form() -> QFormLayout:
-    """A compact form layout like the control panel's."""
-    f = QFormLayout()
-    f.setContentsMargins(4, 2, 4, 2)
-    f.setHorizontalSpacing(8)
-    f.setVerticalSpacing(3)
-    f.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    f.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
-    return f
+    """A compact form layout like the control panel's, a little tighter."""
+    return form_layout((4, 2), 3)
 
 
-def note_label(text: str = "", colour: str = theme.GREY) -> QLabel:
-    """A word-wrapped, selectable label for explanations and results."""
+def push_button(text: str, name: str, tip: str = "") -> QPushButton:
+    """A panel's button: object name ``name``, tooltip ``tip``, never the default button."""
+    b = QPushButton(text)
+    b.setObjectName(name)
+    if tip:
+        b.setToolTip(tip)
+    b.setAutoDefault(False)
+    return b
+
+
+def button_row(*items: QWidget | None) -> QHBoxLayout:
+    """A row of widgets, left to right; ``None`` is a stretch (what is after it goes to the right)."""
+    row = QHBoxLayout()
+    for item in items:
+        if item is None:
+            row.addStretch(1)
+        else:
+            row.addWidget(item)
+    return row
+
+
+def note_label(text: str = "", colour: str = theme.GREY, name: str = "") -> QLabel:
+    """A word-wrapped, selectable label for explanations and results (object name ``name``)."""
     lab = QLabel(text)
+    if name:
+        lab.setObjectName(name)
     lab.setWordWrap(True)
     lab.setTextFormat(Qt.TextFormat.RichText)
     lab.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)

@@ -179,8 +179,7 @@ class DiagnosticsPanel(LabPanel):
         self.layer_note = note_label("Per-layer statistics are recorded for runs started in the app "
                                      "(every 25 steps; see Controls).")
         self.layer_note.setObjectName("layerNote")
-        self.layer_key = note_label("", theme.FOREGROUND)
-        self.layer_key.setObjectName("layerKey")
+        self.layer_key = note_label("", theme.FOREGROUND, name="layerKey")
         self.show_biases = QCheckBox("biases")
         self.show_biases.setToolTip("also draw the bias vectors (their ratios are noisier)")
         layer_head = QHBoxLayout()

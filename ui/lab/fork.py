@@ -31,7 +31,7 @@ from lrviz.states import EventKind, RunState
 from .. import theme
 from ..run_table import read_only_reason
 from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import LabPanel, fmt, form, note_label
+from .common import LabPanel, button_row, fmt, form, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.child import ChildRun
@@ -92,16 +92,10 @@ class ForkPanel(LabPanel):
         self.schedule.setObjectName("forkSchedule")
         self.errors = ErrorLabel()
         self.errors.watch(self.lr, self.schedule)
-        self.fork_button = QPushButton("Fork from checkpoint")
-        self.fork_button.setObjectName("forkButton")
-        self.fork_button.setToolTip(FORK_TIP)
-        self.resume_button = QPushButton("Resume run")
-        self.resume_button.setObjectName("resumeButton")
-        self.resume_button.setToolTip("continue the run itself from its last checkpoint")
-        for b in (self.fork_button, self.resume_button):
-            b.setAutoDefault(False)
-        self.info = note_label()
-        self.info.setObjectName("forkInfo")
+        self.fork_button = push_button("Fork from checkpoint", "forkButton", FORK_TIP)
+        self.resume_button = push_button("Resume run", "resumeButton",
+            "continue the run itself from its last checkpoint")
+        self.info = note_label(name="forkInfo")
 
         f = form()
         top = QHBoxLayout()
@@ -111,10 +105,7 @@ class ForkPanel(LabPanel):
         f.addRow("checkpoint", self.checkpoints)
         f.addRow("new LR", self.lr)
         f.addRow("schedule", self.schedule)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.fork_button)
-        buttons.addWidget(self.resume_button)
-        buttons.addStretch(1)
+        buttons = button_row(self.fork_button, self.resume_button, None)
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)
         col.addLayout(f)

@@ -22,7 +22,6 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -32,7 +31,7 @@ from lrviz.states import EventKind, RunState
 
 from .. import theme
 from ..widgets import FlowLayout
-from .common import Answers, fmt, form, is_live, note_label
+from .common import Answers, fmt, form, is_live, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.config import RunConfig
@@ -59,6 +58,18 @@ _INFO_STYLE = (f"QFrame#divergenceBanner {{ background: #EAF4FB; border: 2px sol
                "border-radius: 4px; }")
 
 
+def _count_box(name: str, top: int, value: int, zero_text: str, suffix: str, tip: str) -> QSpinBox:
+    """A spin box of a count from 0 (shown as ``zero_text``) to ``top``."""
+    box = QSpinBox()
+    box.setObjectName(name)
+    box.setRange(0, top)
+    box.setValue(value)
+    box.setSpecialValueText(zero_text)
+    box.setSuffix(suffix)
+    box.setToolTip(tip)
+    return box
+
+
 class RunOptions(QGroupBox):
     """Guard and stopping settings of app runs: roll-back policy, checkpoints, early stopping, layer stats."""
 
@@ -70,30 +81,18 @@ class RunOptions(QGroupBox):
         self.auto_rollback.setToolTip(
             "when the guard sees the run diverge: off = pause and explain (you choose); on = go back to the "
             "last good checkpoint with the learning rate divided by 10 and carry on (at most 3 times)")
-        self.checkpoint_every = QSpinBox()
-        self.checkpoint_every.setObjectName("checkpointEvery")
-        self.checkpoint_every.setRange(0, 10_000_000)
-        self.checkpoint_every.setValue(CHECKPOINT_EVERY)
-        self.checkpoint_every.setSpecialValueText("only at pauses")
-        self.checkpoint_every.setSuffix(" steps")
-        self.checkpoint_every.setToolTip("save a checkpoint every this many steps (to roll back to or fork "
-                                         "from); the last 5 are kept, plus one at every pause")
-        self.early_stopping = QSpinBox()
-        self.early_stopping.setObjectName("earlyStopping")
-        self.early_stopping.setRange(0, 100_000)
-        self.early_stopping.setValue(0)
-        self.early_stopping.setSpecialValueText("off")
-        self.early_stopping.setSuffix(" validations")
-        self.early_stopping.setToolTip("stop when the validation loss has not improved for this many "
-                                       "validation passes (patience); off: train to the end")
-        self.layer_stats = QSpinBox()
-        self.layer_stats.setObjectName("layerStatsEvery")
-        self.layer_stats.setRange(0, 1_000_000)
-        self.layer_stats.setValue(LAYER_STATS_EVERY)
-        self.layer_stats.setSpecialValueText("off")
-        self.layer_stats.setSuffix(" steps")
-        self.layer_stats.setToolTip("record each layer's gradient norm and update/weight ratio every this many "
-                                    "steps (the Diagnostics panel)")
+        self.checkpoint_every = _count_box(
+            "checkpointEvery", 10_000_000, CHECKPOINT_EVERY, "only at pauses", " steps",
+            "save a checkpoint every this many steps (to roll back to or fork from); the last 5 are kept, "
+            "plus one at every pause")
+        self.early_stopping = _count_box(
+            "earlyStopping", 100_000, 0, "off", " validations",
+            "stop when the validation loss has not improved for this many validation passes (patience); "
+            "off: train to the end")
+        self.layer_stats = _count_box(
+            "layerStatsEvery", 1_000_000, LAYER_STATS_EVERY, "off", " steps",
+            "record each layer's gradient norm and update/weight ratio every this many steps (the Diagnostics "
+            "panel)")
         f = form()
         f.addRow(self.auto_rollback)
         f.addRow("checkpoint every", self.checkpoint_every)
@@ -137,28 +136,21 @@ class DivergenceBanner(QFrame):
         self.icon.setObjectName("bannerIcon")
         self.icon.setStyleSheet(f"color: {theme.VERMILLION}; font-size: 18pt; border: none; background: none;")
         self.icon.setAlignment(Qt.AlignmentFlag.AlignTop)
-        self.title = note_label("", theme.FOREGROUND)
-        self.title.setObjectName("bannerTitle")
+        self.title = note_label("", theme.FOREGROUND, name="bannerTitle")
         self.title.setStyleSheet("border: none; background: none; font-size: 10pt;")
-        self.explanation = note_label("", theme.FOREGROUND)
-        self.explanation.setObjectName("bannerExplanation")
+        self.explanation = note_label("", theme.FOREGROUND, name="bannerExplanation")
         self.explanation.setStyleSheet("border: none; background: none; font-size: 9pt;")
-        self.rollback_button = QPushButton("Roll back to the last good checkpoint with LR / 10")
-        self.rollback_button.setObjectName("bannerRollback")
-        self.rollback_button.setToolTip("restore the weights, optimizer and schedule of the last checkpoint "
-                                        "before the trouble, and continue with the learning rate divided by 10")
-        self.resume_button = QPushButton("Resume anyway")
-        self.resume_button.setObjectName("bannerResume")
-        self.resume_button.setToolTip("continue with the current weights and rate (the guard stays on)")
+        self.rollback_button = push_button("Roll back to the last good checkpoint with LR / 10", "bannerRollback",
+            "restore the weights, optimizer and schedule of the last checkpoint before the trouble, and "
+            "continue with the learning rate divided by 10")
+        self.resume_button = push_button("Resume anyway", "bannerResume",
+            "continue with the current weights and rate (the guard stays on)")
         self.resume_after = QCheckBox("resume after roll-back")
         self.resume_after.setObjectName("bannerResumeAfter")
         self.resume_after.setChecked(True)
         self.resume_after.setStyleSheet("border: none; background: none;")
         self.resume_after.setToolTip("off: stay paused after the roll-back, to look at the restored run first")
-        self.dismiss_button = QPushButton("Dismiss")
-        self.dismiss_button.setObjectName("bannerDismiss")
-        for b in (self.rollback_button, self.resume_button, self.dismiss_button):
-            b.setAutoDefault(False)
+        self.dismiss_button = push_button("Dismiss", "bannerDismiss")
         self.rollback_button.setStyleSheet(f"QPushButton {{ font-weight: 600; color: {theme.VERMILLION}; }}")
 
         text = QVBoxLayout()

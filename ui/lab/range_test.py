@@ -30,7 +30,6 @@ from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
     QLabel,
-    QPushButton,
     QWidget,
 )
 
@@ -49,7 +48,7 @@ from lrviz.lab.rangecurve import (
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
-from .common import LabPanel, fmt, form, is_live, lab_plot, note_label, scroll_column
+from .common import LabPanel, button_row, fmt, form, is_live, lab_plot, note_label, push_button, scroll_column
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -157,31 +156,18 @@ class RangeTestPanel(LabPanel):
         row.addWidget(QLabel("steps"))
         f.addRow("confirm", row)
 
-        self.run_button = QPushButton("Run range test")
-        self.run_button.setObjectName("rtRun")
-        self.run_button.setToolTip("sweep the learning rate up exponentially and watch where the loss falls fastest")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setObjectName("rtCancel")
-        self.confirm_button = QPushButton("Confirm")
-        self.confirm_button.setObjectName("rtConfirm")
-        self.confirm_button.setToolTip("train a few rates from the suggestion band from the same weights for a "
-                                       "short while, and choose the one whose loss fell most")
-        self.use_button = QPushButton("Use this LR")
-        self.use_button.setObjectName("rtUse")
-        self.use_button.setToolTip("set the suggested rate (mid-run: from the next step on)")
-        for b in (self.run_button, self.cancel_button, self.confirm_button, self.use_button):
-            b.setAutoDefault(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        buttons.addStretch(1)
-        after = QHBoxLayout()  # a second row: four buttons do not fit a narrow dock
-        after.addWidget(self.confirm_button)
-        after.addStretch(1)
-        after.addWidget(self.use_button)
+        self.run_button = push_button("Run range test", "rtRun",
+            "sweep the learning rate up exponentially and watch where the loss falls fastest")
+        self.cancel_button = push_button("Cancel", "rtCancel")
+        self.confirm_button = push_button("Confirm", "rtConfirm",
+            "train a few rates from the suggestion band from the same weights for a short while, and choose"
+            " the one whose loss fell most")
+        self.use_button = push_button("Use this LR", "rtUse",
+            "set the suggested rate (mid-run: from the next step on)")
+        buttons = button_row(self.run_button, self.cancel_button, None)
+        after = button_row(self.confirm_button, None, self.use_button)  # four buttons do not fit a narrow dock
 
-        self.mode_label = note_label()
-        self.mode_label.setObjectName("rtMode")
+        self.mode_label = note_label(name="rtMode")
         self.plot = lab_plot("learning rate (log scale)", "loss", log_x=True)
         self.plot.setObjectName("rtPlot")
         p = self.plot.getPlotItem()
@@ -191,12 +177,9 @@ class RangeTestPanel(LabPanel):
         self.key = note_label(f"<span style='color:{theme.LOSS_RAW}'>&#9644;</span> loss per batch &nbsp; "
                               f"<span style='color:{theme.LOSS_SMOOTH}'>&#9644;</span> smoothed (EMA 0.98) &nbsp; "
                               f"<span style='color:{theme.GREEN}'>&#9646;</span> suggestion band")
-        self.suggestion_label = note_label("", theme.FOREGROUND)
-        self.suggestion_label.setObjectName("rtSuggestion")
-        self.stop_label = note_label()
-        self.stop_label.setObjectName("rtStopReason")
-        self.confirm_label = note_label("", theme.FOREGROUND)
-        self.confirm_label.setObjectName("rtConfirmation")
+        self.suggestion_label = note_label("", theme.FOREGROUND, name="rtSuggestion")
+        self.stop_label = note_label(name="rtStopReason")
+        self.confirm_label = note_label("", theme.FOREGROUND, name="rtConfirmation")
 
         col = scroll_column(self)
         col.setContentsMargins(4, 4, 4, 4)
@@ -486,12 +469,8 @@ class RangeTestPanel(LabPanel):
         self._update_buttons()
 
     def _clear(self) -> None:
+        self._remove_suggestions()
         p = self.plot.getPlotItem()
-        for item in self._items:
-            p.removeItem(item)
-        self._items = []
-        self.lines = {}
-        self.band = None
         self.result = None
         self.suggestions = None
         self._drawn = -1
@@ -502,13 +481,17 @@ class RangeTestPanel(LabPanel):
         self.confirm_label.setText("")
         p.enableAutoRange()
 
-    def _draw_suggestions(self) -> None:
+    def _remove_suggestions(self) -> None:
         p = self.plot.getPlotItem()
         for item in self._items:
             p.removeItem(item)
         self._items = []
         self.lines = {}
         self.band = None
+
+    def _draw_suggestions(self) -> None:
+        self._remove_suggestions()
+        p = self.plot.getPlotItem()
         s = self.suggestions
         if s is None:
             return

@@ -168,8 +168,7 @@ class SurfacePanel(LabPanel):
         controls.addWidget(self.pace)
         controls.addStretch(1)
         controls.addWidget(self.clear_button)
-        self.readout = note_label("", theme.FOREGROUND)
-        self.readout.setObjectName("surfaceReadout")
+        self.readout = note_label("", theme.FOREGROUND, name="surfaceReadout")
 
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)

@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QPushButton,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -32,9 +31,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.config import RunConfig
+from lrviz.config import RunConfig, parse_finite
 from lrviz.decimate import EmaSmoother
-from lrviz.errors import ConfigError, LrvizError
+from lrviz.errors import LrvizError
 from lrviz.lab.sweep import (
     SMOOTH_BETA,
     Outcome,
@@ -49,7 +48,7 @@ from lrviz.states import RunState
 
 from .. import theme
 from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label
+from .common import RUN_COLOURS, LabPanel, button_row, fmt, form, lab_plot, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -72,13 +71,7 @@ DIVERGED_BG = "#FBE3D6"
 
 
 def _parse_target(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ConfigError(f"target loss must be a number, not {text!r}") from None
-    if not math.isfinite(v):
-        raise ConfigError(f"target loss must be a finite number, not {text!r}")
-    return v
+    return parse_finite(text, "target loss")
 
 
 @dataclass
@@ -140,25 +133,13 @@ class SweepPanel(LabPanel):
         row.addWidget(self.target_edit, 3)
         f.addRow("steps each", row)
 
-        self.run_button = QPushButton("Run sweep")
-        self.run_button.setObjectName("sweepRun")
-        self.run_button.setToolTip("train the script once per rate, one after another (saved in the run store)")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setObjectName("sweepStop")
-        self.overlay_button = QPushButton("Show in main plots")
-        self.overlay_button.setObjectName("sweepOverlay")
-        self.overlay_button.setToolTip("overlay the selected runs in the main plots (none selected: every run that "
-                                       "did not diverge)")
-        for b in (self.run_button, self.stop_button, self.overlay_button):
-            b.setAutoDefault(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.stop_button)
-        buttons.addWidget(self.log_y)
-        buttons.addStretch(1)
-        buttons.addWidget(self.overlay_button)
-        self.progress_label = note_label()
-        self.progress_label.setObjectName("sweepProgress")
+        self.run_button = push_button("Run sweep", "sweepRun",
+            "train the script once per rate, one after another (saved in the run store)")
+        self.stop_button = push_button("Stop", "sweepStop")
+        self.overlay_button = push_button("Show in main plots", "sweepOverlay",
+            "overlay the selected runs in the main plots (none selected: every run that did not diverge)")
+        buttons = button_row(self.run_button, self.stop_button, self.log_y, None, self.overlay_button)
+        self.progress_label = note_label(name="sweepProgress")
 
         self.plot = lab_plot("step", "smoothed training loss", log_y=True)
         self.plot.setObjectName("sweepPlot")
@@ -185,8 +166,7 @@ class SweepPanel(LabPanel):
         header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         for c in (0, 1):
             header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
-        self.target_label = note_label()
-        self.target_label.setObjectName("sweepTargetLabel")
+        self.target_label = note_label(name="sweepTargetLabel")
 
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)
