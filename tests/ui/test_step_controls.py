@@ -110,9 +110,9 @@ def test_fp16_on_a_cpu_only_machine_shows_why_and_the_app_carries_on(qtbot, wind
     controls.device.setCurrentText("cpu")
     controls.amp.setCurrentIndex(controls.amp.findData("fp16"))
     click(qtbot, button(window, window.act_start))
-    qtbot.waitUntil(lambda: bool(shown), timeout=WAIT_MS)
-    print("TXT", repr(shown[0].text()[:80]), type(shown[0]))
-    box = next(b for b in shown if "fp16 needs a CUDA GPU" in b.text())
+    qtbot.waitUntil(lambda: bool(shown), timeout=WAIT_MS)  # the run's answer: one message box
+    box = shown[0]
+    assert "fp16 needs a CUDA GPU" in box.text(), box.text()
     assert box.windowTitle() == "The run did not start"
     assert "use bf16" in box.text() and "Nothing was stored" in box.text() and "Traceback" not in box.text()
     assert window.store.list_runs() == []  # refused before a run was made
