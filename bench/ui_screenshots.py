@@ -6,7 +6,8 @@ Writes into DIR (default ``docs/``):
 
 - ``screenshot-training.png``: a run started from the window, mid-training, after an LR change and
   a schedule, with the markers;
-- ``screenshot-overlay.png``: three runs overlaid;
+- ``screenshot-overlay.png``: two runs of the window and one TensorBoard log of a plain torch loop
+  (``lrviz import``, every 10th step) overlaid;
 - ``screenshot-watch.png``: the window watching a run started from a terminal (``lrviz run
   regression …``, then Watch in the run browser), after steering its rate from the window.
 
@@ -86,25 +87,58 @@ def training(app: QApplication, w: MainWindow, out: Path) -> None:
     w.runs.resume()
     assert wait(app, lambda: run.step >= 1100), (run.state, run.step, run.events[-3:], w.messages)
     w.plots.show_crosshair(300)
+    w.runs_dock.raise_()  # the run list (the lab's last panel is raised at the first start)
     settle(app, 0.25)
     w.grab().save(str(out / "screenshot-training.png"))
     w.shutdown(30)
     settle(app, 0.3)
 
 
+#: A user's own loop on the regression toy, logging to TensorBoard every 10th step (run in a process of
+#: its own: the app's process never imports torch).
+TB_LOOP = """
+import sys, torch
+from torch.utils.tensorboard import SummaryWriter
+from lrviz.examples import resolve_script
+import runpy
+exp = runpy.run_path(str(resolve_script("regression")))
+torch.manual_seed(0)
+model = exp["build_model"](); train, _ = exp["build_data"](64)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+step = 0
+with SummaryWriter(sys.argv[1]) as tb:
+    while step < 1500:
+        for x, y in train:
+            loss = exp["loss_fn"](model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            if step % 10 == 0:
+                tb.add_scalar("train/loss", loss.item(), step); tb.add_scalar("lr", 0.01, step)
+            step += 1
+            if step == 1500:
+                break
+"""
+
+
 def overlay(app: QApplication, w: MainWindow, out: Path) -> None:
-    """Three runs of the regression toy at different rates, overlaid."""
+    """Two runs of the regression toy at different rates and a TensorBoard log of a plain loop, overlaid."""
     load(app, w, "regression")
     w.controls.length.setValue(1500)
     ids = []
-    for lr in ("0.003", "0.01", "0.05"):
+    for lr in ("0.003", "0.05"):
         set_lr(app, w, lr)
         assert w.start()
         assert wait(app, lambda: not w.is_active())
         ids.append(w.run.run_id)
+    logs = Path(_TMP) / "tb" / "plain loop lr 0.01"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", TB_LOOP, str(logs)], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "lrviz", "import", str(logs), "--store", str(w.store_path)], cwd=ROOT,
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     w.run_browser.refresh()
+    ids.insert(1, max(r.id for r in w.store.list_runs()))
     w.run_browser.select_runs(ids)
     w.run_browser.overlay_button.click()
+    w.runs_dock.raise_()  # the list, with the imported run marked
     w.log_checks["loss"].setChecked(True)
     settle(app, 0.5)
     w.plots.show_crosshair(400)

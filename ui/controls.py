@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lrviz.config import OPTIMIZER_NAMES, RunConfig, parse_finite
+from lrviz.config import AMP_CHOICES, OPTIMIZER_NAMES, RunConfig, parse_clip, parse_finite
 from lrviz.errors import ConfigError
 
 from .schedule_editor import ScheduleEditor
@@ -63,6 +63,36 @@ def _param_choices(info: ScriptInfo) -> dict[str, tuple]:
     return {k: tuple(v) for k, v in raw.items() if isinstance(k, str) and isinstance(v, (list, tuple)) and v}
 
 
+#: The precision choices: (shown text, ``RunConfig.amp``, tooltip).
+PRECISIONS = (("off (fp32)", None, "full precision"),
+              ("bf16", "bf16", "autocast to bfloat16 (the CPU and recent GPUs)"),
+              ("fp16", "fp16", "autocast to float16 with a gradient scaler (CUDA GPUs only); overflowing "
+                               "steps are skipped and recorded"))
+assert tuple(a for _, a, _ in PRECISIONS[1:]) == AMP_CHOICES
+#: Why precision and accumulation are greyed out while a run trains.
+FIXED_FOR_A_RUN = "fixed for a run (every update of the run is made with it): set it before Start"
+AMP_TIP = "mixed precision: autocast to bf16, or to fp16 with a gradient scaler (CUDA only); off: fp32"
+ACCUMULATE_TIP = "micro-batches per optimizer update (gradient accumulation): a step is one update; its loss " \
+                 "is their mean"
+
+
+def _apply_button(name: str, tip: str) -> QPushButton:
+    """An "Apply to run" button (shown while a run trains): a change sent to the run from its next step."""
+    b = QPushButton("Apply to run")
+    b.setObjectName(name)
+    b.setToolTip(tip)
+    b.setAutoDefault(False)
+    return b
+
+
+def _note() -> QLabel:
+    """A small grey word-wrapped note under a form."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setStyleSheet("color: #777777; font-size: 8pt;")
+    return label
+
+
 def _form() -> QFormLayout:
     return form_layout((6, 4), 4)
 
@@ -71,12 +101,14 @@ class ControlPanel(QScrollArea):
     """Every setting of a run, in groups; scrolls when the window is short.
 
     Signals: ``lrCommitted(float)`` (the LR entry or slider), ``scheduleApplied(str)`` (the schedule
-    editor's Apply; "" for none), ``hyperparamsApplied(dict)`` (momentum/weight decay mid-run).
+    editor's Apply; "" for none), ``hyperparamsApplied(dict)`` (momentum/weight decay mid-run),
+    ``clipApplied(object)`` (the gradient-clipping threshold mid-run: a float, or None for no clipping).
     """
 
     lrCommitted = Signal(float)
     scheduleApplied = Signal(str)
     hyperparamsApplied = Signal(dict)
+    clipApplied = Signal(object)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -117,13 +149,9 @@ class ControlPanel(QScrollArea):
         self.weight_decay.setObjectName("weightDecayEdit")
         self.nesterov = QCheckBox("Nesterov")
         self.nesterov.setToolTip("Nesterov momentum (SGD with momentum > 0)")
-        self.apply_hyper = QPushButton("Apply to run")
-        self.apply_hyper.setObjectName("applyHyperparams")
-        self.apply_hyper.setToolTip("change momentum and weight decay of the running optimizer from the next step")
-        self.apply_hyper.setAutoDefault(False)
-        self.optimizer_note = QLabel("")
-        self.optimizer_note.setWordWrap(True)
-        self.optimizer_note.setStyleSheet("color: #777777; font-size: 8pt;")
+        self.apply_hyper = _apply_button("applyHyperparams", "change momentum and weight decay of the running "
+                                                             "optimizer from the next step")
+        self.optimizer_note = _note()
         self.optimizer_errors = ErrorLabel()
         self.optimizer_errors.watch(self.momentum, self.weight_decay)
         self.opt_group = QGroupBox("Optimizer")
@@ -140,6 +168,39 @@ class ControlPanel(QScrollArea):
         f.addRow(self.optimizer_errors)
         self.opt_group.setLayout(f)
         col.addWidget(self.opt_group)
+
+        # The optimizer update: precision, accumulation, clipping (lrviz's own runner)
+        self.amp = QComboBox()
+        self.amp.setObjectName("ampCombo")
+        for i, (text, amp, tip) in enumerate(PRECISIONS):
+            self.amp.addItem(text, amp)
+            self.amp.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+        self.accumulate = ValidatedLineEdit(parse_int_at_least(1, "accumulate"), "1", tooltip=ACCUMULATE_TIP)
+        self.accumulate.setObjectName("accumulateEdit")
+        self.clip = ValidatedLineEdit(parse_clip, "", allow_empty=True, placeholder="off",
+                                      tooltip="clip the gradient norm to this before each update (a number > 0; "
+                                              "empty or off: no clipping); mid-run: Apply")
+        self.clip.setObjectName("clipEdit")
+        self.apply_clip = _apply_button("applyClip", "clip with this threshold (empty: stop clipping) from the next "
+                                                     "step")
+        self.clip_status = _note()
+        self.clip_status.setObjectName("clipStatus")
+        self.clip_status.hide()
+        self.step_errors = ErrorLabel()
+        self.step_errors.watch(self.accumulate, self.clip)
+        self.step_group = QGroupBox("Update step")
+        self.step_group.setObjectName("stepGroup")
+        f = _form()
+        f.addRow("precision", self.amp)
+        f.addRow("accumulate", self.accumulate)
+        clip_row = QHBoxLayout()
+        clip_row.addWidget(self.clip, 1)
+        clip_row.addWidget(self.apply_clip)
+        f.addRow("clip grad norm", clip_row)
+        f.addRow(self.clip_status)
+        f.addRow(self.step_errors)
+        self.step_group.setLayout(f)
+        col.addWidget(self.step_group)
 
         # Run settings
         self.device = QComboBox()
@@ -204,6 +265,8 @@ class ControlPanel(QScrollArea):
         self.lr.lrCommitted.connect(self.lrCommitted)
         self.schedule.applyRequested.connect(self.scheduleApplied)
         self.apply_hyper.clicked.connect(self._on_apply_hyperparams)
+        self.apply_clip.clicked.connect(self._on_apply_clip)
+        self.clip.returnPressed.connect(self._on_apply_clip)
         self.optimizer.currentTextChanged.connect(self._update_enabled)
         self.momentum.textChanged.connect(self._update_enabled)
         self.set_running(False)
@@ -248,6 +311,9 @@ class ControlPanel(QScrollArea):
             self.batch_size.setValue(int(cfg.batch_size))
         self.seed.setValue(int(cfg.seed or 0))
         self.eval_every.setText("" if cfg.eval_every is None else str(cfg.eval_every))
+        self.amp.setCurrentIndex(max(0, self.amp.findData(cfg.amp)))
+        self.accumulate.setText(str(cfg.accumulate or 1))
+        self.show_clip(cfg.clip_grad_norm)
         if cfg.device in [self.device.itemText(i) for i in range(self.device.count())]:
             self.device.setCurrentText(cfg.device)
         self.schedule.set_spec(cfg.schedule)
@@ -259,6 +325,12 @@ class ControlPanel(QScrollArea):
                 w.setCurrentText(str(value))
             elif w is not None:
                 w.setText(str(value))
+
+    def show_clip(self, clip: float | None, status: str = "") -> None:
+        """Show this clipping threshold (None: off), with ``status`` (e.g. "in force from step 120") below."""
+        self.clip.setText("" if clip is None else format_number(float(clip), 6))
+        self.clip_status.setText(status)
+        self.clip_status.setVisible(bool(status))
 
     def _set_batch_size_field(self, exp: ScriptInfo, default: int | None) -> None:
         """The batch size lrviz passes to ``build_data``; a script whose ``build_data`` takes none
@@ -312,6 +384,14 @@ class ControlPanel(QScrollArea):
         self._running = running
         for w in (self.device, self.length, self.length_kind, self.seed, self.eval_every, self.params_group):
             w.setEnabled(not running)
+        # precision and accumulation shape every update of a run: they cannot change mid-run
+        self.amp.setEnabled(not running)
+        self.amp.setToolTip(FIXED_FOR_A_RUN if running else AMP_TIP)
+        self.accumulate.setEnabled(not running)
+        self.accumulate.set_hint(FIXED_FOR_A_RUN if running else ACCUMULATE_TIP)
+        self.apply_clip.setVisible(running)
+        if not running:
+            self.clip_status.hide()
         self.batch_size.setEnabled(not running and self._batch_size_settable)
         self._update_enabled()
 
@@ -329,6 +409,16 @@ class ControlPanel(QScrollArea):
         self.apply_hyper.setVisible(self._running)
         self.momentum.setEnabled(not custom or self._running)
         self.weight_decay.setEnabled(not custom or self._running)
+
+    def _on_apply_clip(self) -> None:
+        if not self._running:
+            return  # before a run the field is read at Start
+        try:
+            clip = self.clip.value()
+        except ConfigError:
+            self.clip.setFocus()
+            return
+        self.clipApplied.emit(clip)
 
     def _on_apply_hyperparams(self) -> None:
         try:
@@ -359,7 +449,7 @@ class ControlPanel(QScrollArea):
         lay.insertWidget(lay.indexOf(self.config_errors), widget)
 
     def invalid_fields(self) -> list[ValidatedLineEdit]:
-        fields = [self.lr.edit, self.momentum, self.weight_decay, self.eval_every]
+        fields = [self.lr.edit, self.momentum, self.weight_decay, self.eval_every, self.accumulate, self.clip]
         fields += [w for w, _ in self.param_fields.values() if isinstance(w, ValidatedLineEdit)]
         return [f for f in fields if f.isEnabled() and not f.is_valid()]
 
@@ -392,11 +482,14 @@ class ControlPanel(QScrollArea):
                 params[name] = value
         overrides["params"] = params
         cfg = base.merged(overrides)
-        # merged() skips None, so the length and eval interval are set directly (None clears them).
+        # merged() skips None, so the length, eval interval and update step are set directly (None clears them).
         steps = self.length.value() if self.length_kind.currentText() == "steps" else None
         epochs = self.length.value() if steps is None else None
         cfg.steps, cfg.epochs = steps, epochs
         cfg.eval_every = self.eval_every.value()
+        cfg.amp = self.amp.currentData()
+        cfg.accumulate = self.accumulate.value()
+        cfg.clip_grad_norm = self.clip.value()
         cfg.schedule = schedule
         try:
             cfg = cfg.validated()

@@ -144,6 +144,7 @@ class MainWindow(QMainWindow):
         self.controls.lrCommitted.connect(self.runs.set_lr)
         self.controls.scheduleApplied.connect(self.runs.set_schedule)
         self.controls.hyperparamsApplied.connect(self.runs.set_hyperparams)
+        self.controls.clipApplied.connect(self.runs.set_clip)
         for sig in (self.controls.lr.edit.textChanged, self.controls.length.valueChanged,
                     self.controls.length_kind.currentIndexChanged):
             sig.connect(self.preview_setup)

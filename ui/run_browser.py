@@ -63,12 +63,17 @@ from .run_table import (  # noqa: F401  (the table's names, where the browser's 
     RunTableModel,
     format_duration,
     format_loss,
+    read_only_reason,
 )
 from .widgets import ElidedLabel
 
 __all__ = ["COLUMNS", "RunBrowser", "RunTableModel", "format_duration", "format_loss"]
 
 log = logging.getLogger(__name__)
+
+WATCH_TIP = "Follow the selected live run as it trains, and steer it (double-click)"
+#: A button's frame and margins either side of its text (the style's own, 2 x (6 + 2) px in Fusion).
+BUTTON_PADDING = 18
 
 
 class RunBrowser(QWidget):
@@ -115,8 +120,7 @@ class RunBrowser(QWidget):
         self.filter_edit.setClearButtonEnabled(True)
 
         self.open_action = self._action("&Open", "Show the selected run in the plots (double-click, Return)")
-        self.watch_action = self._action("&Watch", "Follow the selected live run as it trains, and steer it "
-                                         "(double-click)")
+        self.watch_action = self._action("&Watch", WATCH_TIP)
         self.overlay_action = self._action("O&verlay", "Draw the selected runs (two or more) together")
         self.rename_action = self._action("&Rename", "Rename the selected run", QKeySequence(Qt.Key.Key_F2))
         self.delete_action = self._action("&Delete…", "Delete the selected runs from the store",
@@ -293,9 +297,13 @@ class RunBrowser(QWidget):
 
     def _button(self, action: QAction) -> QPushButton:
         button = QPushButton(action.text(), self)
+        # As narrow as its text (the style's floor is 80 px a button): six buttons of 80 px made the
+        # dock, and with it a 1280-px window, wider than the window once Watch joined the row.
+        label = action.text().replace("&", "")
+        button.setMinimumWidth(button.fontMetrics().horizontalAdvance(label) + BUTTON_PADDING)
         button.setToolTip(action.toolTip())
         button.clicked.connect(action.trigger)
-        action.changed.connect(lambda: button.setEnabled(action.isEnabled()))
+        action.changed.connect(lambda: (button.setEnabled(action.isEnabled()), button.setToolTip(action.toolTip())))
         button.setEnabled(action.isEnabled())
         return button
 
@@ -304,6 +312,9 @@ class RunBrowser(QWidget):
         n = len(ids)
         self.open_action.setEnabled(n == 1)
         self.watch_action.setEnabled(n == 1 and ids[0] in self.model.live)
+        row = self.model.row_of(ids[0]) if n == 1 else None
+        reason = read_only_reason(self.model.run_at(row)) if row is not None else None
+        self.watch_action.setToolTip(reason or WATCH_TIP)  # an imported run says why it cannot be watched
         self.overlay_action.setEnabled(n >= 2)
         self.rename_action.setEnabled(n == 1)
         self.delete_action.setEnabled(n >= 1)

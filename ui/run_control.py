@@ -279,7 +279,13 @@ class RunControl(QObject):
             try:
                 self.window.controls.show_config(RunConfig.from_dict(steered_config(run, dict(run.config))))
             except (LrvizError, TypeError, ValueError):
-                pass
+                return
+            steered = [e for e in list(run.events) if e.kind == EventKind.SET_CLIP]
+            if steered:  # clipping is steered: the threshold in force now, not the one it started with
+                last = steered[-1]
+                clip = last.data.get("clip_grad_norm")
+                self.window.controls.show_clip(clip, f"{command_words('set_clip', last.data, format_number)} "
+                                                     f"from step {last.step}")
 
     # ---- commands ----------------------------------------------------------------------------------
     def send(self, run: Run, words: str, fut: Future, kind: str, *,
@@ -386,6 +392,20 @@ class RunControl(QObject):
         self._steer(command_words("set_hyperparams", values, format_number), "set_hyperparams",
                     lambda r: r.set_hyperparams(**values), on_refused=refused)
 
+    def set_clip(self, clip: float | None) -> None:
+        """Clip the shown run's gradient norm to ``clip`` (None: stop clipping) from its next step."""
+        controls = self.window.controls
+        words = command_words("set_clip", {"clip_grad_norm": clip}, format_number)
+
+        def in_force(ack: dict[str, Any]) -> None:
+            controls.clip_status.setText(f"{words} {ack_phrase('set_clip', ack)}")
+            controls.clip_status.show()
+
+        if self._steer(words, "set_clip", lambda r: r.set_clip(clip), on_ok=in_force,
+                       on_refused=controls.clip.set_error):
+            controls.clip_status.setText(f"{words}: asked for from the next step")
+            controls.clip_status.show()
+
     # ---- the timer ---------------------------------------------------------------------------------
     def tick(self) -> None:
         """Called by the window's timer: the shown run's figures, its end, the run list."""
@@ -431,7 +451,11 @@ class RunControl(QObject):
         name = f"run #{run.run_id}" if run.run_id is not None else "the run"
         final = summary.get("final_loss")
         tail = f", final loss {format_number(final, 4)}" if isinstance(final, float) else ""
-        if run.state == RunState.FAILED:
+        if run.state == RunState.FAILED and run.run_id is None:  # refused before a run was made (fp16 on a CPU)
+            w.show_message(QMessageBox.Icon.Warning, "The run did not start",
+                           f"{run.error}\n\nNothing was stored; change the setting and start again.",
+                           run.error_detail)
+        elif run.state == RunState.FAILED:
             w.show_message(QMessageBox.Icon.Critical, "Training failed",
                            f"{run.error}\n\nThe run was saved as failed; the app keeps running.", run.error_detail)
         elif run.state == RunState.DIVERGED:

@@ -20,6 +20,7 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QBrush, QColor, QFont
 from PySide6.QtWidgets import QApplication, QStyle
 
+from lrviz.errors import ConfigError
 from lrviz.states import LIVE_STATES
 
 COLUMNS = ("#", "Name", "Script", "Status", "Steps", "Best loss", "Final loss", "Started", "Duration")
@@ -40,6 +41,19 @@ _STATUS_TIPS = {
         "The steps saved until then (all but the last second or so) are kept."
     ),
 }
+
+
+def read_only_reason(info: Any) -> str | None:
+    """Why a run cannot be watched, steered, resumed or forked (imported from another tool's logs), or None."""
+    if not getattr(info, "read_only", False):
+        return None
+    try:
+        info.require_trainable("watched, steered, resumed or forked")
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 _STATUS_COLOURS = {
     "interrupted": "#B35900",
     "failed": "#C00000",
@@ -190,7 +204,9 @@ class RunTableModel(QAbstractTableModel):
             return info.id
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
             text = self._text(info, col, role)
-            return f"{text} · live" if col == COL_STATUS and info.id in self.live else text
+            if col == COL_STATUS and info.id in self.live:
+                return f"{text} · live"
+            return f"{text} · imported" if col == COL_STATUS and getattr(info, "read_only", False) else text
         if role == Qt.ItemDataRole.ToolTipRole:
             tip = self._tooltip(info, col)
             if col == COL_STATUS and info.id in self.live:
@@ -259,7 +275,8 @@ class RunTableModel(QAbstractTableModel):
             tip = _STATUS_TIPS.get(info.status, info.status)
             if info.error:
                 tip += f"\n\n{info.error}"
-            return tip
+            reason = read_only_reason(info)
+            return f"{tip}\n\nImported: {reason}." if reason else tip
         if col == COL_NAME:
             tip = f"Run {info.id}: {info.name}"
             if info.parent_id is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PySide6.QtWidgets import QMessageBox
 
 from lrviz.errors import LrvizError
@@ -31,6 +32,39 @@ def run_label(info: Any) -> str:
     return f"{stem} ({', '.join(extra)})" if extra else stem
 
 
+class LoggedRunTrace(RunTrace):
+    """A stored run whose rows are not one a step: an imported log holds the steps it was written at
+    (every 10th, say). Drawn at those steps; the crosshair reads the last row at or before a step."""
+
+    def __init__(self, buffer: StepBuffer, steps: np.ndarray, **kwargs: Any):
+        super().__init__(buffer, **kwargs)
+        self.steps = np.asarray(steps, np.float64)
+
+    @property
+    def last_step(self) -> int:
+        return int(self.steps[self.rows - 1]) if self.rows else self.first_step - 1
+
+    def query(self, name: str, x0: float, x1: float, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.rows:
+            return np.empty(0), np.empty(0)
+        steps = self.steps[:self.rows]
+        # rows in view and one either side, so that the line runs on to the edges
+        a = max(0, int(np.searchsorted(steps, x0, side="left")) - 1)
+        b = int(np.searchsorted(steps, x1, side="right")) + 1
+        rows, y = super().query(name, self.first_step + a, self.first_step + b - 1, width)
+        # positions come back as rows (a decimated block at its centre): on to the steps they were logged at
+        return np.interp(rows - self.first_step, np.arange(len(steps)), steps), y
+
+    def value_at(self, step: int) -> dict[str, Any] | None:
+        row = int(np.searchsorted(self.steps[:self.rows], step, side="right")) - 1
+        if row < 0:
+            return None
+        v = super().value_at(self.first_step + row)
+        if v is not None:
+            v["step"] = int(self.steps[row])
+        return v
+
+
 class StoredRuns:
     """Draws runs of the window's store: one opened alone, or several overlaid."""
 
@@ -44,10 +78,15 @@ class StoredRuns:
         assert store is not None
         info = store.get_run(run_id)
         steps = store.load_steps(info.id)
-        first = int(steps["step"][0]) if len(steps.get("step", ())) else 0
+        at = np.asarray(steps.get("step", ()))
+        first = int(at[0]) if len(at) else 0
         buf = StepBuffer.from_columns(steps, first_step=first)
-        return RunTrace(buf, store.load_events(info.id), store.load_validation(info.id),
-                        label=f"#{info.id} {run_label(info)}", run_id=info.id, smoothing=self.window.plots.smoothing)
+        kwargs: dict[str, Any] = {"label": f"#{info.id} {run_label(info)}", "run_id": info.id,
+                                  "smoothing": self.window.plots.smoothing}
+        if len(at) and int(at[-1]) - first != len(at) - 1:  # not one row a step (an imported log)
+            return LoggedRunTrace(buf, at, events=store.load_events(info.id),
+                                  validation=store.load_validation(info.id), **kwargs)
+        return RunTrace(buf, store.load_events(info.id), store.load_validation(info.id), **kwargs)
 
     def open(self, run_id: int) -> None:
         """Show a stored run in the plots (overlaid instead while a run is live)."""

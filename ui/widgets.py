@@ -136,6 +136,11 @@ class ValidatedLineEdit(QLineEdit):
         self.setToolTip(msg or self._tooltip)
         self.errorChanged.emit(msg or "")
 
+    def set_hint(self, tooltip: str) -> None:
+        """The tooltip shown while the text is valid (an error shows instead)."""
+        self._tooltip = tooltip
+        self._show()
+
     def set_error(self, message: str | None) -> None:
         """Mark the field invalid for a reason found elsewhere (e.g. by the engine); cleared on edit."""
         was = self.is_valid()

@@ -328,6 +328,20 @@ def test_right_dock_keeps_its_width_when_runs_are_listed_and_selected(qtbot, win
     assert label.fontMetrics().horizontalAdvance(shown) <= label.contentsRect().width()
 
 
+def test_a_1280_px_window_fits_every_dock_at_its_narrowest(qtbot, window):
+    """The docks' and the plots' smallest widths add up to less than a 1280-px window: nothing makes it
+    wider than it opened (the run browser's row of buttons did, at 80 px a button, once Watch joined it)."""
+    window.resize(1280, 800)
+    window.lab.show_panel("Diagnostics")
+    qtbot.wait(50)
+    assert window.minimumSizeHint().width() <= 1280
+    assert window.width() == 1280
+    browser = window.run_browser  # every button still shows its whole text
+    for b in (browser.open_button, browser.watch_button, browser.overlay_button, browser.rename_button,
+              browser.delete_button):
+        assert b.width() >= b.fontMetrics().horizontalAdvance(b.text().replace("&", "")), b.text()
+
+
 # ---- item 8: the exported plot is what the screen shows ------------------------------------------------
 
 def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open_script, tmp_path):

@@ -29,6 +29,7 @@ from lrviz.errors import ConfigError, LrvizError
 from lrviz.states import EventKind, RunState
 
 from .. import theme
+from ..run_table import read_only_reason
 from ..widgets import ErrorLabel, ValidatedLineEdit
 from .common import LabPanel, button_row, fmt, form, note_label, push_button
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 RESUMABLE = (RunState.STOPPED, RunState.INTERRUPTED, RunState.FAILED, RunState.DIVERGED, RunState.CREATED)
 STEP_ROLE = Qt.ItemDataRole.UserRole + 1
+FORK_TIP = "a new child run from the selected checkpoint, drawn over its parent"
 PATH_ROLE = Qt.ItemDataRole.UserRole + 2
 
 
@@ -90,8 +92,7 @@ class ForkPanel(LabPanel):
         self.schedule.setObjectName("forkSchedule")
         self.errors = ErrorLabel()
         self.errors.watch(self.lr, self.schedule)
-        self.fork_button = push_button("Fork from checkpoint", "forkButton",
-            "a new child run from the selected checkpoint, drawn over its parent")
+        self.fork_button = push_button("Fork from checkpoint", "forkButton", FORK_TIP)
         self.resume_button = push_button("Resume run", "resumeButton",
             "continue the run itself from its last checkpoint")
         self.info = note_label(name="forkInfo")
@@ -193,6 +194,9 @@ class ForkPanel(LabPanel):
         self.info.setText(f"Run #{info.id} ({info.status}, {info.steps:,} steps{parent}): "
                           f"{len(points)} checkpoint{'s' if len(points) != 1 else ''}."
                           + ("" if points else " Runs keep checkpoints every N steps (Controls) and at pauses."))
+        reason = read_only_reason(info)
+        if reason:
+            self.info.setText(f"{reason[0].upper()}{reason[1:]}.")
         self._update_buttons()
 
     def _update_buttons(self) -> None:
@@ -206,6 +210,12 @@ class ForkPanel(LabPanel):
         if info is not None and info.status not in RESUMABLE:
             tip = f"run #{info.id} is {info.status}; only stopped or interrupted runs are resumed (fork it instead)"
         self.resume_button.setToolTip(tip)
+        self.fork_button.setToolTip(FORK_TIP)
+        reason = read_only_reason(info) if info is not None else None
+        if reason:  # imported from another tool's logs: nothing to train on
+            for b in (self.fork_button, self.resume_button):
+                b.setEnabled(False)
+                b.setToolTip(reason)
 
     def run_changed(self, run: Run | None) -> None:
         if run is None or run.is_terminal:  # a run that ended may have new checkpoints to fork from
