@@ -42,8 +42,22 @@ if QSettings is not None:
     for _fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
         QSettings.setPath(_fmt, QSettings.Scope.UserScope, _CONFIG_HOME)
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--after-core", action="store_true",
+                     help="leave out the core's tests that the Qt-blocked run already ran (those outside "
+                          "tests/ui marked neither slow nor qt): .ci/test's second run")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``qt`` (the core's commands that also draw) are skipped where Qt cannot be imported."""
+    """Tests marked ``qt`` (the core's commands that also draw) are skipped where Qt cannot be imported.
+    With ``--after-core``, the core's quick tests (run before with Qt blocked) are left out."""
+    if config.getoption("--after-core"):
+        ui = Path(__file__).parent / "ui"
+        ran = [i for i in items if ui not in Path(i.path).parents
+               and i.get_closest_marker("slow") is None and i.get_closest_marker("qt") is None]
+        if ran:
+            config.hook.pytest_deselected(items=ran)
+            items[:] = [i for i in items if i not in set(ran)]
     if QSettings is None:
         skip = pytest.mark.skip(reason="draws with Qt, and PySide6 cannot be imported here")
         for item in items:
