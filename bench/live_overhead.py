@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,11 +42,14 @@ print(len(r.buffer))
 """
 
 
-def run_once(exp, steps: int, store: RunStore, live: bool) -> float:
-    """Seconds per step of one engine run in its own thread, from its first to its last step.
+def run_once(exp, steps: int, store: RunStore, live: bool) -> tuple[float, float]:
+    """Seconds per step of one engine run in its own thread, from its first to its last step, and
+    the CPU seconds per step of this whole process (the engine, its store writer and, when live,
+    the endpoint's threads) over the run.
 
     ``live``: served, with a client in another process (as the app is) attached from the start.
     """
+    cpu0 = time.process_time()
     eng = TrainingEngine(exp, RunConfig(**exp.defaults).merged({"steps": steps, "epochs": None}), store,
                          start_paused=True)
     with serving(eng, store) if live else contextlib.nullcontext() as ep:
@@ -60,8 +64,9 @@ def run_once(exp, steps: int, store: RunStore, live: bool) -> float:
             got = int(proc.communicate(timeout=600)[0].strip() or 0)
             assert got == steps, (got, steps)
     assert eng.state == "finished", eng.error
+    cpu = time.process_time() - cpu0
     t = eng.buffer.view()["time"]
-    return float(t[-1] - t[0]) / (len(t) - 1)
+    return float(t[-1] - t[0]) / (len(t) - 1), cpu / steps
 
 
 def main() -> None:
@@ -71,13 +76,16 @@ def main() -> None:
         store = RunStore(Path(tmp) / "runs.sqlite")
         run_once(exp, 500, store, False)
         run_once(exp, 500, store, True)
-        plain, live = [], []
+        plain, live, plain_cpu, live_cpu = [], [], [], []
         for i in range(args.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
             for lv in order:
-                (live if lv else plain).append(run_once(exp, args.steps, store, lv))
+                wall, cpu = run_once(exp, args.steps, store, lv)
+                (live if lv else plain).append(wall)
+                (live_cpu if lv else plain_cpu).append(cpu)
         store.close()
     ratios = [lv / p for p, lv in zip(plain, live)]
+    cpu_ratios = [lv / p for p, lv in zip(plain_cpu, live_cpu)]
     p, lv = statistics.median(plain), statistics.median(live)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, python {sys.version.split()[0]}")
     print(f"engine, no endpoint       : {1 / p:8.0f} steps/s ({p * 1e6:.1f} us/step, median of {args.rounds})")
@@ -85,6 +93,9 @@ def main() -> None:
     print(f"time ratio live/plain: median {statistics.median(ratios):.3f} "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f}; rounds: {', '.join(f'{r:.3f}' for r in ratios)})"
           "  goal <= 1.01")
+    print(f"CPU of the training process per step: {statistics.median(plain_cpu) * 1e6:.1f} us plain, "
+          f"{statistics.median(live_cpu) * 1e6:.1f} us live; ratio median {statistics.median(cpu_ratios):.3f} "
+          f"(min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f}): what the endpoint's threads take from it")
 
 
 if __name__ == "__main__":
