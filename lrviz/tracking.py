@@ -175,6 +175,13 @@ class TrackedRun(Steering):
 
     @property
     def lrs(self) -> list[float]:
+        """Each group's rate now: lrviz's once it set the rate or a schedule, else whatever the loop (or its
+        own scheduler) left in the optimizer. Read by clients, never per step."""
+        if not self.overridden:
+            try:
+                return [float(g["lr"]) for g in self.optimizer.param_groups]
+            except (TypeError, ValueError, KeyError):  # an lr that is not a number: what lrviz last knew
+                pass
         return self.rates.lrs
 
     @property

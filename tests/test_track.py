@@ -148,6 +148,21 @@ def test_a_torch_scheduler_works_until_lrviz_overrides_the_rate(tmp_path):
     assert [e.kind for e in run.events] == ["set_lr"]
 
 
+def test_a_tracked_runs_rate_now_is_the_loops_own_until_lrviz_sets_one():
+    """What a client is told the rate is (the state's ``lrs``): the loop's scheduler's rate, not the
+    rate the loop started with (it stayed at 0.1 while the scheduler moved the optimizer's)."""
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    with lrviz.track(opt, store=None) as run:
+        train_steps(run, model, opt, x, y, 3, scheduler=sched)
+        assert run.lrs == [pytest.approx(0.1 * 0.5 ** 3)] == [opt.param_groups[0]["lr"]]
+        fut = run.set_lr(0.02)
+        train_steps(run, model, opt, x, y, 2, scheduler=sched)
+        fut.result(WAIT)
+        assert run.lrs == [0.02]  # lrviz's rate holds, whatever the scheduler wrote
+
+
 def test_a_schedule_from_lrviz_runs_in_a_tracked_loop():
     model, x, y = problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
