@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QByteArray, QSettings
+from PySide6.QtGui import QGuiApplication
 
 if TYPE_CHECKING:
     from .main_window import MainWindow
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
 ORG = "lrviz"
 APP = "lrviz"
 MAX_RECENT = 10
+#: The version of the window's dock layout saved with its state: raise it when docks are added, removed
+#: or regrouped, so a state saved by an older window is not laid over the new docks (an old state once
+#: stacked the new lab docks into a window 1,315 px tall on an 800-px screen).
+LAYOUT_VERSION = 2
 
 
 def settings() -> QSettings:
@@ -62,7 +67,11 @@ class AppSettings:
             w.resize(1280, 800)
         state = self.bytes("windowState")
         if state is not None:
-            w.restoreState(state)
+            default = w.saveState(LAYOUT_VERSION)
+            least = w.minimumSizeHint()
+            if w.restoreState(state, LAYOUT_VERSION) and not _fits(w, least):
+                w.restoreState(default, LAYOUT_VERSION)  # a layout that cannot fit the screen: the default one
+        _fit_to_screen(w)
         w.smoothing.setValue(min(max(self.int_value("smoothing", 60), 0), 99))
         w.plots.set_smoothing(w.smoothing.value() / 100)
         for plot, box in w.log_checks.items():
@@ -72,7 +81,7 @@ class AppSettings:
 
     def save_window(self, w: MainWindow) -> None:
         self.set("geometry", w.saveGeometry())
-        self.set("windowState", w.saveState())
+        self.set("windowState", w.saveState(LAYOUT_VERSION))
         self.set("smoothing", w.smoothing.value())
         for plot, box in w.log_checks.items():
             self.set(f"log_{plot}", box.isChecked())
@@ -113,3 +122,30 @@ class AppSettings:
 
     def sync(self) -> None:
         self.q.sync()
+
+
+def _screen_size(w: MainWindow) -> Any:
+    screen = w.screen() or QGuiApplication.primaryScreen()
+    return screen.availableGeometry().size() if screen is not None else None
+
+
+def _fits(w: MainWindow, default_least: Any) -> bool:
+    """Whether the restored layout's smallest size fits the screen (or is no larger than the default's)."""
+    avail = _screen_size(w)
+    least = w.minimumSizeHint()
+    if avail is None:
+        return True
+    return (least.width() <= max(avail.width(), default_least.width())
+            and least.height() <= max(avail.height(), default_least.height()))
+
+
+def _fit_to_screen(w: MainWindow) -> None:
+    """A window no larger than the screen's free area (a size saved on a larger screen, or a layout that grew)."""
+    avail = _screen_size(w)
+    if avail is None:
+        return
+    least = w.minimumSizeHint()
+    width = max(min(w.width(), avail.width()), least.width())
+    height = max(min(w.height(), avail.height()), least.height())
+    if (width, height) != (w.width(), w.height()):
+        w.resize(width, height)

@@ -404,3 +404,39 @@ def test_exported_plot_is_what_the_screen_shows(qtbot, window, make_script, open
         np.testing.assert_allclose(ys, live, rtol=1e-12)  # the very same smoothed values
     finally:
         fig.close()
+
+
+def test_a_layout_saved_by_an_older_window_never_makes_it_taller_than_the_screen(qtbot, tmp_path, shown, pool):
+    """A size and dock layout an older lrviz saved (tests/data/window-state-2026-11.bin, from a real
+    settings file) used to open the window 1196x1315 on an 800-px screen: status bar and two plots out of
+    sight. The old layout is not laid over the new docks, and the window fits the screen."""
+    from pathlib import Path
+
+    from lrviz.ui.app_settings import settings
+    from PySide6.QtCore import QByteArray
+    from PySide6.QtGui import QGuiApplication
+
+    fresh = MainWindow(store_path=str(tmp_path / "store2"), pool=pool)  # no saved layout: the default one
+    qtbot.addWidget(fresh)
+    least = fresh.minimumSizeHint()
+    fresh.shutdown(10)
+    blob = (Path(__file__).parents[1] / "data" / "window-state-2026-11.bin").read_bytes()
+    n = int.from_bytes(blob[:4], "big")
+    q = settings()
+    q.setValue("geometry", QByteArray(blob[4:4 + n]))
+    q.setValue("windowState", QByteArray(blob[4 + n:]))
+    q.sync()
+    w = MainWindow(store_path=str(tmp_path / "store"), pool=pool)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    qtbot.wait(50)
+    avail = QGuiApplication.primaryScreen().availableGeometry()
+    try:
+        assert least.height() <= 800, least  # the default layout fits an 800-px screen
+        assert w.height() <= max(avail.height(), least.height()), (w.size(), avail, least)
+        assert w.width() <= max(avail.width(), least.width()), (w.size(), avail, least)
+        assert w.minimumSizeHint().height() <= max(avail.height(), least.height())
+        assert w.statusBar().isVisible()
+    finally:
+        w.shutdown(10)
