@@ -308,6 +308,7 @@ def test_paths_are_resolved_once_before_the_script_changes_folder(tmp_path):
     (["run", "regression", "--lr", "-1"], "learning rate"),
     (["run", "regression", "--optimizer", "adamax"], "unknown optimizer"),
     (["run", "regression", "--at", "x:lr=1"], "step number"),
+    (["run", "regression", "--step", "5"], "unrecognized arguments: --step"),  # a typo, not --steps abbreviated
 ])
 def test_bad_settings_exit_1_with_a_message(tmp_path, capsys, args, needle):
     assert main(args + ["--store", str(tmp_path)]) == 1

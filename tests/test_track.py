@@ -232,3 +232,24 @@ def test_track_without_a_store_serves_nothing_and_keeps_the_records():
         train_steps(run, model, opt, x, y, 12)
     assert run._endpoint is None and run.run_id is None
     assert len(run.buffer) == 12 and run.state == "finished"
+
+
+def test_grad_norm_true_records_the_norm_of_the_gradients_each_step_used_and_off_leaves_it_empty():
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    norms = []
+    with lrviz.track(opt, store=None, grad_norm=True) as run:
+        for i in range(6):
+            b = slice(i * 32, i * 32 + 32)
+            nn.functional.mse_loss(model(x[b]), y[b]).backward()
+            norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+            opt.step()
+            loss = nn.functional.mse_loss(model(x[b]), y[b]).detach()
+            opt.zero_grad()
+            run.step(loss)
+    assert np.allclose(run.buffer.view()["grad_norm"], norms, rtol=1e-5)
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with lrviz.track(opt, store=None) as run:
+        train_steps(run, model, opt, x, y, 3)
+    assert np.isnan(run.buffer.view()["grad_norm"]).all()

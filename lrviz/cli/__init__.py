@@ -43,6 +43,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is a ConfigError (one message, exit status 1), not exit 2,
     which means "diverged" here."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--step 50` is a typo of --steps, not a shorthand for it
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
