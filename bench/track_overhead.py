@@ -33,6 +33,20 @@ def make(seed: int = 0):
     return model, opt, x, y
 
 
+def train(model, opt, batches, steps: int, run) -> None:
+    """``steps`` steps of the plain loop, with ``run.step(loss)`` when tracked."""
+    for i in range(steps):
+        xb, yb = batches[i % len(batches)]
+        loss = nn.functional.mse_loss(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if run is not None:
+            run.step(loss)
+        else:
+            loss.item()  # a bare loop that logs its loss pays this (track reads it on the CPU too)
+
+
 def blocks(rounds: int, steps: int, store: RunStore) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Seconds per step of short blocks, the three modes taking turns on three identical loops.
 
@@ -57,16 +71,7 @@ def blocks(rounds: int, steps: int, store: RunStore) -> tuple[dict[str, list[flo
             model, opt, run, batches = state[m]
             t = time.perf_counter()
             c = time.thread_time()
-            for i in range(steps):
-                xb, yb = batches[i % len(batches)]
-                loss = nn.functional.mse_loss(model(xb), yb)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                if run is not None:
-                    run.step(loss)
-                else:
-                    loss.item()  # a bare loop that logs its loss pays this (track reads it on the CPU too)
+            train(model, opt, batches, steps, run)
             times[m].append((time.perf_counter() - t) / steps)
             cpu[m].append((time.thread_time() - c) / steps)
     for _, _, run, _ in state.values():
@@ -88,16 +93,7 @@ def same_model(rounds: int, steps: int) -> list[float]:
         for m in (("bare", "track") if r % 2 == 0 else ("track", "bare")):
             run = lrviz.track(opt, store=None, quiet=True) if m == "track" else None
             c = time.thread_time()
-            for i in range(steps):
-                xb, yb = batches[i % len(batches)]
-                loss = nn.functional.mse_loss(model(xb), yb)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                if run is not None:
-                    run.step(loss)
-                else:
-                    loss.item()
+            train(model, opt, batches, steps, run)
             per[m] = (time.thread_time() - c) / steps
             if run is not None:
                 run.finish()
