@@ -33,6 +33,10 @@ from .run import RemoteRun
 
 log = logging.getLogger(__name__)
 
+#: After a failed attach, how long to wait for the worker to exit (its run ended) before calling the
+#: run unreachable.
+ATTACH_EXIT_S = 3.0
+
 #: A stop escalates: cooperative stop, then SIGTERM after this long, then SIGKILL after as long again.
 STOP_GRACE_S = 2.0
 #: A run that has answered the stop gets this much longer to save and exit.
@@ -325,15 +329,21 @@ class ChildRun(RemoteRun):
         self.client.info = self.info
         try:
             self.connect()
-        except NotLive as err:
-            if not self.worker.exited.is_set():
-                self._fail(f"cannot attach to the training process: {err}", self.worker.log_tail())
+        except NotLive as err:  # the run may have ended already (refused at its start): its worker says why
+            threading.Thread(target=self._attach_failed, args=(str(err),), name="lrviz-child-attach",
+                             daemon=True).start()
             return
         with self._qlock:
             queued, self._queued = self._queued, []
             self.attached.set()
         for kind, data, waiting in queued:
             _chain(super().command(kind, **data), waiting)
+
+    def _attach_failed(self, err: str) -> None:
+        """No answer from the run's endpoint: a worker that exits now ended its run (its process watcher
+        reports the run's own error); one that lives on cannot be attached to."""
+        if not self.worker.exited.wait(ATTACH_EXIT_S):
+            self._fail(f"cannot attach to the training process: {err}", self.worker.log_tail())
 
     def connect(self, timeout: float = 5.0) -> ChildRun:
         super().connect(timeout)
@@ -354,6 +364,10 @@ class ChildRun(RemoteRun):
         code = self.worker.returncode
         if self.run_id is None:
             self.run_id = self.worker.run_id
+        ended = self.worker.ended or {}
+        if not self.attached.is_set() and ended.get("error") and not is_terminal(self.state):
+            # the run ended before we could attach (refused at its start): its own message
+            self._end(RunState(ended.get("state") or RunState.FAILED), str(ended["error"]), str(ended.get("detail") or ""))
         if not is_terminal(self.state) or self.lost:
             if self._terminated or (code is not None and signal_name(code) == "SIGTERM"):
                 self._end(RunState.STOPPED, "stopped: the training process did not answer and was terminated")

@@ -198,7 +198,10 @@ def train(spec: dict[str, Any], chan: _Channel, req_id: Any = None) -> int:
             chan.send({"t": "serving", "id": req_id, "conn": endpoint.info.to_dict()})
             engine.run()
         state = str(engine.state)
-        chan.send({"t": "ended", "id": req_id, "state": state, "run_id": engine.run_id})
+        ended = {"t": "ended", "id": req_id, "state": state, "run_id": engine.run_id}
+        if engine.error is not None:  # also for a parent that could not attach before the run ended
+            ended.update(error=str(engine.error), detail=engine.error_detail or "")
+        chan.send(ended)
     finally:
         if store is not None:
             store.close()

@@ -154,3 +154,29 @@ def test_watching_a_run_shows_its_step_settings_and_the_clip_in_force(qtbot, win
         assert proc.wait(WAIT_MS / 1000) == 0
     finally:
         proc.kill()
+
+
+def test_a_run_that_ended_before_the_app_attached_shows_its_own_reason(qtbot, window, make_script, open_script,
+                                                                       shown, monkeypatch):
+    """Under load the fp16 refusal once ended the run before the window attached: it showed "cannot attach
+    to the training process: ... Connection reset by peer". The attach here fails that way on purpose,
+    after the run has ended: the run's own reason is shown."""
+    import time
+
+    from lrviz.live.child import ChildRun
+    from lrviz.live.run import NotLive
+
+    def late_connect(self, timeout=5.0):
+        deadline = time.monotonic() + 60
+        while self.worker.ended is None and time.monotonic() < deadline:  # the run ends first
+            time.sleep(0.01)
+        raise NotLive("the run did not answer properly: [Errno 104] Connection reset by peer")
+
+    monkeypatch.setattr(ChildRun, "connect", late_connect)
+    open_script(make_script("fp16.py", steps=12))
+    window.controls.device.setCurrentText("cpu")
+    window.controls.amp.setCurrentIndex(window.controls.amp.findData("fp16"))
+    click(qtbot, button(window, window.act_start))
+    qtbot.waitUntil(lambda: bool(shown), timeout=WAIT_MS)
+    text = shown[0].text()
+    assert "fp16 needs a CUDA GPU" in text and "Connection reset" not in text, text
