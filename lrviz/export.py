@@ -559,8 +559,8 @@ class PlotPanel:
     column: str | None = None
 
 
-#: The panels of the run plots, top to bottom. The app's live plots (lrviz.ui.plots) and the exported
-#: figures (lrviz.ui.render) both lay out their panels from this table, and both draw a panel with a
+#: The panels of the run plots, top to bottom. The app's live plots (ui/plots.py) and the exported
+#: figures (ui/render.py) both lay out their panels from this table, and both draw a panel with a
 #: ``column`` from its entry alone: a new plot of a recorded per-step column is one entry here.
 PLOT_PANELS: tuple[PlotPanel, ...] = (
     PlotPanel("loss", "loss", stretch=5),
@@ -676,13 +676,13 @@ def _short(value: Any) -> str:
         return str(value)
 
 
-#: What draws plots (the app's :mod:`lrviz.ui.render`, which registers itself when imported): the core
-#: never imports the Qt layer, not even by name. The CLI, the composition root, imports it to draw.
+#: What draws plots (the ``plots`` plugin, see :mod:`lrviz.plugins`, which registers itself when loaded):
+#: the core never imports the Qt layer, not even by name.
 _plot_renderer: Any = None
 
 
 def use_plot_renderer(renderer: Any) -> None:
-    """Register what draws plot exports: an object with ``RunData`` and ``render_run`` (lrviz.ui.render)."""
+    """Register what draws plot exports: an object with ``RunData`` and ``render_run`` (the plots plugin)."""
     global _plot_renderer
     _plot_renderer = renderer
 
@@ -691,7 +691,7 @@ def _load_render() -> Any:
     if _plot_renderer is None:
         raise ConfigError(
             "plot export needs the app's renderer (PySide6 and pyqtgraph; the lrviz command loads it when it "
-            "draws, or import lrviz.ui.render first); export only csv and json (--format csv,json) without it")
+            "draws, or lrviz.plugins.load_plugin('plots') first); export only csv and json (--format csv,json) without it")
     return _plot_renderer
 
 

@@ -283,8 +283,10 @@ def _app(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _logging(args.debug)
     _absolute_paths(args)
+    from ..plugins import load_plugin
+
     try:
-        from lrviz.ui.app import run_app
+        run_app = load_plugin("app")
     except ImportError as exc:
         raise ConfigError(f"the desktop app needs PySide6 and pyqtgraph ({exc}); headless commands still work: "
                           "lrviz run SCRIPT.py") from None

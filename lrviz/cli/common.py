@@ -282,10 +282,11 @@ def finish_run(engine: Any, store: Any, out: Path | None, quiet: bool) -> int:
 
 def _write_outputs(store: Any, run_id: int, out: Path) -> None:
     from ..export import export_run
+    from ..plugins import load_plugin
 
     formats = ["csv", "json"]
     try:
-        import lrviz.ui.render  # noqa: F401  (the plots need Qt)
+        load_plugin("plots")  # the plots need Qt
 
         formats.append("png")
     except Exception as exc:  # Qt missing or broken: the data still gets written

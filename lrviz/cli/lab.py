@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..plugins import load_plugin
 from .common import check_out_dir, config_from_args, open_store
 
 
@@ -59,11 +60,11 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
         write_csv(result, out / "lr_find.csv")
         atomic_write(out / "lr_find.json", json.dumps(result.to_dict(), indent=2, allow_nan=False))
         try:
-            from lrviz.ui.render import render_range_test
+            plots = load_plugin("plots")
         except Exception as exc:  # Qt missing: the data is still written
             print(f"lrviz: plot skipped ({exc})", file=sys.stderr)
         else:
-            render_range_test(result, out / "lr_find.png", title=f"LR range test — {exp.path.name}")
+            plots.render_range_test(result, out / "lr_find.png", title=f"LR range test — {exp.path.name}")
     return 0
 
 
@@ -74,14 +75,14 @@ def _plot_overlay(rows: list[Any], out: Path, store_path: str | None, script: st
     if not ids:
         return
     try:
-        from lrviz.ui.render import RunData, render_run
+        plots = load_plugin("plots")
     except Exception as exc:  # Qt missing: the table is still written
         print(f"lrviz: sweep plot skipped ({exc})", file=sys.stderr)
         return
     store = open_store(store_path)
     try:
-        data = [RunData.from_store(store, rid, label=label) for rid, label in ids]
-        render_run(data, out / "sweep.png", title=f"LR sweep — {script}")
+        data = [plots.RunData.from_store(store, rid, label=label) for rid, label in ids]
+        plots.render_run(data, out / "sweep.png", title=f"LR sweep — {script}")
     finally:
         store.close()
 

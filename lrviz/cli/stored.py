@@ -85,9 +85,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _load_plots() -> None:
-    """The composition root loads the app's renderer (Qt) for plot exports; it registers itself."""
+    """Load the plot renderer (Qt, found by name: lrviz.plugins) for plot exports; it registers itself."""
+    from ..plugins import load_plugin
+
     try:
-        import lrviz.ui.render  # noqa: F401
+        load_plugin("plots")
     except ImportError as exc:
         raise ConfigError(f"plot export needs PySide6 and pyqtgraph ({exc}); install them "
                           "(pip install PySide6-Essentials pyqtgraph) or export only csv and json "
