@@ -56,7 +56,7 @@ from .errors import ConfigError, DivergedError, LrvizError, ScriptError
 from .experiment import Experiment, error_from_exception
 from .optim import build_optimizer
 from .rates import RateControl
-from .recorder import RunRecorder, recorded
+from .recorder import Recorded, RunRecorder, recorded
 from .records import Event, StepBuffer, ValPoint
 from .staging import GradNorm, Staging
 from .states import TERMINAL_STATES
@@ -82,7 +82,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class TrainingEngine(EngineCommands):
+class TrainingEngine(EngineCommands, Recorded):
     """Trains ``experiment`` with ``config``; records every step; obeys commands from any thread.
 
     Use ``start()`` for a background thread or ``run()`` to train in the calling thread. ``state``
@@ -91,14 +91,6 @@ class TrainingEngine(EngineCommands):
     ``error_detail`` its traceback.
     """
 
-    state = recorded("state")
-    run_id = recorded("run_id")
-    buffer = recorded("buffer")
-    events = recorded("events")
-    validation = recorded("validation")
-    probe_steps = recorded("probe_steps")
-    probe_values = recorded("probe_values")
-    range_test_progress = recorded("range_test_progress")
     on_open = recorded("on_open")
 
     def __init__(

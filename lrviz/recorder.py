@@ -28,6 +28,20 @@ def recorded(name: str) -> property:
                     doc=f"The recorder's ``{name}``.")
 
 
+class Recorded:
+    """The attributes a live endpoint reads of a loop (an engine, a tracked run), kept in its recorder
+    ``self.rec``: one list for both."""
+
+    state = recorded("state")
+    run_id = recorded("run_id")
+    buffer = recorded("buffer")
+    events = recorded("events")
+    validation = recorded("validation")
+    probe_steps = recorded("probe_steps")
+    probe_values = recorded("probe_values")
+    range_test_progress = recorded("range_test_progress")
+
+
 class RunRecorder:
     """The records of one run, and its store row once :meth:`open` made one."""
 

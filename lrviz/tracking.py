@@ -47,7 +47,7 @@ from .distributed import rank_of_process
 from .errors import ConfigError, LrvizError
 from .optim import apply_hyperparams
 from .rates import RateControl
-from .recorder import RunRecorder, recorded
+from .recorder import Recorded, RunRecorder
 from .records import StepBuffer, ValPoint
 from .staging import FLUSH_SECONDS, Staging
 from .states import SETTING_COMMANDS, Command, RunState, parse_command
@@ -91,7 +91,7 @@ def track(optimizer: Any, *, model: Any = None, name: str | None = None, store: 
                       read_only=read_only).start()
 
 
-class TrackedRun(Steering):
+class TrackedRun(Steering, Recorded):
     """One tracked run (see :func:`track`). Use it as a context manager, or call :meth:`finish`."""
 
     def __init__(self, optimizer: Any, *, model: Any = None, name: str | None = None, store: Any = _DEFAULT,
@@ -157,16 +157,6 @@ class TrackedRun(Steering):
         self._fast = False  # step() may take its short path (set by start, cleared by finish/_broken)
         self._rows: list[Any] = []
         self._warned: set[str] = set()
-
-    # ---- the attributes a live endpoint reads (as of an engine) ----------------------------------------
-    state = recorded("state")
-    run_id = recorded("run_id")
-    buffer = recorded("buffer")
-    events = recorded("events")
-    validation = recorded("validation")
-    probe_steps = recorded("probe_steps")
-    probe_values = recorded("probe_values")
-    range_test_progress = recorded("range_test_progress")
 
     @property
     def steps_done(self) -> int:
