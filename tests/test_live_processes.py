@@ -65,6 +65,7 @@ def test_lrviz_steer_sets_the_lr_of_a_terminal_run_at_the_acked_step(tmp_path, c
         step = int(said.split("from step")[1].split()[0])
         assert "lr 0.0125: accepted: from step" in said
         assert main(["steer", str(run_id), "--lr", "-3", "--store", str(store)]) == 1  # refused before sending
+        assert "lrviz: error: learning rate must be a finite number > 0, not '-3'" in capsys.readouterr().err
         assert main(["steer", str(run_id), "--stop", "--store", str(store)]) == 0
         assert proc.wait(WAIT) == 0
     finally:
