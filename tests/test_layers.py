@@ -78,6 +78,7 @@ def test_the_core_does_not_name_the_ui_either():
     assert not hits, hits
 
 
+@pytest.mark.qt
 def test_the_app_and_the_renderer_are_found_by_name():
     """The entry points pyproject.toml declares resolve to the Qt layer's app and renderer (and the
     renderer registers itself for the core's exports when loaded)."""
