@@ -34,9 +34,11 @@ from .connection import (
     write_connection,
 )
 from .protocol import (
+    MOVING,
     PROTOCOL_VERSION,
     REFUSED,
     AuthenticationError,
+    FrameBatch,
     ProtocolError,
     jsonable,
     new_token,
@@ -48,9 +50,10 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-#: How often each client's thread looks for new records (seconds): with the app's 30 frames a second,
-#: a finished step is on screen within ~0.1 s.
-TICK_S = 0.02
+#: How often each client's thread looks for new records (seconds): as often as the app draws (30
+#: frames a second), so a finished step is on screen within ~0.1 s; more often would cost the run
+#: (each tick takes the GIL from its training thread) and show nothing sooner.
+TICK_S = 1 / 30
 #: A state message goes out at least this often, even when nothing changed (the client's heartbeat).
 HEARTBEAT_S = 1.0
 #: At most this many rows per steps message.
@@ -247,6 +250,8 @@ class LiveEndpoint:
         except (OSError, ProtocolError) as exc:
             if not client.closed:
                 log.debug("client %s (%s) left: %s", cid, peer, exc)
+        except Exception:  # a fault of ours: this client is dropped, the run and the others carry on
+            log.exception("live endpoint: serving client %s (%s) failed", cid, peer)
         finally:
             client.closed = True
             _close_socket(sock)
@@ -256,6 +261,7 @@ class LiveEndpoint:
 
     def _client_loop(self, c: _Client) -> None:
         src = self.source
+        out = FrameBatch(c.sock)  # what one tick sends goes out in one write
         while True:
             ready, _, _ = select.select([c.sock], [], [], self.tick)
             if ready:
@@ -263,16 +269,18 @@ class LiveEndpoint:
                 if not self._handle(c, header, payload):
                     return
             if c.subscribed:  # records first: an ack arrives after everything made before it
-                self._push(c)
+                self._push(c, out)
             while c.outbox:
-                send_frame(c.sock, c.outbox.popleft())
+                out.add(c.outbox.popleft())
             ended = src.done.is_set()
             if (ended or self._closing.is_set()) and not c.outbox:
                 if c.subscribed:
-                    self._push(c)
-                send_frame(c.sock, {"t": "end", **src.snapshot()})
+                    self._push(c, out)
+                out.add({"t": "end", **jsonable(src.snapshot())})
+                out.flush()
                 c.closed = True
                 return
+            out.flush()
 
     # ---- messages in -----------------------------------------------------------------------------
     def _handle(self, c: _Client, h: dict[str, Any], payload: bytes) -> bool:
@@ -319,8 +327,13 @@ class LiveEndpoint:
                     c.outbox.append(msg)
 
     # ---- records out -----------------------------------------------------------------------------
-    def _push(self, c: _Client) -> None:
+    def _push(self, c: _Client, out: FrameBatch) -> None:
         src = self.source
+        # The state first: the step it names is never ahead of the rows sent with it. What moves with
+        # every step (the step, the epoch, a scheduled rate) rides on the steps message; a state message
+        # goes out when anything else changed, and at least once a heartbeat.
+        state = src.snapshot()
+        moving = {k: state.pop(k) for k in MOVING if k in state}
         buf, events, validation = src.records()
         if buf is not None:
             n = len(buf)
@@ -331,26 +344,30 @@ class LiveEndpoint:
                 if k == 0:
                     break
                 desc, payload = pack_columns({name: view[name] for name in STEP_COLUMNS})
-                send_frame(c.sock, {"t": "steps", "row": c.rows, "first_step": int(buf.first_step),
-                                    "n": k, "cols": desc}, payload)
+                out.add({"t": "steps", "row": c.rows, "first_step": int(buf.first_step), "n": k, "cols": desc,
+                         **jsonable(moving)}, payload)
                 c.rows += k
         ne = len(events)
         if ne > c.n_events:
-            send_frame(c.sock, {"t": "events", "start": c.n_events,
-                                "items": [event_dict(e) for e in events[c.n_events:ne]]})
+            out.add({"t": "events", "start": c.n_events, "items": [event_dict(e) for e in events[c.n_events:ne]]})
             c.n_events = ne
         nv = len(validation)
         if nv > c.n_val:
-            send_frame(c.sock, {"t": "val", "start": c.n_val,
-                                "items": [val_dict(p) for p in validation[c.n_val:nv]]})
+            out.add({"t": "val", "start": c.n_val, "items": [val_dict(p) for p in validation[c.n_val:nv]]})
             c.n_val = nv
         for msg in src.lab_updates(c.lab):
-            send_frame(c.sock, {"t": "lab", **jsonable(msg)})
+            out.add({"t": "lab", **jsonable(msg)})
         now = time.monotonic()
-        state = jsonable(src.snapshot())
-        if state != c.state or now - c.state_at >= HEARTBEAT_S:
-            send_frame(c.sock, {"t": "state", **state})
+        if _changed(state, c.state) or now - c.state_at >= HEARTBEAT_S:
+            out.add({"t": "state", **jsonable({**state, **moving})})
             c.state, c.state_at = state, now
+
+
+def _changed(state: dict[str, Any], before: dict[str, Any] | None) -> bool:
+    try:
+        return bool(state != before)
+    except (TypeError, ValueError):  # a value whose == is not a bool (an array): call it changed
+        return True
 
 
 def _ack_message(base: dict[str, Any], fut: Future) -> dict[str, Any]:

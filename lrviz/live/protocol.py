@@ -37,6 +37,9 @@ HANDSHAKE_TIMEOUT_S = 5.0
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 256 << 20
 _FRAME = struct.Struct(">II")
+#: The parts of a run's state that change with every step: a steps message carries them (as of its
+#: last row), and a state message goes out only when something else changed (or as a heartbeat).
+MOVING = ("step", "epoch", "lrs")
 #: The byte a server sends a client whose answer to the challenge was wrong.
 REFUSED = b"\x00"
 
@@ -74,12 +77,42 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def encode_frame(header: Mapping[str, Any], payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """One frame (header as JSON, payload as raw bytes) as the pieces to write, in order."""
+    head = json.dumps(header, allow_nan=False, separators=(",", ":"), default=_json_default).encode()
+    prefix = _FRAME.pack(len(head), len(payload)) + head
+    return [prefix, payload] if len(payload) else [prefix]
+
+
 def send_frame(sock: socket.socket, header: Mapping[str, Any], payload: bytes | memoryview = b"") -> None:
     """Send one frame (header as JSON, payload as raw bytes)."""
-    head = json.dumps(header, allow_nan=False, separators=(",", ":"), default=_json_default).encode()
-    sock.sendall(_FRAME.pack(len(head), len(payload)) + head)
-    if len(payload):
-        sock.sendall(payload)
+    for part in encode_frame(header, payload):
+        sock.sendall(part)
+
+
+class FrameBatch:
+    """Frames gathered and written together: one ``sendall`` for many small frames (each write costs
+    the sender a system call and the reader a wake-up), flushed early past ``limit`` bytes so a long
+    history never sits whole in memory."""
+
+    def __init__(self, sock: socket.socket, limit: int = 1 << 20):
+        self.sock = sock
+        self.limit = limit
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0
+
+    def add(self, header: Mapping[str, Any], payload: bytes | memoryview = b"") -> None:
+        parts = encode_frame(header, payload)
+        self._parts.extend(parts)
+        self._size += sum(len(p) for p in parts)
+        if self._size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+            self._parts, self._size = [], 0
+            self.sock.sendall(data)
 
 
 def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:

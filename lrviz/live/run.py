@@ -23,6 +23,7 @@ from lrviz.states import Command, RunState, is_terminal
 
 from .client import CommandRejected, LiveClient, NotLive
 from .connection import ConnectionInfo
+from .protocol import MOVING
 
 __all__ = ["CommandRejected", "LocalRun", "NotLive", "RemoteRun", "Run"]
 
@@ -277,6 +278,7 @@ class RemoteRun(Run):
         buf.extend(cols)
         self._next_row = row + max(skip, 0) + len(cols["loss"])
         buf.seal()  # the history is kept compressed (in this reader thread, never the GUI's)
+        self._apply_state({k: h[k] for k in MOVING if k in h})  # the step, once its row is here
 
     @staticmethod
     def _extend(target: list, h: dict[str, Any], items: list) -> None:
