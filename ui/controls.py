@@ -12,7 +12,6 @@ from PySide6.QtWidgets import (
     QComboBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QScrollArea,
@@ -33,6 +32,7 @@ from .widgets import (
     format_number,
     parse_float_in,
     parse_int_at_least,
+    row_layout,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +97,15 @@ def _form() -> QFormLayout:
     return form_layout((6, 4), 4)
 
 
+def _group(title: str, widget: QWidget) -> QGroupBox:
+    """A titled group holding one widget."""
+    group = QGroupBox(title)
+    lay = QVBoxLayout(group)
+    lay.setContentsMargins(6, 4, 6, 4)
+    lay.addWidget(widget)
+    return group
+
+
 class ControlPanel(QScrollArea):
     """Every setting of a run, in groups; scrolls when the window is short.
 
@@ -123,18 +132,12 @@ class ControlPanel(QScrollArea):
 
         # Learning rate
         self.lr = LrControl(0.01)
-        self.lr_group = QGroupBox("Learning rate")
-        lay = QVBoxLayout(self.lr_group)
-        lay.setContentsMargins(6, 4, 6, 4)
-        lay.addWidget(self.lr)
+        self.lr_group = _group("Learning rate", self.lr)
         col.addWidget(self.lr_group)
 
         # Schedule
         self.schedule = ScheduleEditor()
-        self.schedule_group = QGroupBox("Schedule")
-        lay = QVBoxLayout(self.schedule_group)
-        lay.setContentsMargins(6, 4, 6, 4)
-        lay.addWidget(self.schedule)
+        self.schedule_group = _group("Schedule", self.schedule)
         col.addWidget(self.schedule_group)
 
         # Optimizer
@@ -159,11 +162,7 @@ class ControlPanel(QScrollArea):
         f.addRow("optimizer", self.optimizer)
         f.addRow("momentum", self.momentum)
         f.addRow("weight decay", self.weight_decay)
-        row = QHBoxLayout()
-        row.addWidget(self.nesterov)
-        row.addStretch(1)
-        row.addWidget(self.apply_hyper)
-        f.addRow(row)
+        f.addRow(row_layout(self.nesterov, None, self.apply_hyper))
         f.addRow(self.optimizer_note)
         f.addRow(self.optimizer_errors)
         self.opt_group.setLayout(f)
@@ -193,10 +192,7 @@ class ControlPanel(QScrollArea):
         f = _form()
         f.addRow("precision", self.amp)
         f.addRow("accumulate", self.accumulate)
-        clip_row = QHBoxLayout()
-        clip_row.addWidget(self.clip, 1)
-        clip_row.addWidget(self.apply_clip)
-        f.addRow("clip grad norm", clip_row)
+        f.addRow("clip grad norm", row_layout(self.clip, self.apply_clip, grow=self.clip))
         f.addRow(self.clip_status)
         f.addRow(self.step_errors)
         self.step_group.setLayout(f)
@@ -231,10 +227,7 @@ class ControlPanel(QScrollArea):
         self.run_group = QGroupBox("Run")
         f = _form()
         f.addRow("device", self.device)
-        length_row = QHBoxLayout()
-        length_row.addWidget(self.length, 1)
-        length_row.addWidget(self.length_kind)
-        f.addRow("length", length_row)
+        f.addRow("length", row_layout(self.length, self.length_kind, grow=self.length))
         f.addRow("batch size", self.batch_size)
         f.addRow("seed", self.seed)
         f.addRow("eval every", self.eval_every)
