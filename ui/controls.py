@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QLabel,
+    QLayout,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -97,6 +98,19 @@ def _form() -> QFormLayout:
     return form_layout((6, 4), 4)
 
 
+def _form_group(title: str, *rows: tuple[str, QWidget | QLayout] | QWidget | QLayout) -> QGroupBox:
+    """A titled group of form rows: ``(label, field)`` pairs, or a widget or layout spanning its row."""
+    group = QGroupBox(title)
+    f = _form()
+    for row in rows:
+        if isinstance(row, tuple):
+            f.addRow(*row)
+        else:
+            f.addRow(row)
+    group.setLayout(f)
+    return group
+
+
 def _group(title: str, widget: QWidget) -> QGroupBox:
     """A titled group holding one widget."""
     group = QGroupBox(title)
@@ -157,15 +171,10 @@ class ControlPanel(QScrollArea):
         self.optimizer_note = _note()
         self.optimizer_errors = ErrorLabel()
         self.optimizer_errors.watch(self.momentum, self.weight_decay)
-        self.opt_group = QGroupBox("Optimizer")
-        f = _form()
-        f.addRow("optimizer", self.optimizer)
-        f.addRow("momentum", self.momentum)
-        f.addRow("weight decay", self.weight_decay)
-        f.addRow(row_layout(self.nesterov, None, self.apply_hyper))
-        f.addRow(self.optimizer_note)
-        f.addRow(self.optimizer_errors)
-        self.opt_group.setLayout(f)
+        self.opt_group = _form_group("Optimizer", ("optimizer", self.optimizer), ("momentum", self.momentum),
+                                     ("weight decay", self.weight_decay),
+                                     row_layout(self.nesterov, None, self.apply_hyper), self.optimizer_note,
+                                     self.optimizer_errors)
         col.addWidget(self.opt_group)
 
         # The optimizer update: precision, accumulation, clipping (lrviz's own runner)
@@ -187,15 +196,10 @@ class ControlPanel(QScrollArea):
         self.clip_status.hide()
         self.step_errors = ErrorLabel()
         self.step_errors.watch(self.accumulate, self.clip)
-        self.step_group = QGroupBox("Update step")
+        self.step_group = _form_group("Update step", ("precision", self.amp), ("accumulate", self.accumulate),
+                                      ("clip grad norm", row_layout(self.clip, self.apply_clip, grow=self.clip)),
+                                      self.clip_status, self.step_errors)
         self.step_group.setObjectName("stepGroup")
-        f = _form()
-        f.addRow("precision", self.amp)
-        f.addRow("accumulate", self.accumulate)
-        f.addRow("clip grad norm", row_layout(self.clip, self.apply_clip, grow=self.clip))
-        f.addRow(self.clip_status)
-        f.addRow(self.step_errors)
-        self.step_group.setLayout(f)
         col.addWidget(self.step_group)
 
         # Run settings
@@ -224,15 +228,10 @@ class ControlPanel(QScrollArea):
         self.eval_every.setObjectName("evalEveryEdit")
         self.run_errors = ErrorLabel()
         self.run_errors.watch(self.eval_every)
-        self.run_group = QGroupBox("Run")
-        f = _form()
-        f.addRow("device", self.device)
-        f.addRow("length", row_layout(self.length, self.length_kind, grow=self.length))
-        f.addRow("batch size", self.batch_size)
-        f.addRow("seed", self.seed)
-        f.addRow("eval every", self.eval_every)
-        f.addRow(self.run_errors)
-        self.run_group.setLayout(f)
+        self.run_group = _form_group("Run", ("device", self.device),
+                                     ("length", row_layout(self.length, self.length_kind, grow=self.length)),
+                                     ("batch size", self.batch_size), ("seed", self.seed),
+                                     ("eval every", self.eval_every), self.run_errors)
         col.addWidget(self.run_group)
 
         # Script knobs
