@@ -17,40 +17,24 @@ user's.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-_TMP = tempfile.mkdtemp(prefix="lrviz-lab-shots-")
-os.environ["LRVIZ_HOME"] = str(Path(_TMP) / "home")
-os.environ["XDG_CONFIG_HOME"] = str(Path(_TMP) / "config")
-
-from lrviz.ui.app import create_app  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
 from lrviz.ui.main_window import MainWindow  # noqa: E402
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
+from ui_screenshots import ROOT, open_window, settle  # noqa: E402  (sets a temporary LRVIZ_HOME)
+from ui_screenshots import wait as wait_until  # noqa: E402
 
 from lrviz.states import RunState  # noqa: E402
 
 RIGHT_WIDTH = 500
 
 
-def wait(app: QApplication, pred, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise TimeoutError("the window did not get there in time")
-        app.processEvents()
-        time.sleep(0.005)
-
-
-def settle(app: QApplication, seconds: float = 0.4) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        app.processEvents()
-        time.sleep(0.01)
+def wait(app: QApplication, pred, timeout: float = 120.0) -> None:  # noqa: ANN001
+    if not wait_until(app, pred, timeout):
+        raise TimeoutError("the window did not get there in time")
 
 
 def layout(w: MainWindow, panel: str) -> None:
@@ -93,13 +77,9 @@ def shot(app: QApplication, w: MainWindow, path: Path) -> None:
 
 
 def main() -> int:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs"
     out.mkdir(parents=True, exist_ok=True)
-    app = create_app()
-    w = MainWindow()
-    w.resize(1280, 800)
-    w.move(0, 0)
-    w.show()
+    app, w = open_window()
     lab = w.lab
 
     # 1. The range test on a fresh model (a paused run of its own), then a run at the rate it suggests.

@@ -183,6 +183,16 @@ def watch(app: QApplication, w: MainWindow, out: Path) -> None:
 SHOTS = {"training": training, "overlay": overlay, "watch": watch}
 
 
+def open_window() -> tuple[QApplication, MainWindow]:
+    """The app and its main window, shown at 1280x800 in the screen's corner."""
+    app = create_app()
+    w = MainWindow()
+    w.resize(1280, 800)
+    w.move(0, 0)
+    w.show()
+    return app, w
+
+
 def run_shots(shots: dict, description: str, pattern: str = "screenshot-{}.png") -> int:  # noqa: ANN001
     """Parse ``--out``/``--only``, show a 1280x800 window at the screen's corner, take ``shots`` in turn."""
     ap = argparse.ArgumentParser(description=description)
@@ -191,11 +201,7 @@ def run_shots(shots: dict, description: str, pattern: str = "screenshot-{}.png")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    app = create_app()
-    w = MainWindow()
-    w.resize(1280, 800)
-    w.move(0, 0)
-    w.show()
+    app, w = open_window()
     for name in args.only.split(","):
         t = time.monotonic()
         shots[name](app, w, out)

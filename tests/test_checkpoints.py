@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stored_runs import run_and_fork
 
 from lrviz.cli import main
 from lrviz.config import RunConfig
@@ -66,12 +67,9 @@ def test_fork_with_same_settings_continues_bit_exactly(tmp_path, script, params)
 
 def test_fork_with_another_lr_equals_parent_up_to_the_fork(tiny, tmp_path):
     store_dir = str(tmp_path)
-    assert main(["run", str(SCRIPTS / "tiny.py"), "--steps", "160", "--lr", "0.05", "--seed", "3",
-                 "--checkpoint-every", "60", "--store", store_dir, "--quiet"]) == 0
-    assert main(["run", str(SCRIPTS / "tiny.py"), "--fork", "1@120", "--lr", "0.005", "--store", store_dir,
-                 "--quiet"]) == 0
+    a, b = run_and_fork(store_dir, ["--steps", "160", "--lr", "0.05", "--seed", "3", "--checkpoint-every", "60"],
+                        ["1@120", "--lr", "0.005"])
     with RunStore(store_dir) as s:
-        a, b = s.load_steps(1), s.load_steps(2)
         assert s.get_run(2).config["seed"] == 3 and s.get_run(2).config["steps"] == 160
     assert b["step"][0] == 120 and len(b["step"]) == 40
     assert b["loss"][0] == a["loss"][120]  # the loss of step 120 is measured before its update

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra: pip install 'lrviz[lightning]'")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from stored_runs import run_plain_example  # noqa: E402
 
 from lrviz.errors import ConfigError  # noqa: E402
 from lrviz.integrations.lightning import LrvizCallback  # noqa: E402
@@ -285,15 +286,6 @@ def test_under_several_processes_rank_0_records_a_watch_only_run(tmp_path):
 
 
 def test_the_lightning_example_is_a_plain_script_that_records_its_fit(tmp_path):
-    from lrviz.resources.examples import lightning_loop
-
-    from lrviz.experiment import example_paths, examples_dir, is_plain_script
-
-    path = examples_dir() / "lightning_loop.py"
-    assert is_plain_script(path) and path not in example_paths()
-    callback = lightning_loop.main(["--epochs", "1", "--store", str(tmp_path / "runs.sqlite")])
-    with RunStore(tmp_path / "runs.sqlite") as store:
-        info = store.get_run(callback.run.run_id)
-        cols = store.load_steps(info.id)
+    info, cols, _val = run_plain_example("lightning_loop", ["--epochs", "1"], tmp_path / "runs.sqlite")
     assert info.status == "finished" and info.kind == "tracked" and info.steps == 32
     assert cols["lr"].shape == (32, 2) and np.allclose(cols["lr"][0], [0.05, 0.005])  # body and head

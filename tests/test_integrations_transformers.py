@@ -15,6 +15,8 @@ transformers = pytest.importorskip(
     "transformers", reason="Hugging Face transformers is an optional extra: pip install 'lrviz[transformers]'")
 pytest.importorskip("accelerate", reason="the Trainer needs accelerate: pip install 'lrviz[transformers]'")
 
+from stored_runs import run_plain_example  # noqa: E402
+
 from lrviz.cli import main  # noqa: E402
 from lrviz.errors import ConfigError  # noqa: E402
 from lrviz.integrations.transformers import LrvizCallback  # noqa: E402
@@ -169,16 +171,6 @@ def test_under_several_processes_the_main_process_records_a_watch_only_run(tmp_p
 
 
 def test_the_trainer_example_is_a_plain_script_that_records_its_run(tmp_path):
-    from lrviz.resources.examples import hf_trainer
-
-    from lrviz.experiment import example_paths, examples_dir, is_plain_script
-
-    path = examples_dir() / "hf_trainer.py"
-    assert is_plain_script(path) and path not in example_paths()
-    callback = hf_trainer.main(["--steps", "6", "--store", str(tmp_path / "runs.sqlite")])
-    with RunStore(tmp_path / "runs.sqlite") as store:
-        info = store.get_run(callback.run.run_id)
-        cols = store.load_steps(info.id)
-        val = store.load_validation(info.id)
+    info, cols, val = run_plain_example("hf_trainer", ["--steps", "6"], tmp_path / "runs.sqlite")
     assert info.status == "finished" and info.kind == "tracked" and info.steps == 6
     assert np.all(np.isfinite(cols["loss"])) and len(val) == 6  # eval every step at 6 steps

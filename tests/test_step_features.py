@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stored_runs import run_and_fork
 
 import lrviz.update
 from lrviz.cli import main
@@ -480,12 +481,9 @@ def test_at_sets_the_clip_and_a_replay_is_identical(tiny, tmp_path, capsys):
 
 def test_fork_with_a_new_clip_applies_it_from_the_fork_step(tiny, tmp_path):
     store = str(tmp_path)
-    assert main(["run", str(SCRIPTS / "tiny.py"), "--steps", "80", "--seed", "3", "--clip-grad-norm", "5",
-                 "--checkpoint-every", "40", "--store", store, "--quiet"]) == 0
-    assert main(["run", str(SCRIPTS / "tiny.py"), "--fork", "1@40", "--clip-grad-norm", "0.05", "--store", store,
-                 "--quiet"]) == 0
+    a, b = run_and_fork(store, ["--steps", "80", "--seed", "3", "--clip-grad-norm", "5", "--checkpoint-every", "40"],
+                        ["1@40", "--clip-grad-norm", "0.05"])
     with RunStore(store) as s:
-        a, b = s.load_steps(1), s.load_steps(2)
         assert [(e.step, e.data) for e in s.load_events(2) if e.kind == "set_clip"] == [(40, {"clip_grad_norm": 0.05})]
     assert b["loss"][0] == a["loss"][40] and b["loss"][1:].tobytes() != a["loss"][41:].tobytes()
 

@@ -12,8 +12,8 @@ from PySide6.QtWidgets import (
     QComboBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
+    QLayout,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -33,6 +33,7 @@ from .widgets import (
     format_number,
     parse_float_in,
     parse_int_at_least,
+    row_layout,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +98,28 @@ def _form() -> QFormLayout:
     return form_layout((6, 4), 4)
 
 
+def _form_group(title: str, *rows: tuple[str, QWidget | QLayout] | QWidget | QLayout) -> QGroupBox:
+    """A titled group of form rows: ``(label, field)`` pairs, or a widget or layout spanning its row."""
+    group = QGroupBox(title)
+    f = _form()
+    for row in rows:
+        if isinstance(row, tuple):
+            f.addRow(*row)
+        else:
+            f.addRow(row)
+    group.setLayout(f)
+    return group
+
+
+def _group(title: str, widget: QWidget) -> QGroupBox:
+    """A titled group holding one widget."""
+    group = QGroupBox(title)
+    lay = QVBoxLayout(group)
+    lay.setContentsMargins(6, 4, 6, 4)
+    lay.addWidget(widget)
+    return group
+
+
 class ControlPanel(QScrollArea):
     """Every setting of a run, in groups; scrolls when the window is short.
 
@@ -123,18 +146,12 @@ class ControlPanel(QScrollArea):
 
         # Learning rate
         self.lr = LrControl(0.01)
-        self.lr_group = QGroupBox("Learning rate")
-        lay = QVBoxLayout(self.lr_group)
-        lay.setContentsMargins(6, 4, 6, 4)
-        lay.addWidget(self.lr)
+        self.lr_group = _group("Learning rate", self.lr)
         col.addWidget(self.lr_group)
 
         # Schedule
         self.schedule = ScheduleEditor()
-        self.schedule_group = QGroupBox("Schedule")
-        lay = QVBoxLayout(self.schedule_group)
-        lay.setContentsMargins(6, 4, 6, 4)
-        lay.addWidget(self.schedule)
+        self.schedule_group = _group("Schedule", self.schedule)
         col.addWidget(self.schedule_group)
 
         # Optimizer
@@ -154,19 +171,10 @@ class ControlPanel(QScrollArea):
         self.optimizer_note = _note()
         self.optimizer_errors = ErrorLabel()
         self.optimizer_errors.watch(self.momentum, self.weight_decay)
-        self.opt_group = QGroupBox("Optimizer")
-        f = _form()
-        f.addRow("optimizer", self.optimizer)
-        f.addRow("momentum", self.momentum)
-        f.addRow("weight decay", self.weight_decay)
-        row = QHBoxLayout()
-        row.addWidget(self.nesterov)
-        row.addStretch(1)
-        row.addWidget(self.apply_hyper)
-        f.addRow(row)
-        f.addRow(self.optimizer_note)
-        f.addRow(self.optimizer_errors)
-        self.opt_group.setLayout(f)
+        self.opt_group = _form_group("Optimizer", ("optimizer", self.optimizer), ("momentum", self.momentum),
+                                     ("weight decay", self.weight_decay),
+                                     row_layout(self.nesterov, None, self.apply_hyper), self.optimizer_note,
+                                     self.optimizer_errors)
         col.addWidget(self.opt_group)
 
         # The optimizer update: precision, accumulation, clipping (lrviz's own runner)
@@ -188,18 +196,10 @@ class ControlPanel(QScrollArea):
         self.clip_status.hide()
         self.step_errors = ErrorLabel()
         self.step_errors.watch(self.accumulate, self.clip)
-        self.step_group = QGroupBox("Update step")
+        self.step_group = _form_group("Update step", ("precision", self.amp), ("accumulate", self.accumulate),
+                                      ("clip grad norm", row_layout(self.clip, self.apply_clip, grow=self.clip)),
+                                      self.clip_status, self.step_errors)
         self.step_group.setObjectName("stepGroup")
-        f = _form()
-        f.addRow("precision", self.amp)
-        f.addRow("accumulate", self.accumulate)
-        clip_row = QHBoxLayout()
-        clip_row.addWidget(self.clip, 1)
-        clip_row.addWidget(self.apply_clip)
-        f.addRow("clip grad norm", clip_row)
-        f.addRow(self.clip_status)
-        f.addRow(self.step_errors)
-        self.step_group.setLayout(f)
         col.addWidget(self.step_group)
 
         # Run settings
@@ -228,18 +228,10 @@ class ControlPanel(QScrollArea):
         self.eval_every.setObjectName("evalEveryEdit")
         self.run_errors = ErrorLabel()
         self.run_errors.watch(self.eval_every)
-        self.run_group = QGroupBox("Run")
-        f = _form()
-        f.addRow("device", self.device)
-        length_row = QHBoxLayout()
-        length_row.addWidget(self.length, 1)
-        length_row.addWidget(self.length_kind)
-        f.addRow("length", length_row)
-        f.addRow("batch size", self.batch_size)
-        f.addRow("seed", self.seed)
-        f.addRow("eval every", self.eval_every)
-        f.addRow(self.run_errors)
-        self.run_group.setLayout(f)
+        self.run_group = _form_group("Run", ("device", self.device),
+                                     ("length", row_layout(self.length, self.length_kind, grow=self.length)),
+                                     ("batch size", self.batch_size), ("seed", self.seed),
+                                     ("eval every", self.eval_every), self.run_errors)
         col.addWidget(self.run_group)
 
         # Script knobs

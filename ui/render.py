@@ -575,6 +575,16 @@ def _normalise(data: RunData | Sequence[RunData]) -> list[RunData]:
     return runs
 
 
+def _paint(fig: Any, device: Any, *, text_antialiasing: bool = False) -> None:
+    """Paint ``fig`` onto a paint device (an image, an SVG generator, a PDF writer), antialiased."""
+    painter = QPainter(device)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    if text_antialiasing:
+        painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
+    fig.paint(painter)
+    painter.end()
+
+
 def _encode(fig: Any, fmt: str, w: int, h: int, doc_title: str) -> bytes:
     """Paint a settled figure into PNG, SVG or PDF bytes (w x h pixels at _DPI)."""
     buf = QBuffer()
@@ -584,11 +594,7 @@ def _encode(fig: Any, fmt: str, w: int, h: int, doc_title: str) -> bytes:
         image.setDotsPerMeterX(round(_DPI / 0.0254))
         image.setDotsPerMeterY(round(_DPI / 0.0254))
         image.fill(QColor("white"))
-        painter = QPainter(image)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
-        fig.paint(painter)
-        painter.end()
+        _paint(fig, image, text_antialiasing=True)
         if not image.save(buf, "PNG"):
             raise ConfigError("Qt could not encode the plot as PNG")
     elif fmt == "svg":
@@ -599,10 +605,7 @@ def _encode(fig: Any, fmt: str, w: int, h: int, doc_title: str) -> bytes:
         gen.setResolution(round(_DPI))
         gen.setTitle(doc_title)
         gen.setDescription("Drawn by lrviz")
-        painter = QPainter(gen)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        fig.paint(painter)
-        painter.end()
+        _paint(fig, gen)
     else:
         pdf = QPdfWriter(buf)
         pdf.setResolution(round(_DPI))
@@ -610,10 +613,7 @@ def _encode(fig: Any, fmt: str, w: int, h: int, doc_title: str) -> bytes:
         pdf.setPageMargins(QMarginsF(0, 0, 0, 0))
         pdf.setTitle(doc_title)
         pdf.setCreator("lrviz")
-        painter = QPainter(pdf)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        fig.paint(painter)
-        painter.end()
+        _paint(fig, pdf)
     buf.close()
     return bytes(buf.data())
 

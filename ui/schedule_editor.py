@@ -15,7 +15,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QSizePolicy,
@@ -28,7 +27,7 @@ from lrviz.schedules import SCHEDULES, ArgInfo, ScheduleSpec, parse_schedule
 
 from . import theme
 from .axes import StepAxis, ValueAxis
-from .widgets import ErrorLabel, ValidatedLineEdit, breakable, format_number
+from .widgets import ErrorLabel, ValidatedLineEdit, breakable, format_number, row_layout
 
 #: Arguments lrviz only accepts at one value: not worth a field.
 _HIDDEN_ARGS = {"cycle_momentum"}
@@ -291,16 +290,10 @@ class ScheduleEditor(QWidget):
         then_lay.addWidget(self.then)
         self._then_box = then_box
         lay.addWidget(then_box)
-        row = QHBoxLayout()
-        row.addWidget(QLabel("spec"))
-        row.addWidget(self.spec_edit, 1)
-        lay.addLayout(row)
+        lay.addLayout(row_layout(QLabel("spec"), self.spec_edit, grow=self.spec_edit))
         lay.addWidget(self.errors)
         lay.addWidget(self.preview)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.apply_button, 1)
-        buttons.addWidget(self.clear_button)
-        lay.addLayout(buttons)
+        lay.addLayout(row_layout(self.apply_button, self.clear_button, grow=self.apply_button))
         lay.addWidget(self.status)
 
         self._lrs: list[float] = [0.01]

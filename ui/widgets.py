@@ -46,6 +46,18 @@ def form_layout(margins: tuple[int, int], row_spacing: int) -> QFormLayout:
     return f
 
 
+def row_layout(*items: QWidget | None, grow: QWidget | None = None) -> QHBoxLayout:
+    """A row of widgets, left to right; ``None`` is a stretch (what is after it goes to the right),
+    ``grow`` the widget that takes the row's spare width."""
+    row = QHBoxLayout()
+    for item in items:
+        if item is None:
+            row.addStretch(1)
+        else:
+            row.addWidget(item, 1 if item is grow else 0)
+    return row
+
+
 class ErrorLabel(QLabel):
     """A word-wrapped red message under a form; hidden while empty."""
 

@@ -342,19 +342,7 @@ def range_test(
                     break
                 lr = float(plan[i])
                 _set_lr(optimizer, lr)
-                model.zero_grad(set_to_none=True)
-                optimizer.zero_grad(set_to_none=True)
-                if upd is not None:  # mixed precision, accumulation or clipping
-                    value = _accumulate(upd, model, data, loss_of, dev if move else None, first=i == 0)
-                    loss = None
-                else:
-                    batch = next(data)
-                    if move:
-                        batch = to_device(batch, dev)
-                    loss = loss_of(model, batch)
-                    if i == 0:
-                        _check_loss(loss)
-                    value = float(loss.detach())
+                value, loss = _forward(model, optimizer, upd, data, loss_of, dev if move else None, first=i == 0)
                 avg = beta * avg + (1 - beta) * value
                 bpow *= beta
                 sm = avg / (1 - bpow)
@@ -367,12 +355,7 @@ def range_test(
                 elif sm > best + (stop_factor - 1) * abs(best):
                     stop_reason = f"smoothed loss exceeded {stop_factor:g}x its best at lr {_fmt(lr)}"
                 if not stop_reason:
-                    if upd is not None:
-                        upd.finish(upd_norm, upd.accumulate)
-                        upd.step()
-                    else:
-                        loss.backward()
-                        optimizer.step()
+                    _update(optimizer, upd, upd_norm, loss)
                 del loss
                 if on_step is not None:
                     on_step(i, lr, value)
@@ -486,6 +469,7 @@ def confirm_rates(
             _set_lr(optimizer, lr)
             values: list[float] = []
             diverged = False
+            upd_norm = None
             if upd is not None:  # a fresh one (its own gradient scaler) for every rate
                 upd = _update_step(optimizer, dev, amp, accumulate, clip_grad_norm)
                 upd_norm = GradNorm(upd.params)
@@ -494,17 +478,8 @@ def confirm_rates(
                     if i and should_stop is not None and should_stop():
                         cancelled = True
                         break
-                    model.zero_grad(set_to_none=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    if upd is not None:  # mixed precision, accumulation or clipping
-                        group = iter(fixed[i * per_step:(i + 1) * per_step])
-                        value = _accumulate(upd, model, group, loss_of, dev if move else None, first=i == 0)
-                        loss = None
-                    else:
-                        loss = loss_of(model, to_device(fixed[i], dev) if move else fixed[i])
-                        if i == 0:
-                            _check_loss(loss)
-                        value = float(loss.detach())
+                    group = iter(fixed[i * per_step:(i + 1) * per_step])
+                    value, loss = _forward(model, optimizer, upd, group, loss_of, dev if move else None, first=i == 0)
                     values.append(value)
                     if on_step is not None:
                         on_step(k, i, lr, value)
@@ -512,12 +487,7 @@ def confirm_rates(
                     if not math.isfinite(value) or (i and value > first + (stop_factor - 1) * abs(first)):
                         diverged = True
                         break
-                    if upd is not None:
-                        upd.finish(upd_norm, upd.accumulate)
-                        upd.step()
-                    else:
-                        loss.backward()
-                        optimizer.step()
+                    _update(optimizer, upd, upd_norm, loss)
                     del loss
             if cancelled:
                 break
@@ -545,6 +515,32 @@ def _update_step(optimizer: torch.optim.Optimizer, dev: torch.device | None, amp
     check_amp(cfg.amp, where)
     upd = UpdateStep(optimizer, where, amp=cfg.amp, accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
     return None if upd.plain else upd
+
+
+def _forward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, upd: Any, data: Iterator[Any],
+             loss_of: LossOf, dev: torch.device | None, *, first: bool) -> tuple[float, torch.Tensor | None]:
+    """The forward pass of one step of the range test or the confirmation, on the next batch of ``data`` (the
+    next ``upd.accumulate`` with an UpdateStep), gradients zeroed first: the loss's value, and the loss tensor
+    whose backward :func:`_update` makes (None with an UpdateStep, which ran its micro-batches' backward)."""
+    model.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
+    if upd is not None:  # mixed precision, accumulation or clipping
+        return _accumulate(upd, model, data, loss_of, dev, first=first), None
+    batch = next(data)
+    loss = loss_of(model, to_device(batch, dev) if dev is not None else batch)
+    if first:
+        _check_loss(loss)
+    return float(loss.detach()), loss
+
+
+def _update(optimizer: torch.optim.Optimizer, upd: Any, upd_norm: GradNorm | None, loss: torch.Tensor | None) -> None:
+    """The update of a step whose forward :func:`_forward` made (and whose loss was judged worth it)."""
+    if upd is not None:
+        upd.finish(upd_norm, upd.accumulate)
+        upd.step()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def _accumulate(upd: Any, model: torch.nn.Module, data: Iterator[Any], loss_of: LossOf, dev: torch.device | None,

@@ -17,7 +17,6 @@ from PySide6.QtCore import QEvent, Qt
 from PySide6.QtWidgets import (
     QFormLayout,
     QFrame,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QScrollArea,
@@ -59,17 +58,6 @@ def push_button(text: str, name: str, tip: str = "") -> QPushButton:
         b.setToolTip(tip)
     b.setAutoDefault(False)
     return b
-
-
-def button_row(*items: QWidget | None) -> QHBoxLayout:
-    """A row of widgets, left to right; ``None`` is a stretch (what is after it goes to the right)."""
-    row = QHBoxLayout()
-    for item in items:
-        if item is None:
-            row.addStretch(1)
-        else:
-            row.addWidget(item)
-    return row
 
 
 def note_label(text: str = "", colour: str = theme.GREY, name: str = "") -> QLabel:

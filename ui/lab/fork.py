@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QComboBox,
-    QHBoxLayout,
     QListWidget,
     QListWidgetItem,
     QPushButton,
@@ -30,8 +29,8 @@ from lrviz.states import EventKind, RunState
 
 from .. import theme
 from ..run_table import read_only_reason
-from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import LabPanel, button_row, fmt, form, note_label, push_button
+from ..widgets import ErrorLabel, ValidatedLineEdit, row_layout
+from .common import LabPanel, fmt, form, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.child import ChildRun
@@ -98,14 +97,11 @@ class ForkPanel(LabPanel):
         self.info = note_label(name="forkInfo")
 
         f = form()
-        top = QHBoxLayout()
-        top.addWidget(self.run_combo, 1)
-        top.addWidget(self.refresh_button)
-        f.addRow("run", top)
+        f.addRow("run", row_layout(self.run_combo, self.refresh_button, grow=self.run_combo))
         f.addRow("checkpoint", self.checkpoints)
         f.addRow("new LR", self.lr)
         f.addRow("schedule", self.schedule)
-        buttons = button_row(self.fork_button, self.resume_button, None)
+        buttons = row_layout(self.fork_button, self.resume_button, None)
         col = QVBoxLayout(self)
         col.setContentsMargins(4, 4, 4, 4)
         col.addLayout(f)

@@ -47,8 +47,8 @@ from lrviz.lab.rangecurve import (
 )
 
 from .. import theme
-from ..widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least
-from .common import LabPanel, button_row, fmt, form, is_live, lab_plot, note_label, push_button, scroll_column
+from ..widgets import ErrorLabel, ValidatedLineEdit, parse_float_in, parse_int_at_least, row_layout
+from .common import LabPanel, fmt, form, is_live, lab_plot, note_label, push_button, scroll_column
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -164,8 +164,8 @@ class RangeTestPanel(LabPanel):
             " the one whose loss fell most")
         self.use_button = push_button("Use this LR", "rtUse",
             "set the suggested rate (mid-run: from the next step on)")
-        buttons = button_row(self.run_button, self.cancel_button, None)
-        after = button_row(self.confirm_button, None, self.use_button)  # four buttons do not fit a narrow dock
+        buttons = row_layout(self.run_button, self.cancel_button, None)
+        after = row_layout(self.confirm_button, None, self.use_button)  # four buttons do not fit a narrow dock
 
         self.mode_label = note_label(name="rtMode")
         self.plot = lab_plot("learning rate (log scale)", "loss", log_x=True)

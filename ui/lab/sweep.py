@@ -47,8 +47,8 @@ from lrviz.lab.sweep import (
 from lrviz.states import RunState
 
 from .. import theme
-from ..widgets import ErrorLabel, ValidatedLineEdit
-from .common import RUN_COLOURS, LabPanel, button_row, fmt, form, lab_plot, note_label, push_button
+from ..widgets import ErrorLabel, ValidatedLineEdit, row_layout
+from .common import RUN_COLOURS, LabPanel, fmt, form, lab_plot, note_label, push_button
 
 if TYPE_CHECKING:
     from lrviz.live.run import Run
@@ -138,7 +138,7 @@ class SweepPanel(LabPanel):
         self.stop_button = push_button("Stop", "sweepStop")
         self.overlay_button = push_button("Show in main plots", "sweepOverlay",
             "overlay the selected runs in the main plots (none selected: every run that did not diverge)")
-        buttons = button_row(self.run_button, self.stop_button, self.log_y, None, self.overlay_button)
+        buttons = row_layout(self.run_button, self.stop_button, self.log_y, None, self.overlay_button)
         self.progress_label = note_label(name="sweepProgress")
 
         self.plot = lab_plot("step", "smoothed training loss", log_y=True)
