@@ -1,8 +1,14 @@
 """Memory per retained step: in the training process, and in the app following it.
 
-* **Training process** (``--train``, a child process per size): ``lrviz run`` of a one-weight model
-  (the cheapest step there is, so a long history builds fast), recording into a store and serving
-  live. Reports RSS growth between a short run and a long one, per extra step.
+* **Training process** (``--train``): ``lrviz run`` of a one-weight model (the cheapest step there
+  is, so a long history builds fast; ``--script`` another), recording into a store and serving live,
+  in a child process. A thread in it writes every half second the steps recorded, the RSS and what
+  holds memory by its own accounting: the step buffer (sealed chunks and the raw ones being
+  written), SQLite (``sqlite3_memory_used``: its page cache fills to its cap, 2 MiB a connection, in
+  the first few hundred thousand steps), the C heap in use (``mallinfo2``), Python's allocated
+  blocks and the events. Reports each one's least-squares slope against the steps after the first
+  fifth (the warm-up: imports, the first chunks, the caches filling), and over the two halves of
+  that (a slope still rising would show there), with the run's time and the load average.
 * **App** (default): what the app keeps for a run it follows: a RemoteRun's step buffer (history
   sealed in chunks by the reader thread) and the plots' RunTrace (min/max pyramids, the smoothed
   loss recomputed on demand). Rows arrive in 4096-row blocks as from the endpoint. Reports the bytes
@@ -12,20 +18,14 @@
 Goal (issue 9): <= 24 bytes per retained step in both; 1e7 steps still drawable.
 
     .venv/bin/python bench/memory.py [--steps 10000000]          # the app side
-    .venv/bin/python bench/memory.py --train [--steps 1000000]   # the training process
-    .venv/bin/python bench/memory.py --slope [--steps 1000000]   # its RSS over one run, twice
-
-``--slope``: ``lrviz run`` of ``--steps`` steps, twice side by side, their RSS sampled every half second against the
-steps it has stored; the figure is the least-squares slope after the first fifth of the run (the
-warm-up: imports, the first chunks, the allocator's first arenas), one as is and one with
-``MALLOC_ARENA_MAX=1`` (glibc's per-thread malloc arenas are what the store writer's and the live
-endpoint's threads grow through).
+    .venv/bin/python bench/memory.py --train [--steps 1000000] [--script bench/tiny_mlp.py] [--arena-max 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -88,90 +88,100 @@ def app_side(steps: int) -> None:
           f"{q_zoom * 1e3:.2f} ms")
 
 
-TRAIN = """
-import os, sys
+#: The training process: ``lrviz run`` with a thread that writes, every ``every`` seconds, a JSON line of
+#: the steps recorded, the RSS and what holds memory by its own accounting (argv: out file, every, lrviz's).
+TRAIN = r"""
+import ctypes, json, os, sys, threading, time
+import lrviz.engine
+
+engines = []
+_init = lrviz.engine.TrainingEngine.__init__
+def _keep(self, *a, **k):
+    engines.append(self)
+    _init(self, *a, **k)
+lrviz.engine.TrainingEngine.__init__ = _keep
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+import _sqlite3
+sqlite_used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used  # the library _sqlite3 is linked against
+sqlite_used.restype = ctypes.c_int64
+out, every = open(sys.argv[1], "w"), float(sys.argv[2])
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def sample():
+    while True:
+        time.sleep(every)
+        buf = engines[0].buffer if engines else None
+        if buf is None:
+            continue
+        m = libc.mallinfo2()
+        out.write(json.dumps({"steps": buf.n, "rss": rss(), "buffer": buf.nbytes, "sqlite": sqlite_used(),
+                              "malloc": m.uordblks + m.hblkhd, "events": len(engines[0].events),
+                              "pyblocks": sys.getallocatedblocks()}) + "\n")
+        out.flush()
+
+threading.Thread(target=sample, daemon=True).start()
 from lrviz.cli import main
-status = main(sys.argv[1:])
-with open("/proc/self/statm") as f:
-    print("RSS", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), flush=True)
-sys.exit(status)
+sys.exit(main(sys.argv[3:]))
 """
 
+#: What the training process's samples hold: (key, what it is).
+TRAIN_PARTS = (("rss", "process RSS"), ("buffer", "step buffer (its nbytes)"),
+               ("sqlite", "SQLite (sqlite3_memory_used)"), ("malloc", "C heap in use (mallinfo2)"),
+               ("pyblocks", "Python objects (allocated blocks)"), ("events", "events"))
 
-def train_side(steps: int) -> None:
-    script = HERE / "one_weight.py"
+
+def train_side(steps: int, script: Path, arena_max: int | None) -> None:
+    """One ``lrviz run`` (store, live endpoint); slopes against the steps recorded after the first fifth."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = {}
+    if arena_max:
+        env["MALLOC_ARENA_MAX"] = str(arena_max)
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (steps // 10, steps):
-            t = time.perf_counter()
-            p = subprocess.run([sys.executable, "-c", TRAIN, "run", str(script), "--steps", str(n), "--quiet",
-                                "--store", str(Path(tmp) / f"s{n}")], capture_output=True, text=True, env=env)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RSS")]
-            if p.returncode != 0 or not line:
-                raise SystemExit(f"lrviz run failed: {p.stderr[-2000:]}")
-            out[n] = int(line[0].split()[1])
-            print(f"  {n:,} steps: RSS {out[n] / 2**20:.1f} MiB at the end ({time.perf_counter() - t:.0f} s)")
-    small, big = steps // 10, steps
-    print(f"training process (lrviz run, store and live endpoint): RSS growth "
-          f"{(out[big] - out[small]) / (big - small):.1f} bytes per extra step (goal <= 24)")
-
-
-def slope_side(steps: int) -> None:
-    """Both configurations side by side (the same machine conditions), RSS against steps stored."""
-    from lrviz.store.runs import RunStore
-
-    script = HERE / "one_weight.py"
-    configs = (("as is", {}), ("MALLOC_ARENA_MAX=1", {"MALLOC_ARENA_MAX": "1"}))
-    with tempfile.TemporaryDirectory() as tmp:
-        procs, samples = [], []
-        for k, (_, extra) in enumerate(configs):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-            procs.append(subprocess.Popen([sys.executable, "-m", "lrviz", "run", str(script), "--steps", str(steps),
-                                           "--quiet", "--store", str(Path(tmp) / f"s{k}.sqlite")], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-            samples.append([])  # (steps stored, RSS bytes)
+        log = Path(tmp) / "samples.jsonl"
         t0 = time.perf_counter()
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-            for k, p in enumerate(procs):
-                if p.poll() is not None:
-                    continue
-                try:
-                    with open(f"/proc/{p.pid}/statm") as f:
-                        r = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-                    with RunStore(Path(tmp) / f"s{k}.sqlite") as st:
-                        runs = st.list_runs()
-                        n = (runs[0].steps or 0) if runs else 0
-                except Exception:  # noqa: BLE001 - the run ending under us, the store busy
-                    continue
-                if n:
-                    samples[k].append((n, r))
-        for p in procs:
-            if p.returncode != 0:
-                raise SystemExit(f"lrviz run failed: {p.stderr.read()[-2000:]}")
-    print(f"training process (lrviz run of bench/one_weight.py, store and live endpoint), {steps:,} steps, "
-          f"{time.perf_counter() - t0:.0f} s, both side by side:")
-    for (label, _), rows in zip(configs, samples):
-        s = np.array(rows, dtype=np.float64)
-        late = s[s[:, 0] >= steps / 5]
-        slope = np.polyfit(late[:, 0], late[:, 1], 1)[0] if len(late) > 3 else float("nan")
-        per_half = [np.polyfit(h[:, 0], h[:, 1], 1)[0] for h in np.array_split(late, 2) if len(h) > 3]
-        print(f"  {label:20s} RSS {s[0, 1] / 2**20:.1f} -> {s[-1, 1] / 2**20:.1f} MiB ({len(s)} samples); slope "
-              f"after the first fifth {slope:.1f} bytes/step (halves: {', '.join(f'{x:.1f}' for x in per_half)}; "
-              f"goal <= 24)")
+        p = subprocess.run([sys.executable, "-c", TRAIN, str(log), "0.5", "run", str(script), "--steps", str(steps),
+                            "--quiet", "--store", str(Path(tmp) / "store.sqlite")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        took = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"lrviz run failed: {p.stderr[-2000:]}")
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    load = os.getloadavg()
+    late = [r for r in rows if r["steps"] >= steps / 5]
+    if len(late) < 8:
+        raise SystemExit(f"too few samples after the first fifth ({len(late)}): run more steps")
+    n = np.array([r["steps"] for r in late], np.float64)
+    halves = np.array_split(np.arange(len(late)), 2)
+    print(f"training process (lrviz run of {script.name}, store and live endpoint"
+          f"{f', MALLOC_ARENA_MAX={arena_max}' if arena_max else ''}), {steps:,} steps in {took:.0f} s "
+          f"({steps / took:,.0f} steps/s), load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+          f"{len(rows)} samples, slopes after the first fifth (and over its two halves):")
+    for key, what in TRAIN_PARTS:
+        y = np.array([r[key] for r in late], np.float64)
+        slope = np.polyfit(n, y, 1)[0]
+        per_half = ", ".join(f"{np.polyfit(n[h], y[h], 1)[0]:.1f}" for h in halves)
+        unit = "per step" if key in ("pyblocks", "events") else "bytes/step"
+        print(f"  {what:36s} {slope:6.2f} {unit:10s} (halves {per_half})   at the end {late[-1][key]:,}"
+              + ("   goal <= 24" if key == "rss" else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", action="store_true", help="measure the training process instead of the app")
-    ap.add_argument("--slope", action="store_true", help="the training process's RSS slope over one run")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--script", type=Path, default=HERE / "one_weight.py",
+                    help="the training script of --train (default: the one-weight model)")
+    ap.add_argument("--arena-max", type=int, default=None, help="--train with MALLOC_ARENA_MAX set to this")
     args = ap.parse_args()
-    if args.slope:
-        slope_side(args.steps or 1_000_000)
-    elif args.train:
-        train_side(args.steps or 1_000_000)
+    if args.train:
+        train_side(args.steps or 1_000_000, args.script, args.arena_max)
     else:
         app_side(args.steps or 10_000_000)
 

@@ -243,9 +243,12 @@ def test_ctrl_c_four_times_quits_a_step_that_never_returns(tmp_path):
 
 @pytest.mark.slow
 def test_headless_commands_load_qt_only_to_draw(tmp_path):
-    """Qt is imported for the plots of --out, after training, and not at all without them."""
+    """Qt is imported for the plots of --out, after training, and not at all without them. One process
+    runs the commands in turn (one torch import, not four), those without --out first: Qt, once
+    imported, would stay imported; each line it prints says whether Qt was imported yet and, at its
+    first import, which runs were training."""
     code = """
-        import sys, threading
+        import json, sys, threading
         from lrviz.cli import main
 
         class Watch:
@@ -256,20 +259,21 @@ def test_headless_commands_load_qt_only_to_draw(tmp_path):
 
         watch = Watch()
         sys.meta_path.insert(0, watch)
-        args = sys.argv[1:]
-        assert main(args) == 0
-        print(getattr(watch, "trainers", None))
+        for args in json.loads(sys.argv[1]):
+            assert main(args) == 0
+            print(getattr(watch, "trainers", None), "PySide6" in sys.modules)
     """
     base = ["run", str(SCRIPTS / "tiny.py"), "--steps", "20", "--quiet", "--store", str(tmp_path / "s")]
-    results = []
-    for argv in (base, [*base, "--out", str(tmp_path / "out")], ["runs", "--store", str(tmp_path / "s")],
-                 ["sweep", str(SCRIPTS / "tiny.py"), "--lrs", "0.1", "--steps", "5", "--quiet", "--store",
-                  str(tmp_path / "s")]):
-        p = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *argv], capture_output=True, text=True,
-                           timeout=300, cwd=ROOT)
-        assert p.returncode == 0, p.stderr
-        results.append(p.stdout.splitlines()[-1])
-    assert results == ["None", "[]", "None", "None"]  # with --out: imported once no run was training
+    commands = [base, ["runs", "--store", str(tmp_path / "s")],
+                ["sweep", str(SCRIPTS / "tiny.py"), "--lrs", "0.1", "--steps", "5", "--quiet", "--store",
+                 str(tmp_path / "s")],
+                [*base, "--out", str(tmp_path / "out")]]
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code), json.dumps(commands)], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    results = [line for line in p.stdout.splitlines() if line.startswith(("None ", "["))]
+    # without --out: never imported; with it: imported once no run was training
+    assert results == ["None False", "None False", "None False", "[] True"], p.stdout
 
 
 # --------------------------------------------------------------------------- paths

@@ -111,17 +111,29 @@ def wait_paused_at(store: Path, run_id: int, step: int) -> None:
     wait_until(f"a pause at step {step}", paused_there)
 
 
+def finish_well(proc: subprocess.Popen) -> str:
+    """Wait for the job to end with status 0; its stderr."""
+    status, err = finish(proc)
+    assert status == 0, err
+    return err
+
+
+def stop_and_finish(proc: subprocess.Popen, capsys: pytest.CaptureFixture, store: Path, run_id: int) -> int:
+    """Steer the job's run to stop and wait for the job to end well; the step the stop landed at."""
+    [stopped] = steer(capsys, run_id, store, "--stop")
+    finish_well(proc)
+    return stopped
+
+
 def lr_then_stop(proc: subprocess.Popen, capsys: pytest.CaptureFixture, store: Path, lr: str) -> tuple[int, int, int]:
     """Steer the job's run to ``lr``, then stop it; wait for the job to end well. The run, and the
     steps the LR and the stop landed at."""
     try:
         run_id = trained(store, proc)
         [at] = steer(capsys, run_id, store, "--lr", lr)
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
+        stopped = stop_and_finish(proc, capsys, store, run_id)
     finally:
         proc.kill()
-    assert status == 0, err
     return run_id, at, stopped
 
 
@@ -157,11 +169,9 @@ def test_steering_lands_at_the_same_step_on_both_ranks(tmp_path, capsys):
         s2, resumed = steer(capsys, run_id, store, "--lr", "0.02", "--resume")
         [saved] = steer(capsys, run_id, store, "--checkpoint")
         [rolled] = steer(capsys, run_id, store, "--rollback")
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
+        stopped = stop_and_finish(proc, capsys, store, run_id)
     finally:
         proc.kill()
-    assert status == 0, err
     assert s1 < paused == once and paused + 1 == s2 == resumed <= saved <= rolled < stopped
     lrs = [float(r["lr"]) for r in read_csv(out / "metrics.csv")]
     assert len(lrs) == stopped
@@ -183,8 +193,7 @@ def test_the_loss_is_the_mean_over_ranks_and_ranks_in_sync_is_false_when_one_ran
     losses.mkdir()
     proc = lrviz_job("run", TINY, "--steps", "60", "--device", "cpu", "--out", str(out), "--quiet", store=store,
                      PERTURB_RANK="1", PERTURB_STEP="20", LOSSES_DIR=str(losses))
-    status, err = finish(proc)
-    assert status == 0, err
+    finish_well(proc)
     doc = run_json(out)
     assert doc["summary"]["ranks_in_sync"] is False
     assert [e["data"]["kind"] for e in doc["events"] if e["kind"] == "warning"] == ["ranks_out_of_sync"]
@@ -235,15 +244,12 @@ def test_a_distributed_run_replays_identically_a_fork_continues_as_its_parent_an
     store = tmp_path / "store"
     first = lrviz_job("run", TINY, "--steps", "90", "--device", "cpu", "--checkpoint-every", "40", "--quiet",
                       store=store)
-    status, err = finish(first)
-    assert status == 0, err
+    finish_well(first)
     replay = lrviz_job("replay", "1", "--quiet", store=store)
-    status, err = finish(replay)
-    assert status == 0, err
+    err = finish_well(replay)
     assert "replay 2 of run 1: loss trace identical (90 steps)" in err
     fork = lrviz_job("run", TINY, "--fork", "1@40", "--steps", "90", "--device", "cpu", "--quiet", store=store)
-    status, err = finish(fork)
-    assert status == 0, err
+    finish_well(fork)
     with RunStore(store) as s:
         parent, child = s.load_steps(1), s.load_steps(3)
         info = s.get_run(3)
@@ -251,8 +257,7 @@ def test_a_distributed_run_replays_identically_a_fork_continues_as_its_parent_an
     # every rank loaded rank 0's checkpoint (weights, momentum, data position): the same steps follow
     assert child["loss"].tolist() == parent["loss"][40:].tolist()
     resume = lrviz_job("resume", "1", "--steps", "120", "--quiet", store=store)  # from its checkpoint at step 80
-    status, err = finish(resume)
-    assert status == 0, err
+    finish_well(resume)
     with RunStore(store) as s:
         again, info = s.load_steps(1), s.get_run(1)
     assert info.status == "finished" and info.steps == 120 and info.summary["ranks_in_sync"] is True
@@ -287,11 +292,9 @@ def test_a_lightning_ddp_fit_with_the_callback_is_one_run_steered_and_paused_on_
         [paused] = steer(capsys, run_id, store, "--pause")
         wait_paused_at(store, run_id, paused)  # both ranks wait: neither runs ahead into DDP's reduction
         [resumed] = steer(capsys, run_id, store, "--resume")
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
+        stopped = stop_and_finish(proc, capsys, store, run_id)
     finally:
         proc.kill()
-    assert status == 0, err
     info, lrs = stopped_as_one_run(store, run_id, losses, stopped)
     assert info.config["trainer"] == "lightning"
     with RunStore(store) as s:
@@ -354,11 +357,9 @@ def test_momentum_weight_decay_clipping_and_a_schedule_land_at_the_same_step_on_
                 return st.get_run(run_id).steps >= s + 20
 
         wait_until("20 steps of the schedule", far_enough, lambda: proc.poll() is None)
-        [stopped] = steer(capsys, run_id, store, "--stop")
-        status, err = finish(proc)
+        stopped = stop_and_finish(proc, capsys, store, run_id)
     finally:
         proc.kill()
-    assert status == 0, err
     assert m <= w <= c <= s < stopped
     doc = run_json(out)
     assert doc["summary"]["ranks_in_sync"] is True
@@ -389,10 +390,9 @@ def test_the_multi_node_form_with_a_c10d_rendezvous_on_one_node_is_steered_throu
         assert main(["steer", address, "--token", token, "--lr", "0.02"]) == 0
         [at] = [int(m) for m in re.findall(r"from step (\d+)", capsys.readouterr().out)]
         assert main(["steer", address, "--token", token, "--stop"]) == 0
-        status, err = finish(proc)
+        finish_well(proc)
     finally:
         proc.kill()
-    assert status == 0, err
     with RunStore(store) as st:
         [info] = st.list_runs()
         lrs = st.load_steps(info.id)["lr"][:, 0].tolist()
@@ -408,6 +408,5 @@ def test_clipping_accumulation_and_mixed_precision_train_through_ddp_on_every_ra
     store, out = tmp_path / "store", tmp_path / "out"
     proc = lrviz_job("run", TINY, "--steps", "30", "--device", "cpu", *settings, "--out", str(out), "--quiet",
                      store=store)
-    status, err = finish(proc)
-    assert status == 0, err
+    finish_well(proc)
     assert run_json(out)["summary"]["ranks_in_sync"] is True

@@ -26,8 +26,9 @@ def test_leaves_a_thread():
     threading.Thread(target=STOP.wait, args=(30,), name="lrviz-demo", daemon=True).start()
 
 
-def test_leaves_a_child_process():
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+def test_leaves_a_child_process():  # it lives until this suite's process ends (its stdin closes)
+    subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_leaves_a_running_timer(qtbot):

@@ -86,3 +86,26 @@ def test_readers_and_a_sealer_while_the_writer_appends():
         t.join()
     assert not errors, errors[:3]
     assert np.array_equal(buf.view()["loss"], np.arange(n, dtype=np.float64))
+
+
+def test_the_store_writer_keeps_what_it_stored_compressed(tmp_path):
+    """What bounds the training process's history in memory (issue 9: <= 24 bytes a retained step):
+    each flush of its store writer seals the stored chunks, all but the two newest (the one being
+    written and the last full one), and the sealed history reads back as written."""
+    from types import SimpleNamespace
+
+    from lrviz.store.runs import RunStore
+    from lrviz.store.writer import StoreWriter
+
+    buf = StepBuffer()
+    cols = fill(buf, 24 * CHUNK_ROWS + 100)
+    raw_chunk = buf.nbytes // len(buf._chunks)
+    run = SimpleNamespace(buffer=buf, events=[], validation=[], state="running")
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        run_id = store.create_run(script_path="/x/s.py", script_hash="h", config={}, device="cpu")
+        StoreWriter(store, run_id, run).flush()
+        assert buf.nbytes - 2 * raw_chunk < 24 * len(buf)  # the sealed history, without the two raw chunks
+        stored = store.load_steps(run_id)
+    view = buf.view()
+    for name, want in cols.items():
+        assert np.array_equal(view[name], want) and np.array_equal(stored[name], want), name

@@ -161,15 +161,13 @@ def test_a_run_that_ended_before_the_app_attached_shows_its_own_reason(qtbot, wi
     """Under load the fp16 refusal once ended the run before the window attached: it showed "cannot attach
     to the training process: ... Connection reset by peer". The attach here fails that way on purpose,
     after the run has ended: the run's own reason is shown."""
-    import time
-
     from lrviz.live.child import ChildRun
     from lrviz.live.run import NotLive
 
     def late_connect(self, timeout=5.0):
-        deadline = time.monotonic() + 60
-        while self.worker.ended is None and time.monotonic() < deadline:  # the run ends first
-            time.sleep(0.01)
+        # the run ends first: its worker exits. (Not a wait on worker.ended: this runs in the thread that
+        # reads the worker's messages, so "ended" is read only after this returns.)
+        self.worker.proc.wait(WAIT_MS / 1000)
         raise NotLive("the run did not answer properly: [Errno 104] Connection reset by peer")
 
     monkeypatch.setattr(ChildRun, "connect", late_connect)
