@@ -35,6 +35,7 @@ import pytest
 from store_events import stored_steps, wait_for_running_steps, wait_until
 
 from lrviz.cli import main
+from lrviz.errors import StoreError
 from lrviz.store.runs import RunStore
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -522,6 +523,37 @@ def test_runs_of_a_store_whose_run_table_is_damaged(store):
     out = run_main(["runs", "--store", str(path)], sub=True)
     msg = assert_one_clean_message(out, 1)
     assert "damaged" in msg and str(path) in msg and "move the file aside" in msg, msg
+
+
+def test_runs_of_a_store_whose_run_row_decodes_as_nulls(store):
+    """The shape behind a flake of the test above: a damaged cell pointer of the runs table's page was
+    followed to the page's end and the record decoded from whatever memory lies past it, which in some
+    processes reads as a row of NULLs (rowid 104, name NULL: "internal error ... TypeError: 'NoneType'
+    object is not subscriptable"). Made deterministic here: the pointer leads into the page's free space,
+    zeroed, where SQLite decodes an empty record, a row whose NOT NULL columns are all NULL."""
+    path, _ = store
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        number = c.execute("SELECT rootpage FROM sqlite_master WHERE name='runs'").fetchone()[0]
+        size = c.execute("PRAGMA page_size").fetchone()[0]
+    page = (number - 1) * size
+    start = page + (100 if number == 1 else 0)  # a leaf page: flag, ..., cell count, content start, pointers
+    with path.open("r+b") as f:
+        f.seek(start)
+        head = f.read(8)
+        assert head[0] == 0x0D and int.from_bytes(head[3:5], "big") == 1, "not a leaf page of one row"
+        free_from, free_to = start - page + 8 + 2, int.from_bytes(head[5:7], "big")  # offsets in the page
+        assert free_to - free_from > 16, (free_from, free_to)
+        f.seek(page + free_from)
+        f.write(b"\0" * (free_to - free_from))
+        f.seek(start + 8)
+        f.write(((free_from + free_to) // 2).to_bytes(2, "big"))
+    out = run_main(["runs", "--store", str(path)], sub=True)
+    msg = assert_one_clean_message(out, 1)
+    assert "damaged" in msg and str(path) in msg and "move the file aside" in msg, msg
+    with pytest.raises(StoreError, match="move the file aside") as caught:
+        with RunStore(path) as s:
+            s.list_runs()
+    assert caught.value.kind == "damaged"
 
 
 def test_runs_lists_a_store_with_one_damaged_run(store, capsys, tmp_path):

@@ -158,9 +158,16 @@ class Interrupts:
     Qt's import for the plots ("Fatal Python error"), and lose the outputs. ``FORCE_AFTER`` further
     presses quit at once, for a step that never returns; the run is then shown as interrupted, as after
     a crash. Notes are written with ``os.write``: a handler must not re-enter a buffered stream.
+
+    While the command waits for its training thread it must :meth:`wait` (never block untimed): Python
+    runs the handler in the main thread only, and a press whose C-level handler ran on another thread
+    (the kernel may deliver SIGINT to any thread) or in the main thread just before it blocked in a lock
+    would otherwise stay pending until the wait ends, which for a step that never returns is never.
     """
 
     FORCE_AFTER = 3
+    #: Seconds between two looks at a pending Ctrl+C while waiting (a wake-up costs a few µs).
+    POLL = 0.1
 
     def __init__(self) -> None:
         self.requested = False
@@ -194,6 +201,13 @@ class Interrupts:
             yield
         finally:
             self._stop = None
+
+    @classmethod
+    def wait(cls, finished: Callable[[float], bool]) -> None:
+        """Wait until ``finished(timeout)`` (a timed join that returns whether it is over) says True,
+        acting on any Ctrl+C within :attr:`POLL` seconds."""
+        while not finished(cls.POLL):
+            pass
 
     @staticmethod
     def _note(text: str) -> None:
@@ -235,12 +249,11 @@ def train_headless(engine: Any, quiet: bool) -> str:
         if intr is not None:
             with intr.stoppable(engine.stop):  # before the start: a press in between still stops the run
                 engine.start()
-                engine.join()
+                Interrupts.wait(engine.join)
         else:  # called outside main(): the default handler raises KeyboardInterrupt
             engine.start()
             try:
-                while not engine.join(0.2):
-                    pass
+                Interrupts.wait(engine.join)
             except KeyboardInterrupt:
                 print("stopping (Ctrl+C)...", file=sys.stderr)
                 engine.stop()

@@ -337,7 +337,15 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
     1 when the script or a setting is wrong (raised as LrvizError for the caller to print);
     130 when interrupted with Ctrl+C (the rows so far are printed and written).
     """
-    from ..cli.common import Progress, check_out_dir, config_from_args, interrupts, load_script, open_store
+    from ..cli.common import (
+        Interrupts,
+        Progress,
+        check_out_dir,
+        config_from_args,
+        interrupts,
+        load_script,
+        open_store,
+    )
 
     exp = load_script(args.script)
     lrs = parse_lrs(args.lrs)
@@ -394,6 +402,10 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
         if current[0] is not None:
             current[0].stop()
 
+    def finished(timeout: float) -> bool:
+        thread.join(timeout)
+        return not thread.is_alive()
+
     interrupted = False
     intr = interrupts()
     thread = threading.Thread(target=work, name="lrviz-sweep", daemon=True)
@@ -401,13 +413,12 @@ def command(args: argparse.Namespace, plot: Callable[..., None] | None = None) -
         if intr is not None:  # Ctrl+C stops the current run and the sweep; more presses are absorbed
             with intr.stoppable(stop_all):
                 thread.start()
-                thread.join()
+                Interrupts.wait(finished)
             interrupted = intr.requested
         else:
             thread.start()
             try:
-                while thread.is_alive():
-                    thread.join(0.2)
+                Interrupts.wait(finished)
             except KeyboardInterrupt:
                 interrupted = True
                 print("stopping the sweep (Ctrl+C)...", file=sys.stderr)

@@ -21,10 +21,12 @@ says this version can still read it, and is refused otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -255,6 +257,10 @@ class RunStore:
     def _connect(uri: str) -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
+        # SQLite then checks a page's cell offsets and sizes as it reads the page: without it, a damaged cell
+        # pointer is followed to the page's end and the record decoded from whatever memory lies past it (a
+        # different answer in each process: "malformed", or a row of NULLs)
+        conn.execute("PRAGMA cell_size_check=ON")
         return conn
 
     def _open_read_only(self, why: StoreError) -> None:
@@ -336,7 +342,7 @@ class RunStore:
         it (the newer steps only added things), refused otherwise."""
         with self._op("reading the schema of a newer store") as conn:
             try:
-                row = conn.execute("SELECT value FROM meta WHERE key='readable_from'").fetchone()
+                row = _read(conn, "SELECT value FROM meta WHERE key='readable_from'", one=True)
                 readable_from = int(row[0]) if row is not None else version
             except (sqlite3.OperationalError, ValueError):  # no meta table, or a damaged value
                 readable_from = version
@@ -504,7 +510,7 @@ class RunStore:
         return StoreError(f"no run '{ref}' in {self.path}; `lrviz runs` lists them")
 
     def _check_run(self, conn: sqlite3.Connection, run_id: int) -> None:
-        if conn.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is None:
+        if _read(conn, "SELECT 1 FROM runs WHERE id=?", (run_id,), one=True) is None:
             raise self._unknown(run_id)
 
     # ------------------------------------------------------------------ runs
@@ -514,10 +520,10 @@ class RunStore:
         60 s, as 'interrupted'; the ids marked. Done on open; a long-lived reader may repeat it."""
         now = time.time()
         with self._op("checking for interrupted runs") as conn:
-            rows = conn.execute(
-                "SELECT id, pid, COALESCE(heartbeat_at, started_at, created_at) FROM runs "
+            rows = _read(
+                conn, "SELECT id, pid, COALESCE(heartbeat_at, started_at, created_at) FROM runs "
                 "WHERE status IN ('running', 'paused')"
-            ).fetchall()
+            )
         dead = [
             (run_id, seen)
             for run_id, pid, seen in rows
@@ -594,7 +600,7 @@ class RunStore:
         run_id = _run_id(run_id)
         now = time.time()
         with self._write("setting a run's status") as conn:
-            row = conn.execute("SELECT summary FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = _read(conn, "SELECT summary FROM runs WHERE id=?", (run_id,), one=True)
             if row is None:
                 raise self._unknown(run_id)
             sets = ["status=?", "heartbeat_at=?"]
@@ -641,7 +647,7 @@ class RunStore:
     def list_runs(self) -> list[RunInfo]:
         """Every run, newest first."""
         with self._op("listing runs") as conn:
-            rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC, id DESC").fetchall()
+            rows = _read(conn, "SELECT * FROM runs ORDER BY created_at DESC, id DESC")
         out = []
         for row in rows:
             try:
@@ -656,7 +662,7 @@ class RunStore:
         an id; ``"#12"`` too)."""
         with self._op("reading a run") as conn:
             if isinstance(ref, str):
-                rows = conn.execute("SELECT * FROM runs WHERE name=? ORDER BY id", (ref,)).fetchall()
+                rows = _read(conn, "SELECT * FROM runs WHERE name=? ORDER BY id", (ref,))
                 if len(rows) > 1:
                     ids = ", ".join(str(r["id"]) for r in rows)
                     raise StoreError(
@@ -670,7 +676,7 @@ class RunStore:
                 run_id = int(text)
             else:
                 run_id = _run_id(ref)
-            row = conn.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = _read(conn, "SELECT * FROM runs WHERE id=?", (run_id,), one=True)
         if row is None:
             raise self._unknown(ref)
         return self._info(row)
@@ -749,7 +755,7 @@ class RunStore:
         """Whether SQLite's full integrity check finds nothing wrong."""
         try:
             with self._op("checking integrity") as conn:
-                rows = conn.execute("PRAGMA integrity_check").fetchall()
+                rows = _read(conn, "PRAGMA integrity_check")
         except StoreError as exc:
             log.warning("%s", exc)
             return False
@@ -799,15 +805,15 @@ class RunStore:
 
         with self._write("storing steps") as conn:
             self._check_run(conn, run_id)
-            prev = conn.execute(
-                "SELECT start_step, stop_step FROM chunks WHERE run_id=? AND start_step<? "
+            prev = _read(
+                conn, "SELECT start_step, stop_step FROM chunks WHERE run_id=? AND start_step<? "
                 "ORDER BY start_step DESC LIMIT 1",
-                (run_id, start),
-            ).fetchone()
-            nxt = conn.execute(
-                "SELECT start_step FROM chunks WHERE run_id=? AND start_step>? AND start_step<? LIMIT 1",
-                (run_id, start, stop),
-            ).fetchone()
+                (run_id, start), one=True,
+            )
+            nxt = _read(
+                conn, "SELECT start_step FROM chunks WHERE run_id=? AND start_step>? AND start_step<? LIMIT 1",
+                (run_id, start, stop), one=True,
+            )
             if (prev and prev[1] > start) or nxt:
                 other = f"{prev[0]}..{prev[1] - 1}" if prev and prev[1] > start else f"{nxt[0]}.."
                 raise StoreError(
@@ -822,7 +828,7 @@ class RunStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, start, stop, n, loss_min, loss_last, header, blob),
             )
-            last = conn.execute("SELECT MAX(start_step) FROM chunks WHERE run_id=?", (run_id,)).fetchone()[0]
+            last = _first(conn, "SELECT MAX(start_step) FROM chunks WHERE run_id=?", (run_id,))
             if replaced or last != start:  # rare: recompute the run's figures from all chunks
                 conn.execute(_RECOUNT_RUN, {"r": run_id})
             else:
@@ -840,9 +846,10 @@ class RunStore:
         k = int(from_step)
         with self.batch(), self._write("truncating the run") as conn:
             self._check_run(conn, run_id)
-            straddle = conn.execute(
-                "SELECT start_step FROM chunks WHERE run_id=? AND start_step<? AND stop_step>?", (run_id, k, k)
-            ).fetchone()
+            straddle = _read(
+                conn, "SELECT start_step FROM chunks WHERE run_id=? AND start_step<? AND stop_step>?", (run_id, k, k),
+                one=True,
+            )
             part = None if straddle is None else self.load_steps(run_id, straddle[0], k)
             conn.execute("DELETE FROM chunks WHERE run_id=? AND start_step>=?", (run_id, k))
             if straddle is not None:
@@ -869,20 +876,21 @@ class RunStore:
             if stop is not None and int(stop) <= start:
                 rows = []
             else:
-                first = conn.execute(
-                    "SELECT MAX(start_step) FROM chunks WHERE run_id=? AND start_step<=?", (run_id, start)
-                ).fetchone()[0]
+                first = _first(
+                    conn, "SELECT MAX(start_step) FROM chunks WHERE run_id=? AND start_step<=?", (run_id, start)
+                )
                 sql = "SELECT start_step, stop_step, n, header, data FROM chunks WHERE run_id=? AND start_step>=?"
                 args: tuple = (run_id, start if first is None else first)
                 if stop is not None:
                     sql += " AND start_step<?"
                     args += (int(stop),)
-                rows = [r for r in conn.execute(sql + " ORDER BY start_step", args).fetchall()
+                rows = [r for r in _read(conn, sql + " ORDER BY start_step", args)
                         if r["stop_step"] > start]
             if not rows:
-                any_chunk = conn.execute(
-                    "SELECT header FROM chunks WHERE run_id=? ORDER BY start_step DESC LIMIT 1", (run_id,)
-                ).fetchone()
+                any_chunk = _read(
+                    conn, "SELECT header FROM chunks WHERE run_id=? ORDER BY start_step DESC LIMIT 1", (run_id,),
+                    one=True,
+                )
         if not rows:
             return self._empty(None if any_chunk is None else json.loads(any_chunk[0]), wanted)
 
@@ -985,9 +993,9 @@ class RunStore:
         run_id = _run_id(run_id)
         with self._op("reading events") as conn:
             self._check_run(conn, run_id)
-            rows = conn.execute(
-                "SELECT step, kind, data, time FROM events WHERE run_id=? ORDER BY step, id", (run_id,)
-            ).fetchall()
+            rows = _read(
+                conn, "SELECT step, kind, data, time FROM events WHERE run_id=? ORDER BY step, id", (run_id,)
+            )
         return [Event(step=s, kind=k, data=loads(d, f"an event of run {run_id} in {self.path}"), time=t)
                 for s, k, d, t in rows]
 
@@ -996,10 +1004,10 @@ class RunStore:
         run_id = _run_id(run_id)
         with self._op("reading validation points") as conn:
             self._check_run(conn, run_id)
-            rows = conn.execute(
-                "SELECT step, epoch, loss, accuracy, time FROM validation WHERE run_id=? ORDER BY step, id",
+            rows = _read(
+                conn, "SELECT step, epoch, loss, accuracy, time FROM validation WHERE run_id=? ORDER BY step, id",
                 (run_id,),
-            ).fetchall()
+            )
         return [
             ValPoint(step=s, epoch=e, loss=math.nan if loss is None else loss, accuracy=acc, time=t)
             for s, e, loss, acc, t in rows
@@ -1026,15 +1034,16 @@ class RunStore:
         if not len(cols["step"]):
             return
         with self._write("storing scalars") as conn:
-            row = conn.execute("SELECT COALESCE(started_at, created_at) FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = _read(conn, "SELECT COALESCE(started_at, created_at) AS created_at FROM runs WHERE id=?",
+                        (run_id,), one=True)
             if row is None:
                 raise self._unknown(run_id)
             if times is None:
                 cols["time"][:] = time.time() - row[0]
-            last = conn.execute(
-                "SELECT id, last_step, n, header, data FROM scalars WHERE run_id=? AND name=? ORDER BY id DESC LIMIT 1",
-                (run_id, name),
-            ).fetchone()
+            last = _read(
+                conn, "SELECT id, last_step, n, header, data FROM scalars WHERE run_id=? AND name=? ORDER BY id DESC LIMIT 1",
+                (run_id, name), one=True,
+            )
             into = None
             if (last is not None and last["n"] < SCALAR_CHUNK
                     and int(cols["step"].min()) >= last["last_step"]):  # extend the last chunk, in place
@@ -1082,9 +1091,9 @@ class RunStore:
 
     def _truncate_scalars(self, conn: sqlite3.Connection, run_id: int, k: int) -> None:
         """Forget the scalar points of a run from step ``k`` on."""
-        rows = conn.execute(
-            "SELECT id, name, first_step, header, data FROM scalars WHERE run_id=? AND last_step>=?", (run_id, k)
-        ).fetchall()
+        rows = _read(
+            conn, "SELECT id, name, first_step, header, data FROM scalars WHERE run_id=? AND last_step>=?", (run_id, k)
+        )
         for row in rows:
             if row["first_step"] < k:
                 cols = unpack(row["header"], row["data"], self._scalars_what(run_id, row["name"]))
@@ -1110,7 +1119,7 @@ class RunStore:
             args += wanted
         with self._op("reading scalars") as conn:
             self._check_run(conn, run_id)
-            rows = conn.execute(sql + " ORDER BY name, id", args).fetchall()
+            rows = _read(conn, sql + " ORDER BY name, id", args)
         parts: dict[str, list[dict[str, np.ndarray]]] = {}
         for row in rows:
             parts.setdefault(row["name"], []).append(
@@ -1129,14 +1138,57 @@ class RunStore:
         run_id = _run_id(run_id)
         with self._op("reading scalar names") as conn:
             self._check_run(conn, run_id)
-            return [r[0] for r in conn.execute(
-                "SELECT DISTINCT name FROM scalars WHERE run_id=? ORDER BY name", (run_id,)).fetchall()]
+            return [r[0] for r in _read(
+                conn, "SELECT DISTINCT name FROM scalars WHERE run_id=? ORDER BY name", (run_id,))]
 
 
-def _first(conn: sqlite3.Connection, sql: str) -> Any:
+def _read(conn: sqlite3.Connection, sql: str, args: Any = (), *, one: bool = False) -> Any:
+    """The rows ``sql`` answers (with ``one``: the first, or None): every read of the store goes through
+    here. SQLite never stores NULL in a NOT NULL column, so a row with one there (a damaged page decoded
+    as a record of NULLs) means a damaged file: an sqlite3 error that :meth:`RunStore._op` turns into the
+    damaged message, never a TypeError further on."""
+    cur = conn.execute(sql, args)
+    rows = cur.fetchmany(1) if one else cur.fetchall()
+    match = _FROM.search(sql)
+    required = _not_null().get(match.group(1).lower(), frozenset()) if match else frozenset()
+    names = [d[0].lower() for d in cur.description or ()]
+    checked = [i for i, name in enumerate(names) if name in required]
+    for row in rows:
+        for i in checked:
+            if row[i] is None:
+                raise sqlite3.DatabaseError(
+                    f"database disk image is malformed (NULL in the NOT NULL column {names[i]} of {match.group(1)})")
+    if one:
+        return rows[0] if rows else None
+    return rows
+
+
+def _first(conn: sqlite3.Connection, sql: str, args: Any = ()) -> Any:
     """The first value of the one row ``sql`` answers. No row where SQLite always gives one (a pragma, a
-    count) means a damaged file: an sqlite3 error that :meth:`RunStore._op` turns into the damaged message."""
-    row = conn.execute(sql).fetchone()
+    count, an aggregate) means a damaged file, raised as by :func:`_read`."""
+    row = _read(conn, sql, args, one=True)
     if row is None:
         raise sqlite3.DatabaseError(f"database disk image is malformed ({sql!r} answered no row)")
     return row[0]
+
+
+#: The table a query reads (every query of the store reads one).
+_FROM = re.compile(r"\bFROM\s+(\w+)", re.IGNORECASE)
+
+
+@functools.cache
+def _not_null() -> dict[str, frozenset[str]]:
+    """The columns of each table that can never be NULL: declared NOT NULL or the primary key in the
+    schema (read from an empty store made in memory by the migrations), and ``chunks.stop_step``,
+    which its trigger always fills."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for step in MIGRATIONS:
+            RunStore._apply(conn, step)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        out = {t.lower(): frozenset(c[1].lower() for c in conn.execute(f"PRAGMA table_info({t})") if c[3] or c[5])
+               for t in tables}
+    finally:
+        conn.close()
+    out["chunks"] |= {"stop_step"}
+    return out
