@@ -800,22 +800,30 @@ class TrainingEngine(EngineCommands, Recorded):
                     loss = self._loss_of(model, batch)
                 if first and not taken:
                     self._check_loss(loss)
-                upd.backward(loss)
+                # The next micro-batch is drawn before this backward (no random numbers are drawn in
+                # between, so the order is the same), so that under DDP only the update's last backward
+                # reduces the gradients across ranks: the others accumulate locally (no_sync), as
+                # Lightning and Hugging Face accumulate.
+                following = None
+                if taken + 1 < n:
+                    try:
+                        following = next(it)
+                    except StopIteration:
+                        ran_out = True
+                    except Exception as exc:
+                        raise error_from_exception(
+                            exc, exp.path, f"iterating the training data (epoch {self.epoch + 1})") from exc
+                local = following is not None and model is not self.model and hasattr(model, "no_sync")
+                with model.no_sync() if local else contextlib.nullcontext():
+                    upd.backward(loss)
                 lv = loss.detach()
                 if lv.dtype in _HALF:
                     lv = lv.float()
                 total = lv if total is None else total + lv
                 taken += 1
-                if taken == n:
+                if following is None:
                     break
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    ran_out = True
-                    break
-                except Exception as exc:
-                    raise error_from_exception(
-                        exc, exp.path, f"iterating the training data (epoch {self.epoch + 1})") from exc
+                batch = following
                 if self.device is not None and self.device.type != "cpu":
                     batch = to_device(batch, self.device)
             gn2 = upd.finish(gnorm, taken)

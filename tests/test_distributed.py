@@ -289,6 +289,36 @@ def test_a_run_on_one_rank_records_what_a_run_in_one_process_records(one_rank, t
     assert "one process" in str(fut.exception(0))
 
 
+def test_accumulation_under_ddp_reduces_once_per_update_and_records_what_one_process_records(
+        one_rank, tmp_path, one_thread, monkeypatch):
+    """With accumulate N, every micro-batch's backward but an update's last runs under DDP's no_sync
+    (the gradients are all-reduced once per update, not N times), including an update cut short
+    where the epoch's batches run out; the record equals the same run in one process."""
+    entered = []
+    real = torch.nn.parallel.DistributedDataParallel.no_sync
+
+    def counting(self):
+        entered.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.nn.parallel.DistributedDataParallel, "no_sync", counting)
+    script = tmp_path / "seq.py"
+    script.write_text(SEQUENTIAL)
+    exp = load_experiment(script)
+    # 12 batches an epoch: updates of 5, 5 and 2 micro-batches (the last cut short), over 2 epochs
+    cfg = RunConfig(lr=0.05, optimizer="sgd", momentum=0.9, steps=6, seed=3, device="cpu", accumulate=5)
+    alone = TrainingEngine(exp, cfg)
+    assert alone.run() == "finished"
+    assert entered == []
+    ranked = TrainingEngine(exp, cfg, distributed=_dist(one_rank))
+    assert ranked.run() == "finished"
+    assert len(entered) == 2 * (4 + 4 + 1)
+    a, b = alone.buffer.view(), ranked.buffer.view()
+    for col in ("loss", "grad_norm", "lr", "epoch"):
+        assert np.array_equal(a[col], b[col]), col
+    assert ranked.summary()["ranks_in_sync"] is True
+
+
 # ---- faults told across ranks ---------------------------------------------------------------------------
 def test_a_ranks_own_failure_is_reported_and_a_peers_failure_is_told_with_its_message(one_rank):
     dist = _dist(one_rank)
