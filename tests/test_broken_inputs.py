@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -46,6 +47,10 @@ STEPS = ("--steps", "6")
 # --------------------------------------------------------------------------- the shared helper
 
 
+#: A line of ``lrviz run``'s progress (lrviz.cli.common.Progress.line).
+PROGRESS_LINE = re.compile(r"step \d+(/\d+ \(\d+%\))?(  |$)")
+
+
 @dataclass
 class Outcome:
     status: int
@@ -55,7 +60,10 @@ class Outcome:
 
     @property
     def lines(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.strip()]
+        """The messages on stderr: every non-blank line but the progress lines, which ``lrviz run``
+        prints every PROGRESS_EVERY seconds while it trains (a loaded machine takes that long to
+        reach the broken part of a script)."""
+        return [ln for ln in self.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
 
     @property
     def message(self) -> str:
