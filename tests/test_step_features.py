@@ -15,6 +15,7 @@ import torch
 from stored_runs import run_and_fork
 
 import lrviz.update
+from lrviz.checkpoint import load as load_checkpoint
 from lrviz.cli import main
 from lrviz.config import RunConfig
 from lrviz.engine import Origin, TrainingEngine
@@ -24,6 +25,7 @@ from lrviz.interventions import Intervention, parse_at
 from lrviz.lab.rangetest import find_lr, range_test
 from lrviz.lab.sweep import run_sweep
 from lrviz.live.serve import serving
+from lrviz.staging import GradNorm
 from lrviz.store.runs import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -253,29 +255,61 @@ def test_fork_with_accumulation_continues_bit_exactly(tiny, tmp_path, settings):
 
 
 def test_resume_with_accumulation_and_a_steered_clip_equals_an_uninterrupted_run(tiny, tmp_path):
-    """The clipping threshold set at step 15 is in the checkpoint: the resumed run clips with it."""
+    """The clipping threshold set at step 15 is in the checkpoint: the resumed run clips with it, and its
+    losses equal the uninterrupted run's to the bit wherever the pause lands: at every place in the
+    accumulation window (an update takes 3 of an epoch's 32 batches, its last update 2) and at the epoch
+    boundaries after steps 22 and 33. A pause asked in the middle of an update's micro-batches waits for
+    the update's end: the loop looks at commands only between steps, so these are all the places.
+
+    Before the fix, the first step after a resume measured the gradient norm with another summation
+    (before the gradients were bound into one flat buffer): the clipping coefficient differed in its last
+    bits and the losses after most of these pauses drifted from the uninterrupted run's."""
     steer = [Intervention(15, "set_clip", {"clip_grad_norm": 0.2})]
     cfg = RunConfig(lr=0.05, momentum=0.9, steps=90, seed=8, accumulate=3)
     ref = TrainingEngine(tiny, cfg, interventions=steer)
     ref.run()
+    drifted = []
+    for pause_at in range(16, 35):
+        with RunStore(tmp_path / str(pause_at)) as store:
+            eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 1000}), store, interventions=steer)
+            eng.control.step_budget = pause_at  # pauses before step `pause_at`, as a step-once budget does
+            eng.start()
+            while eng.state != "paused":
+                eng.join(0.001)
+            eng.stop()
+            eng.join(10)
+            ck = next(c for c in eng.checkpoints if c.reason == "pause")
+            assert ck.step == pause_at
+            res = TrainingEngine(tiny, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
+            assert res.run() == "finished"
+            assert res.clip_grad_norm == 0.2
+            steps = store.load_steps(eng.run_id)
+            if steps["loss"].tobytes() != col(ref, "loss").tobytes():
+                drifted.append(pause_at)
+            assert res.summary()["clipped_steps"] == ref.summary()["clipped_steps"] > 0
+    assert drifted == []
+
+
+def test_a_resume_measures_the_gradient_norm_as_its_parent_did(tiny, tmp_path):
+    """The recorded gradient norms of a resumed run equal the uninterrupted run's to the bit, for a
+    plain step too (the first step after the resume once summed them in another order); and a run whose
+    gradients were never bound into one buffer tells its checkpoint so, and the resume does not bind them."""
+    cfg = RunConfig(lr=0.05, steps=40, seed=3)
+    ref = TrainingEngine(tiny, cfg)
+    ref.run()
     with RunStore(tmp_path) as store:
-        eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 1000}), store, interventions=steer)
-        eng.start()
-        while eng.step < 40:
-            eng.join(0.001)
-        eng.pause()  # a checkpoint is saved at every pause
-        while eng.state != "paused":
-            eng.join(0.001)
-        eng.stop()
-        eng.join(10)
-        ck = next(c for c in eng.checkpoints if c.reason == "pause")
-        assert ck.step > 15
+        eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 20}), store)
+        assert eng.run() == "finished"
+        ck = next(c for c in eng.checkpoints if c.step == 20)
+        assert load_checkpoint(ck.path)["flat_grads"] is True
         res = TrainingEngine(tiny, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
         assert res.run() == "finished"
-        assert res.clip_grad_norm == 0.2
-        steps = store.load_steps(eng.run_id)
-        assert steps["loss"].tobytes() == col(ref, "loss").tobytes()
-        assert res.summary()["clipped_steps"] == ref.summary()["clipped_steps"] > 0
+        assert store.load_steps(eng.run_id)["grad_norm"].tobytes() == col(ref, "grad_norm").tobytes()
+    unbound = GradNorm(list(ref.model.parameters()), bind=False)
+    for p in ref.model.parameters():
+        p.grad = torch.ones_like(p)
+    assert float(unbound.squared()) == sum(p.numel() for p in ref.model.parameters())
+    assert unbound.flat is None
 
 
 # ---- clipping ------------------------------------------------------------------------------------------
