@@ -254,6 +254,28 @@ def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweep
     assert panel.runs[1].curve.opts["pen"].widthF() > panel.runs[0].curve.opts["pen"].widthF()
 
 
+def test_a_member_that_cannot_start_ends_the_sweep_with_its_reason(qtbot, host, monkeypatch):
+    """The worker of the second member cannot be started (e.g. too many open files): the sweep ends
+    there with the reason shown and the first member's row kept; Run sweep is offered again."""
+    start_run = host.start_run
+    calls = []
+
+    def start_member(spec, *, show=True):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise OSError(24, "Too many open files")
+        return start_run(spec, show=show)
+
+    monkeypatch.setattr(host, "start_run", start_member)
+    panel = start_sweep(qtbot, host, "0.01,0.02,0.03", 60)
+    qtbot.waitUntil(lambda: not panel.busy(), timeout=WAIT)
+    assert len(calls) == 2  # no third member after the failure
+    assert "the sweep stopped" in panel.errors.text() and "Too many open files" in panel.errors.text()
+    assert [r[1] for r in panel.table_rows()] == ["finished"]
+    assert "1 of 3 runs done" in panel.progress_label.text()
+    assert panel.run_button.isEnabled() and not panel.stop_button.isEnabled()
+
+
 def test_sweep_stop_stops_the_member_training_and_starts_no_other(qtbot, host):
     panel = start_sweep(qtbot, host, "0.01,0.02,0.03", 1_000_000)
     member = panel._current.run
