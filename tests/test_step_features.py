@@ -292,17 +292,23 @@ def test_resume_with_accumulation_and_a_steered_clip_equals_an_uninterrupted_run
 def test_a_resume_measures_the_gradient_norm_as_its_parent_did(tiny, tmp_path):
     """The recorded gradient norms of a resumed run equal the uninterrupted run's to the bit, for a
     plain step too (the first step after the resume once summed them in another order)."""
-    cfg = RunConfig(lr=0.05, steps=40, seed=3)
-    ref = TrainingEngine(tiny, cfg)
-    ref.run()
-    with RunStore(tmp_path) as store:
-        eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 20}), store)
+    ref, flat_grads, steps = resumed_from_step(tiny, RunConfig(lr=0.05, steps=40, seed=3), 20, tmp_path)
+    assert flat_grads is True
+    assert steps["grad_norm"].tobytes() == col(ref, "grad_norm").tobytes()
+
+
+def resumed_from_step(exp, cfg: RunConfig, at: int, tmp_path: Path) -> tuple[TrainingEngine, bool, dict]:
+    """An uninterrupted run of ``cfg``; the same run stored, with a checkpoint at step ``at``, resumed
+    from it: the uninterrupted engine, the checkpoint's ``flat_grads`` and the stored steps after the resume."""
+    ref = TrainingEngine(exp, cfg)
+    assert ref.run() == "finished"
+    with RunStore(tmp_path / "store") as store:
+        eng = TrainingEngine(exp, cfg.merged({"checkpoint_every": at}), store)
         assert eng.run() == "finished"
-        ck = next(c for c in eng.checkpoints if c.step == 20)
-        assert load_checkpoint(ck.path)["flat_grads"] is True
-        res = TrainingEngine(tiny, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
+        ck = next(c for c in eng.checkpoints if c.step == at)
+        res = TrainingEngine(exp, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
         assert res.run() == "finished"
-        assert store.load_steps(eng.run_id)["grad_norm"].tobytes() == col(ref, "grad_norm").tobytes()
+        return ref, load_checkpoint(ck.path)["flat_grads"], store.load_steps(eng.run_id)
 
 
 PART_TIME = """
@@ -339,18 +345,10 @@ def test_a_resume_of_a_run_whose_gradients_were_never_bound_leaves_them_unbound(
     them (bound, b would get a zero gradient there and momentum would move it): the checkpoint says so."""
     script = tmp_path / "part_time.py"
     script.write_text(PART_TIME)
-    exp = load_experiment(script)
-    cfg = RunConfig(lr=0.05, momentum=0.9, steps=20, seed=1)
-    ref = TrainingEngine(exp, cfg)
-    assert ref.run() == "finished"
-    with RunStore(tmp_path / "store") as store:
-        eng = TrainingEngine(exp, cfg.merged({"checkpoint_every": 5}), store)
-        assert eng.run() == "finished"
-        ck = next(c for c in eng.checkpoints if c.step == 5)
-        assert load_checkpoint(ck.path)["flat_grads"] is False
-        res = TrainingEngine(exp, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
-        assert res.run() == "finished"
-        assert store.load_steps(eng.run_id)["loss"].tobytes() == col(ref, "loss").tobytes()
+    ref, flat_grads, steps = resumed_from_step(load_experiment(script), RunConfig(lr=0.05, momentum=0.9, steps=20,
+                                                                                   seed=1), 5, tmp_path)
+    assert flat_grads is False
+    assert steps["loss"].tobytes() == col(ref, "loss").tobytes()
 
 
 # ---- clipping ------------------------------------------------------------------------------------------
