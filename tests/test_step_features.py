@@ -255,20 +255,20 @@ def test_fork_with_accumulation_continues_bit_exactly(tiny, tmp_path, settings):
 
 def test_resume_with_accumulation_and_a_steered_clip_equals_an_uninterrupted_run(tiny, tmp_path):
     """The clipping threshold set at step 15 is in the checkpoint: the resumed run clips with it, and its
-    losses equal the uninterrupted run's to the bit wherever the pause lands: at every place in the
-    accumulation window (an update takes 3 of an epoch's 32 batches, its last update 2) and at the epoch
-    boundaries after steps 22 and 33. A pause asked in the middle of an update's micro-batches waits for
-    the update's end: the loop looks at commands only between steps, so these are all the places.
+    losses equal the uninterrupted run's to the bit wherever the pause lands: before each of an epoch's
+    11 updates (an update takes 3 of its 32 batches, the last one 2) and after its last. A pause asked
+    in the middle of an update's micro-batches waits for the update's end: the loop looks at commands
+    only between steps, so these are all the places.
 
     Before the fix, the first step after a resume measured the gradient norm with another summation
     (before the gradients were bound into one flat buffer): the clipping coefficient differed in its last
-    bits and the losses after most of these pauses drifted from the uninterrupted run's."""
+    bits and the losses after half of these pauses drifted from the uninterrupted run's."""
     steer = [Intervention(15, "set_clip", {"clip_grad_norm": 0.2})]
     cfg = RunConfig(lr=0.05, momentum=0.9, steps=90, seed=8, accumulate=3)
     ref = TrainingEngine(tiny, cfg, interventions=steer)
     ref.run()
     drifted = []
-    for pause_at in range(16, 35):
+    for pause_at in range(22, 34):  # the third epoch's updates are steps 22..32
         with RunStore(tmp_path / str(pause_at)) as store:
             eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 1000}), store, interventions=steer)
             eng.control.step_budget = pause_at  # pauses before step `pause_at`, as a step-once budget does
