@@ -164,6 +164,7 @@ class TrainingEngine(EngineCommands, Recorded):
         self._watch: StepWatch | None = None
         self._guard_feed: Any = None  # the guard as the loop feeds it (fp16: blind to skipped steps)
         self._gnorm: GradNorm | None = None
+        self._bind_grads = True  # False: continuing a run whose gradients were never bound (GradNorm)
 
     # ---- what watchers read ---------------------------------------------------------------------------
     @property
@@ -391,6 +392,7 @@ class TrainingEngine(EngineCommands, Recorded):
             epoch_rng=self._epoch_rng, epoch_data_rng=self._epoch_data_rng, rng=data["rng"],
             data_now=drng.get("now"), data_gens=self._data_gens)
         self._time_offset = float(data.get("time", 0.0))
+        self._bind_grads = data.get("flat_grads") is not False  # measure the gradients as the parent did
         origin = CheckpointInfo(Path(o.checkpoint), self.step, "origin", None)
         if o.kind == "resume" and self.store is not None:
             buffer, kept, validation, origin.seq = take_over_stored_run(self.store, o, self.step, self.rates.groups)
@@ -454,6 +456,7 @@ class TrainingEngine(EngineCommands, Recorded):
             "clip_grad_norm": self._clip,
             "scaler": self._updater.state_dict() if self._updater is not None else None,
             "step_watch": self._step_watch_state(),
+            "flat_grads": None if self._gnorm is None or not self._gnorm.decided else self._gnorm.flat is not None,
         }
         info = self._ckpts.save(payload, reason, loss, self.events)
         self._event("checkpoint", {"path": str(info.path), "reason": reason,
@@ -641,7 +644,7 @@ class TrainingEngine(EngineCommands, Recorded):
         train = self._train_data
         loss_of = self._loss_of
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-        gnorm = self._gnorm = GradNorm(params)
+        gnorm = self._gnorm = GradNorm(params, bind=self._bind_grads)
         flat = None
         upd = self._updater  # None: a plain step (refreshed wherever a command may change it)
         if self.dist is None:

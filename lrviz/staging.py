@@ -28,14 +28,16 @@ class GradNorm:
 
     After a first ordinary step shows every parameter receives a gradient, the gradients are bound
     as views into one flat buffer (``flat``): zeroing is one kernel and the squared norm one dot
-    product. Otherwise it falls back to a foreach norm over the gradients there are.
+    product, from that first step on. Otherwise it falls back to a foreach norm over the gradients
+    there are. The two sum in another order (they differ in the last bits), so a run continued from a
+    checkpoint measures as its parent did: ``bind=False`` when the parent's gradients were never bound.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[torch.nn.Parameter], *, bind: bool = True):
         self.params = params
         self.flat: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
-        self.decided = False
+        self.decided = not bind
 
     def squared(self) -> torch.Tensor:
         """The squared norm of all gradients (a 0-d tensor on the parameters' device)."""
@@ -45,10 +47,12 @@ class GradNorm:
                 if p.grad is not g:  # the script replaced a gradient: bind it again
                     self._rebind(p, g)
             return torch.dot(flat, flat)
-        grads = [p.grad for p in self.params if p.grad is not None]
         if not self.decided:
             self.decided = True
             self._try_bind()
+            if self.flat is not None:  # the first step sums as every later one (a resume starts with one)
+                return torch.dot(self.flat, self.flat)
+        grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.params[0].device if self.params else None)
         norms = torch._foreach_norm(grads)

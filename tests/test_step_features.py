@@ -15,6 +15,7 @@ import torch
 from stored_runs import run_and_fork
 
 import lrviz.update
+from lrviz.checkpoint import load as load_checkpoint
 from lrviz.cli import main
 from lrviz.config import RunConfig
 from lrviz.engine import Origin, TrainingEngine
@@ -253,29 +254,101 @@ def test_fork_with_accumulation_continues_bit_exactly(tiny, tmp_path, settings):
 
 
 def test_resume_with_accumulation_and_a_steered_clip_equals_an_uninterrupted_run(tiny, tmp_path):
-    """The clipping threshold set at step 15 is in the checkpoint: the resumed run clips with it."""
+    """The clipping threshold set at step 15 is in the checkpoint: the resumed run clips with it, and its
+    losses equal the uninterrupted run's to the bit wherever the pause lands: before each of an epoch's
+    11 updates (an update takes 3 of its 32 batches, the last one 2) and after its last. A pause asked
+    in the middle of an update's micro-batches waits for the update's end: the loop looks at commands
+    only between steps, so these are all the places.
+
+    Before the fix, the first step after a resume measured the gradient norm with another summation
+    (before the gradients were bound into one flat buffer): the clipping coefficient differed in its last
+    bits and the losses after half of these pauses drifted from the uninterrupted run's."""
     steer = [Intervention(15, "set_clip", {"clip_grad_norm": 0.2})]
     cfg = RunConfig(lr=0.05, momentum=0.9, steps=90, seed=8, accumulate=3)
     ref = TrainingEngine(tiny, cfg, interventions=steer)
     ref.run()
-    with RunStore(tmp_path) as store:
-        eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 1000}), store, interventions=steer)
-        eng.start()
-        while eng.step < 40:
-            eng.join(0.001)
-        eng.pause()  # a checkpoint is saved at every pause
-        while eng.state != "paused":
-            eng.join(0.001)
-        eng.stop()
-        eng.join(10)
-        ck = next(c for c in eng.checkpoints if c.reason == "pause")
-        assert ck.step > 15
-        res = TrainingEngine(tiny, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
+    drifted = []
+    for pause_at in range(22, 34):  # the third epoch's updates are steps 22..32
+        with RunStore(tmp_path / str(pause_at)) as store:
+            eng = TrainingEngine(tiny, cfg.merged({"checkpoint_every": 1000}), store, interventions=steer)
+            eng.control.step_budget = pause_at  # pauses before step `pause_at`, as a step-once budget does
+            eng.start()
+            while eng.state != "paused":
+                eng.join(0.001)
+            eng.stop()
+            eng.join(10)
+            ck = next(c for c in eng.checkpoints if c.reason == "pause")
+            assert ck.step == pause_at
+            res = TrainingEngine(tiny, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
+            assert res.run() == "finished"
+            assert res.clip_grad_norm == 0.2
+            steps = store.load_steps(eng.run_id)
+            if steps["loss"].tobytes() != col(ref, "loss").tobytes():
+                drifted.append(pause_at)
+            assert res.summary()["clipped_steps"] == ref.summary()["clipped_steps"] > 0
+    assert drifted == []
+
+
+def test_a_resume_measures_the_gradient_norm_as_its_parent_did(tiny, tmp_path):
+    """The recorded gradient norms of a resumed run equal the uninterrupted run's to the bit, for a
+    plain step too (the first step after the resume once summed them in another order)."""
+    ref, flat_grads, steps = resumed_from_step(tiny, RunConfig(lr=0.05, steps=40, seed=3), 20, tmp_path)
+    assert flat_grads is True
+    assert steps["grad_norm"].tobytes() == col(ref, "grad_norm").tobytes()
+
+
+def resumed_from_step(exp, cfg: RunConfig, at: int, tmp_path: Path) -> tuple[TrainingEngine, bool, dict]:
+    """An uninterrupted run of ``cfg``; the same run stored, with a checkpoint at step ``at``, resumed
+    from it: the uninterrupted engine, the checkpoint's ``flat_grads`` and the stored steps after the resume."""
+    ref = TrainingEngine(exp, cfg)
+    assert ref.run() == "finished"
+    with RunStore(tmp_path / "store") as store:
+        eng = TrainingEngine(exp, cfg.merged({"checkpoint_every": at}), store)
+        assert eng.run() == "finished"
+        ck = next(c for c in eng.checkpoints if c.step == at)
+        res = TrainingEngine(exp, eng.config, store, origin=Origin("resume", eng.run_id, ck.path, ck.step))
         assert res.run() == "finished"
-        assert res.clip_grad_norm == 0.2
-        steps = store.load_steps(eng.run_id)
-        assert steps["loss"].tobytes() == col(ref, "loss").tobytes()
-        assert res.summary()["clipped_steps"] == ref.summary()["clipped_steps"] > 0
+        return ref, load_checkpoint(ck.path)["flat_grads"], store.load_steps(eng.run_id)
+
+
+PART_TIME = """
+import torch
+from torch import nn
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, x):
+        out = self.a(x)
+        if x[0, 3] != 7.0:  # the first batch of every epoch leaves b without a gradient
+            out = out + self.b(x)
+        return out
+
+def build_model():
+    return Model()
+
+def build_data(batch_size=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    x[0, 3] = 7.0
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+
+loss_fn = nn.MSELoss()
+"""
+
+
+def test_a_resume_of_a_run_whose_gradients_were_never_bound_leaves_them_unbound(tmp_path):
+    """A parameter without a gradient at step 0 keeps the run's gradients unbound (the optimizer skips
+    it at each epoch's first step); a resume from step 5, where every parameter has one, must not bind
+    them (bound, b would get a zero gradient there and momentum would move it): the checkpoint says so."""
+    script = tmp_path / "part_time.py"
+    script.write_text(PART_TIME)
+    ref, flat_grads, steps = resumed_from_step(load_experiment(script), RunConfig(lr=0.05, momentum=0.9, steps=20,
+                                                                                   seed=1), 5, tmp_path)
+    assert flat_grads is False
+    assert steps["loss"].tobytes() == col(ref, "loss").tobytes()
 
 
 # ---- clipping ------------------------------------------------------------------------------------------

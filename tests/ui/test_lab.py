@@ -207,13 +207,30 @@ def start_sweep(qtbot, host, rates: str, steps: int):
     return panel
 
 
-def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweeps(qtbot, host):
+def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweeps(qtbot, host, monkeypatch):
+    """Each member starts only once the one before has ended, whatever the ticks: the first trains over
+    many of them; the second (lr 3 diverges in a few steps) is forced to end before the tick after the
+    one that started it, and the sweep still goes on and finishes.
+
+    (The test once waited to see the second member running: a member that lives less than the time
+    between two of the test's looks could start and end unseen on a loaded machine, and the wait ran
+    out although the sweep had finished.)"""
+    ended_before: list[list[bool]] = []  # at each member's start: whether each run started before had ended
+    start_run = host.start_run
+
+    def start_member(spec, *, show=True):
+        ended_before.append([r.done.is_set() for r in host.started])
+        run = start_run(spec, show=show)
+        if len(ended_before) == 2:
+            assert run.done.wait(WAIT / 1000)  # ended before the panel's next tick looks at it
+        return run
+
+    monkeypatch.setattr(host, "start_run", start_member)
     panel = start_sweep(qtbot, host, "0.01,3", 150)
     first = panel._current.run
     assert first is not None and first is not host.run  # a run of the panel's own, not shown
-    qtbot.waitUntil(lambda: panel._current is not None and panel._current.index == 1, timeout=WAIT)
-    assert first.done.is_set()  # one after another
     qtbot.waitUntil(lambda: not panel.busy(), timeout=WAIT)
+    assert ended_before == [[], [True]]  # one after another
     rows = panel.table_rows()
     assert [r[0].lstrip("■ ") for r in rows] == ["0.01", "3"]
     assert rows[0][1] == "finished" and rows[0][7] == "no"
@@ -235,6 +252,28 @@ def test_sweep_members_are_runs_one_after_another_and_their_rows_are_lrviz_sweep
     assert len({r.curve.opts["pen"].color().name() for r in panel.runs}) == 2
     panel.table.selectRow(1)
     assert panel.runs[1].curve.opts["pen"].widthF() > panel.runs[0].curve.opts["pen"].widthF()
+
+
+def test_a_member_that_cannot_start_ends_the_sweep_with_its_reason(qtbot, host, monkeypatch):
+    """The worker of the second member cannot be started (e.g. too many open files): the sweep ends
+    there with the reason shown and the first member's row kept; Run sweep is offered again."""
+    start_run = host.start_run
+    calls = []
+
+    def start_member(spec, *, show=True):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise OSError(24, "Too many open files")
+        return start_run(spec, show=show)
+
+    monkeypatch.setattr(host, "start_run", start_member)
+    panel = start_sweep(qtbot, host, "0.01,0.02,0.03", 60)
+    qtbot.waitUntil(lambda: not panel.busy(), timeout=WAIT)
+    assert len(calls) == 2  # no third member after the failure
+    assert "the sweep stopped" in panel.errors.text() and "Too many open files" in panel.errors.text()
+    assert [r[1] for r in panel.table_rows()] == ["finished"]
+    assert "1 of 3 runs done" in panel.progress_label.text()
+    assert panel.run_button.isEnabled() and not panel.stop_button.isEnabled()
 
 
 def test_sweep_stop_stops_the_member_training_and_starts_no_other(qtbot, host):

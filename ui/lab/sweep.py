@@ -245,7 +245,7 @@ class SweepPanel(LabPanel):
         try:
             spec = self.lab.run_spec(sweep_config(self._config, member.lr), name=run_name(member.lr))
             member.run = self.lab.start_run(spec, show=False)
-        except LrvizError as exc:
+        except (LrvizError, OSError) as exc:  # e.g. no worker process could be started: say so, end here
             self.errors.show_error(f"the sweep stopped: {exc}")
             self._waiting = []
             self._finished()
