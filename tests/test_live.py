@@ -34,6 +34,7 @@ from lrviz.live.endpoint import LiveEndpoint
 from lrviz.live.run import CommandRejected, LocalRun, RemoteRun
 from lrviz.live.serve import serving
 from lrviz.live.source import EngineSource
+from lrviz.records import STEP_COLUMNS, StepBuffer
 from lrviz.states import Command, RunState
 from lrviz.store.runs import RunStore
 
@@ -396,3 +397,118 @@ def test_a_local_run_shows_the_engines_numbers_as_they_change(store):
     assert run.run_id == eng.run_id is not None and run.buffer is eng.buffer and len(run.buffer) == 120
     assert run.epoch == eng.epoch and run.error_detail == eng.error_detail
     assert run.summary()["steps"] == 120 and run.is_terminal
+
+
+def test_a_ticks_frames_go_out_in_one_write_and_a_long_history_is_flushed_early():
+    """What one tick sends is one write (each write wakes the reader); past ``limit`` bytes the batch
+    goes out before the tick ends, so a long history never sits whole in memory."""
+    a, b = socket.socketpair()
+    writes = []
+
+    class Counting:
+        def sendall(self, data):
+            writes.append(len(data))
+            a.sendall(data)
+
+    batch = protocol.FrameBatch(Counting(), limit=1000)
+    batch.add({"t": "events", "items": [1]})
+    batch.add({"t": "steps", "n": 2}, b"\x01" * 16)
+    batch.add({"t": "state", "step": 2})
+    assert writes == []
+    batch.flush()
+    assert len(writes) == 1
+    got = [protocol.recv_frame(b) for _ in range(3)]
+    assert [h["t"] for h, _ in got] == ["events", "steps", "state"] and got[1][1] == b"\x01" * 16
+    batch.add({"t": "steps", "n": 100}, b"\x02" * 1500)  # past the limit: written at once
+    assert len(writes) == 2
+    assert protocol.recv_frame(b)[1] == b"\x02" * 1500
+    batch.flush()
+    assert len(writes) == 2  # nothing left to write
+    a.close()
+    b.close()
+
+
+class _Source:
+    """A run as the endpoint sees it: rows, a state that moves with each step, and a setting."""
+
+    def __init__(self):
+        self.buffer = StepBuffer(groups=1, capacity=64)
+        self.done = threading.Event()
+        self.pause_requested = False
+
+    def add_row(self):
+        n = len(self.buffer)
+        self.buffer.append(0, float(n), 1.0 / (n + 1), 0.5, [0.1 / (n + 1)])
+
+    def snapshot(self):
+        n = len(self.buffer)
+        return {"state": "running", "step": n, "epoch": 0, "lrs": [0.1 / n if n else 0.1],
+                "pause_requested": self.pause_requested}
+
+    def records(self):
+        return self.buffer, [], []
+
+    def lab_updates(self, cursor):
+        return []
+
+
+def test_the_step_rides_on_the_rows_and_a_state_message_goes_out_only_when_something_else_changed(monkeypatch):
+    from lrviz.live import endpoint as ep_mod
+
+    monkeypatch.setattr(ep_mod, "HEARTBEAT_S", 1e9)  # no heartbeat in this test
+    src = _Source()
+    ep = LiveEndpoint(src)
+    a, b = socket.socketpair()
+    c = ep_mod._Client(1, a, "test")
+    c.subscribed = True
+    out = protocol.FrameBatch(a)
+
+    def tick():
+        ep._push(c, out)
+        out.flush()
+        a.sendall(protocol.encode_frame({"t": "mark"})[0])  # the end of this tick's frames
+        frames = []
+        while True:
+            h, _ = protocol.recv_frame(b)
+            if h["t"] == "mark":
+                return frames
+            frames.append(h)
+
+    src.add_row()
+    first = tick()
+    assert [f["t"] for f in first] == ["steps", "state"]  # a new client gets the state once
+    for _ in range(3):  # the step, the epoch and the rate change with every row: no state message
+        src.add_row()
+        src.add_row()
+        frames = tick()
+        assert [f["t"] for f in frames] == ["steps"]
+        assert frames[0]["step"] == len(src.buffer) and frames[0]["lrs"] == [0.1 / len(src.buffer)]
+    assert tick() == []  # nothing new, nothing sent
+    src.pause_requested = True  # anything else: a state message, with the moving parts in it
+    frames = tick()
+    assert [f["t"] for f in frames] == ["state"]
+    assert frames[0]["pause_requested"] is True and frames[0]["step"] == len(src.buffer)
+    a.close()
+    b.close()
+
+
+def test_a_client_takes_the_step_and_rates_from_the_rows_once_they_are_in_its_buffer(tmp_path):
+    src = _Source()
+    for _ in range(5):
+        src.add_row()
+    view = src.buffer.view()
+    desc, payload = protocol.pack_columns({name: view[name] for name in STEP_COLUMNS})
+    run = RemoteRun(ConnectionInfo("unix", str(tmp_path / "none.sock"), "token"))
+    seen = []
+    real = run._apply_state
+
+    def apply(s):
+        if "step" in s:  # the rows must be in the buffer before the step that names them
+            seen.append((s["step"], len(run.buffer) if run.buffer is not None else 0))
+        real(s)
+
+    run._apply_state = apply
+    run._on_message({"t": "steps", "row": 0, "first_step": 0, "n": 5, "cols": desc, "step": 5, "epoch": 0,
+                     "lrs": [0.02]}, protocol.unpack_columns(desc, payload))
+    assert seen == [(5, 5)] and run.step == 5 and run.lrs == [0.02]
+    assert np.array_equal(run.buffer.view()["loss"], view["loss"])
