@@ -788,6 +788,7 @@ class TrainingEngine(EngineCommands, Recorded):
         model = self.model if self._train_model is None else self._train_model  # DDP reduces the gradients
         gnorm, layers = self._gnorm, self.layer_probe
         n = upd.accumulate
+        ddp = model is not self.model and hasattr(model, "no_sync")  # micro-batches but the last: no_sync
         total = None
         taken = 0
         ran_out = False
@@ -816,8 +817,7 @@ class TrainingEngine(EngineCommands, Recorded):
                     except Exception as exc:
                         raise error_from_exception(
                             exc, exp.path, f"iterating the training data (epoch {self.epoch + 1})") from exc
-                local = following is not None and model is not self.model and hasattr(model, "no_sync")
-                with model.no_sync() if local else contextlib.nullcontext():
+                with model.no_sync() if ddp and following is not None else contextlib.nullcontext():
                     upd.backward(loss)
                 lv = loss.detach()
                 if lv.dtype in _HALF:

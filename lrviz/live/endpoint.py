@@ -333,7 +333,7 @@ class LiveEndpoint:
         # every step (the step, the epoch, a scheduled rate) rides on the steps message; a state message
         # goes out when anything else changed, and at least once a heartbeat.
         state = src.snapshot()
-        moving = {k: state.pop(k) for k in MOVING if k in state}
+        moving = jsonable({k: state.pop(k) for k in MOVING if k in state})
         buf, events, validation = src.records()
         if buf is not None:
             n = len(buf)
@@ -345,7 +345,7 @@ class LiveEndpoint:
                     break
                 desc, payload = pack_columns({name: view[name] for name in STEP_COLUMNS})
                 out.add({"t": "steps", "row": c.rows, "first_step": int(buf.first_step), "n": k, "cols": desc,
-                         **jsonable(moving)}, payload)
+                         **moving}, payload)
                 c.rows += k
         ne = len(events)
         if ne > c.n_events:
@@ -359,7 +359,7 @@ class LiveEndpoint:
             out.add({"t": "lab", **jsonable(msg)})
         now = time.monotonic()
         if _changed(state, c.state) or now - c.state_at >= HEARTBEAT_S:
-            out.add({"t": "state", **jsonable({**state, **moving})})
+            out.add({"t": "state", **jsonable(state), **moving})
             c.state, c.state_at = state, now
 
 
