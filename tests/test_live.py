@@ -488,6 +488,9 @@ def test_the_step_rides_on_the_rows_and_a_state_message_goes_out_only_when_somet
     frames = tick()
     assert [f["t"] for f in frames] == ["state"]
     assert frames[0]["pause_requested"] is True and frames[0]["step"] == len(src.buffer)
+    assert tick() == []
+    c.state_at -= ep_mod.HEARTBEAT_S + 1e9  # a heartbeat is due: the state goes out unchanged
+    assert [f["t"] for f in tick()] == ["state"]
     a.close()
     b.close()
 
