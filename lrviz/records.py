@@ -81,6 +81,9 @@ class StepBuffer:
         self._seal_lock = threading.Lock()
         self._sealed_upto = 0  # chunks before this index are sealed
         self.n = 0
+        #: Gets every block of rows as it is published, before readers of ``n`` see it, in the
+        #: writer's thread: ``mirror.write(buffer, lo, hi)`` (a live endpoint's shared-memory ring).
+        self.mirror: Any = None
 
     def __len__(self) -> int:
         return self.n
@@ -105,6 +108,8 @@ class StepBuffer:
         c.loss[r] = loss
         c.grad_norm[r] = grad_norm
         c.lr[r] = lrs
+        if self.mirror is not None:
+            self.mirror.write(self, i, i + 1)
         self.n = i + 1
 
     def write(self, start: int, **columns: Any) -> None:
@@ -125,6 +130,9 @@ class StepBuffer:
 
     def publish(self, n: int) -> None:
         """Rows below ``n`` are complete: readers may see them."""
+        m = self.mirror
+        if m is not None and n > self.n:
+            m.write(self, self.n, n)
         self.n = n
 
     def extend(self, columns: Mapping[str, np.ndarray]) -> None:
@@ -133,7 +141,7 @@ class StepBuffer:
         if not k:
             return
         self.write(self.n, **{name: columns[name] for name in STEP_COLUMNS})
-        self.n += k
+        self.publish(self.n + k)
 
     # ---- sealing ----------------------------------------------------------------------------------
     def seal(self, keep: int = 1) -> int:

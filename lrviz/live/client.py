@@ -3,14 +3,22 @@
 The client has one reader thread that hands each message to ``on_message`` (in that thread); a
 :class:`lrviz.live.run.RemoteRun` builds a run's records from them. Commands return Futures that the
 matching ack resolves (with the step it takes effect at) or rejects (with the reason).
+
+A local client (Unix socket) asks for the run's shared-memory ring of step rows: once the endpoint
+names it, the reader thread reads the new rows from it ~30 times a second (and before any other
+message, so rows still come before the acks, states and end made after them) and hands them on as
+``steps`` messages like those of the socket; rows the writer overwrote before they were read come
+over the socket on request.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -26,8 +34,12 @@ from .protocol import (
     send_frame,
     unpack_columns,
 )
+from .ring import RingError, RingReader
 
 log = logging.getLogger(__name__)
+
+#: How often the reader thread reads new rows from the ring (seconds): as often as the app draws.
+RING_POLL_S = 1 / 30
 
 
 class CommandRejected(LrvizError):
@@ -48,8 +60,14 @@ class LiveClient:
 
     def __init__(self, info: ConnectionInfo, *, name: str = "client", subscribe: bool = True,
                  since_row: int = 0, since_event: int = 0, since_val: int = 0,
-                 on_message: Callable[[dict[str, Any], Any], None] | None = None):
+                 on_message: Callable[[dict[str, Any], Any], None] | None = None, ring: bool | None = None):
         self.info = info
+        #: Ask for the shared-memory ring (default: on a Unix socket, i.e. on this machine).
+        self.want_ring = info.transport == "unix" if ring is None else bool(ring)
+        self.ring: RingReader | None = None
+        self._next_row = since_row  # the row after the last one handed on
+        self._asked = False  # rows requested over the socket and not all there yet
+        self._polled = 0.0
         self.name = name
         self.subscribe = subscribe
         self.since = (since_row, since_event, since_val)
@@ -77,7 +95,8 @@ class LiveClient:
             sock.settimeout(timeout)
             since_row, since_event, since_val = self.since
             send_frame(sock, {"t": "hello", "client": self.name, "subscribe": self.subscribe,
-                              "since_row": since_row, "since_event": since_event, "since_val": since_val})
+                              "since_row": since_row, "since_event": since_event, "since_val": since_val,
+                              "ring": self.want_ring})
             header, _ = recv_frame(sock)
             if header.get("t") != "welcome":
                 raise ProtocolError(f"expected a welcome, got {header.get('t')!r}")
@@ -137,18 +156,30 @@ class LiveClient:
         reason = "the run's process closed the connection"
         try:
             while True:
+                if self.ring is not None:  # never in the GUI's thread: this is the reader's
+                    wait = self._polled + RING_POLL_S - time.monotonic()
+                    if wait <= 0:
+                        self._poll_ring()
+                        wait = RING_POLL_S
+                    if not select.select([sock], [], [], wait)[0]:
+                        continue
                 header, payload = recv_frame(sock)
                 t = header["t"]
                 body: Any = payload
                 if t == "steps":
                     body = unpack_columns(header.get("cols") or [], payload)
-                elif t == "ack":
+                    row, k = int(header.get("row", 0)), int(header.get("n", 0))
+                    if row + k > self._next_row:
+                        self._next_row = row + k
+                elif self.ring is not None:  # the rows made before this message come first
+                    self._poll_ring()
+                if t == "ack":
                     self._resolve(header)
-                if self.on_message is not None:
-                    try:
-                        self.on_message(header, body)
-                    except Exception:  # a consumer's bug must not kill the connection
-                        log.exception("handling a %s message failed", t)
+                elif t == "ring":
+                    self._open_ring(header)
+                elif t == "rows_done":
+                    self._asked = False
+                self._deliver(header, body)
                 if t == "end":
                     reason = "end"
                     break
@@ -157,6 +188,42 @@ class LiveClient:
                 reason = f"the connection broke ({exc})"
         finally:
             self._shutdown(reason)
+            if self.ring is not None:
+                self.ring.close()
+
+    def _deliver(self, header: dict[str, Any], body: Any) -> None:
+        if header["t"] == "steps" and "step" not in header and body:  # rows from the ring, or asked for
+            _moving_from_rows(header, body)
+        if self.on_message is not None:
+            try:
+                self.on_message(header, body)
+            except Exception:  # a consumer's bug must not kill the connection
+                log.exception("handling a %s message failed", header["t"])
+
+    def _open_ring(self, h: dict[str, Any]) -> None:
+        try:
+            self.ring = RingReader(str(h.get("path") or ""))
+        except (OSError, RingError) as exc:  # e.g. another /dev/shm (a container): rows on the socket
+            log.info("cannot map the run's ring (%s): its rows come over the socket", exc)
+            with self._send_lock:
+                send_frame(self._sock, {"t": "ring_off", "from": self._next_row})
+
+    def _poll_ring(self) -> None:
+        """Hand on the rows published since the last ones; ask the socket for those overwritten."""
+        ring = self.ring
+        self._polled = time.monotonic()
+        if ring is None or self._asked:
+            return
+        lo = self._next_row
+        cols, hi = ring.read(lo)
+        if cols is None:  # lapped: the buffer still has them
+            self._asked = True
+            with self._send_lock:
+                send_frame(self._sock, {"t": "rows", "from": lo, "to": hi})
+            return
+        if hi > lo:
+            self._next_row = hi
+            self._deliver({"t": "steps", "row": lo, "first_step": ring.first_step, "n": hi - lo}, cols)
 
     def _resolve(self, ack: dict[str, Any]) -> None:
         if ack.get("client") != self.client_id:
@@ -190,3 +257,14 @@ class LiveClient:
             if not fut.done():
                 fut.set_exception(NotLive(f"the run went away before answering ({reason})"))
         self.closed.set()
+
+
+def _moving_from_rows(h: dict[str, Any], cols: dict[str, Any]) -> None:
+    """The step, epoch and rates as of a steps message's last row (what the endpoint's snapshot would say)."""
+    k = len(cols["loss"])
+    if not k:
+        return
+    h["step"] = int(h.get("first_step", 0)) + int(h.get("row", 0)) + k
+    h["epoch"] = int(cols["epoch"][-1])
+    lr = cols["lr"]
+    h["lrs"] = [float(x) for x in (lr[-1] if lr.ndim == 2 else lr[-1:])]

@@ -44,6 +44,8 @@ class ConnectionInfo:
     store: str | None = None
     created: float = field(default_factory=time.time)
     version: int = PROTOCOL_VERSION
+    #: The shared-memory ring of step rows local clients map (a path; made when the first asks).
+    ring: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +60,7 @@ class ConnectionInfo:
                 run_id=int(data["run_id"]) if data.get("run_id") is not None else None,
                 store=data.get("store"), created=float(data.get("created") or 0.0),
                 version=int(data.get("version") or PROTOCOL_VERSION),
+                ring=str(data["ring"]) if data.get("ring") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"not an lrviz connection file ({exc})") from None
@@ -197,6 +200,8 @@ def find_live(store_path: str | os.PathLike, run_id: int) -> ConnectionInfo | No
         remove_quietly(path)
         if info.transport == "unix":
             remove_quietly(info.address)
+        if info.ring and Path(info.ring).name.startswith("lrviz-ring-"):
+            remove_quietly(info.ring)
         return None
     return info
 

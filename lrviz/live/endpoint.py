@@ -6,6 +6,11 @@ state, lab data) from the step it asked for. The training loop never waits on a 
 endpoint reads the run's append-only records, ~30 times a second, and hands commands to the run's
 own queue. A client that stops reading is dropped; a wrong token is refused, logged, and the run
 carries on.
+
+A local client (Unix socket) that asks for it reads the step rows itself from a shared-memory ring
+(:mod:`lrviz.live.ring`) the training thread copies each published block into: its thread here
+then sends the history before the ring's first row, and after that only what else changes, 5 times
+a second (acks at once), so the rows never pass through this process's GIL.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from .protocol import (
     send_frame,
     server_handshake,
 )
+from .ring import RingWriter, ring_path
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,13 @@ log = logging.getLogger(__name__)
 #: frames a second), so a finished step is on screen within ~0.1 s; more often would cost the run
 #: (each tick takes the GIL from its training thread) and show nothing sooner.
 TICK_S = 1 / 30
+#: How often the thread of a client that reads the rows from the ring looks for the rest (events,
+#: validation, lab data, state): a change shows within this; acks go out at once.
+RING_TICK_S = 0.2
+#: An ack waits at most this long for the rows before its step (the run publishes them in blocks of
+#: up to 0.1 s), checking this often.
+ACK_HOLD_S = 0.25
+ACK_POLL_S = 0.005
 #: A state message goes out at least this often, even when nothing changed (the client's heartbeat).
 HEARTBEAT_S = 1.0
 #: At most this many rows per steps message.
@@ -102,6 +115,24 @@ class _Client:
         self.state_at = 0.0
         self.outbox: deque[dict[str, Any]] = deque()
         self.closed = False
+        self.held_since: float | None = None  # since when the first ack in the outbox waits for its rows
+        self.ring = False  # it asked for the ring
+        self.on_ring = False  # it was told the ring's path: no rows go out on the socket any more
+        self.wake_r, self.wake_w = os.pipe()  # _broadcast wakes the client's loop (an ack goes out at once)
+        os.set_blocking(self.wake_w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed (the client left)
+            pass
+
+    def close_pipe(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class LiveEndpoint:
@@ -129,6 +160,10 @@ class LiveEndpoint:
         self._ids = itertools.count(1)
         self._threads: list[threading.Thread] = []
         self._row: Any = None  # (store, run_id) whose row names this endpoint
+        self._ring_path: Path | None = None  # where the ring goes (Unix transport only)
+        self._ring: RingWriter | None = None
+        self._ring_buffer: Any = None
+        self._ring_lock = threading.Lock()
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> ConnectionInfo:
@@ -143,6 +178,8 @@ class LiveEndpoint:
                 sock.close()
                 raise ConfigError(f"cannot open the live endpoint at {path}: {exc.strerror or exc}") from None
             info = ConnectionInfo("unix", str(path), self.token)
+            self._ring_path = ring_path(path.parent)
+            info.ring = str(self._ring_path)  # in the connection file: removed with it when the run died
         else:
             host, port = parse_listen(self.listen or "127.0.0.1:0")
             try:
@@ -193,6 +230,9 @@ class LiveEndpoint:
             except Exception as exc:  # noqa: BLE001 - a closed store: the stale-file check covers it
                 log.debug("could not clear the endpoint of run %s: %s", run_id, exc)
         self._closing.set()
+        with self._lock:
+            for c in self._clients:
+                c.wake()
         deadline = time.monotonic() + linger
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
@@ -205,6 +245,14 @@ class LiveEndpoint:
             self._sock = None
         if self.info is not None and self.info.transport == "unix":
             remove_quietly(self.info.address)
+        with self._ring_lock:
+            ring, buf = self._ring, self._ring_buffer
+            self._ring = self._ring_buffer = None
+            self._ring_path = None
+        if ring is not None:
+            if getattr(buf, "mirror", None) is ring:
+                buf.mirror = None
+            ring.close()  # waits for a copy in progress; clients keep their mapping
         if self.folder is not None:
             try:
                 self.folder.rmdir()  # only when no other run uses it
@@ -258,19 +306,23 @@ class LiveEndpoint:
             with self._lock:
                 if client in self._clients:
                     self._clients.remove(client)
+            client.close_pipe()
 
     def _client_loop(self, c: _Client) -> None:
         src = self.source
         out = FrameBatch(c.sock)  # what one tick sends goes out in one write
         while True:
-            ready, _, _ = select.select([c.sock], [], [], self.tick)
-            if ready:
+            wait = ACK_POLL_S if c.outbox else RING_TICK_S if c.on_ring else self.tick
+            ready, _, _ = select.select([c.sock, c.wake_r], [], [], wait)
+            if c.wake_r in ready:
+                os.read(c.wake_r, 4096)
+            if c.sock in ready:
                 header, payload = recv_frame(c.sock)
                 if not self._handle(c, header, payload):
                     return
             if c.subscribed:  # records first: an ack arrives after everything made before it
                 self._push(c, out)
-            while c.outbox:
+            while c.outbox and self._may_send(c, c.outbox[0]):
                 out.add(c.outbox.popleft())
             ended = src.done.is_set()
             if (ended or self._closing.is_set()) and not c.outbox:
@@ -291,11 +343,19 @@ class LiveEndpoint:
             c.rows = max(0, int(h.get("since_row") or 0))
             c.n_events = max(0, int(h.get("since_event") or 0))
             c.n_val = max(0, int(h.get("since_val") or 0))
+            c.ring = bool(h.get("ring")) and self._ring_path is not None and c.subscribed
             send_frame(c.sock, {"t": "welcome", "version": PROTOCOL_VERSION, "client_id": c.id,
                                 "run": jsonable(self.source.describe()), "state": jsonable(self.source.snapshot())})
             return True
         if t == "cmd":
             self._command(c, h)
+            return True
+        if t == "rows":  # a ring client was lapped: these rows from the buffer
+            self._send_rows(c, int(h.get("from") or 0), int(h.get("to") or 0))
+            return True
+        if t == "ring_off":  # it cannot map the ring: rows on the socket again, from where it is
+            c.ring = c.on_ring = False
+            c.rows = max(0, int(h.get("from") or 0))
             return True
         if t == "bye":
             return False
@@ -325,6 +385,26 @@ class LiveEndpoint:
             for c in self._clients:
                 if not c.closed:
                     c.outbox.append(msg)
+                    c.wake()
+
+    def _may_send(self, c: _Client, msg: dict[str, Any]) -> bool:
+        """Whether ``msg`` may go out now: an ack naming step S waits (at most ACK_HOLD_S) until the
+        rows before S are published, so a client that has the ack can have every row made before it
+        (a pause is acked before the run writes its last rows)."""
+        step = msg.get("step") if msg.get("t") == "ack" and msg.get("ok") else None
+        if step is None:
+            return True
+        buf = self.source.records()[0]
+        if buf is None or self.source.done.is_set() or buf.first_step + len(buf) >= int(step):
+            c.held_since = None
+            return True
+        now = time.monotonic()
+        if c.held_since is None:
+            c.held_since = now
+        if now - c.held_since >= ACK_HOLD_S:
+            c.held_since = None
+            return True
+        return False
 
     # ---- records out -----------------------------------------------------------------------------
     def _push(self, c: _Client, out: FrameBatch) -> None:
@@ -332,21 +412,23 @@ class LiveEndpoint:
         # The state first: the step it names is never ahead of the rows sent with it. What moves with
         # every step (the step, the epoch, a scheduled rate) rides on the steps message; a state message
         # goes out when anything else changed, and at least once a heartbeat.
+        # A ring client takes the step and epoch from the rows it reads; its state messages carry the rates.
         state = src.snapshot()
         moving = jsonable({k: state.pop(k) for k in MOVING if k in state})
         buf, events, validation = src.records()
-        if buf is not None:
+        if buf is not None and not c.on_ring:
             n = len(buf)
-            while c.rows < n:
-                stop = min(n, c.rows + CHUNK_ROWS)
-                view = buf.view(c.rows, stop)
-                k = len(view["loss"])
-                if k == 0:
-                    break
-                desc, payload = pack_columns({name: view[name] for name in STEP_COLUMNS})
-                out.add({"t": "steps", "row": c.rows, "first_step": int(buf.first_step), "n": k, "cols": desc,
-                         **moving}, payload)
-                c.rows += k
+            ring = self._ring_for(buf) if c.ring else None
+            start = ring.start if ring is not None else None
+            if start is not None:  # the rows before the ring's first come from the socket
+                n = min(n, start)
+            self._add_rows(c, buf, n, out, moving)
+            if start is not None and c.rows >= start:
+                out.add({"t": "ring", "path": str(ring.path), "start": start, "capacity": ring.capacity})
+                c.on_ring = True
+                moving = {k: v for k, v in moving.items() if k == "lrs"}
+        elif c.on_ring:
+            moving = {k: v for k, v in moving.items() if k == "lrs"}
         ne = len(events)
         if ne > c.n_events:
             out.add({"t": "events", "start": c.n_events, "items": [event_dict(e) for e in events[c.n_events:ne]]})
@@ -361,6 +443,51 @@ class LiveEndpoint:
         if _changed(state, c.state) or now - c.state_at >= HEARTBEAT_S:
             out.add({"t": "state", **jsonable(state), **moving})
             c.state, c.state_at = state, now
+
+
+    def _add_rows(self, c: _Client, buf: Any, n: int, out: FrameBatch, moving: dict[str, Any]) -> None:
+        """Rows ``[c.rows, n)`` as steps messages (``moving``: the step, epoch and rates they bring)."""
+        while c.rows < n:
+            stop = min(n, c.rows + CHUNK_ROWS)
+            view = buf.view(c.rows, stop)
+            k = len(view["loss"])
+            if k == 0:
+                break
+            desc, payload = pack_columns({name: view[name] for name in STEP_COLUMNS})
+            out.add({"t": "steps", "row": c.rows, "first_step": int(buf.first_step), "n": k, "cols": desc,
+                     **moving}, payload)
+            c.rows += k
+
+    def _send_rows(self, c: _Client, lo: int, hi: int) -> None:
+        """Rows ``[lo, hi)`` from the buffer (those published), then ``rows_done``: what a lapped ring
+        client asks for. Their step, epoch and rates come from the rows themselves."""
+        buf = self.source.records()[0]
+        out = FrameBatch(c.sock)
+        if buf is not None:
+            saved = c.rows
+            c.rows = max(0, lo)
+            self._add_rows(c, buf, min(hi, len(buf)), out, {})
+            c.rows = saved
+        out.add({"t": "rows_done", "from": lo, "to": hi})
+        out.flush()
+
+    def _ring_for(self, buf: Any) -> RingWriter | None:
+        """The ring that mirrors ``buf``, made once the run publishes its first rows (its buffer is
+        then the one it keeps); None where there is none (TCP, or it could not be made)."""
+        with self._ring_lock:
+            if self._ring is not None:
+                return self._ring if self._ring_buffer is buf else None
+            if self._ring_path is None or not len(buf) or self._closing.is_set():
+                return None
+            try:
+                ring = RingWriter(self._ring_path, buf.groups, int(buf.first_step))
+            except OSError as exc:
+                log.warning("no shared-memory ring for local clients (%s): rows go on the socket", exc)
+                self._ring_path = None
+                return None
+            self._ring, self._ring_buffer = ring, buf
+            buf.mirror = ring  # the training thread copies its next block in
+            return ring
 
 
 def _changed(state: dict[str, Any], before: dict[str, Any] | None) -> bool:

@@ -181,11 +181,12 @@ def _rejections_as(fut: Future) -> Future:
 class RemoteRun(Run):
     """A run in another process, followed through its live endpoint.
 
-    ``connect()`` attaches and receives the whole history, then everything live. ``done`` is set
-    when the run's end arrived or the connection was lost (``lost`` then says why).
+    ``connect()`` attaches and receives the whole history (from row ``since_row``), then everything
+    live. ``done`` is set when the run's end arrived or the connection was lost (``lost`` then says
+    why). ``ring`` (default: on a Unix socket) reads the rows from the run's shared-memory ring.
     """
 
-    def __init__(self, info: ConnectionInfo, *, name: str = "app"):
+    def __init__(self, info: ConnectionInfo, *, name: str = "app", since_row: int = 0, ring: bool | None = None):
         self.info = info
         self.config = {}
         self.lrs = []
@@ -202,8 +203,8 @@ class RemoteRun(Run):
         self.done = threading.Event()
         self.changed = threading.Event()
         self._layers: dict[str, Any] | None = None
-        self._next_row = 0
-        self.client = LiveClient(info, name=name, on_message=self._on_message)
+        self._next_row = since_row
+        self.client = LiveClient(info, name=name, on_message=self._on_message, since_row=since_row, ring=ring)
 
     def connect(self, timeout: float = 5.0) -> RemoteRun:
         """Attach; NotLive when the run cannot be reached or refuses the token."""
