@@ -63,7 +63,7 @@ class LiveClient:
                  on_message: Callable[[dict[str, Any], Any], None] | None = None, ring: bool | None = None):
         self.info = info
         #: Ask for the shared-memory ring (default: on a Unix socket, i.e. on this machine).
-        self.want_ring = info.transport == "unix" if ring is None else bool(ring)
+        self.want_ring = ring
         self.ring: RingReader | None = None
         self._next_row = since_row  # the row after the last one handed on
         self._asked = False  # rows requested over the socket and not all there yet
@@ -96,7 +96,7 @@ class LiveClient:
             since_row, since_event, since_val = self.since
             send_frame(sock, {"t": "hello", "client": self.name, "subscribe": self.subscribe,
                               "since_row": since_row, "since_event": since_event, "since_val": since_val,
-                              "ring": self.want_ring})
+                              "ring": self.info.transport == "unix" if self.want_ring is None else self.want_ring})
             header, _ = recv_frame(sock)
             if header.get("t") != "welcome":
                 raise ProtocolError(f"expected a welcome, got {header.get('t')!r}")
