@@ -174,6 +174,7 @@ def alternate(exp, rounds: int, block: int) -> None:
                 step_us = got[False][0] * 1e6
             say("quit")
             proc.wait(60)
+            ring = getattr(ep, "_ring", None)
             eng.stop()
             eng.join()
         store.close()
@@ -189,7 +190,6 @@ def alternate(exp, rounds: int, block: int) -> None:
     print(f"endpoint threads' CPU per step: {e_med:.2f} us attached (quartiles {e_lo:.2f}-{e_hi:.2f}), "
           f"{statistics.median(ep_idle) * 1e6:.2f} us with no client; "
           f"{e_med / step_us * 100:.2f} % of a step attached")
-    ring = getattr(eng.buffer, "mirror", None)
     if ring is not None and getattr(ring, "writes", 0):
         print(f"ring copy in the training thread: {ring.write_s / ring.rows * 1e6:.3f} us a step "
               f"({ring.write_s / ring.writes * 1e6:.1f} us per block of {ring.rows / ring.writes:.0f} rows)")

@@ -31,6 +31,7 @@ from lrviz.errors import ConfigError, LrvizError
 from lrviz.records import STEP_COLUMNS, Event, ValPoint
 from lrviz.states import parse_command
 
+from . import ring as ring_mod
 from .connection import (
     ConnectionInfo,
     parse_listen,
@@ -480,7 +481,7 @@ class LiveEndpoint:
             if self._ring_path is None or not len(buf) or self._closing.is_set():
                 return None
             try:
-                ring = RingWriter(self._ring_path, buf.groups, int(buf.first_step))
+                ring = RingWriter(self._ring_path, buf.groups, int(buf.first_step), capacity=ring_mod.CAPACITY)
             except OSError as exc:
                 log.warning("no shared-memory ring for local clients (%s): rows go on the socket", exc)
                 self._ring_path = None

@@ -105,7 +105,6 @@ class RingWriter:
     that publishes rows). ``close()`` unmaps and unlinks the file."""
 
     def __init__(self, path: Path, groups: int, first_step: int, capacity: int = CAPACITY):
-        assert capacity % CHUNK_ROWS == 0, "a block within one buffer chunk must not wrap the ring"
         self.path = Path(path)
         self.capacity = capacity
         self.groups = groups
@@ -156,10 +155,10 @@ class RingWriter:
             row = lo
             while row < hi:
                 k, a = divmod(row, CHUNK_ROWS)
-                take = min(hi - row, CHUNK_ROWS - a)
+                s = row % cap
+                take = min(hi - row, CHUNK_ROWS - a, cap - s)  # within one chunk, not across the wrap
                 c = chunks[k]
                 sealed = buf._columns_of(k) if hasattr(c, "decode") else None  # never, in practice
-                s = row % cap
                 for name in STEP_COLUMNS:
                     src = getattr(c, name) if sealed is None else sealed[name]
                     cols[name][s:s + take] = src[a:a + take]
