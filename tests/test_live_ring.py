@@ -164,16 +164,16 @@ def test_the_ring_file_is_private_named_in_the_connection_file_and_removed_at_th
 
 
 def test_a_stale_ring_is_removed_with_its_connection_file(store):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    ring = RingWriter(ring_mod.ring_path(None), groups=1, first_step=0)
-    ring._m.release()  # what a killed process leaves: the file, nobody writing it
+    # a process that made a ring and died without closing it (as a kill -9 leaves it)
+    dead = subprocess.run([sys.executable, "-c", "import os; from lrviz.live.ring import RingWriter, ring_path; "
+                           "print(RingWriter(ring_path(None), 1, 0).path, os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    ring, pid = dead.stdout.split()
+    assert Path(ring).exists()
     path = connection_path(store.path, 7)
-    write_connection(path, ConnectionInfo("unix", "/nonexistent.sock", "t" * 64, pid=dead.pid, run_id=7,
-                                          ring=str(ring.path)))
-    assert ring.path.exists()
+    write_connection(path, ConnectionInfo("unix", "/nonexistent.sock", "t" * 64, pid=int(pid), run_id=7, ring=ring))
     assert find_live(store.path, 7) is None
-    assert not path.exists() and not ring.path.exists()
+    assert not path.exists() and not Path(ring).exists()
 
 
 def test_an_ack_goes_out_at_once_not_at_the_next_tick(store, monkeypatch):

@@ -6,7 +6,7 @@ mode 0600, named unguessably; a client on the same machine maps it and reads the
 endpoint's thread never touches them, so a watched run pays only the copy (a few slice assignments
 per block) instead of a thread that wakes 30 times a second to take the GIL, pack and send.
 
-Layout (little-endian): a 64-byte header, then the columns of :data:`lrviz.records.STEP_COLUMNS`
+Layout (in the machine's own byte order: the ring never leaves it): a 64-byte header, then the columns of :data:`lrviz.records.STEP_COLUMNS`
 as arrays of ``capacity`` rows each (``lr`` as ``capacity x groups``). Row ``r`` of the run (row
 ``r`` of its StepBuffer, step ``first_step + r``) lives in slot ``r % capacity``.
 
@@ -40,8 +40,8 @@ HEADER_BYTES = 64
 CAPACITY = 1 << 15
 UNSET = (1 << 64) - 1
 _CAPACITY, _START, _CLAIM, _COUNT = 3, 4, 5, 6  # uint64 slots of the header
-_DTYPES = {"epoch": np.dtype("<i4"), "time": np.dtype("<f8"), "loss": np.dtype("<f8"),
-           "grad_norm": np.dtype("<f4"), "lr": np.dtype("<f8")}
+_DTYPES = {"epoch": np.dtype("=i4"), "time": np.dtype("=f8"), "loss": np.dtype("=f8"),
+           "grad_norm": np.dtype("=f4"), "lr": np.dtype("=f8")}
 _fence_lock = threading.Lock()
 
 
@@ -86,7 +86,7 @@ class _Mapped:
         self.mm = mm
         self.capacity = capacity
         self.groups = groups
-        self.header = np.frombuffer(mm, dtype="<u8", count=HEADER_BYTES // 8)
+        self.header = np.frombuffer(mm, dtype="=u8", count=HEADER_BYTES // 8)
         offsets, _ = _layout(capacity, groups)
         self.cols = {name: np.frombuffer(mm, dtype=_DTYPES[name], count=int(np.prod(shape)), offset=off).reshape(shape)
                      for name, (off, shape) in offsets.items()}
@@ -102,14 +102,19 @@ class _Mapped:
 
 class RingWriter:
     """The training process's side: a StepBuffer's ``mirror`` (its :meth:`write` runs in the thread
-    that publishes rows). ``close()`` unmaps and unlinks the file."""
+    that publishes rows). ``close()`` unmaps and unlinks the file.
+
+    The copy is a few byte-slice assignments per block (a memcpy each, no NumPy call: the training
+    thread comes to it with cold caches every 64 steps, where NumPy's assignment machinery costs
+    several microseconds a call).
+    """
 
     def __init__(self, path: Path, groups: int, first_step: int, capacity: int = CAPACITY):
         self.path = Path(path)
         self.capacity = capacity
         self.groups = groups
         self.first_step = first_step
-        _, size = _layout(capacity, groups)
+        offsets, size = _layout(capacity, groups)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -120,12 +125,17 @@ class RingWriter:
             os.unlink(self.path)
             raise
         os.close(fd)
-        self._m = _Mapped(mm, capacity, groups)
+        self._mm: mmap.mmap | None = mm
         mm[:8] = MAGIC
-        head = np.frombuffer(mm, dtype="<u4", count=4, offset=8)
-        head[0], head[1] = VERSION, groups
-        self._m.header[2] = np.int64(first_step).view(np.uint64)
-        self._m.header[_CAPACITY:_COUNT + 1] = (capacity, UNSET, 0, 0)
+        mm[8:16] = np.array([VERSION, groups], "=u4").tobytes()
+        mm[16:24] = np.array([first_step], "=i8").tobytes()
+        self._mv = memoryview(mm)
+        self._hdr = self._mv[:HEADER_BYTES].cast("Q")  # an aligned 8-byte store per slot
+        self._hdr[_CAPACITY], self._hdr[_START], self._hdr[_CLAIM], self._hdr[_COUNT] = capacity, UNSET, 0, 0
+        self._dst = [(off, int(np.prod(shape[1:], dtype=np.int64)) * _DTYPES[name].itemsize)
+                     for name, (off, shape) in offsets.items()]  # (byte offset, bytes a row) per column
+        self._src_chunk: Any = None
+        self._src: list[memoryview] = []
         self.start: int | None = None
         self.count = 0
         #: What the copies cost the training thread (seconds), over how many calls and rows.
@@ -134,14 +144,23 @@ class RingWriter:
         self.rows = 0
         self._lock = threading.Lock()  # write() against close()
 
+    def _source(self, buf: Any, k: int) -> list[memoryview]:
+        """Chunk ``k``'s columns as bytes (kept while the writer is in that chunk)."""
+        c = buf._chunks[k]
+        if c is not self._src_chunk:
+            cols = buf._columns_of(k) if hasattr(c, "decode") else {n: getattr(c, n) for n in STEP_COLUMNS}
+            arrays = [np.ascontiguousarray(cols[n], dtype=_DTYPES[n]) for n in STEP_COLUMNS]
+            self._src = [memoryview(a).cast("B") for a in arrays]
+            self._src_chunk = c
+        return self._src
+
     def write(self, buf: Any, lo: int, hi: int) -> None:
         """Copy rows ``[lo, hi)`` of ``buf`` (written, about to be published) into the ring."""
         t0 = time.perf_counter()
         with self._lock:
-            m = self._m
-            if m is None or hi <= lo:
+            if self._mm is None or hi <= lo:
                 return
-            hdr = m.header
+            hdr, mv = self._hdr, self._mv
             if self.start is None:
                 self.start = lo
                 hdr[_START] = lo
@@ -150,18 +169,13 @@ class RingWriter:
                 lo = hi - cap
             hdr[_CLAIM] = hi
             fence()
-            cols = m.cols
-            chunks = buf._chunks
             row = lo
             while row < hi:
                 k, a = divmod(row, CHUNK_ROWS)
                 s = row % cap
                 take = min(hi - row, CHUNK_ROWS - a, cap - s)  # within one chunk, not across the wrap
-                c = chunks[k]
-                sealed = buf._columns_of(k) if hasattr(c, "decode") else None  # never, in practice
-                for name in STEP_COLUMNS:
-                    src = getattr(c, name) if sealed is None else sealed[name]
-                    cols[name][s:s + take] = src[a:a + take]
+                for (off, rb), src in zip(self._dst, self._source(buf, k)):
+                    mv[off + s * rb:off + (s + take) * rb] = src[a * rb:(a + take) * rb]
                 row += take
             fence()
             hdr[_COUNT] = hi
@@ -173,9 +187,12 @@ class RingWriter:
     def close(self) -> None:
         """Unmap and remove the file (clients that mapped it keep their mapping)."""
         with self._lock:
-            m, self._m = self._m, None  # type: ignore[assignment]
-        if m is not None:
-            m.release()
+            mm, self._mm = self._mm, None
+            if mm is not None:
+                self._src, self._src_chunk = [], None
+                self._hdr.release()
+                self._mv.release()
+                mm.close()
         try:
             os.unlink(self.path)
         except OSError:
@@ -201,15 +218,15 @@ class RingReader:
         if mm[:8] != MAGIC:
             mm.close()
             raise RingError(f"{path}: not an lrviz ring")
-        version, groups = np.frombuffer(mm, dtype="<u4", count=2, offset=8).tolist()
-        capacity = int(np.frombuffer(mm, dtype="<u8", count=1, offset=8 * _CAPACITY)[0])
+        version, groups = np.frombuffer(mm, dtype="=u4", count=2, offset=8).tolist()
+        capacity = int(np.frombuffer(mm, dtype="=u8", count=1, offset=8 * _CAPACITY)[0])
         if version != VERSION or not groups or not capacity or _layout(capacity, groups)[1] > size:
             mm.close()
             raise RingError(f"{path}: a ring of another version or a damaged one")
         self._m = _Mapped(mm, capacity, groups)
         self.capacity = capacity
         self.groups = groups
-        self.first_step = int(np.frombuffer(mm, dtype="<i8", count=1, offset=16)[0])
+        self.first_step = int(np.frombuffer(mm, dtype="=i8", count=1, offset=16)[0])
 
     @property
     def start(self) -> int | None:
