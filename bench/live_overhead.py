@@ -162,6 +162,9 @@ def alternate(exp, rounds: int, block: int) -> None:
                 return float(t[-1] - t[0]) / steps, (cpu1 - cpu0) / steps, _cpu_between(ecpu0, ecpu1) / steps
 
             measure(True)  # warm up both
+            ring = getattr(ep, "_ring", None)
+            if ring is not None:
+                ring.timings = []
             measure(False)
             pairs, cpu_pairs, ep_cpu, ep_idle = [], [], [], []
             for i in range(rounds):
@@ -174,7 +177,6 @@ def alternate(exp, rounds: int, block: int) -> None:
                 step_us = got[False][0] * 1e6
             say("quit")
             proc.wait(60)
-            ring = getattr(ep, "_ring", None)
             eng.stop()
             eng.join()
         store.close()
@@ -190,9 +192,12 @@ def alternate(exp, rounds: int, block: int) -> None:
     print(f"endpoint threads' CPU per step: {e_med:.2f} us attached (quartiles {e_lo:.2f}-{e_hi:.2f}), "
           f"{statistics.median(ep_idle) * 1e6:.2f} us with no client; "
           f"{e_med / step_us * 100:.2f} % of a step attached")
-    if ring is not None and getattr(ring, "writes", 0):
-        print(f"ring copy in the training thread: {ring.write_s / ring.rows * 1e6:.3f} us a step "
-              f"({ring.write_s / ring.writes * 1e6:.1f} us per block of {ring.rows / ring.writes:.0f} rows)")
+    if ring is not None and ring.timings:
+        per_block = ring.rows / ring.writes
+        med = statistics.median(ring.timings)
+        print(f"ring copy in the training thread: median {med / per_block * 1e6:.3f} us a step "
+              f"({med * 1e6:.1f} us per block of {per_block:.0f} rows; mean {ring.write_s / ring.rows * 1e6:.3f} "
+              f"us a step, with the times the thread was preempted mid-copy)")
 
 
 def main() -> None:

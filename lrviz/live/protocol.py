@@ -8,9 +8,12 @@ timeout, before either side reads anything else. After that, both sides exchange
 The header's ``t`` names the message. Step columns travel as raw little-endian arrays in the
 payload, described in the header (no pickle anywhere: a peer's bytes are never executed).
 
-Client -> server: ``hello`` (subscribe, from a step on), ``cmd`` (a command with the client's id),
-``bye``. Server -> client: ``welcome``, ``steps``, ``events``, ``val``, ``state``, ``lab``,
-``ack`` (to every client), ``end``.
+Client -> server: ``hello`` (subscribe, from a step on, ``ring``: read the rows from the run's
+shared-memory ring), ``cmd`` (a command with the client's id), ``rows`` (rows ``from``..``to`` again:
+the ring overwrote them before they were read), ``ring_off`` (the ring cannot be mapped: rows on the
+socket again, from a row), ``bye``. Server -> client: ``welcome``, ``steps``, ``events``, ``val``,
+``state``, ``lab``, ``ack`` (to every client), ``ring`` (its path, once the rows before its first
+are sent), ``rows_done`` (the end of a ``rows`` answer), ``end``.
 """
 
 from __future__ import annotations
