@@ -124,6 +124,16 @@ def _cpu_between(a: dict[int, float], b: dict[int, float]) -> float:
     return sum(b[k] - a[k] for k in a.keys() & b.keys())
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc (0 where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return q[0], statistics.median(xs), q[2]
@@ -144,6 +154,7 @@ def alternate(exp, rounds: int, block: int) -> None:
                 proc.stdin.flush()
                 return proc.stdout.readline().strip()
 
+            client_cpu: list[tuple[float, int, bool]] = []
             while eng.buffer is None or len(eng.buffer) < 64:  # prepared, training
                 time.sleep(0.01)
 
@@ -151,9 +162,11 @@ def alternate(exp, rounds: int, block: int) -> None:
                 if attached:
                     assert say(f"attach {len(eng.buffer)}") == "attached"
                 cpu0, ecpu0, r0 = time.process_time(), _endpoint_cpu(), len(eng.buffer)
+                ccpu0 = _process_cpu(proc.pid)
                 while len(eng.buffer) < r0 + block:
                     time.sleep(0.02)
                 cpu1, ecpu1, r1 = time.process_time(), _endpoint_cpu(), len(eng.buffer)
+                client_cpu.append((_process_cpu(proc.pid) - ccpu0, r1 - r0, attached))
                 if attached:
                     reply = say("detach").split()
                     assert reply[0] == "detached" and int(reply[1]) > 0, reply
@@ -192,6 +205,11 @@ def alternate(exp, rounds: int, block: int) -> None:
     print(f"endpoint threads' CPU per step: {e_med:.2f} us attached (quartiles {e_lo:.2f}-{e_hi:.2f}), "
           f"{statistics.median(ep_idle) * 1e6:.2f} us with no client; "
           f"{e_med / step_us * 100:.2f} % of a step attached")
+    for attached in (True, False):
+        sec = sum(c for c, _, a in client_cpu[2:] if a == attached)
+        steps = sum(n for _, n, a in client_cpu[2:] if a == attached)
+        print(f"the client's process (another process, competing for this machine's cores), "
+              f"{'attached' if attached else 'detached'}: {sec / steps * 1e6:.2f} us CPU per step of the run")
     if ring is not None and ring.timings:
         per_block = ring.rows / ring.writes
         med = statistics.median(ring.timings)
