@@ -161,8 +161,11 @@ class LiveClient:
                     if wait <= 0:
                         self._poll_ring()
                         wait = RING_POLL_S
-                    if not select.select([sock], [], [], wait)[0]:
-                        continue
+                    try:
+                        if not select.select([sock], [], [], wait)[0]:
+                            continue
+                    except ValueError:  # close() closed the socket under us
+                        break
                 header, payload = recv_frame(sock)
                 t = header["t"]
                 body: Any = payload
