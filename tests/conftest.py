@@ -45,9 +45,10 @@ if QSettings is not None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """``LRVIZ_TEST_CPU=DIR``: report each test's CPU, its children's included (tests/cpu_report.py)."""
-    import cpu_report
+    if os.environ.get("LRVIZ_TEST_CPU"):
+        import cpu_report
 
-    cpu_report.plugin_from_env(config)
+        cpu_report.plugin_from_env(config)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

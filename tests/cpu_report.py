@@ -4,7 +4,9 @@
 system, of the pytest process: its setup, call and teardown) and that of its children reaped meanwhile
 (``RUSAGE_CHILDREN``: a child's own reaped children count too, so a torchrun agent brings its ranks) is
 written, one JSON line per test, to ``DIR/<pid>.jsonl`` by each process (each xdist worker); what a
-process spends outside its tests (start, imports, collection) is written as ``(outside tests)``. At the
+process spends outside its tests (start, imports, collection; a worker's session fixtures' children
+ended at its end) is written as ``(outside tests)`` (an xdist controller's own CPU only: its children
+are the workers, counted by themselves). At the
 end of a session the totals over every file in DIR (both runs of .ci/test share it) are printed, sorted
 by file and by test. ``python tests/cpu_report.py DIR [N]`` prints them again (the N largest of each).
 
@@ -57,7 +59,9 @@ class CpuReport:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         own, kids = _cpu()
-        self._write(OUTSIDE, own - self.in_tests[0], kids - self.in_tests[1])
+        # an xdist controller's children are its workers, which write their own CPU: not counted twice
+        controller = session.config.pluginmanager.getplugin("dsession") is not None
+        self._write(OUTSIDE, own - self.in_tests[0], 0.0 if controller else kids - self.in_tests[1])
         self.out.close()
 
     def pytest_terminal_summary(self, terminalreporter) -> None:  # noqa: ANN001
