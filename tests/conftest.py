@@ -2,6 +2,7 @@
 
 - Qt runs offscreen, and its settings (QSettings) live in a temporary folder, never the user's.
 - Every test gets its own run store: ``LRVIZ_HOME`` points at a fresh temporary folder.
+- ``LRVIZ_TEST_CPU=DIR`` reports where the suite's CPU goes, per test and per file (tests/cpu_report.py).
 - A test that leaves an ``lrviz-*`` thread, a child process, a QThread or a running QTimer behind fails,
   with where each was started (``_no_leaks``).
 
@@ -41,6 +42,14 @@ except ImportError:  # the core's tests run without Qt
 if QSettings is not None:
     for _fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
         QSettings.setPath(_fmt, QSettings.Scope.UserScope, _CONFIG_HOME)
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``LRVIZ_TEST_CPU=DIR``: report each test's CPU, its children's included (tests/cpu_report.py)."""
+    if os.environ.get("LRVIZ_TEST_CPU"):
+        import cpu_report
+
+        cpu_report.plugin_from_env(config)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--after-core", action="store_true",
