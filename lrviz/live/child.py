@@ -30,7 +30,7 @@ from lrviz.states import Command, RunState, is_terminal
 
 from .client import CommandRejected, NotLive
 from .connection import ConnectionInfo
-from .forkserver import ForkedProcess, ForkServer, fork_unavailable, say_once
+from .forkserver import UNKNOWN_EXIT, ForkedProcess, ForkServer, fork_unavailable, say_once
 from .run import RemoteRun
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def describe_exit(code: int | None) -> str:
     """How a worker ended, in words."""
     if code is None:
         return "still running"
+    if code == UNKNOWN_EXIT:
+        return "ended (how is unknown: the fork server that started it had died)"
     if code < 0 or code > 128:
         name = signal_name(code)
         hint = {"SIGKILL": " (out of memory? the system's OOM killer sends SIGKILL)",
@@ -448,18 +450,19 @@ class WorkerPool:
     ``inspect`` asks the spare (it stays the spare); ``take`` hands the spare over for a run and
     starts the next one in the background. ``close`` ends the spare (runs keep their workers).
 
-    With ``fork`` (on Linux), a fork server started with the first worker imports torch once and every
+    With ``fork`` (on Linux; the default unless ``LRVIZ_WORKERS=spawn``), a fork server started with the first worker imports torch once and every
     worker is a fork of it (~1.5 s of CPU less per run); where a worker cannot be a fork (another
     platform, an env that differs at start-up, the server gone) it is spawned, and the log says why.
     A server that died after serving is started again with the next worker.
     """
 
     def __init__(self, *, log_dir: str | os.PathLike | None = None, python: str | None = None,
-                 env: dict[str, str] | None = None, fork: bool = True):
+                 env: dict[str, str] | None = None, fork: bool | None = None):
         self.log_dir = log_dir
         self.python = python
         self.env = env
-        self.fork = fork
+        #: ``LRVIZ_WORKERS=spawn`` (in the app's environment) spawns every worker: no fork server.
+        self.fork = os.environ.get("LRVIZ_WORKERS", "fork") != "spawn" if fork is None else fork
         self.server: ForkServer | None = None
         self._spare: WorkerProcess | None = None
         self._lock = threading.Lock()

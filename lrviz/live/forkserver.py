@@ -47,19 +47,20 @@ STARTUP_PREFIXES = ("PYTHON", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "LD_
 PRELOAD = ("torch", "numpy", "lrviz.live.worker", "lrviz.live.serve", "lrviz.engine", "lrviz.experiment",
            "lrviz.devices", "lrviz.config", "lrviz.store.runs", "lrviz.interventions")
 _MAX_MSG = 1 << 20
-#: The status reported for a fork whose server died before reporting it (its real status is lost).
-UNKNOWN_EXIT = 255
+#: The status reported for a fork whose server died before reporting it (its real status is lost):
+#: neither an exit status nor a signal.
+UNKNOWN_EXIT = -1000
 
 _said: set[str] = set()
 _said_lock = threading.Lock()
 
 
-def say_once(message: str) -> None:
-    """Log why a worker is spawned rather than forked, once per reason."""
+def say_once(message: str, said: set[str] = _said) -> None:
+    """Log why a worker is spawned rather than forked, once per reason (per ``said``)."""
     with _said_lock:
-        if message in _said:
+        if message in said:
             return
-        _said.add(message)
+        said.add(message)
     log.info(message)
 
 
@@ -151,7 +152,7 @@ class ForkedProcess:
 
     def _spawn(self, why: str) -> None:
         """The server cannot fork it: start it the plain way, on the same pipes."""
-        say_once(f"spawning a worker: {why}")
+        say_once(f"spawning a worker: {why}", self.server.said)
         python, env, cwd = self._spawn_args
         try:
             self.popen = subprocess.Popen([python, "-m", "lrviz", "worker"], stdin=self._child_fds[0],
@@ -204,6 +205,8 @@ class ForkServer:
         self._pending: dict[int, ForkedProcess] = {}
         self._children: dict[int, ForkedProcess] = {}
         self._closing = False
+        #: What this server's log lines have said already (each reason once).
+        self.said: set[str] = set()
 
     @property
     def pid(self) -> int | None:
@@ -235,7 +238,7 @@ class ForkServer:
         """Why a worker with this python and env cannot be a fork of this server (None: it can)."""
         if self.dead.is_set():
             return "the fork server has exited"
-        if os.path.realpath(python) != os.path.realpath(self.python):
+        if os.path.abspath(python) != os.path.abspath(self.python):  # a venv's python links to another
             return f"its python ({python}) is not the fork server's ({self.python})"
         mine, theirs = startup_env(self.env), startup_env(env)
         if mine != theirs:
@@ -249,7 +252,7 @@ class ForkServer:
         cannot be a fork: spawn it instead."""
         why = self.refuses(python, env)
         if why is not None:
-            say_once(f"spawning workers, not forking them: {why}")
+            say_once(f"spawning workers, not forking them: {why}", self.said)
             return None
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -366,7 +369,10 @@ def main(argv: list[str]) -> int:
     """``python -m lrviz forkserver FD``: import torch once, then fork a worker per request on FD."""
     sock = socket.socket(fileno=int(argv[0]))
     for name in PRELOAD:
-        __import__(name)
+        try:
+            __import__(name)
+        except ImportError:  # an optional one: the worker imports what it needs
+            pass
     sig_r, sig_w = os.pipe()
     os.set_blocking(sig_r, False)
     os.set_blocking(sig_w, False)
@@ -472,4 +478,4 @@ def _child(req: dict[str, Any], fds: list[int], sock: socket.socket, own: tuple[
             os._exit(code)
 
 
-__all__ = ["ForkServer", "ForkedProcess", "STARTUP_PREFIXES", "fork_unavailable", "main", "startup_env"]
+__all__ = ["ForkServer", "ForkedProcess", "STARTUP_PREFIXES", "UNKNOWN_EXIT", "fork_unavailable", "main", "startup_env"]

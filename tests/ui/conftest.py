@@ -113,6 +113,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory, session_owned: list):
     spare = p._spare
     if spare is not None:
         spare.signal(signal.SIGKILL)
+    if p.server is not None:  # it exits once it has reported the spare's end; wait, so it is not orphaned
+        p.server.proc.wait(WAIT_MS / 1000)
 
 
 @pytest.fixture
