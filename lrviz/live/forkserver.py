@@ -36,6 +36,8 @@ import threading
 import traceback
 from typing import IO, Any
 
+from .protocol import close_socket
+
 log = logging.getLogger(__name__)
 
 #: Environment variables read when the interpreter or torch (and its OpenMP/MKL/CUDA) start: a fork
@@ -284,11 +286,7 @@ class ForkServer:
     def _shut(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            close_socket(sock)
 
     def _read(self) -> None:
         sock = self._sock
