@@ -244,3 +244,10 @@ def test_the_server_exits_with_its_app_and_the_run_it_forked_trains_on(tmp_path,
             assert s.get_run(seen["run"]).status == "stopped"
     finally:
         app.kill()
+
+
+def test_lrviz_workers_spawn_turns_the_fork_server_off(tmp_path, monkeypatch):
+    assert WorkerPool(log_dir=tmp_path).fork is True
+    monkeypatch.setenv("LRVIZ_WORKERS", "spawn")
+    pool = WorkerPool(log_dir=tmp_path)
+    assert pool.fork is False and pool._forkserver() is None and pool.server is None

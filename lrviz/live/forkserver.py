@@ -267,7 +267,8 @@ class ForkServer:
             rid = self._ids
             self._pending[rid] = proc
             try:
-                assert self._sock is not None
+                if self._sock is None:
+                    raise OSError("it has been closed")
                 socket.send_fds(self._sock, [json.dumps({**msg, "id": rid}).encode()], list(fds))
             except OSError as err:
                 self._pending.pop(rid, None)
