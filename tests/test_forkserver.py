@@ -251,3 +251,15 @@ def test_lrviz_workers_spawn_turns_the_fork_server_off(tmp_path, monkeypatch):
     monkeypatch.setenv("LRVIZ_WORKERS", "spawn")
     pool = WorkerPool(log_dir=tmp_path)
     assert pool.fork is False and pool._forkserver() is None and pool.server is None
+
+
+def test_a_pool_off_linux_spawns_and_says_why_once(tmp_path, monkeypatch, caplog):
+    import lrviz.live.forkserver as fs
+
+    caplog.set_level(logging.INFO, logger="lrviz.live.forkserver")
+    monkeypatch.setattr(fs.sys, "platform", "darwin")
+    monkeypatch.setattr(fs, "_said", set())
+    pool = WorkerPool(log_dir=tmp_path)
+    assert pool._forkserver() is None and pool._forkserver() is None and pool.server is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["spawning workers: forking workers is only done on Linux, not darwin"]

@@ -57,8 +57,10 @@ _said: set[str] = set()
 _said_lock = threading.Lock()
 
 
-def say_once(message: str, said: set[str] = _said) -> None:
-    """Log why a worker is spawned rather than forked, once per reason (per ``said``)."""
+def say_once(message: str, said: set[str] | None = None) -> None:
+    """Log why a worker is spawned rather than forked, once per reason (per ``said``: by default, once
+    in this process)."""
+    said = _said if said is None else said
     with _said_lock:
         if message in said:
             return
