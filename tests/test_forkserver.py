@@ -70,10 +70,13 @@ def spec_for(script: Path, store: Path, **config) -> dict:
             "store": str(store / "runs.sqlite")}
 
 
-@pytest.fixture
-def server(tmp_path):
-    s = ForkServer(env=ENV, log_path=tmp_path / "forkserver.log").start()
-    assert s.ready.wait(WAIT) and s.served, (tmp_path / "forkserver.log").read_text()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, session_owned):
+    """A fork server shared by this module's tests (as the app keeps one): one torch import."""
+    log_path = tmp_path_factory.mktemp("forkserver") / "server.log"
+    s = ForkServer(env=ENV, log_path=log_path).start()
+    session_owned.append(lambda: {s, s.pid})
+    assert s.ready.wait(WAIT) and s.served, log_path.read_text()
     yield s
     s.close()
     s.proc.wait(WAIT)
