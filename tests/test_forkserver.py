@@ -134,6 +134,9 @@ def test_a_worker_with_another_start_up_env_is_spawned_and_the_log_says_so_once(
             assert parent_of(w.pid) == os.getpid()
         said = [r.getMessage() for r in caplog.records if "spawning workers" in r.getMessage()]
         assert len(said) == 1 and "OMP_NUM_THREADS" in said[0]
+        # what else makes a fork unlike a fresh process: another python, the server gone
+        assert "is not the fork server's" in server.refuses("/usr/bin/python3", ENV)
+        assert server.refuses(server.python, {**ENV, "LRVIZ_HOME": str(tmp_path)}) is None  # read at run time
     finally:
         for w in spawned:
             w.close()

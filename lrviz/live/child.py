@@ -2,11 +2,11 @@
 
 :class:`WorkerProcess` runs ``python -m lrviz worker`` (torch is imported there, never in the app)
 and talks to it over a private pipe; with a :class:`~lrviz.live.forkserver.ForkServer` (the pool's,
-on Linux) the worker is a fork of that server, which imported torch once for all of them. :class:`ChildRun` is a :class:`~lrviz.live.run.RemoteRun` of a
-run trained by such a worker: it attaches to the worker's endpoint, stops it cooperatively first,
-then with SIGTERM, then SIGKILL, and when the process dies on its own (a segfault, the OOM killer)
-it shows the run as failed with the signal and puts the store row right. Nothing here imports
-torch or Qt.
+on Linux) the worker is a fork of that server, which imported torch once for all of them.
+:class:`ChildRun` is a :class:`~lrviz.live.run.RemoteRun` of a run trained by such a worker: it
+attaches to the worker's endpoint, stops it cooperatively first, then with SIGTERM, then SIGKILL,
+and when the process dies on its own (a segfault, the OOM killer) it shows the run as failed with
+the signal and puts the store row right. Nothing here imports torch or Qt.
 """
 
 from __future__ import annotations
@@ -450,8 +450,8 @@ class WorkerPool:
     ``inspect`` asks the spare (it stays the spare); ``take`` hands the spare over for a run and
     starts the next one in the background. ``close`` ends the spare (runs keep their workers).
 
-    With ``fork`` (on Linux; the default unless ``LRVIZ_WORKERS=spawn``), a fork server started with the first worker imports torch once and every
-    worker is a fork of it (~1.5 s of CPU less per run); where a worker cannot be a fork (another
+    With ``fork`` (on Linux; the default unless ``LRVIZ_WORKERS=spawn``), a fork server started with
+    the first worker imports torch once and every worker is a fork of it (~1.5 s of CPU less per run); where a worker cannot be a fork (another
     platform, an env that differs at start-up, the server gone) it is spawned, and the log says why.
     A server that died after serving is started again with the next worker.
     """
