@@ -113,17 +113,20 @@ class StepBuffer:
         self.n = i + 1
 
     def write(self, start: int, **columns: Any) -> None:
-        """Write rows ``start..`` of the given columns (any subset; sequences or arrays), not publishing them."""
-        k = None
+        """Write rows ``start..`` of the given columns (any subset; sequences, arrays or anything with
+        the buffer protocol, e.g. ``array.array``), not publishing them."""
         for name, values in columns.items():
             a = np.asarray(values)
             if name == "lr":
                 a = a.reshape(-1, self.groups)
             k = len(a)
+            ci, r = divmod(start, CHUNK_ROWS)
+            if r + k <= CHUNK_ROWS:  # the common case: the rows fit in one chunk
+                getattr(self._chunk(ci), name)[r:r + k] = a
+                continue
             done = 0
             while done < k:
-                row = start + done
-                ci, r = divmod(row, CHUNK_ROWS)
+                ci, r = divmod(start + done, CHUNK_ROWS)
                 take = min(k - done, CHUNK_ROWS - r)
                 getattr(self._chunk(ci), name)[r:r + take] = a[done:done + take]
                 done += take

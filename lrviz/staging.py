@@ -10,8 +10,8 @@ Shared by the engine and ``lrviz.track``.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -87,23 +87,34 @@ class Staging:
     host, or staged on the device.
 
     ``record_host`` takes the loss and squared gradient norm as tensors, reads them (one host sync:
-    the CPU path) and returns ``(loss, grad_norm)`` floats; the row waits in a Python list and the
-    block is written at once every ``HOST_ROWS`` rows or FLUSH_SECONDS (a per-row NumPy write costs
-    more than the rest of the bookkeeping together). ``stage`` keeps them on the device and returns
-    None; the rows appear at the next flush, which returns ``(first_step, losses, grad_norms)`` as
-    NumPy arrays for the caller to check. Call :meth:`flush` before anything reads the buffer's last
+    the CPU path) and returns ``(loss, grad_norm)`` floats; the row waits in five flat arrays
+    (``array.array``: an append is a few dozen ns, and a block goes into the buffer's columns as one
+    copy per column, where Python tuples cost ~1.5 µs a row to gather inside a training loop) and the
+    block is written every ``HOST_ROWS`` rows or FLUSH_SECONDS. ``stage`` keeps them on the device and
+    returns None; the rows appear at the next flush, which returns ``(first_step, losses, grad_norms)``
+    as NumPy arrays for the caller to check. Call :meth:`flush` before anything reads the buffer's last
     rows from the training thread (a checkpoint, a pause, validation, the end).
     """
 
     #: Rows read on the host are written to the buffer this many at a time (or per FLUSH_SECONDS).
     HOST_ROWS = 64
+    #: When nobody reads the rows while the run trains (``lrviz.track`` with no store and no listener):
+    #: a block per chunk of the buffer, or per second.
+    QUIET_ROWS = 4096
+    QUIET_SECONDS = 1.0
 
     def __init__(self, buffer: Any, device: torch.device | None, on_host: bool):
         self.buffer = buffer
         self.on_host = on_host
         self.staged = 0
         self.last_flush = 0.0
-        self._rows: list[tuple[int, float, float, float, Sequence[float]]] = []
+        self.block_rows = self.HOST_ROWS
+        self.block_seconds = FLUSH_SECONDS
+        #: The rows read on the host and not yet written, one flat array per column (``lr``: the
+        #: groups' rates row after row); ``appends`` are their bound ``append`` (``extend`` for the
+        #: rates), for a per-step path that is only calls.
+        self.host = (array("q"), array("d"), array("d"), array("d"), array("d"))
+        self.appends = (*(a.append for a in self.host[:4]), self.host[4].extend)
         self._loss: torch.Tensor | None = None
         self._gn: torch.Tensor | None = None
         if not on_host:
@@ -111,34 +122,41 @@ class Staging:
             self._loss = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
             self._gn = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
 
+    @property
+    def pending(self) -> int:
+        """Rows read on the host and not yet in the buffer."""
+        return len(self.host[1])
+
     def record_host(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
                     lrs: Sequence[float]) -> tuple[float, float]:
-        """Read the row now (one host sync: the CPU path); its loss and gradient norm (None: not measured).
-
-        ``lrs`` is kept as given until the block is written: pass a list nobody changes in place.
-        """
+        """Read the row now (one host sync: the CPU path); its loss and gradient norm (None: not measured)."""
         lf = loss.item()
         gn = math.sqrt(gn2.item()) if gn2 is not None else math.nan
-        rows = self._rows
-        rows.append((epoch, now, lf, gn, lrs))
-        if len(rows) >= self.HOST_ROWS or now - self.last_flush >= FLUSH_SECONDS:
+        add_epoch, add_time, add_loss, add_gn, add_lrs = self.appends
+        add_epoch(epoch)
+        add_time(now)
+        add_loss(lf)
+        add_gn(gn)
+        add_lrs(lrs)
+        if len(self.host[1]) >= self.block_rows or now - self.last_flush >= self.block_seconds:
             self._write_rows(now)
         return lf, gn
 
+    def quiet(self) -> None:
+        """Nobody reads the rows until the run ends: write them in larger, rarer blocks (host rows only;
+        whoever reads the buffer from the training thread still calls :meth:`flush` first)."""
+        self.block_rows, self.block_seconds = self.QUIET_ROWS, self.QUIET_SECONDS
+
     def _write_rows(self, now: float) -> None:
-        rows = self._rows
-        k = len(rows)
+        epoch, times, loss, gn, lrs = self.host
+        k = len(times)
         if not k:
             return
         buf = self.buffer
         n = buf.n
-        epoch, times, loss, gn, lrs = zip(*rows)
-        # Straight into arrays of the columns' own types (np.asarray of a tuple of lists guesses
-        # shape and type first, and costs twice as much).
-        buf.write(n, epoch=np.fromiter(epoch, np.int32, k), time=np.fromiter(times, np.float64, k),
-                  loss=np.fromiter(loss, np.float64, k), grad_norm=np.fromiter(gn, np.float32, k),
-                  lr=np.fromiter(chain.from_iterable(lrs), np.float64, k * buf.groups))
-        rows.clear()
+        buf.write(n, epoch=epoch, time=times, loss=loss, grad_norm=gn, lr=lrs)
+        for a in self.host:
+            del a[:]
         self.last_flush = now
         buf.publish(n + k)
 
@@ -166,7 +184,7 @@ class Staging:
     def flush(self, now: float) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Publish every row recorded so far; staged rows come from the device in one transfer
         (returned for the caller to check; rows read on the host were checked as they came)."""
-        if self._rows:
+        if self.host[1]:
             self._write_rows(now)
         j = self.staged
         if not j or self._loss is None:

@@ -49,7 +49,7 @@ from .optim import apply_hyperparams
 from .rates import RateControl
 from .recorder import Recorded, RunRecorder
 from .records import StepBuffer, ValPoint
-from .staging import FLUSH_SECONDS, Staging
+from .staging import Staging
 from .states import SETTING_COMMANDS, Command, RunState, parse_command
 
 __all__ = ["StopTraining", "TrackedRun", "track"]
@@ -60,8 +60,6 @@ _DEFAULT = object()
 _INF = math.inf
 _NAN = math.nan
 _perf = time.perf_counter
-_HOST_ROWS = Staging.HOST_ROWS
-_FLUSH_S = FLUSH_SECONDS
 
 
 class StopTraining(Exception):
@@ -155,7 +153,8 @@ class TrackedRun(Steering, Recorded):
         self._off = False
         self._finished = False
         self._fast = False  # step() may take its short path (set by start, cleared by finish/_broken)
-        self._rows: list[Any] = []
+        self._appends: tuple[Any, ...] = ()  # the staging's per-column appends (the short path)
+        self._times: Any = ()  # its time column of rows not yet written (their count)
         self._warned: set[str] = set()
 
     @property
@@ -204,7 +203,8 @@ class TrackedRun(Steering, Recorded):
             self._join_ranks(dev)
         else:
             self._staging = Staging(self.rec.buffer, dev, on_host=dev.type == "cpu")
-        self._rows = self._staging._rows
+        if self._staging.on_host:
+            self._appends, self._times = self._staging.appends, self._staging.host[1]
         self._fast = self._staging.on_host and not self._grad_norm
         self._hooks = [o.register_step_pre_hook(self._before_optimizer_step) for o in self.optimizers]
         self.rec.state = RunState.RUNNING
@@ -214,6 +214,8 @@ class TrackedRun(Steering, Recorded):
                           config=self._config(), device=self.device or "cpu", name=self.name, kind="tracked")
         if self.listen is not False and (self.store is not None or isinstance(self.listen, str)):
             self._serve()
+        if self.store is None and self._endpoint is None and self._staging.on_host:
+            self._staging.quiet()  # nobody reads the rows before the end: rarer, larger blocks
         return self
 
     def _across_ranks(self) -> bool:
@@ -322,17 +324,22 @@ class TrackedRun(Steering, Recorded):
         ``loss`` None: a step whose loss was not measured (a trainer that logs every n steps),
         recorded as NaN without a warning.
         """
-        if self._fast:  # the common case, kept to a few attribute reads: a CPU loss, no gradient norm
+        if self._fast:  # the common case, kept to a few calls: a CPU loss, no gradient norm
             try:
                 lf = loss.item()
                 if -_INF < lf < _INF:
                     used = self._used
                     self._used = None
-                    rows = self._rows
                     now = _perf() - self.rec.t0
-                    rows.append((self.epoch, now, lf, _NAN, used if used is not None else self.rates.lrs))
-                    if len(rows) >= _HOST_ROWS or now - self._staging.last_flush >= _FLUSH_S:
-                        self._staging.flush(now)
+                    add_epoch, add_time, add_loss, add_gn, add_lrs = self._appends
+                    add_epoch(self.epoch)
+                    add_time(now)
+                    add_loss(lf)
+                    add_gn(_NAN)
+                    add_lrs(used if used is not None else self.rates.lrs)
+                    st = self._staging
+                    if len(self._times) >= st.block_rows or now - st.last_flush >= st.block_seconds:
+                        st.flush(now)
                     self.step_index += 1
                     if self.control.attention:
                         self._attend()
@@ -474,7 +481,10 @@ class TrackedRun(Steering, Recorded):
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Just before each optimizer.step(): lrviz's rates when it holds them; note what is used."""
         if not (self.control.attention or self.overridden or self._grad_norm):
-            self._used = [g["lr"] for g in self.optimizer.param_groups]
+            try:  # floats, so that recording them cannot fail half-way through a row
+                self._used = [float(g["lr"]) for g in self.optimizer.param_groups]
+            except (TypeError, ValueError, RuntimeError):  # not a number: recorded as lrviz's own rates
+                self._used = None
             return
         try:
             if self.control.attention and self.dist is None:  # a new rate/schedule/momentum: in this very step

@@ -2,6 +2,7 @@
 
 - Qt runs offscreen, and its settings (QSettings) live in a temporary folder, never the user's.
 - Every test gets its own run store: ``LRVIZ_HOME`` points at a fresh temporary folder.
+- ``LRVIZ_TEST_CPU=DIR`` reports where the suite's CPU goes, per test and per file (tests/cpu_report.py).
 - A test that leaves an ``lrviz-*`` thread, a child process, a QThread or a running QTimer behind fails,
   with where each was started (``_no_leaks``).
 
@@ -41,6 +42,14 @@ except ImportError:  # the core's tests run without Qt
 if QSettings is not None:
     for _fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
         QSettings.setPath(_fmt, QSettings.Scope.UserScope, _CONFIG_HOME)
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``LRVIZ_TEST_CPU=DIR``: report each test's CPU, its children's included (tests/cpu_report.py)."""
+    if os.environ.get("LRVIZ_TEST_CPU"):
+        import cpu_report
+
+        cpu_report.plugin_from_env(config)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--after-core", action="store_true",
@@ -127,6 +136,9 @@ def _record_starts() -> None:
     if getattr(threading.Thread.start, "_lrviz_records", False):
         return
     thread_start, popen_init = threading.Thread.start, subprocess.Popen.__init__
+    from lrviz.live.forkserver import ForkedProcess
+
+    forked_init = ForkedProcess.__init__
 
     def start(self, *args, **kwargs):  # noqa: ANN001, ANN202
         setattr(self, _STARTED_AT, traceback.extract_stack()[:-1])
@@ -138,38 +150,61 @@ def _record_starts() -> None:
         popen_init(self, *args, **kwargs)
         _POPENS[self.pid] = self
 
+    def fork_init(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        setattr(self, _STARTED_AT, traceback.extract_stack()[:-1])
+        forked_init(self, *args, **kwargs)
+        _FORKS.add(self)
+
     start._lrviz_records = True  # type: ignore[attr-defined]
     threading.Thread.start = start  # type: ignore[method-assign]
     subprocess.Popen.__init__ = init  # type: ignore[method-assign]
+    ForkedProcess.__init__ = fork_init  # type: ignore[method-assign]
 
 
 #: Popen objects by pid, to say where a leftover child was started.
 _POPENS: weakref.WeakValueDictionary[int, subprocess.Popen] = weakref.WeakValueDictionary()
+#: Workers forked by a fork server (their pid comes later), for the same.
+_FORKS: weakref.WeakSet = weakref.WeakSet()
 
 
-def _live_children() -> set[int]:
-    """This process's children that still run (zombies, ended but not yet reaped, do not count)."""
+def _children_of(pid: int | str) -> set[int]:
     pids: set[int] = set()
-    for task in Path("/proc/self/task").glob("*"):
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             pids.update(int(p) for p in (task / "children").read_text().split())
         except OSError:
             continue
-    live = set()
-    for pid in pids:
+    return pids
+
+
+def _live_children() -> set[int]:
+    """This process's descendants that still run (zombies, ended but not yet reaped, do not count):
+    its children, and theirs (a worker forked by the pool's fork server is the server's child)."""
+    live: set[int] = set()
+    todo = _children_of("self")
+    while todo:
+        pid = todo.pop()
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state not in ("Z", "X"):
+        if state not in ("Z", "X") and pid not in live:
             live.add(pid)
+            todo |= _children_of(pid)
     return live
+
+
+def _started_at(pid: int) -> object:
+    """The Popen, or the pool's forked worker, of ``pid`` (where it was started is recorded on it)."""
+    found = _POPENS.get(pid)
+    return found if found is not None else next((f for f in list(_FORKS) if f.pid == pid), None)
 
 
 @pytest.fixture(scope="session")
 def session_owned() -> list:
-    """Callables naming what a session-scoped fixture keeps across tests (the app's warm worker: its
-    process id and its WorkerProcess, whose reader thread lives as long as it): not a test's leak."""
+    """Callables naming what a session-scoped fixture keeps across tests (the app's warm worker and its
+    fork server: their process ids and their WorkerProcess/ForkServer, whose reader threads live as long
+    as they do): not a test's leak."""
     return []
 
 
@@ -211,7 +246,7 @@ def _no_leaks(monkeypatch: pytest.MonkeyPatch, session_owned: list):
                if t.name.startswith("lrviz-") and t.is_alive() and t not in threads_before
                and getattr(t, "_lrviz_owner", None) not in owned]
         for pid in sorted(_live_children() - children_before - owned):
-            out.append(f"child process {pid}, started at:\n{_where(_POPENS.get(pid))}")
+            out.append(f"child process {pid}, started at:\n{_where(_started_at(pid))}")
         for qt in qthreads:
             try:
                 if qt.isRunning():

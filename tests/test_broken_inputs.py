@@ -13,7 +13,10 @@ script"):
   'created'/'running'; a case that fails before training creates no run at all.
 
 Most cases run in-process (``lrviz.cli.main``) for speed; the ones marked ``sub`` run
-``python -m lrviz`` in a subprocess, and ``--debug`` is checked there to show a traceback.
+``python -m lrviz`` in a process of its own, forked from the test's (tests/forked_cli.py: its own
+stderr, logging and exit status, without a new interpreter's torch import), and ``--debug`` is checked
+there to show a traceback. The read-only and busy stores start ``python -m lrviz`` itself (under
+setpriv; Ctrl+C sent from outside).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from forked_cli import lrviz_forked
 from store_events import stored_steps, wait_for_running_steps, wait_until
 
 from lrviz.cli import main
@@ -77,18 +81,12 @@ def _fill(argv: tuple[str, ...], tmp: Path) -> list[str]:
 def run_lrviz(
     argv: list[str], store: Path, *, sub: bool = False, capsys=None, cwd: Path | None = None
 ) -> Outcome:
-    """``lrviz run ARGV --store STORE``, in a subprocess (``sub``) or in-process through ``main``."""
+    """``lrviz run ARGV --store STORE``, in a process of its own (``sub``: forked, tests/forked_cli.py) or
+    in-process through ``main``."""
     full = ["run", *argv, "--store", str(store)]
     if sub:
         env = dict(os.environ, LRVIZ_HOME=str(store.parent / "home"))
-        p = subprocess.run(
-            [sys.executable, "-m", "lrviz", *full],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-            cwd=cwd or store.parent,
-        )
+        p = lrviz_forked(full, cwd=cwd or store.parent, env=env, timeout=120)
         return Outcome(p.returncode, p.stdout, p.stderr, store)
     assert capsys is not None
     capsys.readouterr()
@@ -475,10 +473,11 @@ def test_debug_traceback_reaches_the_users_line(store):
 
 
 def run_main(argv: list[str], capsys=None, sub: bool = False) -> Outcome:
-    """``lrviz ARGV`` (any command) in-process, or in a subprocess (``sub``: its log lines show there)."""
+    """``lrviz ARGV`` (any command) in-process, or in a process of its own (``sub``: forked, its log lines
+    show there)."""
     store = Path(argv[argv.index("--store") + 1]) if "--store" in argv else Path()
     if sub:
-        p = subprocess.run([sys.executable, "-m", "lrviz", *argv], capture_output=True, text=True, timeout=120)
+        p = lrviz_forked(argv, timeout=120)
         return Outcome(p.returncode, p.stdout, p.stderr, store)
     capsys.readouterr()
     status = main(argv)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from forked_cli import lrviz_forked
 from store_events import wait_for_commits, wait_for_running_steps, wait_until
 
 from lrviz.cli import main
@@ -375,9 +376,8 @@ def test_paths_are_resolved_once_before_the_script_changes_folder(tmp_path):
         paths = [Path(e.data["path"]) for e in s.load_events(info.id) if e.kind == "checkpoint"]
     assert paths and all(q.is_absolute() and q.is_file() and q.parent == work / "store" / "checkpoints" / "1"
                          for q in paths), paths
-    p = subprocess.run([sys.executable, "-m", "lrviz", "resume", "1", "--steps", "12", "--store",
-                        "../work/store", "--quiet"], cwd=other, env=env, capture_output=True, text=True,
-                       timeout=300)
+    # the resume in a process of its own too (forked: the run above already showed a new interpreter's)
+    p = lrviz_forked(["resume", "1", "--steps", "12", "--store", "../work/store", "--quiet"], cwd=other, env=env)
     assert p.returncode == 0, p.stderr
     with RunStore(work / "store") as s:
         assert s.get_run(1).steps == 12 and s.get_run(1).status == "finished"

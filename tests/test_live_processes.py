@@ -151,10 +151,27 @@ def test_listen_on_tcp_refuses_a_wrong_token_and_obeys_the_right_one(tmp_path, c
 
 
 # ---- the app's children -----------------------------------------------------------------------------
-@pytest.fixture
-def worker(tmp_path):
-    w = WorkerProcess(log_dir=tmp_path, env=ENV).start()
+@pytest.fixture(scope="module")
+def forkserver(tmp_path_factory, session_owned):
+    """A fork server for this module's forked workers (kept across its tests, as the app keeps its own)."""
+    from lrviz.live.forkserver import ForkServer
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    s = ForkServer(env=ENV, log_path=tmp_path_factory.mktemp("forkserver") / "server.log").start()
+    session_owned.append(lambda: {s, s.pid})
+    yield s
+    s.close()
+    s.proc.wait(WAIT)
+
+
+@pytest.fixture(params=["spawned", "forked"])
+def worker(request, tmp_path):
+    """A worker spawned as ``python -m lrviz worker``, or forked from a fork server: they behave alike."""
+    server = request.getfixturevalue("forkserver") if request.param == "forked" else None
+    w = WorkerProcess(log_dir=tmp_path, env=ENV, server=server).start()
     w.ready.result(WAIT)
+    assert (w.proc.__class__.__name__ == "ForkedProcess") == (server is not None)
     yield w
     w.signal(signal.SIGKILL)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -12,10 +13,12 @@ import torch
 from torch import nn
 
 import lrviz
+import lrviz.staging as staging_module
 from lrviz.cli import main
 from lrviz.errors import ConfigError
 from lrviz.live.connection import find_live
 from lrviz.live.run import RemoteRun
+from lrviz.staging import Staging
 from lrviz.store.runs import RunStore
 
 WAIT = 60
@@ -232,6 +235,43 @@ def test_track_without_a_store_serves_nothing_and_keeps_the_records():
         train_steps(run, model, opt, x, y, 12)
     assert run._endpoint is None and run.run_id is None
     assert len(run.buffer) == 12 and run.state == "finished"
+
+
+def test_a_loop_nobody_watches_writes_its_rows_in_chunk_sized_blocks_and_they_are_the_same_rows(tmp_path, monkeypatch):
+    # Without a store or a listener nobody reads the rows before the end: they go into the buffer a
+    # chunk (4096 rows) at a time, not 64, which is what makes track cheap there. Time-based blocks off,
+    # so the blocks are counted exactly.
+    monkeypatch.setattr(staging_module, "FLUSH_SECONDS", math.inf)
+    monkeypatch.setattr(Staging, "QUIET_SECONDS", math.inf)
+    steps = Staging.QUIET_ROWS + 100
+
+    def record(store):
+        published = []
+        model, x, y = problem()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=500, gamma=0.5)
+        losses, lrs = [], []
+        with lrviz.track(opt, store=store, listen=False) as run:
+            publish = run.buffer.publish
+            run.buffer.publish = lambda n: (published.append(n), publish(n))
+            for i in range(steps):
+                b = slice((i * 32) % 256, (i * 32) % 256 + 32)
+                loss = nn.functional.mse_loss(model(x[b]), y[b])
+                loss.backward()
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.step()
+                opt.zero_grad()
+                sched.step()
+                run.step(loss)
+                losses.append(loss.item())
+        view = run.buffer.view()
+        np.testing.assert_array_equal(view["loss"], losses)
+        np.testing.assert_array_equal(view["lr"][:, 0], lrs)
+        return published
+
+    assert record(None) == [Staging.QUIET_ROWS, steps]
+    with RunStore(tmp_path / "runs.sqlite") as store:  # recorded: blocks of 64, for whoever reads them live
+        assert record(store)[:3] == [Staging.HOST_ROWS, 2 * Staging.HOST_ROWS, 3 * Staging.HOST_ROWS]
 
 
 def test_grad_norm_true_records_the_norm_of_the_gradients_each_step_used_and_off_leaves_it_empty():

@@ -368,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..live.worker import main as worker_main
 
         return worker_main(argv[1:])
+    if argv[:1] == ["forkserver"]:  # the app's fork server (private: its argument is its socket's fd)
+        from ..live.forkserver import main as forkserver_main
+
+        return forkserver_main(argv[1:])
     try:
         with Interrupts().installed():
             if argv and argv[0] in HANDLERS:

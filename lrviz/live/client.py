@@ -30,6 +30,7 @@ from .protocol import (
     AuthenticationError,
     ProtocolError,
     client_handshake,
+    close_socket,
     recv_frame,
     send_frame,
     unpack_columns,
@@ -248,11 +249,7 @@ class LiveClient:
         self.close_reason = reason
         sock = self._sock
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            close_socket(sock)
         with self._pending_lock:
             pending = list(self._pending.values())
             self._pending.clear()

@@ -46,6 +46,7 @@ from .protocol import (
     AuthenticationError,
     FrameBatch,
     ProtocolError,
+    close_socket,
     jsonable,
     new_token,
     pack_columns,
@@ -240,9 +241,9 @@ class LiveEndpoint:
         with self._lock:
             clients = list(self._clients)
         for c in clients:
-            _close_socket(c.sock)
+            close_socket(c.sock)
         if self._sock is not None:
-            _close_socket(self._sock)
+            close_socket(self._sock)
             self._sock = None
         if self.info is not None and self.info.transport == "unix":
             remove_quietly(self.info.address)
@@ -288,7 +289,7 @@ class LiveEndpoint:
                 sock.sendall(REFUSED)
             except OSError:
                 pass
-            _close_socket(sock)
+            close_socket(sock)
             return
         client = _Client(cid, sock, peer)
         with self._lock:
@@ -303,7 +304,7 @@ class LiveEndpoint:
             log.exception("live endpoint: serving client %s (%s) failed", cid, peer)
         finally:
             client.closed = True
-            _close_socket(sock)
+            close_socket(sock)
             with self._lock:
                 if client in self._clients:
                     self._clients.remove(client)
@@ -510,15 +511,4 @@ def _peer_name(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
     return "a local process"
-
-
-def _close_socket(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
 

@@ -65,6 +65,18 @@ def _mac(token: str, role: bytes, nonce: bytes) -> bytes:
 
 
 # ---- raw socket I/O ------------------------------------------------------------------------------
+def close_socket(sock: socket.socket) -> None:
+    """Shut a socket down (a thread blocked reading it wakes with EOF) and close it; never raises."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Exactly ``n`` bytes (ProtocolError when the peer closes first)."""
     if n == 0:

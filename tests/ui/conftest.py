@@ -96,22 +96,25 @@ def shown(monkeypatch: pytest.MonkeyPatch) -> list[QMessageBox]:
 
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory: pytest.TempPathFactory, session_owned: list):
-    """The app's worker pool, shared by the tests (one warm worker waits; each run gets its own)."""
+    """The app's worker pool, shared by the tests (one warm worker waits; each run gets its own, a fork
+    of the pool's fork server)."""
     from lrviz.live.child import WorkerPool
 
     p = WorkerPool(log_dir=tmp_path_factory.mktemp("worker-logs"), env=CHILD_ENV)
 
-    def spare() -> set:  # the warm worker a test's run left behind is the pool's, not a leak
-        w = p._spare
-        return {w, w.pid} if w is not None else set()
+    def owned() -> set:  # the warm worker a test's run left behind, and the fork server: the pool's
+        w, server = p._spare, p.server
+        return ({w, w.pid} if w is not None else set()) | ({server, server.pid} if server is not None else set())
 
-    session_owned.append(spare)
+    session_owned.append(owned)
     p.warm()
     yield p
     p.close()
     spare = p._spare
     if spare is not None:
         spare.signal(signal.SIGKILL)
+    if p.server is not None:  # it exits once it has reported the spare's end; wait, so it is not orphaned
+        p.server.proc.wait(WAIT_MS / 1000)
 
 
 @pytest.fixture
