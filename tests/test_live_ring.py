@@ -197,6 +197,38 @@ def test_an_ack_goes_out_at_once_not_at_the_next_tick(store, monkeypatch):
         ep.close()
 
 
+def test_an_ack_waits_for_the_rows_before_its_step_unless_the_run_went_back_before_it():
+    from lrviz.live.endpoint import _Client
+
+    class Source:  # a run that published 200 rows; its step now is ``step``
+        done = threading.Event()
+
+        def __init__(self, step):
+            self.buf = StepBuffer(groups=1)
+            self.buf.write(0, epoch=np.zeros(200, np.int32), time=np.zeros(200), loss=np.zeros(200),
+                           grad_norm=np.zeros(200, np.float32), lr=np.zeros(200))
+            self.buf.publish(200)
+            self.step = step
+
+        def records(self):
+            return self.buf, [], []
+
+        def snapshot(self):
+            return {"step": self.step}
+
+    ack = {"t": "ack", "ok": True, "kind": "rollback", "step": 234}
+    ahead = LiveEndpoint(Source(step=234))  # rows 200..233 are still to be published: held
+    c, d = _Client(1, None, "test"), _Client(2, None, "test")
+    try:
+        assert not ahead._may_send(c, ack)
+        assert ahead._may_send(c, {**ack, "step": 200})  # its rows are all there
+        back = LiveEndpoint(Source(step=200))  # a roll-back restored step 200: rows 200..233 never come
+        assert back._may_send(d, ack)
+    finally:
+        c.close_pipe()
+        d.close_pipe()
+
+
 def test_a_ring_reader_never_hands_on_overwritten_rows(tmp_path):
     buf = StepBuffer(groups=2)
     w = RingWriter(tmp_path / "lrviz-ring-test", groups=2, first_step=5, capacity=CAP)

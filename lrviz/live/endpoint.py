@@ -397,7 +397,8 @@ class LiveEndpoint:
         if step is None:
             return True
         buf = self.source.records()[0]
-        if buf is None or self.source.done.is_set() or buf.first_step + len(buf) >= int(step):
+        if buf is None or self.source.done.is_set() or buf.first_step + len(buf) >= int(step) \
+                or self._went_back(int(step)):
             c.held_since = None
             return True
         now = time.monotonic()
@@ -407,6 +408,14 @@ class LiveEndpoint:
             c.held_since = None
             return True
         return False
+
+    def _went_back(self, step: int) -> bool:
+        """Whether the run is now before ``step`` (a roll-back restored an earlier step: the rows before
+        ``step`` will not all come, so its ack goes out at once)."""
+        try:
+            return int(self.source.snapshot().get("step") or 0) < step
+        except (TypeError, ValueError):
+            return False
 
     # ---- records out -----------------------------------------------------------------------------
     def _push(self, c: _Client, out: FrameBatch) -> None:

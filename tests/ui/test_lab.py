@@ -306,7 +306,9 @@ def test_divergence_banner_explains_and_rolls_back_through_the_run(qtbot, host):
     assert banner.rollback_button.isEnabled() and banner.resume_button.isVisible()
     banner.resume_after.setChecked(False)
     click(qtbot, banner.rollback_button)
-    qtbot.waitUntil(lambda: banner.mode == "rolled_back", timeout=WAIT)
+    # the banner may first learn of the roll-back from its event; the status bar says it from the ack
+    qtbot.waitUntil(lambda: banner.mode == "rolled_back" and host.statuses[-1].startswith("rolled back"),
+                    timeout=WAIT)
     rb = [e for e in run.events if e.kind == EventKind.ROLLBACK][-1]
     saved = torch.load(rb.data["path"], weights_only=True)
     assert rb.data["to_step"] == saved["step"] <= det["step"]
