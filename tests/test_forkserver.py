@@ -225,7 +225,7 @@ from lrviz.live.child import WorkerPool
 pool = WorkerPool(log_dir=sys.argv[2], env=dict(os.environ))
 spec = json.loads(sys.argv[1])
 run = pool.start_run(spec)
-while run.step < 5 and not run.done.is_set():
+while (run.step < 5 or run.run_id is None) and not run.done.is_set():
     run.changed.wait(1.0); run.changed.clear()
 print(json.dumps({"server": pool.server.pid, "worker": run.worker.pid, "run": run.run_id, "step": run.step}),
       flush=True)
@@ -237,6 +237,7 @@ def test_the_server_exits_with_its_app_and_the_run_it_forked_trains_on(tmp_path,
     spec = spec_for(SCRIPTS / "tiny.py", tmp_path, steps=3_000_000)
     app = subprocess.Popen([sys.executable, "-c", APP, json.dumps(spec), str(tmp_path)], cwd=ROOT, env=ENV,
                            stdout=subprocess.PIPE, text=True)
+    seen: dict = {}
     try:
         seen = json.loads(app.stdout.readline())
         assert seen["step"] >= 5 and parent_of(seen["worker"]) == seen["server"]
@@ -250,6 +251,8 @@ def test_the_server_exits_with_its_app_and_the_run_it_forked_trains_on(tmp_path,
             assert s.get_run(seen["run"]).status == "stopped"
     finally:
         app.kill()
+        if seen.get("worker") and not gone(seen["worker"]):  # an orphan now: no leak check sees it
+            os.kill(seen["worker"], signal.SIGKILL)
 
 
 def test_lrviz_workers_spawn_turns_the_fork_server_off(tmp_path, monkeypatch):
