@@ -57,6 +57,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "tests/ui marked neither slow nor qt): .ci/test's second run")
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``--after-core``, a core test file that marks nothing slow or qt holds only tests the
+    Qt-blocked run already ran: not even imported (collecting one costs its imports in every worker,
+    Lightning's ~4 s). A file that mentions neither word cannot mark a test with them."""
+    if (config.getoption("--after-core") and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")
+            and (Path(__file__).parent / "ui") not in collection_path.parents):
+        text = collection_path.read_text(errors="replace")
+        if "slow" not in text and "qt" not in text:
+            return True
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``qt`` (the core's commands that also draw) are skipped where Qt cannot be imported.
     With ``--after-core``, the core's quick tests (run before with Qt blocked) are left out."""
