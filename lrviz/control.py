@@ -138,13 +138,18 @@ class RunControl:
         while True:
             apply_commands(self.take(), apply, step, on_reject)
             with self._cond:
-                if self.stop_requested:
-                    raise Stopped
-                if not self.pause_requested:
-                    break
-                if paused and not self._commands:
-                    self._cond.wait()
-                    continue
+                stop = self.stop_requested
+                resumed = paused and not self.pause_requested
+                if not stop:
+                    if not self.pause_requested:
+                        break
+                    if paused and not self._commands:
+                        self._cond.wait()
+                        continue
+            if stop:
+                if resumed:  # it resumed (and said so in its ack) before the stop came
+                    on_resume()
+                raise Stopped
             if not paused:
                 paused = True
                 on_pause()

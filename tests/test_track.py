@@ -293,3 +293,34 @@ def test_grad_norm_true_records_the_norm_of_the_gradients_each_step_used_and_off
     with lrviz.track(opt, store=None) as run:
         train_steps(run, model, opt, x, y, 3)
     assert np.isnan(run.buffer.view()["grad_norm"]).all()
+
+
+def test_a_resume_acked_while_paused_is_recorded_even_when_a_stop_follows_before_the_loop_wakes():
+    # The resume's ack says the run resumed; a stop queued before the paused loop wakes must not erase
+    # that: the events read pause, resume, stop (found when acks began to go out at once).
+    from lrviz.control import RunControl, Stopped
+    from lrviz.states import Command
+
+    control = RunControl(start_paused=True)
+    said: list[str] = []
+    paused = threading.Event()
+
+    def on_pause():
+        said.append("pause")
+        paused.set()
+
+    def loop():
+        try:
+            control.attend(lambda kind, data: None, lambda: 7, on_pause=on_pause,
+                           on_resume=lambda: said.append("resume"), on_reject=lambda kind, exc: None)
+        except Stopped:
+            said.append("stop")
+
+    t = threading.Thread(target=loop)
+    t.start()
+    assert paused.wait(WAIT)
+    with control._cond:  # both queued before the loop can take either
+        control.enqueue(Command.RESUME, {})
+        control.enqueue(Command.STOP, {})
+    t.join(WAIT)
+    assert said == ["pause", "resume", "stop"]
