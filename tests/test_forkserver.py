@@ -272,3 +272,32 @@ def test_a_pool_off_linux_spawns_and_says_why_once(tmp_path, monkeypatch, caplog
     assert pool._forkserver() is None and pool._forkserver() is None and pool.server is None
     said = [r.getMessage() for r in caplog.records]
     assert said == ["spawning workers: forking workers is only done on Linux, not darwin"]
+
+
+PRELOAD_CHECK = r"""
+import sys
+from lrviz.live.forkserver import PRELOAD
+for name in PRELOAD:
+    __import__(name)
+before = set(sys.modules)
+from lrviz.config import RunConfig
+from lrviz.engine import TrainingEngine
+from lrviz.experiment import load_experiment
+exp = load_experiment(sys.argv[1])
+eng = TrainingEngine(exp, RunConfig(**exp.defaults).merged({"steps": 20, "epochs": None}), None)
+eng.run()
+print(eng.state)
+print("\n".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_what_the_server_preloads_leaves_a_run_nothing_heavy_to_import():
+    # torch imports torch._dynamo (and sympy with it, ~1.3 s of CPU) when a process builds its first
+    # optimizer: a fork that had to import it would lose most of what forking saves
+    out = subprocess.run([sys.executable, "-c", PRELOAD_CHECK, str(SCRIPTS / "tiny.py")], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    state, *new = out.stdout.split()
+    assert state == "finished"
+    heavy = [m for m in new if m.startswith(("torch._dynamo", "torch._inductor", "torch.distributed", "sympy"))]
+    assert not heavy, heavy
