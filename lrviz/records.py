@@ -120,10 +120,6 @@ class StepBuffer:
             if name == "lr":
                 a = a.reshape(-1, self.groups)
             k = len(a)
-            ci, r = divmod(start, CHUNK_ROWS)
-            if r + k <= CHUNK_ROWS:  # the common case: the rows fit in one chunk
-                getattr(self._chunk(ci), name)[r:r + k] = a
-                continue
             done = 0
             while done < k:
                 ci, r = divmod(start + done, CHUNK_ROWS)
