@@ -122,11 +122,6 @@ class Staging:
             self._loss = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
             self._gn = torch.zeros(STAGE_STEPS, dtype=dtype, device=device)
 
-    @property
-    def pending(self) -> int:
-        """Rows read on the host and not yet in the buffer."""
-        return len(self.host[1])
-
     def record_host(self, epoch: int, now: float, loss: torch.Tensor, gn2: torch.Tensor | None,
                     lrs: Sequence[float]) -> tuple[float, float]:
         """Read the row now (one host sync: the CPU path); its loss and gradient norm (None: not measured)."""
